@@ -1,0 +1,1 @@
+"""qwen3next: a hackable pure-PyTorch Qwen3-Next implementation."""
