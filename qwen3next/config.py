@@ -1,0 +1,289 @@
+"""Qwen3NextConfig: the model's hyper-parameters, read from an HF `config.json`.
+
+Accepts both rope spellings (v4: `rope_theta` + `partial_rotary_factor` + `rope_scaling`; v5: `rope_parameters`)
+and both layer-pattern spellings (`layer_types` or `full_attention_interval`). Unknown keys are ignored; impossible
+values raise `ValueError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+@dataclass
+class RopeConfig:
+    theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    rope_type: str = "default"  # "default" or "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass
+class Qwen3NextConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 5120
+    num_hidden_layers: int = 48
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    head_dim: int = 256
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 262144
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    num_experts: int = 512
+    num_experts_per_tok: int = 10
+    moe_intermediate_size: int = 512
+    shared_expert_intermediate_size: int = 512
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False
+    layer_types: list[str] = field(default_factory=list)
+    num_nextn_predict_layers: int = 1  # MTP layers; the official config omits the key and ships one
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151645
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+    quantization_config: dict | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            self.layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention"
+                                for i in range(self.num_hidden_layers)]
+        self.validate()
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Qwen3NextConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type", "qwen3_next")
+        if model_type != "qwen3_next":
+            raise ValueError(f"model_type: expected 'qwen3_next', got {model_type!r}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope", "layer_types"}
+        kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
+        if "dtype" in d and "torch_dtype" not in d and isinstance(d["dtype"], str):
+            kwargs["torch_dtype"] = d["dtype"]
+        n_layers = int(d.get("num_hidden_layers", cls.num_hidden_layers))
+        layer_types = d.get("layer_types")
+        if layer_types is None:
+            interval = d.get("full_attention_interval", 4)
+            if not isinstance(interval, int) or interval < 1:
+                raise ValueError(f"full_attention_interval: expected a positive integer, got {interval!r}")
+            layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)]
+        kwargs["layer_types"] = list(layer_types)
+        kwargs["rope"] = _parse_rope(d)
+        if "mlp_only_layers" in kwargs:
+            kwargs["mlp_only_layers"] = list(kwargs["mlp_only_layers"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Qwen3NextConfig:
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: no config.json (expected an HF model directory)")
+        try:
+            d = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{file}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HF `config.json` form (v4 rope spelling plus `rope_parameters`, both understood by transformers)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("rope",)}
+        d["model_type"] = "qwen3_next"
+        d["architectures"] = ["Qwen3NextForCausalLM"]
+        rope_params: dict[str, Any] = {"rope_type": self.rope.rope_type, "rope_theta": self.rope.theta,
+                                       "partial_rotary_factor": self.rope.partial_rotary_factor}
+        if self.rope.rope_type == "yarn":
+            rope_params.update(factor=self.rope.factor, beta_fast=self.rope.beta_fast, beta_slow=self.rope.beta_slow,
+                               truncate=self.rope.truncate)
+            if self.rope.original_max_position_embeddings is not None:
+                rope_params["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
+            for k in ("mscale", "mscale_all_dim", "attention_factor"):
+                if getattr(self.rope, k) is not None:
+                    rope_params[k] = getattr(self.rope, k)
+        d["rope_parameters"] = rope_params
+        d["rope_theta"] = self.rope.theta
+        d["partial_rotary_factor"] = self.rope.partial_rotary_factor
+        if self.quantization_config is None:
+            d.pop("quantization_config")
+        return d
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "head_dim", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                    "linear_num_key_heads", "linear_num_value_heads", "max_position_embeddings",
+                    "decoder_sparse_step"]
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                             f"linear_num_key_heads ({self.linear_num_key_heads})")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types: has {len(self.layer_types)} entries, num_hidden_layers is "
+                             f"{self.num_hidden_layers}")
+        for i, t in enumerate(self.layer_types):
+            if t not in LAYER_TYPES:
+                raise ValueError(f"layer_types[{i}]: unknown layer type {t!r} (expected one of {LAYER_TYPES})")
+        for i in self.mlp_only_layers:
+            if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers:
+                raise ValueError(f"mlp_only_layers: layer index {i!r} outside [0, {self.num_hidden_layers})")
+        if any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)) or self.num_nextn_predict_layers:
+            if self.num_experts < 1:
+                raise ValueError(f"num_experts: expected a positive integer, got {self.num_experts!r}")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok: expected 1..num_experts ({self.num_experts}), got "
+                                 f"{self.num_experts_per_tok}")
+            for name in ("moe_intermediate_size",):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+            if self.shared_expert_intermediate_size < 0:
+                raise ValueError("shared_expert_intermediate_size: expected >= 0")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
+        if not 0 < self.rope.partial_rotary_factor <= 1:
+            raise ValueError(f"partial_rotary_factor: expected in (0, 1], got {self.rope.partial_rotary_factor}")
+        if self.rotary_dim % 2:
+            raise ValueError(f"partial_rotary_factor: head_dim * factor = {self.rotary_dim} must be even")
+        if self.rope.rope_type not in ("default", "yarn"):
+            raise ValueError(f"rope_type: only 'default' and 'yarn' are supported, got {self.rope.rope_type!r}")
+        if self.rope.rope_type == "yarn" and self.rope.factor < 1:
+            raise ValueError(f"rope_scaling.factor: expected >= 1 for yarn, got {self.rope.factor}")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps: expected > 0, got {self.rms_norm_eps}")
+        if self.num_nextn_predict_layers < 0:
+            raise ValueError(f"num_nextn_predict_layers: expected >= 0, got {self.num_nextn_predict_layers}")
+
+    # ---- derived quantities -------------------------------------------------------------------------------------
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rope.partial_rotary_factor)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
+
+    @property
+    def linear_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "linear_attention"]
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + \
+            self.linear_num_value_heads * self.linear_value_head_dim
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2, include_mtp: bool = False) -> int:
+        n = len(self.attention_layers) + (self.num_nextn_predict_layers if include_mtp else 0)
+        return n * 2 * self.num_key_value_heads * self.head_dim * dtype_bytes
+
+    def state_bytes_per_sequence(self, conv_dtype_bytes: int = 2, state_dtype_bytes: int = 4) -> int:
+        conv = self.conv_dim * (self.linear_conv_kernel_dim - 1) * conv_dtype_bytes
+        rec = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * state_dtype_bytes
+        return len(self.linear_layers) * (conv + rec)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total and per-token-active parameter counts, from the config alone (SPEC §13)."""
+        D = self.hidden_size
+        key_dim = self.linear_num_key_heads * self.linear_key_head_dim
+        value_dim = self.linear_num_value_heads * self.linear_value_head_dim
+        linear = D * (2 * key_dim + 2 * value_dim) + D * 2 * self.linear_num_value_heads + \
+            self.conv_dim * self.linear_conv_kernel_dim + 2 * self.linear_num_value_heads + \
+            self.linear_value_head_dim + value_dim * D
+        q_out = self.num_attention_heads * self.head_dim
+        attn = D * 2 * q_out + 2 * D * self.num_key_value_heads * self.head_dim + q_out * D + 2 * self.head_dim
+        expert = 3 * D * self.moe_intermediate_size
+        shared = 3 * D * self.shared_expert_intermediate_size + (D if self.shared_expert_intermediate_size else 0)
+        moe_total = self.num_experts * expert + self.num_experts * D + shared
+        moe_active = self.num_experts_per_tok * expert + self.num_experts * D + shared
+        dense = 3 * D * self.intermediate_size
+        total = active = 0
+        for i, t in enumerate(self.layer_types):
+            mixer = attn if t == "full_attention" else linear
+            ffn_t, ffn_a = (moe_total, moe_active) if self.is_moe_layer(i) else (dense, dense)
+            total += mixer + ffn_t + 2 * D
+            active += mixer + ffn_a + 2 * D
+        embed = self.vocab_size * D
+        head = 0 if self.tie_word_embeddings else embed
+        total += embed + head + D
+        active += head + D  # the embedding is a gather, the head a matmul
+        mtp = self.num_nextn_predict_layers * (2 * D * D + 3 * D + attn + moe_total + 2 * D)
+        mtp_active = self.num_nextn_predict_layers * (2 * D * D + 3 * D + attn + moe_active + 2 * D)
+        return {"total": total, "active": active, "embedding": embed, "mtp": mtp, "mtp_active": mtp_active,
+                "total_with_mtp": total + mtp}
+
+
+def _parse_rope(d: dict[str, Any]) -> RopeConfig:
+    params = d.get("rope_parameters")
+    scaling = d.get("rope_scaling")
+    rope = RopeConfig()
+    src: dict[str, Any] = {}
+    if isinstance(params, dict):
+        src.update(params)
+    if "rope_theta" in d and d["rope_theta"] is not None:
+        src.setdefault("rope_theta", d["rope_theta"])
+    if "partial_rotary_factor" in d and d["partial_rotary_factor"] is not None:
+        src.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
+    if isinstance(scaling, dict):
+        for k, v in scaling.items():
+            src.setdefault(k, v)
+        if "type" in scaling and "rope_type" not in scaling:
+            src["rope_type"] = scaling["type"]
+    elif scaling is not None:
+        raise ValueError(f"rope_scaling: expected an object or null, got {scaling!r}")
+    rope.theta = float(src.get("rope_theta", rope.theta))
+    rope.partial_rotary_factor = float(src.get("partial_rotary_factor", rope.partial_rotary_factor))
+    rope.rope_type = str(src.get("rope_type", src.get("type", "default")))
+    if rope.rope_type == "yarn":
+        rope.factor = float(src.get("factor", 1.0))
+        if src.get("original_max_position_embeddings") is not None:
+            rope.original_max_position_embeddings = int(src["original_max_position_embeddings"])
+        rope.beta_fast = float(src.get("beta_fast") or 32.0)
+        rope.beta_slow = float(src.get("beta_slow") or 1.0)
+        for k in ("mscale", "mscale_all_dim", "attention_factor"):
+            if src.get(k) is not None:
+                setattr(rope, k, float(src[k]))
+        rope.truncate = bool(src.get("truncate", True))
+    if not math.isfinite(rope.theta) or rope.theta <= 0:
+        raise ValueError(f"rope_theta: expected a positive number, got {rope.theta}")
+    return rope

@@ -1,0 +1,186 @@
+"""Hybrid cache and per-forward batch metadata.
+
+The model always runs on a flat "varlen" batch: B sequences, sequence i contributing `seq_lens[i]` new tokens
+after `context_lens[i]` cached ones, all N = Σ seq_lens tokens concatenated in order. Projections, norms and the
+MoE see `[N, D]`; the two sequence mixers pad to `[B, T, ...]` internally (right padding, exact for both).
+
+`HybridCache` holds everything a sequence carries between forwards:
+- full-attention layers (and the MTP layer): a PAGED K/V pool `[num_blocks * block_size, HKV, head_dim]` per layer;
+  a sequence owns a block table (list of block ids) and its token p lives at row
+  `block_table[p // block_size] * block_size + p % block_size`;
+- DeltaNet layers: one fixed STATE SLOT per sequence: conv state `[num_slots, C, W-1]` (activation dtype) and the
+  recurrent state `[num_slots, HV, K, V]` (fp32 by default).
+The engine's block manager decides block tables and slots; `SequenceCache` is the simple owner used by
+`model(input_ids, cache=...)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import Qwen3NextConfig
+
+
+class HybridCache:
+    def __init__(self, config: Qwen3NextConfig, num_slots: int, num_blocks: int, block_size: int = 64,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 state_dtype: torch.dtype = torch.float32, include_mtp: bool = True):
+        if num_slots < 1 or num_blocks < 0 or block_size < 1:
+            raise ValueError(f"HybridCache: need num_slots >= 1, num_blocks >= 0, block_size >= 1; got "
+                             f"{num_slots}, {num_blocks}, {block_size}")
+        self.config = config
+        self.num_slots, self.num_blocks, self.block_size = num_slots, num_blocks, block_size
+        self.dtype, self.device, self.state_dtype = dtype, torch.device(device), state_dtype
+        c = config
+        kv_shape = (num_blocks * block_size, c.num_key_value_heads, c.head_dim)
+        keys: list[str] = [str(i) for i in c.attention_layers]
+        if include_mtp:
+            keys += [f"mtp{i}" for i in range(c.num_nextn_predict_layers)]
+        self.k = {key: torch.zeros(kv_shape, dtype=dtype, device=device) for key in keys}
+        self.v = {key: torch.zeros(kv_shape, dtype=dtype, device=device) for key in keys}
+        conv_shape = (num_slots, c.conv_dim, c.linear_conv_kernel_dim - 1)
+        rec_shape = (num_slots, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim)
+        self.conv = {str(i): torch.zeros(conv_shape, dtype=dtype, device=device) for i in c.linear_layers}
+        self.recurrent = {str(i): torch.zeros(rec_shape, dtype=state_dtype, device=device) for i in c.linear_layers}
+
+    def reset_slots(self, slots: list[int]) -> None:
+        """Zero the DeltaNet state of these slots (a new sequence starts from S = 0)."""
+        if not slots:
+            return
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        for t in (*self.conv.values(), *self.recurrent.values()):
+            t.index_fill_(0, idx, 0)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for d in (self.k, self.v, self.conv, self.recurrent) for t in d.values())
+
+
+@dataclass
+class BatchInfo:
+    """What one forward computes: per sequence, how many new tokens after how many cached ones.
+
+    `slots` and `block_tables` are required when a cache is passed. Build with `prepare()` before use.
+    """
+
+    seq_lens: list[int]
+    context_lens: list[int] | None = None
+    slots: list[int] | None = None
+    block_tables: list[list[int]] | None = None
+    # ---- derived by prepare() ----
+    positions: torch.Tensor = field(default=None, repr=False)  # [N] absolute position of each token
+    lengths: torch.Tensor = field(default=None, repr=False)  # [B] new tokens per sequence
+    pad_index: torch.Tensor | None = field(default=None, repr=False)  # [N] row in the [B*T] padded layout
+    max_len: int = 0  # T of the padded layout
+    slot_index: torch.Tensor | None = field(default=None, repr=False)  # [B]
+    kv_write_index: torch.Tensor | None = field(default=None, repr=False)  # [N] rows of the paged pool
+    kv_read_index: torch.Tensor | None = field(default=None, repr=False)  # [B, L] rows of the paged pool
+    attn_mask: torch.Tensor | None = field(default=None, repr=False)  # [B, 1, T, L] bool, True = attend
+    is_uniform: bool = False  # all sequences have the same number of new tokens and no context
+    is_decode: bool = False  # every sequence has exactly one new token
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.seq_lens)
+
+    def prepare(self, device: torch.device | str, block_size: int | None = None) -> BatchInfo:
+        B = len(self.seq_lens)
+        if B == 0 or any(n < 1 for n in self.seq_lens):
+            raise ValueError(f"seq_lens: need at least one sequence with >= 1 token each, got {self.seq_lens}")
+        ctx = self.context_lens if self.context_lens is not None else [0] * B
+        if len(ctx) != B:
+            raise ValueError(f"context_lens: expected {B} entries, got {len(ctx)}")
+        T = max(self.seq_lens)
+        self.max_len = T
+        self.lengths = torch.tensor(self.seq_lens, dtype=torch.long, device=device)
+        pos, pad = [], []
+        for i, (n, c) in enumerate(zip(self.seq_lens, ctx)):
+            pos.extend(range(c, c + n))
+            pad.extend(range(i * T, i * T + n))
+        self.positions = torch.tensor(pos, dtype=torch.long, device=device)
+        self.is_uniform = all(n == T for n in self.seq_lens) and not any(ctx)
+        self.is_decode = T == 1
+        self.pad_index = None if all(n == T for n in self.seq_lens) else torch.tensor(pad, dtype=torch.long,
+                                                                                      device=device)
+        if self.slots is not None:
+            if len(self.slots) != B:
+                raise ValueError(f"slots: expected {B} entries, got {len(self.slots)}")
+            self.slot_index = torch.tensor(self.slots, dtype=torch.long, device=device)
+        if self.block_tables is not None:
+            assert block_size is not None
+            if len(self.block_tables) != B:
+                raise ValueError(f"block_tables: expected {B} entries, got {len(self.block_tables)}")
+            L = max(c + n for n, c in zip(self.seq_lens, ctx))
+            write, read = [], []
+            for n, c, table in zip(self.seq_lens, ctx, self.block_tables):
+                if len(table) * block_size < c + n:
+                    raise ValueError(f"block_tables: a table of {len(table)} blocks of {block_size} cannot hold "
+                                     f"{c + n} tokens")
+                rows = [table[p // block_size] * block_size + p % block_size for p in range(c + n)]
+                write.extend(rows[c:])
+                read.append(rows + [0] * (L - len(rows)))
+            self.kv_write_index = torch.tensor(write, dtype=torch.long, device=device)
+            self.kv_read_index = torch.tensor(read, dtype=torch.long, device=device)
+            q_pos = torch.arange(T, device=device)[None, :] + torch.tensor(ctx, device=device)[:, None]  # [B, T]
+            key_pos = torch.arange(L, device=device)
+            self.attn_mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, T, L]
+        elif not self.is_uniform:
+            if any(ctx):
+                raise ValueError("context_lens: cached context needs block_tables and a cache")
+            q_pos = torch.arange(T, device=device)
+            valid = q_pos[None, :] < self.lengths[:, None]  # [B, T] keys that exist
+            self.attn_mask = ((q_pos[None, :, None] >= q_pos[None, None, :]) & valid[:, None, :])[:, None]
+        return self
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, T, ...], zeros at padded positions."""
+        B, T = self.batch_size, self.max_len
+        if self.pad_index is None:
+            return x.reshape(B, T, *x.shape[1:])
+        out = x.new_zeros(B * T, *x.shape[1:])
+        out.index_copy_(0, self.pad_index, x)
+        return out.view(B, T, *x.shape[1:])
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...]."""
+        flat = x.reshape(-1, *x.shape[2:])
+        return flat if self.pad_index is None else flat.index_select(0, self.pad_index)
+
+
+class SequenceCache:
+    """A cache for `model(input_ids, cache=...)`: B sequences, each with its own slot and a contiguous run of blocks.
+
+    Every call appends that call's tokens; `lengths[i]` counts the tokens sequence i holds so far.
+    """
+
+    def __init__(self, config: Qwen3NextConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", block_size: int = 64):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"SequenceCache: batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
+        blocks_per_seq = math.ceil(max_len / block_size)
+        self.max_len = max_len
+        self.cache = HybridCache(config, batch_size, batch_size * blocks_per_seq, block_size, dtype, device)
+        self.block_tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch_size)]
+        self.lengths = [0] * batch_size
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+
+@dataclass
+class ForwardContext:
+    """Everything a layer needs besides its input, built once per forward."""
+
+    batch: BatchInfo
+    cos: torch.Tensor  # [N, rotary_dim]
+    sin: torch.Tensor
+    cache: HybridCache | None = None
+    router_logits: list[torch.Tensor] | None = None  # filled by MoE layers when not None (training aux loss)

@@ -1,0 +1,83 @@
+"""Gated DeltaNet (SPEC §5): linear attention with a delta-rule recurrent state.
+
+Weight layout note: the checkpoint interleaves `in_proj_qkvz` per key-head group ([q|k|v v|z z]) and `in_proj_ba`
+per group ([b b|a a]). The loader (checkpoint.py) de-interleaves them ONCE into the logical order used here:
+`in_proj_qkvz` rows = [all q heads | all k heads | all v heads | all z heads], `in_proj_ba` rows = [all b | all a].
+Then the conv input [q|k|v] is one contiguous slice, matching `conv1d.weight`'s channel order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Qwen3NextConfig
+from ..ops.conv import causal_conv1d, causal_conv1d_update
+from ..ops.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from ..ops.norm import l2_normalize
+from .cache import ForwardContext
+from .norm import GatedRMSNorm
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: Qwen3NextConfig, cache_key: str):
+        super().__init__()
+        self.cache_key = cache_key
+        self.num_k_heads, self.num_v_heads = config.linear_num_key_heads, config.linear_num_value_heads
+        self.head_k_dim, self.head_v_dim = config.linear_key_head_dim, config.linear_value_head_dim
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.kernel_size = config.linear_conv_kernel_dim
+        D = config.hidden_size
+        self.in_proj_qkvz = nn.Linear(D, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(D, 2 * self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim, bias=False,
+                                padding=self.kernel_size - 1)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_v_heads).uniform_(0.01, 16).log())
+        self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, D, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: [N, D] -> [N, D]."""
+        N = x.shape[0]
+        H, HV, K, V = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
+        batch, cache = ctx.batch, ctx.cache
+        qkvz = self.in_proj_qkvz(x)
+        qkv, z = qkvz[:, : self.conv_dim], qkvz[:, self.conv_dim:]
+        b, a = self.in_proj_ba(x).chunk(2, dim=-1)  # [N, HV] each
+        weight = self.conv1d.weight.squeeze(1)  # [C, W]
+
+        conv_pool = cache.conv[self.cache_key] if cache is not None else None
+        if cache is not None and batch.is_decode:
+            state = conv_pool[batch.slot_index]
+            qkv = causal_conv1d_update(qkv, weight, state).unsqueeze(1)  # [B, 1, C]
+            conv_pool.index_copy_(0, batch.slot_index, state)
+        else:
+            state = conv_pool[batch.slot_index] if cache is not None else None
+            qkv, new_state = causal_conv1d(batch.pad(qkv), weight, state, lengths=batch.lengths)  # [B, T, C]
+            if cache is not None:
+                conv_pool.index_copy_(0, batch.slot_index, new_state.to(conv_pool.dtype))
+
+        Bsz, T = qkv.shape[:2]
+        q, k, v = qkv.float().split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2_normalize(q.reshape(Bsz, T, H, K)) * K ** -0.5
+        k = l2_normalize(k.reshape(Bsz, T, H, K))
+        v = v.reshape(Bsz, T, HV, V)
+        beta = batch.pad(torch.sigmoid(b.float()))  # padded steps get beta = 0 and g = 0: the state is untouched
+        g = batch.pad(-torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float()))
+
+        rec_pool = cache.recurrent[self.cache_key] if cache is not None else None
+        init = rec_pool[batch.slot_index] if cache is not None else None
+        if T == 1 or (T <= 4 and cache is not None):
+            o, final = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init)
+        else:
+            o, final = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=init)
+        if cache is not None:
+            rec_pool.index_copy_(0, batch.slot_index, final.to(rec_pool.dtype))
+
+        o = batch.unpad(o)  # [N, HV, V] fp32
+        o = self.norm(o, z.reshape(N, HV, V)).reshape(N, HV * V)
+        return self.out_proj(o)

@@ -1,0 +1,187 @@
+"""Qwen3-Next: decoder layers, the model, the LM head and the MTP head, wired as SPEC §2 and §9 describe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Qwen3NextConfig
+from ..ops.rope import rope_cos_sin, rope_inv_freq
+from .attention import GatedAttention
+from .cache import BatchInfo, ForwardContext, HybridCache, SequenceCache
+from .deltanet import GatedDeltaNet
+from .moe import MLP, SparseMoE
+from .norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: token mixer (DeltaNet or gated attention), then MoE (or dense MLP)."""
+
+    def __init__(self, config: Qwen3NextConfig, layer_type: str, is_moe: bool, cache_key: str):
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(config, cache_key)
+        else:
+            self.self_attn = GatedAttention(config, cache_key)
+        self.mlp = SparseMoE(config) if is_moe else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        mixer = self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
+        h = h + mixer(self.input_layernorm(h), ctx)
+        return h + self.mlp(self.post_attention_layernorm(h), ctx)
+
+
+class Qwen3NextModel(nn.Module):
+    def __init__(self, config: Qwen3NextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, t, config.is_moe_layer(i), str(i)) for i, t in enumerate(config.layer_types))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, ctx)
+        return self.norm(h)
+
+
+class MTPHead(nn.Module):
+    """Multi-token prediction (SPEC §9): from the main model's final (normed) hidden state at t and the embedding of
+    token t+1, predict token t+2 through one extra full-attention + MoE decoder layer with its own KV cache."""
+
+    def __init__(self, config: Qwen3NextConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.pre_fc_norm_embedding = RMSNorm(D, config.rms_norm_eps)
+        self.pre_fc_norm_hidden = RMSNorm(D, config.rms_norm_eps)
+        self.fc = nn.Linear(2 * D, D, bias=False)
+        self.layers = nn.ModuleList(DecoderLayer(config, "full_attention", True, f"mtp{i}")
+                                    for i in range(config.num_nextn_predict_layers))
+        self.norm = RMSNorm(D, config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, ctx: ForwardContext,
+                layer: int = 0) -> torch.Tensor:
+        """hidden, next_embeds: [N, D] -> draft hidden state [N, D] (normed; feed to lm_head for logits)."""
+        c = torch.cat((self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)), dim=-1)
+        c = self.layers[layer](self.fc(c), ctx)
+        return self.norm(c)
+
+
+class Qwen3NextForCausalLM(nn.Module):
+    """The full model. Parameter names are the HF checkpoint names (`model.*`, `lm_head.*`, `mtp.*`)."""
+
+    def __init__(self, config: Qwen3NextConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3NextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = MTPHead(config) if config.num_nextn_predict_layers > 0 else None
+        inv_freq, scale = rope_inv_freq(config.rope, config.rotary_dim, config.max_position_embeddings)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.rope_scale = scale
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str = "cpu") -> Qwen3NextForCausalLM:
+        from ..checkpoint import load_model
+
+        return load_model(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+        from ..checkpoint import save_model
+
+        save_model(self, path, max_shard_bytes=max_shard_bytes)
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random init as SPEC §7: N(0, initializer_range) for matrices, zero-centred norms 0, gated norm 1."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("A_log"):
+                    p.copy_(torch.empty_like(p, dtype=torch.float32).uniform_(0.01, 16, generator=generator).log())
+                elif name.endswith("dt_bias") or name.endswith("linear_attn.norm.weight"):
+                    p.fill_(1.0)
+                elif p.ndim == 1:
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # ---- caches -------------------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int, block_size: int = 64) -> SequenceCache:
+        return SequenceCache(self.config, batch_size, max_len, self.dtype, self.device, block_size)
+
+    def context(self, batch: BatchInfo, cache: HybridCache | None = None,
+                router_logits: list[torch.Tensor] | None = None) -> ForwardContext:
+        batch.prepare(self.device, cache.block_size if cache is not None else None)
+        cos, sin = rope_cos_sin(batch.positions, self.rope_inv_freq, self.rope_scale, self.dtype)
+        return ForwardContext(batch=batch, cos=cos, sin=sin, cache=cache, router_logits=router_logits)
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+    def hidden_states(self, tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Flat tokens [N] -> final normed hidden states [N, D]."""
+        return self.model(self.model.embed_tokens(tokens), ctx)
+
+    def forward(self, input_ids: torch.Tensor, cache: SequenceCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (fp32 math in the head's dtype).
+
+        `attention_mask` [B, T] (1 = real token, 0 = padding; left or right padding) lets rows have different
+        lengths; logits at padded positions are zero. With `cache`, the tokens continue each cached sequence
+        exactly (any number of tokens per call).
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids: expected shape [B, T], got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache: holds {cache.batch_size} sequences, input_ids has {B} rows")
+        valid = attention_mask.bool() if attention_mask is not None else None
+        lens = valid.sum(1).tolist() if valid is not None else [T] * B
+        rows = [i for i in range(B) if lens[i] > 0]
+        out = torch.zeros(B, T, self.config.vocab_size, dtype=self.dtype, device=input_ids.device)
+        if not rows:
+            return out
+        tokens = input_ids[valid] if valid is not None else input_ids.reshape(-1)
+        seq_lens = [lens[i] for i in rows]
+        if cache is not None:
+            for i in rows:
+                if cache.lengths[i] + lens[i] > cache.max_len:
+                    raise ValueError(f"cache: sequence {i} would hold {cache.lengths[i] + lens[i]} tokens, "
+                                     f"more than its max_len {cache.max_len}")
+            batch = BatchInfo(seq_lens, [cache.lengths[i] for i in rows], rows, [cache.block_tables[i] for i in rows])
+            ctx = self.context(batch, cache.cache)
+        else:
+            ctx = self.context(BatchInfo(seq_lens))
+        logits = self.lm_head(self.hidden_states(tokens, ctx))
+        if cache is not None:
+            for i in rows:
+                cache.lengths[i] += lens[i]
+        if valid is None:
+            return logits.view(B, T, -1)
+        out[valid] = logits
+        return out
+
+    def mtp_hidden(self, hidden: torch.Tensor, next_tokens: torch.Tensor, ctx: ForwardContext,
+                   layer: int = 0) -> torch.Tensor:
+        """MTP draft hidden states [N, D] from main hidden states [N, D] at t and tokens t+1 [N]."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP head (num_nextn_predict_layers = 0)")
+        return self.mtp(hidden, self.model.embed_tokens(next_tokens), ctx, layer)

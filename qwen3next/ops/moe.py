@@ -1,0 +1,60 @@
+"""Routed-expert computation for the sparse MoE block: grouped by expert (fast) and a plain loop (reference)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts in fp32, then top-k (renormalised when `norm_topk_prob`).
+
+    router_logits: [N, E]. Returns (weights [N, k] fp32, expert ids [N, k] int64).
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids
+
+
+def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                    down_proj: torch.Tensor) -> torch.Tensor:
+    """Σ_k w[n,k] · SwiGLU_{ids[n,k]}(x[n]), computing only the experts that received tokens.
+
+    x: [N, D]; weights, ids: [N, k]; gate_up_proj: [E, 2I, D] (gate rows first, then up); down_proj: [E, D, I].
+    Token-expert pairs are sorted by expert so each hit expert runs one GEMM over all of its tokens.
+    Returns [N, D] in x's dtype (accumulated in fp32).
+    """
+    N, D = x.shape
+    k = ids.shape[1]
+    flat_ids = ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_of_pair = order // k  # pair p = n * k + j  ->  token n
+    counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
+    xs = x[token_of_pair]  # [N*k, D], grouped by expert
+    ws = weights.reshape(-1)[order]
+    out_sorted = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        seg = xs[start:start + c]
+        gate, up = F.linear(seg, gate_up_proj[e]).chunk(2, dim=-1)
+        h = F.linear(F.silu(gate) * up, down_proj[e])
+        out_sorted[start:start + c] = h.float() * ws[start:start + c, None]
+        start += c
+    out = torch.zeros(N, D, dtype=torch.float32, device=x.device)
+    out.index_add_(0, token_of_pair, out_sorted)
+    return out.to(x.dtype)
+
+
+def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                      down_proj: torch.Tensor) -> torch.Tensor:
+    """Plain reference twin of `experts_grouped`: every expert, every token, with a mask."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(gate_up_proj.shape[0]):
+        w = (weights * (ids == e)).sum(-1)  # [N], zero for tokens not routed to e
+        gate, up = F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)
+        out += F.linear(F.silu(gate) * up, down_proj[e]).float() * w[:, None]
+    return out.to(x.dtype)
