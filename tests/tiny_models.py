@@ -58,8 +58,8 @@ def config_dict(name: str) -> dict:
 
 
 def make_model(name: str = "base", seed: int = 0, dtype: torch.dtype = torch.float32,
-               mtp: bool = True) -> Qwen3NextForCausalLM:
-    d = config_dict(name)
+               mtp: bool = True, **overrides) -> Qwen3NextForCausalLM:
+    d = {**config_dict(name), **overrides}
     d["num_nextn_predict_layers"] = 1 if mtp else 0
     config = Qwen3NextConfig.from_dict(d)
     torch.manual_seed(seed)
@@ -73,3 +73,39 @@ def make_model(name: str = "base", seed: int = 0, dtype: torch.dtype = torch.flo
             elif p.ndim >= 2:
                 p.mul_(4.0)
     return model.to(dtype).eval()
+
+
+BYTE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+
+
+def write_byte_tokenizer(path) -> None:
+    """A real `tokenizer.json`: byte-level BPE with no merges (ids 0..255 = bytes) + ChatML specials from 256."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    alphabet = ByteLevel.alphabet()
+    byte_to_char = sorted(alphabet, key=lambda ch: _byte_of(ch))
+    vocab = {ch: i for i, ch in enumerate(byte_to_char)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(t, special=t.startswith("<|")) for t in BYTE_SPECIALS])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+
+
+def _byte_of(ch: str) -> int:
+    """Inverse of GPT-2's byte -> printable-char table (printable bytes map to themselves)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    if ord(ch) in printable:
+        return ord(ch)
+    others = [b for b in range(256) if b not in printable]
+    return others[ord(ch) - 256]

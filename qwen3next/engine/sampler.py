@@ -1,0 +1,175 @@
+"""Batched token sampling: penalties, temperature, top-k / top-p / min-p, per-row seeded draws, logprobs.
+
+Order of operations per row: repetition penalty (HF), presence/frequency penalties (OpenAI) -> greedy rows
+take the argmax here -> temperature -> top-k -> top-p -> min-p -> one draw. The draw is an exponential race,
+argmax(p / E) with E ~ Exp(1) i.i.d., which samples exactly from p; a row with a generator draws its E from
+that generator alone, so its token does not depend on the other rows of the batch.
+
+Returned logprobs are those of the raw model distribution (log_softmax of the logits as given, before
+penalties, temperature and truncation), like vLLM's default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceLike
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import SamplingParams
+
+
+@dataclass
+class SampleOutput:
+    """token_ids [B] int64; logprobs [B] float32 of the chosen tokens; top_token_ids / top_logprobs [B, N]
+    with N = the largest `logprobs` asked for in the batch (None when no row asked; rows asking for fewer
+    use a prefix)."""
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    top_token_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SequenceLike[SamplingParams],
+    generators: SequenceLike[torch.Generator | None] | None = None,
+    prompt_token_ids: SequenceLike[SequenceLike[int]] | None = None,
+    output_token_ids: SequenceLike[SequenceLike[int]] | None = None,
+) -> SampleOutput:
+    """Pick one token per row of `logits` [B, V].
+
+    generators: one per row (None = the default generator); use one seeded per sequence for reproducibility.
+    prompt_token_ids / output_token_ids: per row, needed only when some row has a penalty.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    B, V = logits.shape
+    if len(params) != B:
+        raise ValueError(f"got {len(params)} SamplingParams for {B} logits rows")
+    if generators is not None and len(generators) != B:
+        raise ValueError(f"got {len(generators)} generators for {B} logits rows")
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+
+    if any(p.has_penalties for p in params):
+        if output_token_ids is None or len(output_token_ids) != B:
+            raise ValueError("output_token_ids (one list per row) is required when a row has a penalty")
+        if any(p.repetition_penalty != 1.0 for p in params) and (prompt_token_ids is None or
+                                                                 len(prompt_token_ids) != B):
+            raise ValueError("prompt_token_ids (one list per row) is required when a row has a repetition_penalty")
+        logits = apply_penalties(logits, params, prompt_token_ids, output_token_ids)
+
+    token_ids = torch.empty(B, dtype=torch.long, device=logits.device)
+    greedy = [p.is_greedy for p in params]
+    if any(greedy):
+        token_ids[:] = logits.argmax(dim=-1)
+    if not all(greedy):
+        random_rows = [i for i, g in enumerate(greedy) if not g]
+        rows = torch.tensor(random_rows, device=logits.device)
+        sub_params = [params[i] for i in random_rows]
+        probs = truncated_probs(logits[rows], sub_params)
+        sub_gens = None if generators is None else [generators[i] for i in random_rows]
+        token_ids[rows] = draw(probs, sub_gens)
+
+    chosen = raw_logprobs.gather(1, token_ids[:, None])[:, 0]
+    num_top = min(V, max((p.logprobs or 0) for p in params))
+    if num_top == 0:
+        return SampleOutput(token_ids, chosen)
+    top_logprobs, top_ids = raw_logprobs.topk(num_top, dim=-1)
+    return SampleOutput(token_ids, chosen, top_ids, top_logprobs)
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: SequenceLike[SamplingParams],
+    prompt_token_ids: SequenceLike[SequenceLike[int]] | None,
+    output_token_ids: SequenceLike[SequenceLike[int]],
+) -> torch.Tensor:
+    """Repetition (HF: seen in prompt or output), presence and frequency (OpenAI: counts in output) penalties.
+
+    logits [B, V] float32 -> new [B, V] tensor.
+    """
+    B, V = logits.shape
+    dev = logits.device
+    out_counts = _token_counts(output_token_ids, B, V, dev)  # [B, V]
+    rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+    if (rep != 1.0).any():
+        assert prompt_token_ids is not None
+        seen = (_token_counts(prompt_token_ids, B, V, dev) + out_counts) > 0
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+    return logits - freq * out_counts - pres * (out_counts > 0).float()
+
+
+def _token_counts(token_ids: SequenceLike[SequenceLike[int]], B: int, V: int, device: torch.device) -> torch.Tensor:
+    """Per-row occurrence counts [B, V] float32 of lists of token ids."""
+    width = max((len(t) for t in token_ids), default=0)
+    counts = torch.zeros(B, V + 1, device=device)
+    if width == 0:
+        return counts[:, :V]
+    # Pad with the extra column V, dropped below.
+    idx = torch.full((B, width), V, dtype=torch.long)
+    for i, t in enumerate(token_ids):
+        if len(t):
+            idx[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+    idx = idx.to(device)
+    counts.scatter_add_(1, idx, torch.ones(idx.shape, device=device))
+    return counts[:, :V]
+
+
+def truncated_probs(logits: torch.Tensor, params: SequenceLike[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masking; logits [B, V] -> probabilities [B, V] (masked = 0).
+
+    All rows must be non-greedy. Top-k keeps exactly k tokens (ties at the boundary broken by sort order); top-p
+    keeps the smallest prefix of the sorted distribution whose mass reaches top_p (at least one token); min-p
+    drops tokens whose probability is below min_p times the largest one.
+    """
+    V = logits.shape[1]
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    logits = logits / temps
+    use_top_k = any(p.has_top_k for p in params)
+    use_top_p = any(p.top_p < 1.0 for p in params)
+    if use_top_k or use_top_p:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+        rank = torch.arange(V, device=dev)[None, :]
+        if use_top_k:
+            k = torch.tensor([p.top_k if p.has_top_k else V for p in params], device=dev)[:, None]
+            sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
+        if use_top_p:
+            sorted_probs = torch.softmax(sorted_logits, dim=-1)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            # Rows without top-p get a threshold the rounded cumsum can never reach.
+            top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=dev)[:, None]
+            # A token is dropped once the tokens ranked above it already reach top_p; rank 0 always stays.
+            sorted_logits = sorted_logits.masked_fill((mass_before >= top_p) & (rank > 0), float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def draw(probs: torch.Tensor, generators: SequenceLike[torch.Generator | None] | None = None) -> torch.Tensor:
+    """One token per row of probs [B, V] by exponential race; row i uses generators[i] when given. -> [B] int64."""
+    B, _ = probs.shape
+    noise = torch.empty_like(probs)
+    shared = [i for i in range(B) if generators is None or generators[i] is None]
+    if len(shared) == B:
+        noise.exponential_()
+    else:
+        for i, g in enumerate(generators):
+            if g is not None:
+                noise[i].exponential_(generator=g)
+        if shared:
+            rows = torch.tensor(shared, device=probs.device)
+            noise[rows] = torch.empty_like(noise[rows]).exponential_()
+    # E can be exactly 0 in float32; a floor keeps masked tokens at 0 / tiny = 0 instead of NaN.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)

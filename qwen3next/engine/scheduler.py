@@ -1,0 +1,290 @@
+"""Continuous-batching scheduler with chunked prefill and recompute preemption. Plain Python, no torch.
+
+Every step is one forward over a flat batch that mixes decodes (1 token each) and prefill chunks:
+1. every running sequence is scheduled, oldest admission first: decodes get 1 token, partial prefills get a
+   chunk from whatever token budget the decodes leave (so a long prompt never stalls decoding);
+2. if that needs more KV blocks than are free, the most recently admitted running sequence is preempted
+   (cache dropped, back to the front of the waiting queue, recomputed later as prompt + output so far);
+3. waiting sequences are admitted in order while tokens, blocks, slots and `max_num_seqs` allow.
+The oldest running sequence is preempted only when it is the last one; since `add` refuses requests bigger
+than the whole pool, it then always fits, so every step makes progress.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence as SequenceLike
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerConfig:
+    """max_num_batched_tokens: tokens per forward. prefill_chunk_size: most prompt tokens one sequence feeds
+    per step when chunked_prefill is on. eos_token_ids: end a sequence (unless its params say ignore_eos)."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    chunked_prefill: bool = True
+    prefill_chunk_size: int = 512
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "prefill_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}) so that every running sequence can decode each step")
+        if not self.chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"without chunked_prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must "
+                             f"be >= max_model_len ({self.max_model_len}) so that any prompt fits in one step")
+        self.eos_token_ids = tuple(self.eos_token_ids)
+
+
+@dataclass(frozen=True)
+class ScheduledEntry:
+    """One sequence's share of a step: feed tokens [context_len, context_len + num_new_tokens)."""
+
+    seq: Sequence
+    num_new_tokens: int
+    context_len: int  # tokens already cached before this step
+    is_fresh_slot: bool  # the slot was just assigned: zero its DeltaNet state before the forward
+    needs_sample: bool  # the last fed token is the last known token, so its logits give the next token
+
+
+class ScheduledBatch:
+    """What the runner computes in one forward, with flattened per-token and per-sequence lists.
+
+    Per token (N = num_tokens): `input_ids`, `positions`, `kv_write_indices` (row of the paged KV pool
+    `[num_blocks * block_size]` that the token's K/V goes to). Per sequence (B = len(entries)): `num_new_tokens`,
+    `context_lens`, `slots`, `block_tables` (snapshots taken at schedule time), `query_start_loc` ([B + 1]
+    offsets into the flat tokens). Sampling: `sample_indices` (entry positions that need a token, in order) and
+    `logits_indices` (flat index of each of their last tokens). `fresh_slots`: slots to zero before the forward.
+    """
+
+    def __init__(self, entries: list[ScheduledEntry], block_size: int):
+        self.entries = entries
+        self.block_size = block_size
+        self.input_ids: list[int] = []
+        self.positions: list[int] = []
+        self.kv_write_indices: list[int] = []
+        self.query_start_loc: list[int] = [0]
+        self.sample_indices: list[int] = []
+        self.logits_indices: list[int] = []
+        self.block_tables: list[list[int]] = []
+        for i, e in enumerate(entries):
+            start, stop = e.context_len, e.context_len + e.num_new_tokens
+            table = list(e.seq.block_table)
+            self.block_tables.append(table)
+            self.input_ids += e.seq.token_ids_between(start, stop)
+            self.positions += range(start, stop)
+            self.kv_write_indices += [table[p // block_size] * block_size + p % block_size for p in range(start, stop)]
+            self.query_start_loc.append(self.query_start_loc[-1] + e.num_new_tokens)
+            if e.needs_sample:
+                self.sample_indices.append(i)
+                self.logits_indices.append(self.query_start_loc[-1] - 1)
+        self.num_new_tokens = [e.num_new_tokens for e in entries]
+        self.context_lens = [e.context_len for e in entries]
+        self.slots: list[int] = [e.seq.slot for e in entries]
+        self.fresh_slots = [e.seq.slot for e in entries if e.is_fresh_slot]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc[-1]
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [e.seq for e in self.entries]
+
+    @property
+    def sampled_seqs(self) -> list[Sequence]:
+        return [self.entries[i].seq for i in self.sample_indices]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order, oldest first
+        self._live: dict[str, Sequence] = {}
+        self._arrivals = 0
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence. Raises ValueError if it could never run within max_model_len or the KV pool."""
+        if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_table:
+            raise ValueError(f"only fresh sequences can be added, got {seq!r}")
+        if seq.request_id in self._live:
+            raise ValueError(f"request id {seq.request_id!r} is already queued or running")
+        max_len = self.config.max_model_len
+        total = seq.num_prompt_tokens + seq.params.max_tokens
+        if total > max_len:
+            raise ValueError(f"request {seq.request_id!r}: prompt ({seq.num_prompt_tokens} tokens) + max_tokens "
+                             f"({seq.params.max_tokens}) = {total} exceeds max_model_len={max_len}")
+        # The last generated token is never fed back, so at most total - 1 tokens are ever cached.
+        bm = self.block_manager
+        need = bm.num_blocks_for(total - 1)
+        if need > bm.num_blocks:
+            raise ValueError(f"request {seq.request_id!r}: {total - 1} cached tokens need {need} KV blocks of "
+                             f"{bm.block_size} but the pool only has {bm.num_blocks}")
+        seq.arrival = self._arrivals
+        self._arrivals += 1
+        self._live[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finish a queued or running request with reason abort, freeing its cache now.
+
+        Returns the sequence, or None if the id is unknown or already finished.
+        """
+        seq = self._live.get(request_id)
+        if seq is None:
+            return None
+        self.finish(seq, FinishReason.ABORT)
+        return seq
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End `seq` from outside (stop string found by the detokenizer, abort); no-op if already finished."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = FinishReason(reason)
+        del self._live[seq.request_id]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch | None:
+        """Pick the work of the next forward; None when nothing is queued or running."""
+        cfg, bm = self.config, self.block_manager
+        budget = cfg.max_num_batched_tokens
+        chunk_cap = cfg.prefill_chunk_size if cfg.chunked_prefill else cfg.max_num_batched_tokens
+        entries: list[ScheduledEntry] = []
+        # Budget kept back so that every running decode behind a prefill chunk still fits.
+        pending_decodes = sum(1 for s in self.running if not s.is_prefilling)
+        preempted = False
+
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            if seq.is_prefilling:
+                n = min(seq.num_uncomputed_tokens, chunk_cap, budget - pending_decodes)
+                if n <= 0:
+                    i += 1
+                    continue
+            else:
+                pending_decodes -= 1
+                n = 1
+            while not bm.can_allocate(seq, n):
+                victim = self.running[-1]
+                if not victim.is_prefilling and victim is not seq:
+                    pending_decodes -= 1
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted itself: it was the newest
+                break
+            entries.append(self._take(seq, n, bm.allocate(seq, n)))
+            budget -= n
+            i += 1
+
+        # Admit waiting sequences, unless this step already had to preempt (they would just thrash).
+        max_running = min(cfg.max_num_seqs, bm.num_slots)
+        while self.waiting and not preempted and budget > 0 and len(self.running) < max_running:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, chunk_cap, budget)
+            if n < seq.num_uncomputed_tokens and not cfg.chunked_prefill:
+                break
+            if not bm.can_allocate(seq, n):
+                break
+            self.waiting.popleft()
+            fresh = bm.allocate(seq, n)
+            assert fresh, "a waiting sequence cannot already hold a slot"
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            entries.append(self._take(seq, n, fresh))
+            budget -= n
+
+        if not entries:
+            assert not self.has_unfinished(), "scheduler made no progress with work queued"
+            return None
+        return ScheduledBatch(entries, bm.block_size)
+
+    def update(self, batch: ScheduledBatch, sampled_token_ids: SequenceLike[int]) -> list[Sequence]:
+        """Account for a finished forward: advance cached counts, append the sampled tokens, finish sequences.
+
+        `sampled_token_ids` holds one token per entry in `batch.sample_indices`, in that order. Sequences
+        finished meanwhile (aborted, stop string) are skipped. Returns the sequences that finished in this call.
+        """
+        if len(sampled_token_ids) != len(batch.sample_indices):
+            raise ValueError(f"expected {len(batch.sample_indices)} sampled tokens (one per entry that needs a "
+                             f"sample), got {len(sampled_token_ids)}")
+        tokens = iter(sampled_token_ids)
+        finished: list[Sequence] = []
+        eos = self.config.eos_token_ids
+        for e in batch.entries:
+            token = int(next(tokens)) if e.needs_sample else None
+            seq = e.seq
+            if seq.is_finished:
+                continue
+            assert seq.num_computed_tokens == e.context_len, "batch applied twice or out of order"
+            seq.num_computed_tokens += e.num_new_tokens
+            if token is None:
+                continue
+            seq.output_token_ids.append(token)
+            p = seq.params
+            reason = None
+            if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
+                reason = FinishReason.STOP
+            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+
+    def _take(self, seq: Sequence, n: int, fresh: bool) -> ScheduledEntry:
+        ctx = seq.num_computed_tokens
+        return ScheduledEntry(seq, n, ctx, fresh, needs_sample=ctx + n == seq.num_tokens)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Drop the cache of a running sequence; it will recompute prompt + output from the front of the queue."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.PREEMPTED
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
