@@ -83,32 +83,111 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _engine(args: argparse.Namespace):
     import torch
 
-    from .checkpoint import load_model
-    from .model.generate import generate_tokens
-    from .tokenizer import IncrementalDetokenizer, Tokenizer
+    from .engine.llm import Engine
 
     torch.set_num_threads(args.threads)
-    tok = Tokenizer.from_dir(args.model)
-    model = load_model(args.model, dtype=args.dtype)
-    for prompt in args.prompt:
+    return Engine(args.model, dtype=args.dtype, max_memory=args.max_memory, max_model_len=args.max_model_len,
+                  max_num_seqs=args.max_num_seqs)
+
+
+def _sampling(args: argparse.Namespace):
+    from .engine.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          max_tokens=args.max_tokens, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty)
+
+
+def _drain(engine, req, out=sys.stdout) -> None:
+    """Step the engine until `req` finishes, writing its text as it arrives."""
+    while not req.done.is_set():
+        engine.step()
+        while not req.events.empty():
+            ev = req.events.get()
+            if ev is not None and ev.text:
+                out.write(ev.text)
+                out.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    params = _sampling(args)
+    tok = engine.tokenizer
+
+    def prompt_ids(prompt: str) -> list[int]:
         if args.chat:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-            ids = tok.encode(text)
-        else:
-            ids = tok.encode(prompt)
-            sys.stdout.write(prompt)
-        detok = IncrementalDetokenizer(tok, skip_special_tokens=True)
-        stops = tuple(tok.eos_token_ids)
-        for t in generate_tokens(model, ids, args.max_tokens, args.temperature, args.seed, stops):
-            if t in stops:
-                break
-            sys.stdout.write(detok.push(t))
-            sys.stdout.flush()
-        sys.stdout.write(detok.flush() + "\n")
+            return tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]))
+        return tok.encode(prompt)
+
+    if len(args.prompt) == 1:  # stream one prompt
+        req = engine.add_request(prompt_ids(args.prompt[0]), params)
+        if not args.chat:
+            sys.stdout.write(args.prompt[0])
+        _drain(engine, req)
+        sys.stdout.write("\n")
+        return 0
+    reqs = [engine.add_request(prompt_ids(p), params) for p in args.prompt]  # batched together
+    while engine.step():
+        pass
+    for p, r in zip(args.prompt, reqs):
+        print(f"=== {p!r}")
+        print(("" if args.chat else p) + r.output().text)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    params = _sampling(args)
+    tok = engine.tokenizer
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("qwen3next chat — /reset clears the history, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            messages = messages[:1] if args.system else []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not cmd:
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+        if len(ids) + params.max_tokens >= engine.max_model_len:
+            print(f"(the conversation is {len(ids)} tokens; max_model_len is {engine.max_model_len}: /reset)",
+                  file=sys.stderr)
+            messages.pop()
+            continue
+        req = engine.add_request(ids, params)
+        _drain(engine, req)
+        print()
+        messages.append({"role": "assistant", "content": req.output().text})
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    p.add_argument("--max-tokens", type=_positive_int, default=max_tokens)
+    p.add_argument("--temperature", type=_non_negative_float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--threads", type=_positive_int, default=2)
+    p.add_argument("--max-memory", default=None, help="cache budget, e.g. 2GiB (default: 1/4 of free RAM, <= 8 GiB)")
+    p.add_argument("--max-model-len", type=_positive_int, default=None)
+    p.add_argument("--max-num-seqs", type=_positive_int, default=16)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,14 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     _model_arg(p)
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several prompts)")
-    p.add_argument("--max-tokens", type=_positive_int, default=64)
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text (repeat for several prompts: they run batched)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--threads", type=_positive_int, default=2)
+    _sampling_args(p, 64, 0.0)
+    _engine_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive terminal chat (streams; /reset, /exit)")
+    _model_arg(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _sampling_args(p, 256, 0.7)
+    _engine_args(p)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 
