@@ -1,7 +1,25 @@
-"""qwen3next: a fast, hackable pure-PyTorch implementation of the Qwen3-Next hybrid LLM."""
+"""qwen3next: a fast, hackable pure-PyTorch implementation of the Qwen3-Next hybrid LLM.
 
-from .config import Qwen3NextConfig
-from .model.qwen3_next import Qwen3NextForCausalLM
+Top-level names are imported lazily so that light modules (tokenizer, corpus tools) don't pay for torch.
+"""
 
-__all__ = ["Qwen3NextConfig", "Qwen3NextForCausalLM"]
+from __future__ import annotations
+
 __version__ = "0.1.0"
+__all__ = ["LLM", "Qwen3NextConfig", "Qwen3NextForCausalLM", "SamplingParams"]
+
+_LAZY = {
+    "Qwen3NextConfig": ("qwen3next.config", "Qwen3NextConfig"),
+    "Qwen3NextForCausalLM": ("qwen3next.model.qwen3_next", "Qwen3NextForCausalLM"),
+    "LLM": ("qwen3next.engine.llm", "LLM"),
+    "SamplingParams": ("qwen3next.engine.sampling", "SamplingParams"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'qwen3next' has no attribute {name!r}")
