@@ -1,7 +1,8 @@
 """HF checkpoint directory <-> model.
 
-Loading streams tensor by tensor from memory-mapped safetensors into parameters allocated once in the target dtype,
-so peak memory stays near one copy of the model. All layout adaptation happens here, once (DESIGN principle 3):
+Loading reads the safetensors files tensor by tensor (plain reads, no memory map) into parameters allocated once in
+the target dtype, so peak memory stays near one copy of the model. All layout adaptation happens here, once (DESIGN
+principle 3):
 
 | checkpoint (HF)                                            | model parameter                          |
 |------------------------------------------------------------|------------------------------------------|
@@ -10,7 +11,7 @@ so peak memory stays near one copy of the model. All layout adaptation happens h
 | `*.mlp.experts.gate_up_proj` / `down_proj` (transformers v5) | same names, copied as is                 |
 | `*.linear_attn.in_proj_qkvz.weight` per-group [q|k|v..|z..] | rows reordered to [all q|all k|all v|all z] |
 | `*.linear_attn.in_proj_ba.weight` per-group [b..|a..]       | rows reordered to [all b|all a]          |
-| `mtp.*`                                                    | the MTP head (never dropped)             |
+| `mtp.*`                                                    | the MTP head (absent: no MTP head)       |
 
 Saving writes the official layout (per-expert names, interleaved projections) that transformers loads.
 """
@@ -18,19 +19,24 @@ Saving writes the official layout (per-expert names, interleaved projections) th
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Qwen3NextConfig
 from .model.qwen3_next import Qwen3NextForCausalLM
+from .ops.rope import rope_inv_freq
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class CheckpointError(ValueError):
@@ -79,161 +85,256 @@ def ba_to_hf(w: torch.Tensor, config: Qwen3NextConfig) -> torch.Tensor:
 
 
 # ---- reading --------------------------------------------------------------------------------------------------------
+# safetensors: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data.
+# We read it with plain file reads instead of a memory map: touched pages of a mapped file count as resident memory
+# until it is unmapped, which would double the peak while loading a single-file checkpoint.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_MAX_HEADER = 100 * 1024**2  # the format's own limit
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def _read_header(file: Path) -> dict[str, _Entry]:
+    """Tensor name -> location for one safetensors file, checked against the file's size."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{file}: not a safetensors file (only {size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n < 2 or n > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(f"{file}: not a safetensors file or its header is corrupt (header length field "
+                                      f"{n}, file size {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (expected a JSON object)")
+    base = 8 + n
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if dtype_name not in _ST_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype_name!r}")
+        dtype = _ST_DTYPES[dtype_name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if begin < 0 or end - begin != nbytes or any(x < 0 for x in shape):
+            raise CheckpointError(f"{file}: tensor {name!r} has inconsistent header (shape {list(shape)} {dtype_name} "
+                                  f"is {nbytes} bytes, data_offsets {[begin, end]})")
+        if base + end > size:
+            raise CheckpointError(f"{file}: tensor {name!r} ends at byte {base + end} but the file has only {size} "
+                                  f"bytes; the file is truncated")
+        entries[name] = _Entry(file, dtype, shape, base + begin, base + end)
+    return entries
+
+
 class _TensorIndex:
-    """name -> file over a directory's safetensors files, with lazy, memory-mapped reads."""
+    """name -> location over a directory's safetensors files (index-driven when an index exists)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, BinaryIO] = {}
+        self.entries: dict[str, _Entry] = {}
         index_file = path / "model.safetensors.index.json"
         if index_file.exists():
             try:
                 weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_file}: not a valid safetensors index ({e})") from None
-            self.files = {name: path / f for name, f in weight_map.items()}
-            for f in set(self.files.values()):
-                if not f.exists():
-                    raise CheckpointError(f"{f}: listed in {index_file.name} but missing")
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_file}: not a valid safetensors index ({type(e).__name__}: {e})"
+                                      ) from None
+            by_file: dict[str, list[str]] = {}
+            for name, fname in weight_map.items():
+                by_file.setdefault(fname, []).append(name)
+            for fname, names in sorted(by_file.items()):
+                f = path / fname
+                if not f.is_file():
+                    raise CheckpointError(f"{f}: missing, but {index_file.name} maps {len(names)} tensor(s) to it, "
+                                          f"e.g. {names[0]!r}")
+                entries = _read_header(f)
+                for name in names:
+                    if name not in entries:
+                        raise CheckpointError(f"{f}: has no tensor {name!r}, which {index_file.name} maps to it")
+                    self.entries[name] = entries[name]
         else:
             shards = sorted(path.glob("*.safetensors"))
             if not shards:
-                raise CheckpointError(f"{path}: no model.safetensors, index or *.safetensors files")
-            self.files = {}
+                raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or *.safetensors "
+                                      f"files")
             for f in shards:
-                for name in self._open(f).keys():
-                    self.files[name] = f
-
-    def _open(self, f: Path):
-        if f not in self._handles:
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
-        return self._handles[f]
+                for name, entry in _read_header(f).items():
+                    if name in self.entries:
+                        raise CheckpointError(f"{f}: tensor {name!r} is also in {self.entries[name].file.name}")
+                    self.entries[name] = entry
 
     def names(self) -> set[str]:
-        return set(self.files)
+        return set(self.entries)
 
-    def get(self, name: str) -> torch.Tensor:
-        f = self.files[name]
-        h = self._open(f)
-        try:
-            return h.get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{f}: tensor {name!r} cannot be read ({e}); the file may be truncated or "
-                                  f"corrupt") from None
+    def file(self, name: str) -> Path:
+        return self.entries[name].file
 
-    def shape(self, name: str) -> list[int]:
-        f = self.files[name]
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy tensor `name` into `out` (same shape; any dtype/device), converting as needed."""
+        e = self.entries[name]
+        if tuple(out.shape) != e.shape:
+            raise CheckpointError(f"{e.file}: tensor {name!r} has shape {list(e.shape)}, the config implies "
+                                  f"{list(out.shape)}")
+        direct = out.device.type == "cpu" and out.dtype == e.dtype and out.is_contiguous()
+        buf = out if direct else torch.empty(e.shape, dtype=e.dtype)
+        self._fill(e, name, buf)
+        if not direct:
+            out.copy_(buf)
+
+    def read(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        t = torch.empty(e.shape, dtype=e.dtype)
+        self._fill(e, name, t)
+        return t
+
+    def _fill(self, e: _Entry, name: str, t: torch.Tensor) -> None:
+        if e.end == e.start:
+            return
+        view = memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
         try:
-            return list(self._open(f).get_slice(name).get_shape())
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{f}: tensor {name!r} cannot be read ({e})") from None
+            f = self._handles.get(e.file)
+            if f is None:
+                f = self._handles[e.file] = open(e.file, "rb", buffering=0)  # noqa: SIM115 (close())
+            f.seek(e.start)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"{e.file}: tensor {name!r} is cut short at byte {e.start + done}; the file "
+                                          f"is truncated")
+                done += n
+        except OSError as err:
+            raise CheckpointError(f"{e.file}: tensor {name!r} cannot be read ({err.strerror or err})") from None
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
 
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_PACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+# Parameters whose rows the checkpoint interleaves per key-head group (SPEC §5.2).
+_CONVERTERS: dict[str, Callable[[torch.Tensor, Qwen3NextConfig], torch.Tensor]] = {
+    ".linear_attn.in_proj_qkvz.weight": qkvz_from_hf, ".linear_attn.in_proj_ba.weight": ba_from_hf}
+
+# One piece of a parameter: (index into the parameter, or None for all of it; checkpoint tensor name).
+_Piece = tuple[tuple | None, str]
 
 
-def _plan_sources(param_names: list[str], available: set[str]) -> tuple[dict[str, list[tuple[str, ...]]], set[str]]:
-    """For each parameter, the checkpoint tensors it is built from; returns (plan, used names)."""
-    expert_sources: dict[str, dict[int, set[str]]] = {}
-    for name in available:
-        m = _EXPERT.match(name)
-        if m:
-            expert_sources.setdefault(m.group(1), {}).setdefault(int(m.group(2)), set()).add(m.group(3))
-    plan: dict[str, list[tuple[str, ...]]] = {}
-    used: set[str] = set()
-    for p in param_names:
-        if p in available:
-            plan[p] = [(p,)]
-            used.add(p)
-            continue
-        m = re.match(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$", p)
-        if m and m.group(1) in expert_sources:
-            prefix, kind = m.groups()
-            srcs = []
-            for e in sorted(expert_sources[prefix]):
-                if kind == "gate_up_proj":
-                    names = (f"{prefix}.{e}.gate_proj.weight", f"{prefix}.{e}.up_proj.weight")
-                else:
-                    names = (f"{prefix}.{e}.down_proj.weight",)
-                srcs.append(names)
-            plan[p] = srcs
-            used.update(n for names in srcs for n in names if n in available)
-    return plan, used
+def _plan(params: dict[str, torch.Tensor], available: set[str]) -> dict[str, list[_Piece]]:
+    """For each parameter, the checkpoint tensors it is assembled from (official per-expert or packed experts)."""
+    per_expert_prefixes = {m.group(1) for m in map(_EXPERT.match, available) if m}
+    plan: dict[str, list[_Piece]] = {}
+    for name, p in params.items():
+        m = _PACKED.match(name)
+        if name in available or not m or m.group(1) not in per_expert_prefixes:
+            plan[name] = [(None, name)]
+        elif m.group(2) == "gate_up_proj":
+            half = p.shape[1] // 2
+            plan[name] = [piece for e in range(p.shape[0]) for piece in
+                          (((e, slice(0, half)), f"{m.group(1)}.{e}.gate_proj.weight"),
+                           ((e, slice(half, None)), f"{m.group(1)}.{e}.up_proj.weight"))]
+        else:
+            plan[name] = [((e,), f"{m.group(1)}.{e}.down_proj.weight") for e in range(p.shape[0])]
+    return plan
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
                strict: bool = True) -> Qwen3NextForCausalLM:
-    """Load an HF Qwen3-Next directory (single or sharded safetensors, either expert layout, with `mtp.*`)."""
+    """Load an HF Qwen3-Next directory (single or sharded safetensors, either expert layout, with `mtp.*`).
+
+    Parameters are allocated once in `dtype` (default: the config's `torch_dtype`) and filled tensor by tensor, so
+    peak memory is about one copy of the model. A checkpoint without `mtp.*` tensors (e.g. saved by transformers)
+    loads without the MTP head. With `strict`, tensors the model does not use are an error.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected an HF model directory with config.json)")
-    config = Qwen3NextConfig.from_pretrained(path)
+    try:
+        config = Qwen3NextConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
     index = _TensorIndex(path)
+    try:
+        return _load(index, config, dtype, device, strict)
+    finally:
+        index.close()
+
+
+def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str | None,
+          device: torch.device | str, strict: bool) -> Qwen3NextForCausalLM:
+    path = index.path
     available = index.names()
     if config.num_nextn_predict_layers > 0 and not any(n.startswith("mtp.") for n in available):
         config.num_nextn_predict_layers = 0  # a checkpoint without MTP weights (e.g. saved by transformers)
     dtype = parse_dtype(dtype, config.torch_dtype if config.torch_dtype in DTYPES else "bfloat16")
+    config.torch_dtype = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))  # describes the loaded model
+    # Build on meta and cast there, so the real allocation happens once, in the target dtype.
     with torch.device("meta"):
         model = Qwen3NextForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
-    # recompute non-persistent buffers destroyed by to_empty
-    from .ops.rope import rope_inv_freq
-
+    model = model.to(dtype).to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty unties shared parameters
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # non-persistent buffers are not in the checkpoint: recompute them (in fp32) after to_empty
     inv_freq, _ = rope_inv_freq(config.rope, config.rotary_dim, config.max_position_embeddings)
     model.rope_inv_freq = inv_freq.to(device)
 
-    params = dict(model.named_parameters())
-    tied = config.tie_word_embeddings
-    names = [n for n in params if not (tied and n == "lm_head.weight")]
-    plan, used = _plan_sources(names, available)
-    missing = [n for n in names if n not in plan]
+    params = {n: p for n, p in model.named_parameters() if not (config.tie_word_embeddings and n == "lm_head.weight")}
+    plan = _plan(params, available)
+    needed = [src for pieces in plan.values() for _, src in pieces]
+    missing = [src for src in needed if src not in available]
     if missing:
-        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. "
-                              f"{', '.join(missing[:5])}")
-    extra = sorted(available - used)
+        files = sorted({e.file.name for e in index.entries.values()})
+        where = ", ".join(files) if len(files) <= 3 else f"{len(files)} files"
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint ({where}): "
+                              f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+    # a tied checkpoint may still carry lm_head.weight (a copy of the embedding): accept and ignore it
+    extra = sorted(available - set(needed) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if extra and strict:
-        raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s) in the checkpoint, e.g. "
-                              f"{', '.join(f'{n} ({index.files[n].name})' for n in extra[:5])}")
-
-    converters: list[tuple[str, Callable]] = [(".linear_attn.in_proj_qkvz.weight", qkvz_from_hf),
-                                              (".linear_attn.in_proj_ba.weight", ba_from_hf)]
+        raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s) in the checkpoint: "
+                              f"{', '.join(f'{n} ({index.file(n).name})' for n in extra[:5])}"
+                              f"{', ...' if len(extra) > 5 else ''}")
     with torch.no_grad():
-        for name in names:
+        for name, pieces in plan.items():
             param = params[name]
-            sources = plan[name]
-            if len(sources) == 1 and len(sources[0]) == 1 and sources[0][0] == name:
-                t = _checked(index, name, tuple(param.shape))
-                for suffix, fn in converters:
-                    if name.endswith(suffix):
-                        t = fn(t, config)
-                param.copy_(t)
-                continue
-            # stacked experts from per-expert tensors
-            if len(sources) != param.shape[0]:
-                raise CheckpointError(f"{path}: {name} needs {param.shape[0]} experts, the checkpoint has "
-                                      f"{len(sources)}")
-            for e, names_e in enumerate(sources):
-                if len(names_e) == 2:
-                    half = param.shape[1] // 2
-                    param[e, :half].copy_(_checked(index, names_e[0], (half, param.shape[2])))
-                    param[e, half:].copy_(_checked(index, names_e[1], (half, param.shape[2])))
+            convert = next((fn for suffix, fn in _CONVERTERS.items() if name.endswith(suffix)), None)
+            for idx, src in pieces:
+                if convert is not None:
+                    t = index.read(src)
+                    if tuple(t.shape) != tuple(param.shape):
+                        raise CheckpointError(f"{index.file(src)}: tensor {src!r} has shape {list(t.shape)}, the "
+                                              f"config implies {list(param.shape)}")
+                    param.copy_(convert(t, config))
                 else:
-                    param[e].copy_(_checked(index, names_e[0], tuple(param.shape[1:])))
+                    index.read_into(src, param if idx is None else param[idx])
     model.eval()
     return model
-
-
-def _checked(index: _TensorIndex, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    if name not in index.files:
-        raise CheckpointError(f"{index.path}: tensor {name!r} missing from the checkpoint")
-    got = tuple(index.shape(name))
-    if got != shape:
-        raise CheckpointError(f"{index.files[name]}: tensor {name!r} has shape {list(got)}, the config implies "
-                              f"{list(shape)}")
-    return index.get(name)
 
 
 # ---- writing --------------------------------------------------------------------------------------------------------
@@ -268,7 +369,7 @@ def save_model(model: Qwen3NextForCausalLM, path: str | Path, max_shard_bytes: i
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
     d = config.to_dict()
-    d["torch_dtype"] = {v: k for k, v in DTYPES.items() if k in ("float32", "bfloat16", "float16")}[model.dtype]
+    d["torch_dtype"] = _DTYPE_NAMES[model.dtype]
     (path / "config.json").write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
     for old in path.glob("model*.safetensors"):
         old.unlink()

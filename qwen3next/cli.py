@@ -70,7 +70,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("attention", f"{config.num_attention_heads} q / {config.num_key_value_heads} kv heads x {config.head_dim},"
                       f" rotary dim {config.rotary_dim}, rope {config.rope.rope_type} theta {config.rope.theta:g}"),
         ("deltanet", f"{config.linear_num_key_heads} qk / {config.linear_num_value_heads} v heads, "
-                     f"dims {config.linear_key_head_dim}/{config.linear_value_head_dim}, conv {config.linear_conv_kernel_dim}"),
+                     f"dims {config.linear_key_head_dim}/{config.linear_value_head_dim}, "
+                     f"conv {config.linear_conv_kernel_dim}"),
         ("KV cache per token (bf16)", _fmt_bytes(kv) + f"  ({len(config.attention_layers)} attention layers)"),
         ("DeltaNet state per sequence", _fmt_bytes(state) + "  (bf16 conv + fp32 recurrent, any length)"),
         ("one sequence at full context", _fmt_bytes(state + kv * config.max_position_embeddings)

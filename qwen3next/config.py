@@ -80,7 +80,7 @@ class Qwen3NextConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Qwen3NextConfig:
         if not isinstance(d, dict):
-            raise ValueError(f"config must be a JSON object, got {type(d).__name__}")
+            raise ValueError(f"config must be a JSON object, got {type(d).__name__}")  # noqa: TRY004 (bad input)
         model_type = d.get("model_type", "qwen3_next")
         if model_type != "qwen3_next":
             raise ValueError(f"model_type: expected 'qwen3_next', got {model_type!r}")
@@ -88,17 +88,24 @@ class Qwen3NextConfig:
         kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
         if "dtype" in d and "torch_dtype" not in d and isinstance(d["dtype"], str):
             kwargs["torch_dtype"] = d["dtype"]
-        n_layers = int(d.get("num_hidden_layers", cls.num_hidden_layers))
+        n_layers = kwargs.get("num_hidden_layers", cls.num_hidden_layers)
+        if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
+            raise ValueError(f"num_hidden_layers: expected a positive integer, got {n_layers!r}")
         layer_types = d.get("layer_types")
         if layer_types is None:
-            interval = d.get("full_attention_interval", 4)
-            if not isinstance(interval, int) or interval < 1:
+            interval = d.get("full_attention_interval")
+            interval = 4 if interval is None else interval  # transformers' default
+            if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
                 raise ValueError(f"full_attention_interval: expected a positive integer, got {interval!r}")
             layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)]
+        if not isinstance(layer_types, list):
+            raise ValueError(f"layer_types: expected a list of layer type names, got {layer_types!r}")  # noqa: TRY004
         kwargs["layer_types"] = list(layer_types)
-        kwargs["rope"] = _parse_rope(d)
-        if "mlp_only_layers" in kwargs:
-            kwargs["mlp_only_layers"] = list(kwargs["mlp_only_layers"])
+        kwargs["rope"] = _parse_rope(d, kwargs.get("max_position_embeddings", cls.max_position_embeddings))
+        mlp_only = kwargs.get("mlp_only_layers", [])
+        if not isinstance(mlp_only, list):
+            raise ValueError(f"mlp_only_layers: expected a list of layer indices, got {mlp_only!r}")  # noqa: TRY004
+        kwargs["mlp_only_layers"] = list(mlp_only)
         return cls(**kwargs)
 
     @classmethod
@@ -166,17 +173,23 @@ class Qwen3NextConfig:
         for i in self.mlp_only_layers:
             if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers:
                 raise ValueError(f"mlp_only_layers: layer index {i!r} outside [0, {self.num_hidden_layers})")
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                     "intermediate_size", "num_nextn_predict_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
+        if not all(self.is_moe_layer(i) for i in range(self.num_hidden_layers)) and self.intermediate_size < 1:
+            raise ValueError(f"intermediate_size: expected a positive integer (the dense MLP layers use it), got "
+                             f"{self.intermediate_size}")
         if any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)) or self.num_nextn_predict_layers:
             if self.num_experts < 1:
                 raise ValueError(f"num_experts: expected a positive integer, got {self.num_experts!r}")
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(f"num_experts_per_tok: expected 1..num_experts ({self.num_experts}), got "
                                  f"{self.num_experts_per_tok}")
-            for name in ("moe_intermediate_size",):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
-            if self.shared_expert_intermediate_size < 0:
-                raise ValueError("shared_expert_intermediate_size: expected >= 0")
+            if self.moe_intermediate_size < 1:
+                raise ValueError(f"moe_intermediate_size: expected a positive integer, got "
+                                 f"{self.moe_intermediate_size}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
         if not 0 < self.rope.partial_rotary_factor <= 1:
@@ -187,10 +200,9 @@ class Qwen3NextConfig:
             raise ValueError(f"rope_type: only 'default' and 'yarn' are supported, got {self.rope.rope_type!r}")
         if self.rope.rope_type == "yarn" and self.rope.factor < 1:
             raise ValueError(f"rope_scaling.factor: expected >= 1 for yarn, got {self.rope.factor}")
-        if self.rms_norm_eps <= 0:
+        if not isinstance(self.rms_norm_eps, (int, float)) or isinstance(self.rms_norm_eps, bool) or \
+                not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps: expected > 0, got {self.rms_norm_eps}")
-        if self.num_nextn_predict_layers < 0:
-            raise ValueError(f"num_nextn_predict_layers: expected >= 0, got {self.num_nextn_predict_layers}")
 
     # ---- derived quantities -------------------------------------------------------------------------------------
     @property
@@ -246,14 +258,14 @@ class Qwen3NextConfig:
         embed = self.vocab_size * D
         head = 0 if self.tie_word_embeddings else embed
         total += embed + head + D
-        active += head + D  # the embedding is a gather, the head a matmul
+        active += embed + D  # the embedding is a gather, the head a matmul (with the same matrix when tied)
         mtp = self.num_nextn_predict_layers * (2 * D * D + 3 * D + attn + moe_total + 2 * D)
         mtp_active = self.num_nextn_predict_layers * (2 * D * D + 3 * D + attn + moe_active + 2 * D)
         return {"total": total, "active": active, "embedding": embed, "mtp": mtp, "mtp_active": mtp_active,
                 "total_with_mtp": total + mtp}
 
 
-def _parse_rope(d: dict[str, Any]) -> RopeConfig:
+def _parse_rope(d: dict[str, Any], max_position_embeddings: int) -> RopeConfig:
     params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
     rope = RopeConfig()
@@ -275,9 +287,14 @@ def _parse_rope(d: dict[str, Any]) -> RopeConfig:
     rope.partial_rotary_factor = float(src.get("partial_rotary_factor", rope.partial_rotary_factor))
     rope.rope_type = str(src.get("rope_type", src.get("type", "default")))
     if rope.rope_type == "yarn":
-        rope.factor = float(src.get("factor", 1.0))
-        if src.get("original_max_position_embeddings") is not None:
-            rope.original_max_position_embeddings = int(src["original_max_position_embeddings"])
+        # a top-level original_max_position_embeddings (Phi-3 style) wins over the rope dict's, as in transformers
+        original = d.get("original_max_position_embeddings") or src.get("original_max_position_embeddings")
+        if original is not None:
+            rope.original_max_position_embeddings = int(original)
+        factor = src.get("factor")
+        if factor is None:  # transformers derives it from the two context lengths
+            factor = max_position_embeddings / original if original else 1.0
+        rope.factor = float(factor)
         rope.beta_fast = float(src.get("beta_fast") or 32.0)
         rope.beta_slow = float(src.get("beta_slow") or 1.0)
         for k in ("mscale", "mscale_all_dim", "attention_factor"):

@@ -12,10 +12,10 @@ from qwen3next.ops.moe import experts_grouped, experts_reference, route_topk
 @pytest.mark.parametrize("N,E,k", [(1, 5, 2), (7, 6, 3), (64, 13, 4), (3, 16, 10)])
 def test_grouped_equals_reference(N, E, k):
     gen = torch.Generator().manual_seed(N * 100 + E)
-    D, I = 12, 10
+    D, inter = 12, 10
     x = torch.randn(N, D, generator=gen)
-    gate_up = torch.randn(E, 2 * I, D, generator=gen)
-    down = torch.randn(E, D, I, generator=gen)
+    gate_up = torch.randn(E, 2 * inter, D, generator=gen)
+    down = torch.randn(E, D, inter, generator=gen)
     weights, ids = route_topk(torch.randn(N, E, generator=gen), k, True)
     fast = experts_grouped(x, weights, ids, gate_up, down)
     ref = experts_reference(x, weights, ids, gate_up, down)
@@ -25,7 +25,7 @@ def test_grouped_equals_reference(N, E, k):
     for n in range(N):
         for j in range(k):
             e = ids[n, j]
-            h = F.silu(gate_up[e, :I] @ x[n]) * (gate_up[e, I:] @ x[n])
+            h = F.silu(gate_up[e, :inter] @ x[n]) * (gate_up[e, inter:] @ x[n])
             manual[n] += weights[n, j] * (down[e] @ h)
     assert (fast - manual).abs().max() < 1e-4
 

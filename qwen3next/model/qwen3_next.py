@@ -87,6 +87,13 @@ class Qwen3NextForCausalLM(nn.Module):
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.rope_scale = scale
 
+    def _apply(self, fn, recurse=True):
+        # Keep the RoPE frequencies in fp32 whatever the model is cast to (SPEC §11: angles in fp32).
+        super()._apply(fn, recurse)
+        inv_freq, _ = rope_inv_freq(self.config.rope, self.config.rotary_dim, self.config.max_position_embeddings)
+        self.rope_inv_freq = inv_freq.to(self.rope_inv_freq.device)
+        return self
+
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
