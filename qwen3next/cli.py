@@ -173,6 +173,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": req.output().text})
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    from .server.app import run_serve
+
+    return run_serve(args)
+
+
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
     p.add_argument("--max-tokens", type=_positive_int, default=max_tokens)
     p.add_argument("--temperature", type=_non_negative_float, default=temperature, help="0 = greedy")
@@ -214,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, 256, 0.7)
     _engine_args(p)
     p.set_defaults(func=cmd_chat)
+    from .server.args import add_serve_args
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, streaming, tools, metrics)")
+    add_serve_args(p)
+    p.set_defaults(func=_run_serve)
     return parser
 
 

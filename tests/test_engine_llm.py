@@ -6,12 +6,12 @@ import threading
 
 import pytest
 import torch
-from tiny_models import make_model, write_byte_tokenizer
 
 from qwen3next.engine.llm import LLM, Engine
 from qwen3next.engine.sampling import SamplingParams
 from qwen3next.model.generate import generate_tokens
 from qwen3next.tokenizer import Tokenizer
+from tiny_models import make_model, write_byte_tokenizer
 
 VOCAB = 261
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import make_model
 
 from qwen3next.model.cache import BatchInfo, HybridCache
+from tiny_models import make_model
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tiny_models import make_model
 
 transformers = pytest.importorskip("transformers")

@@ -96,7 +96,8 @@ def write_byte_tokenizer(path) -> None:
     tok.decoder = decoders.ByteLevel()
     from tokenizers import AddedToken
 
-    tok.add_special_tokens([AddedToken(t, special=t.startswith("<|")) for t in BYTE_SPECIALS])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in BYTE_SPECIALS if t.startswith("<|")])
+    tok.add_tokens([AddedToken(t, special=False) for t in BYTE_SPECIALS if not t.startswith("<|")])
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
 

@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -318,35 +319,75 @@ def default_budget(model: Qwen3NextForCausalLM, fraction: float = 0.25, cap: int
 class LLM:
     """Thread-safe engine front end: `LLM(model_dir, **engine_options)`.
 
-    A background thread runs engine steps whenever there is work; `submit` returns immediately with a handle
-    whose `events()` stream and `result()` wait on it.
+    Only the background engine thread touches the `Engine`. Client calls (submit, abort) are queued and applied
+    between two steps, so a client waits at most for the step in flight; `submit` returns a handle whose `events()`
+    stream and `result()` wait on the request.
     """
 
     def __init__(self, model: str | Path | Qwen3NextForCausalLM = DEFAULT_MODEL, **engine_options):
         self.engine = Engine(model, **engine_options)
         self.tokenizer = self.engine.tokenizer
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._wake = threading.Condition()
+        self._pending: list[tuple[object, Future]] = []
         self._closed = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="qwen3next-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that stopped the engine thread, or None while it is healthy."""
+        return self._error
+
+    @property
+    def is_alive(self) -> bool:
+        return self._error is None and not self._closed and self._thread.is_alive()
+
     # ---- background loop ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not self.engine.has_work():
+                while not self._closed and not self._pending and not self.engine.has_work():
                     self._wake.wait()
                 if self._closed:
+                    ops, self._pending = self._pending, []
+                    for _, fut in ops:
+                        fut.set_exception(RuntimeError("the engine is closed"))
                     return
+                ops, self._pending = self._pending, []
+            for fn, fut in ops:
                 try:
-                    self.engine.step()
-                except BaseException as e:  # never leave clients waiting forever on a dead engine
+                    fut.set_result(fn())
+                except Exception as e:  # a bad request fails only its caller
+                    fut.set_exception(e)
+            if not self.engine.has_work():
+                continue
+            try:
+                self.engine.step()
+            except BaseException as e:  # never leave clients waiting forever on a dead engine
+                with self._wake:
                     self._error = e
-                    for req in list(self.engine.requests.values()):
-                        self.engine.abort(req.request_id)
-                    raise
+                    self._closed = True
+                    ops, self._pending = self._pending, []
+                for _, fut in ops:
+                    fut.set_exception(RuntimeError(f"the engine stopped after an error: {e!r}"))
+                for req in list(self.engine.requests.values()):
+                    self.engine.abort(req.request_id)
+                raise
+
+    def _call(self, fn):
+        """Run `fn()` on the engine thread between two steps and return its result (or raise its error)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        fut: Future = Future()
+        with self._wake:
+            if self._error is not None:
+                raise RuntimeError(f"the engine stopped after an error: {self._error!r}")
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._pending.append((fn, fut))
+            self._wake.notify_all()
+        return fut.result()
 
     def close(self) -> None:
         with self._wake:
@@ -363,16 +404,11 @@ class LLM:
     # ---- requests -----------------------------------------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
                request_id: str | None = None) -> RequestHandle:
-        if self._error is not None:
-            raise RuntimeError(f"the engine stopped after an error: {self._error!r}")
-        with self._wake:
-            req = self.engine.add_request(prompt, params, request_id)
-            self._wake.notify_all()
+        req = self._call(lambda: self.engine.add_request(prompt, params, request_id))
         return RequestHandle(self, req)
 
     def abort(self, request_id: str) -> bool:
-        with self._wake:
-            return self.engine.abort(request_id)
+        return self._call(lambda: self.engine.abort(request_id))
 
     def generate(self, prompts: str | list[int] | list[str | list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -404,12 +440,12 @@ class LLM:
         return self.tokenizer.encode(text)
 
     def stats(self) -> dict:
-        with self._lock:
-            bm = self.engine.block_manager
-            return {**self.engine.stats, "running": self.engine.scheduler.num_running,
-                    "waiting": self.engine.scheduler.num_waiting, "free_blocks": bm.num_free_blocks,
-                    "total_blocks": self.engine.plan.num_blocks, "free_slots": bm.num_free_slots,
-                    "total_slots": self.engine.plan.num_slots}
+        """Counters and pool usage (read without stopping the engine; values may be one step apart)."""
+        engine = self.engine
+        bm = engine.block_manager
+        return {**engine.stats, "running": engine.scheduler.num_running, "waiting": engine.scheduler.num_waiting,
+                "free_blocks": bm.num_free_blocks, "total_blocks": engine.plan.num_blocks,
+                "free_slots": bm.num_free_slots, "total_slots": engine.plan.num_slots}
 
 
 class RequestHandle:

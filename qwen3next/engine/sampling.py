@@ -68,7 +68,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below ~1e-5, logits / T overflows float32 into inf/NaN: treat it as the argmax it approximates.
+        return self.temperature < 1e-5
 
     @property
     def has_top_k(self) -> bool:

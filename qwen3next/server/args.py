@@ -1,0 +1,57 @@
+"""`qwen3next serve` options, kept free of heavy imports so the CLI starts fast."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "demo"
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _port(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {s!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {v}")
+    return v
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """The options of `qwen3next serve`."""
+    parser.add_argument("--model", default=str(DEFAULT_MODEL),
+                        help="HF model directory (config.json, safetensors, tokenizer files); default: the embedded "
+                             "demo model")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=_port, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $QWEN3NEXT_API_KEY; none if "
+                             "unset)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model name clients send (default: the model directory's name)")
+    parser.add_argument("--max-memory", default=None,
+                        help="cache budget (KV blocks + DeltaNet state slots), e.g. 2GiB; default: a quarter of the "
+                             "available memory, at most 8 GiB")
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=16, help="sequences decoded together")
+    parser.add_argument("--max-model-len", type=_positive_int, default=None,
+                        help="context length (prompt + completion); default: the model's, at most 8192")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest accepted request body")
+    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+
+
