@@ -681,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     manifest = build_corpus(args.out_dir, args.sources.split(","), args.deb_dir, verbose=True)
-    for key, src in manifest["sources"].items():
+    for src in manifest["sources"].values():
         print(f"{src['name']}: {src['package']} {src['version']}, {src['bytes']:,} bytes")
     print(f"wrote {args.out_dir} in {time.perf_counter() - start:.1f}s")
 
