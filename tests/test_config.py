@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from tiny_models import CONFIGS, config_dict
 
 from qwen3next import Qwen3NextConfig, Qwen3NextForCausalLM
 from qwen3next.config import RopeConfig
 from qwen3next.model.cache import HybridCache
 from qwen3next.model.moe import SparseMoE
+from tiny_models import CONFIGS, config_dict
 
 # SPEC §1: the official Qwen3-Next-80B-A3B-Instruct config.json (no MTP key, although the checkpoint ships mtp.*).
 OFFICIAL = {

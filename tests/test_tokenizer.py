@@ -2,7 +2,6 @@ import json
 import shutil
 
 import pytest
-from tokenizer_fixtures import K, built_dir
 
 from qwen3next.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
@@ -13,6 +12,7 @@ from qwen3next.tokenizer import (
     ToolCallEvent,
     parse_tool_calls,
 )
+from tokenizer_fixtures import K, built_dir
 
 IM_START, IM_END, ENDOFTEXT = K + 1, K + 2, K  # ids in the truncated build
 

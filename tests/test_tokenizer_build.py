@@ -2,10 +2,10 @@ import json
 import unicodedata
 
 import pytest
-from tokenizer_fixtures import QWEN_SPLIT, K, built_dir, qwen_ranks
 
 from qwen3next.tokenizer import Tokenizer
 from qwen3next.train.tokenizer_build import build_from_qwen_ranks, recover_merges, train_bpe
+from tokenizer_fixtures import QWEN_SPLIT, K, built_dir, qwen_ranks
 
 # SPEC §12.1, in id order, with the `special` flag.
 # fmt: off

@@ -105,15 +105,15 @@ def naive_causal_conv1d(
     b, t, c = x.shape
     width = weight.shape[1]
     dtype = _compute_dtype(x)
-    prev = torch.zeros(b, width - 1, c, dtype=dtype) if state is None else state.to(dtype).transpose(1, 2)
+    prev = x.new_zeros(b, width - 1, c, dtype=dtype) if state is None else state.to(dtype).transpose(1, 2)
     frames = torch.cat([prev, x.to(dtype)], dim=1)  # [B, W-1+T, C]; input frame i sits at row i + W-1
     w = weight.to(dtype)
     ys = []
     for ti in range(t):
-        acc = torch.zeros(b, c, dtype=dtype)
+        acc = x.new_zeros(b, c, dtype=dtype)
         for j in range(width):
             acc = acc + w[:, j] * frames[:, ti + j]  # x_{ti-W+1+j} is row ti + j
         ys.append(F.silu(acc) if activation else acc)
-    y = torch.stack(ys, dim=1) if ys else torch.zeros(b, 0, c, dtype=dtype)
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, c, dtype=dtype)
     new_state = frames[:, t:].transpose(1, 2)
     return y.to(x.dtype), new_state.to(x.dtype if state is None else state.dtype)

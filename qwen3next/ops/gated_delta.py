@@ -46,7 +46,9 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return dtype
 
 
-def _initial_state(initial_state: Tensor | None, b: int, hv: int, dk: int, dv: int, q: Tensor, dtype: torch.dtype):
+def _initial_state(
+    initial_state: Tensor | None, b: int, hv: int, dk: int, dv: int, q: Tensor, dtype: torch.dtype
+) -> Tensor:
     if initial_state is None:
         return q.new_zeros(b, hv, dk, dv, dtype=dtype)
     return initial_state.to(dtype)
@@ -157,7 +159,7 @@ def recurrent_gated_delta_rule(
         return v.new_zeros(b, 0, hv, dv, dtype=dtype), s.reshape(b, hv, dk, dv).clone()
     # Without autograd the state is updated in place after the first (copying) step: fresh multi-MiB state tensors
     # per token were measured several times slower at decode batch sizes.
-    in_place = not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, beta, s)))
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, s))
     q, k = q.to(dtype), k.to(dtype)
     kq = torch.stack([k, q], dim=3).unsqueeze(3)  # [B, T, H, 1, 2, K]: read S with k and q in one matmul
     qk_dot = (q * k).sum(-1)[..., None, None]  # [B, T, H, 1, 1]
@@ -166,18 +168,19 @@ def recurrent_gated_delta_rule(
     betas = beta.to(dtype).reshape(b, t, h, grp, 1)
     outs = []
     for i in range(t):
-        # With S_new = a S + k uᵀ: S̄ᵀk = a (Sᵀk) and S_newᵀq = a (Sᵀq) + (q·k) u, so S is read once before the write.
+        # With S_new = a S + k uᵀ: S̄ᵀk = a (Sᵀk) and S_newᵀq = a (Sᵀq) + (q·k) u,
+        # so S is read once (by k and q together) before it is written.
         a = alphas[:, i]  # [B, H, G, 1]
         r = kq[:, i] @ s  # [B, H, G, 2, V]
         u = betas[:, i] * (vs[:, i] - a * r[..., 0, :])  # [B, H, G, V]
         outs.append(a * r[..., 1, :] + qk_dot[:, i] * u)
         k_col = k[:, i, :, None, :, None]  # [B, H, 1, K, 1]
-        if in_place and i > 0:
-            s.mul_(a.unsqueeze(-1)).addcmul_(k_col, u.unsqueeze(-2))
-        elif in_place:
-            s = (s * a.unsqueeze(-1)).addcmul_(k_col, u.unsqueeze(-2))  # first step copies: inputs stay untouched
-        else:
+        if needs_grad:
             s = torch.addcmul(s * a.unsqueeze(-1), k_col, u.unsqueeze(-2))
+        elif i == 0:
+            s = (s * a.unsqueeze(-1)).addcmul_(k_col, u.unsqueeze(-2))  # the first step copies: inputs stay untouched
+        else:
+            s.mul_(a.unsqueeze(-1)).addcmul_(k_col, u.unsqueeze(-2))
     return torch.stack(outs, dim=1).reshape(b, t, hv, dv), s.reshape(b, hv, dk, dv)
 
 
@@ -198,23 +201,17 @@ def naive_gated_delta_rule(
     b, t, h, dk = q.shape
     hv, dv = v.shape[2], v.shape[3]
     q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
-    o = [[[None] * t for _ in range(hv)] for _ in range(b)]
-    finals = []
+    o = q.new_zeros(b, t, hv, dv, dtype=dtype)
+    final = q.new_zeros(b, hv, dk, dv, dtype=dtype)
     for bi in range(b):
-        row = []
         for j in range(hv):
             qk_head = j // (hv // h)
-            s = torch.zeros(dk, dv, dtype=dtype) if initial_state is None else initial_state[bi, j].to(dtype)
+            s = q.new_zeros(dk, dv, dtype=dtype) if initial_state is None else initial_state[bi, j].to(dtype)
             for ti in range(t):
                 kt, qt, vt = k[bi, ti, qk_head], q[bi, ti, qk_head], v[bi, ti, j]
                 s = torch.exp(g[bi, ti, j]) * s
                 u = beta[bi, ti, j] * (vt - s.T @ kt)
                 s = s + torch.outer(kt, u)
-                o[bi][j][ti] = s.T @ qt
-            row.append(s)
-        finals.append(torch.stack(row))
-    if t == 0:
-        out = torch.zeros(b, 0, hv, dv, dtype=dtype)
-    else:
-        out = torch.stack([torch.stack([torch.stack(o[bi][j]) for j in range(hv)], dim=1) for bi in range(b)])
-    return out, torch.stack(finals)
+                o[bi, ti, j] = s.T @ qt
+            final[bi, j] = s
+    return o, final
