@@ -1,0 +1,83 @@
+"""The `qwen3next` command line: real subprocesses on a tiny model directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tiny_models import make_model, write_byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_model")
+    make_model("base", vocab_size=261).save_pretrained(d)
+    write_byte_tokenizer(d)
+    return d
+
+
+def run(*args, input=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "qwen3next.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env, input=input)
+
+
+def test_info_reports_counts_from_config(model_dir):
+    from qwen3next.config import Qwen3NextConfig
+
+    r = run("info", "--model", model_dir)
+    assert r.returncode == 0, r.stderr
+    counts = Qwen3NextConfig.from_pretrained(model_dir).parameter_counts()
+    assert f"{counts['total']:,}" in r.stdout and f"{counts['active']:,}" in r.stdout
+    assert "LLLA" in r.stdout
+
+
+def test_generate_matches_the_plain_loop(model_dir):
+    import torch
+
+    from qwen3next.checkpoint import load_model
+    from qwen3next.model.generate import generate_tokens
+    from qwen3next.tokenizer import Tokenizer
+
+    r = run("generate", "--model", model_dir, "--prompt", "abc", "--max-tokens", "8", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer.from_dir(model_dir)
+    model = load_model(model_dir, dtype=torch.float32)
+    ids = list(generate_tokens(model, tok.encode("abc"), 8, stop_token_ids=tuple(tok.eos_token_ids)))
+    ids = [t for t in ids if t not in tok.eos_token_ids]
+    assert r.stdout == "abc" + tok.decode(ids, skip_special_tokens=True) + "\n"
+
+
+def test_generate_batches_several_prompts(model_dir):
+    r = run("generate", "--model", model_dir, "--prompt", "a", "--prompt", "bb", "--max-tokens", "4", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("=== ") == 2
+
+
+def test_chat_reset_and_exit(model_dir):
+    r = run("chat", "--model", model_dir, "--max-tokens", "3", "--threads", "1", input="hi\n/reset\nagain\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "history cleared" in r.stderr
+    assert r.stdout.count("> ") >= 3
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
+    (["generate", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+    (["generate", "--model", "/nonexistent", "--prompt", "x"], "--model"),
+    (["bogus"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, needle):
+    r = run(*args)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_broken_model_dir_is_a_clean_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    r = run("info", "--model", tmp_path)
+    assert r.returncode == 1
+    assert "model_type" in r.stderr and "Traceback" not in r.stderr
