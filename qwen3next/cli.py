@@ -7,6 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from .argtypes import non_negative_float as _non_negative_float
+from .argtypes import positive_int as _positive_int
+
 DEFAULT_MODEL = Path(__file__).parent / "data" / "demo"
 
 
@@ -14,26 +17,6 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="HF model directory (config.json, safetensors, tokenizer files); default: the embedded "
                         "demo model")
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _non_negative_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
-    return v
 
 
 def _fmt_bytes(n: float) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..argtypes import positive_int
 from ..checkpoint import load_model, parse_dtype
 from ..config import Qwen3NextConfig
 from ..model.qwen3_next import Qwen3NextForCausalLM
@@ -321,16 +322,6 @@ def format_report(report: dict[str, object]) -> str:
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------
-def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     d = BenchOptions()
     src = parser.add_mutually_exclusive_group()
@@ -338,18 +329,18 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", choices=sorted(PRESETS), default=d.preset,
                      help=f"random model of this architecture (default {d.preset})")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=d.dtype)
-    parser.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--batch", type=_positive, nargs="+", default=d.batches, dest="batches",
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=d.batches, dest="batches",
                         help="decode batch sizes")
-    parser.add_argument("--prompt-len", type=_positive, default=d.prompt_len, help="prompt tokens before decoding")
-    parser.add_argument("--decode-tokens", type=_positive, default=d.decode_tokens, help="decode steps per repeat")
-    parser.add_argument("--prefill-lens", type=_positive, nargs="+", default=d.prefill_lens,
+    parser.add_argument("--prompt-len", type=positive_int, default=d.prompt_len, help="prompt tokens before decoding")
+    parser.add_argument("--decode-tokens", type=positive_int, default=d.decode_tokens, help="decode steps per repeat")
+    parser.add_argument("--prefill-lens", type=positive_int, nargs="+", default=d.prefill_lens,
                         help="prompt lengths for the prefill measurement (batch 1)")
     parser.add_argument("--compare", choices=["transformers"], default=None,
                         help="also measure transformers' implementation on the same weights")
-    parser.add_argument("--repeat", type=_positive, default=d.repeat, help="timed repeats (median reported)")
+    parser.add_argument("--repeat", type=positive_int, default=d.repeat, help="timed repeats (median reported)")
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--bandwidth-mib", type=_positive, default=None,
+    parser.add_argument("--bandwidth-mib", type=positive_int, default=None,
                         help="buffer for the bandwidth measurement (default: 16 x LLC, 256 MiB to 1 GiB)")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the full report as JSON")
 

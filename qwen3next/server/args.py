@@ -5,28 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..argtypes import port as _port
+from ..argtypes import positive_int as _positive_int
+
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "demo"
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _port(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {s!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {v}")
-    return v
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
