@@ -266,13 +266,17 @@ def _plan(params: dict[str, torch.Tensor], available: set[str]) -> dict[str, lis
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-               strict: bool = True) -> Qwen3NextForCausalLM:
+               strict: bool = True, quantize: str | None = None) -> Qwen3NextForCausalLM:
     """Load an HF Qwen3-Next directory (single or sharded safetensors, either expert layout, with `mtp.*`).
 
     Parameters are allocated once in `dtype` (default: the config's `torch_dtype`) and filled tensor by tensor, so
     peak memory is about one copy of the model. A checkpoint without `mtp.*` tensors (e.g. saved by transformers)
     loads without the MTP head. With `strict`, tensors the model does not use are an error.
+    A directory written by `qwen3next quantize` loads into the quantized modules (quant/); `quantize` ("int8" or
+    "int4", group size 64) quantizes a float checkpoint after loading.
     """
+    if quantize not in (None, "int8", "int4"):
+        raise ValueError(f"quantize: expected None, 'int8' or 'int4', got {quantize!r}")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected an HF model directory with config.json)")
@@ -282,9 +286,38 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         raise CheckpointError(str(e)) from None
     index = _TensorIndex(path)
     try:
-        return _load(index, config, dtype, device, strict)
+        model = _load(index, config, dtype, device, strict)
     finally:
         index.close()
+    if quantize is not None:
+        model = _quantize_loaded(model, 8 if quantize == "int8" else 4)
+    return model
+
+
+# ---- quantized checkpoints (quant/): hooks ---------------------------------------------------------------------------
+def _quantize_loaded(model: Qwen3NextForCausalLM, bits: int) -> Qwen3NextForCausalLM:
+    from .quant.quantize import is_quantized_config, quantize_model
+
+    qc = model.config.quantization_config
+    if is_quantized_config(qc):
+        if qc["bits"] != bits:
+            raise ValueError(f"quantize: the checkpoint is already quantized to int{qc['bits']}, not int{bits}")
+        return model
+    return quantize_model(model, bits)
+
+
+def _swap_in_quantized(model: Qwen3NextForCausalLM, available: set[str]) -> list[str]:
+    """On the meta model: swap in the quantized modules a `qwen3next quantize` directory holds; their tensors."""
+    from .quant.quantize import is_quantized_config, swap_in_quantized
+
+    qc = model.config.quantization_config
+    if qc is None:
+        return []
+    if not is_quantized_config(qc):
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise CheckpointError(f"quantization_config: quant_method {method!r} is not supported (only the "
+                              f"'qwen3next' int8/int4 format written by `qwen3next quantize`)")
+    return swap_in_quantized(model, available)
 
 
 def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str | None,
@@ -298,6 +331,7 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
     # Build on meta and cast there, so the real allocation happens once, in the target dtype.
     with torch.device("meta"):
         model = Qwen3NextForCausalLM(config)
+    quantized_sources = _swap_in_quantized(model, available)
     model = model.to(dtype).to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -307,7 +341,7 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
 
     params = {n: p for n, p in model.named_parameters() if not (config.tie_word_embeddings and n == "lm_head.weight")}
     plan = _plan(params, available)
-    needed = [src for pieces in plan.values() for _, src in pieces]
+    needed = [src for pieces in plan.values() for _, src in pieces] + quantized_sources
     missing = [src for src in needed if src not in available]
     if missing:
         files = sorted({e.file.name for e in index.entries.values()})
@@ -333,6 +367,10 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
                     param.copy_(convert(t, config))
                 else:
                     index.read_into(src, param if idx is None else param[idx])
+        if quantized_sources:
+            from .quant.quantize import read_quantized
+
+            read_quantized(model, index.read)
     model.eval()
     return model
 
@@ -361,6 +399,10 @@ def hf_tensors(model: Qwen3NextForCausalLM) -> Iterator[tuple[str, torch.Tensor]
                 yield f"{prefix}.{e}.down_proj.weight", t[e]
         else:
             yield name, t
+    if config.quantization_config is not None:  # quantized modules hold buffers, not parameters
+        from .quant.quantize import quantized_hf_tensors
+
+        yield from quantized_hf_tensors(model)
 
 
 def save_model(model: Qwen3NextForCausalLM, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:

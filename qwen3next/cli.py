@@ -75,7 +75,7 @@ def _engine(args: argparse.Namespace):
 
     torch.set_num_threads(args.threads)
     return Engine(args.model, dtype=args.dtype, max_memory=args.max_memory, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs)
+                  max_num_seqs=args.max_num_seqs, quantize=args.quantize)
 
 
 def _sampling(args: argparse.Namespace):
@@ -184,6 +184,12 @@ def _run_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_quantize(args: argparse.Namespace) -> int:
+    from .quant.quantize import run_quantize
+
+    return run_quantize(args)
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from .server.app import run_serve
 
@@ -206,6 +212,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", default=None, help="cache budget, e.g. 2GiB (default: 1/4 of free RAM, <= 8 GiB)")
     p.add_argument("--max-model-len", type=_positive_int, default=None)
     p.add_argument("--max-num-seqs", type=_positive_int, default=16)
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization at load")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_args(p)
     p.set_defaults(func=_run_bench)
+
+    p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a model directory")
+    from .quant.quantize import add_quantize_args
+
+    add_quantize_args(p)
+    p.set_defaults(func=_run_quantize)
 
     from .server.args import add_serve_args
 

@@ -111,16 +111,23 @@ class Engine:
     def __init__(self, model: str | Path | Qwen3NextForCausalLM = DEFAULT_MODEL, *, tokenizer: Tokenizer | None = None,
                  dtype: str | torch.dtype | None = "float32", device: str = "cpu", max_memory: int | str | None = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 chunked_prefill: bool = True, prefill_chunk_size: int = 512, block_size: int = 64):
+                 chunked_prefill: bool = True, prefill_chunk_size: int = 512, block_size: int = 64,
+                 quantize: str | None = None):
+        if quantize not in (None, "int8", "int4"):
+            raise ValueError(f"quantize: expected None, 'int8' or 'int4', got {quantize!r}")
         if isinstance(model, Qwen3NextForCausalLM):
             self.model = model
             if tokenizer is None:
                 raise ValueError("tokenizer: required when passing a model object")
+            if quantize is not None:
+                from ..quant import quantize_model
+
+                quantize_model(model, 8 if quantize == "int8" else 4)
         else:
             path = Path(model)
             if not path.is_dir():
                 raise ValueError(f"model: {path} is not a model directory")
-            self.model = load_model(path, dtype=parse_dtype(dtype), device=device)
+            self.model = load_model(path, dtype=parse_dtype(dtype), device=device, quantize=quantize)
             tokenizer = tokenizer or Tokenizer.from_dir(path)
         self.tokenizer = tokenizer
         config = self.model.config

@@ -123,11 +123,11 @@ class Qwen3NextForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype  # never quantized, unlike lm_head
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     # ---- caches -------------------------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int, block_size: int = 64) -> SequenceCache:

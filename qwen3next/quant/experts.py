@@ -1,0 +1,159 @@
+"""Quantized stacked routed experts: the swap for `model.moe.Experts`.
+
+Each expert's gate_up [2I, D] and down [D, I] matrix is quantized on its own, exactly like a Linear (int8: a scale
+per output row; int4: a (scale, zero) per group of input channels), and stored stacked over experts. The forward
+groups token-expert pairs by expert, like `ops.moe.experts_grouped`, so only the hit experts run, each as one
+quantized matmul over all of its tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import Experts
+from ..ops.moe import experts_reference
+from .linear import (
+    SCALE_DTYPE,
+    check_group_size,
+    dequantize_int4,
+    dequantize_int8,
+    from_kernel_layout,
+    int4_linear,
+    int8_linear,
+    pick_int4_layout,
+    quantize_int4,
+    quantize_int8,
+    scale_zero_of,
+)
+
+PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+class QuantizedExperts(nn.Module):
+    """Routed experts with int8 or int4 weights. Buffers per projection p in (gate_up_proj, down_proj), whose float
+    weight is [E, N, K] (gate_up: N = 2I, K = D; down: N = D, K = I):
+
+    - int8: `{p}_qweight` int8 [E, N, K], `{p}_scales` bf16 [E, N]
+    - int4: `{p}_qweight` uint8 [E, N, K/2] (kernel layout per expert when `is_kernel_layout[p]`), `{p}_scale_zero`
+      bf16 [E, K/G, N, 2]
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bits: int, group_size: int = 64):
+        super().__init__()
+        if bits not in (8, 4):
+            raise ValueError(f"bits: expected 8 or 4, got {bits!r}")
+        self.num_experts, self.bits, self.group_size = num_experts, bits, group_size
+        E, D, intermediate = num_experts, hidden_size, intermediate_size
+        self.shapes = {"gate_up_proj": (2 * intermediate, D), "down_proj": (D, intermediate)}
+        self.is_kernel_layout = {p: False for p in PROJECTIONS}
+        for p, (N, K) in self.shapes.items():
+            if bits == 8:
+                self.register_buffer(f"{p}_qweight", torch.zeros(E, N, K, dtype=torch.int8))
+                self.register_buffer(f"{p}_scales", torch.ones(E, N, dtype=SCALE_DTYPE))
+            else:
+                check_group_size(group_size, K)
+                self.register_buffer(f"{p}_qweight", torch.zeros(E, N, K // 2, dtype=torch.uint8))
+                self.register_buffer(f"{p}_scale_zero", torch.zeros(E, K // group_size, N, 2, dtype=SCALE_DTYPE))
+
+    @classmethod
+    def from_experts(cls, experts: Experts, bits: int, group_size: int = 64) -> QuantizedExperts:
+        E, two_i, D = experts.gate_up_proj.shape
+        m = cls(E, D, two_i // 2, bits, group_size).to(experts.gate_up_proj.device)
+        for p in PROJECTIONS:
+            w = getattr(experts, p)
+            for e in range(E):  # one expert at a time: the fp32 temporaries stay one matrix big
+                t = quantize_int8(w[e]) if bits == 8 else quantize_int4(w[e], group_size)
+                m.load_expert(p, e, *t)
+        return m
+
+    # ---- the saved form, one expert at a time -------------------------------------------------------------------
+    def load_expert(self, proj: str, e: int, *tensors: torch.Tensor) -> None:
+        """Fill expert `e` of `proj` from the saved tensors: int8 (qweight [N, K], scales [N]); int4 (canonical packed
+        qweight [N, K/2], scales [N, K/G], zeros [N, K/G])."""
+        q = getattr(self, f"{proj}_qweight")
+        with torch.no_grad():
+            if self.bits == 8:
+                qweight, scales = tensors
+                q[e].copy_(qweight)
+                getattr(self, f"{proj}_scales")[e].copy_(scales)
+                return
+            qweight, scales, zeros = tensors
+            getattr(self, f"{proj}_scale_zero")[e].copy_(scale_zero_of(scales, zeros))
+            held, is_kernel = pick_int4_layout(qweight.to(q.device), self.group_size)
+            if e > 0 and is_kernel != self.is_kernel_layout[proj]:
+                raise AssertionError(f"{proj}: experts disagree on the int4 layout")
+            self.is_kernel_layout[proj] = is_kernel
+            q[e].copy_(held)
+
+    def expert_tensors(self, proj: str, e: int) -> dict[str, torch.Tensor]:
+        """The saved form of expert `e` of `proj` (same keys as `Int8Linear` / `Int4Linear.quantized_tensors`)."""
+        q = getattr(self, f"{proj}_qweight")[e]
+        if self.bits == 8:
+            return {"qweight": q, "scales": getattr(self, f"{proj}_scales")[e]}
+        sz = getattr(self, f"{proj}_scale_zero")[e]
+        return {"qweight": from_kernel_layout(q) if self.is_kernel_layout[proj] else q,
+                "scales": sz[..., 0].T, "zeros": sz[..., 1].T}
+
+    def dequantize(self, proj: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [E, N, K] of `proj`."""
+        mats = []
+        for e in range(self.num_experts):
+            t = self.expert_tensors(proj, e)
+            mats.append(dequantize_int8(t["qweight"], t["scales"], dtype) if self.bits == 8
+                        else dequantize_int4(t["qweight"], t["scales"], t["zeros"], dtype))
+        return torch.stack(mats)
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def _matmul(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
+        q = getattr(self, f"{proj}_qweight")[e]
+        if self.bits == 8:
+            return int8_linear(x, q, getattr(self, f"{proj}_scales")[e])
+        return int4_linear(x, q, getattr(self, f"{proj}_scale_zero")[e], self.group_size, self.is_kernel_layout[proj])
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Σ_k w[n,k] · SwiGLU_{ids[n,k]}(x[n]) over the hit experts. x: [N, D]; weights, ids: [N, k] -> [N, D]."""
+        N, D = x.shape
+        k = ids.shape[1]
+        flat_ids = ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        token_of_pair = order // k  # pair p = n * k + j  ->  token n
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        xs = x[token_of_pair]  # [N*k, D], grouped by expert
+        ws = weights.reshape(-1)[order]
+        out_sorted = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            seg = xs[start:start + c]
+            gate, up = self._matmul(seg, "gate_up_proj", e).chunk(2, dim=-1)
+            h = self._matmul(F.silu(gate) * up, "down_proj", e)
+            out_sorted[start:start + c] = h.float() * ws[start:start + c, None]
+            start += c
+        out = torch.zeros(N, D, dtype=torch.float32, device=x.device)
+        out.index_add_(0, token_of_pair, out_sorted)
+        return out.to(x.dtype)
+
+    def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Reference twin: dequantize every expert, then the plain masked loop of `ops.moe.experts_reference`."""
+        return experts_reference(x, weights, ids, self.dequantize("gate_up_proj", x.dtype),
+                                 self.dequantize("down_proj", x.dtype))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for p in PROJECTIONS:
+            name = f"{p}_scales" if self.bits == 8 else f"{p}_scale_zero"
+            setattr(self, name, getattr(self, name).to(SCALE_DTYPE))
+            q = getattr(self, f"{p}_qweight")
+            if self.is_kernel_layout[p] and q.device.type != "cpu":  # the kernel layout is CPU-only
+                setattr(self, f"{p}_qweight", torch.stack([from_kernel_layout(q[e]) for e in range(q.shape[0])]))
+                self.is_kernel_layout[p] = False
+        return self
+
+    def extra_repr(self) -> str:
+        E = self.num_experts
+        (two_i, D) = self.shapes["gate_up_proj"]
+        g = f", group_size={self.group_size}, kernel_layout={self.is_kernel_layout}" if self.bits == 4 else ""
+        return f"num_experts={E}, hidden_size={D}, intermediate_size={two_i // 2}, bits={self.bits}{g}"

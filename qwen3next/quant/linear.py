@@ -1,0 +1,333 @@
+"""Weight-only int8 / int4 quantization: the math, the matmuls (fast path + reference twin) and the Linear swaps.
+
+Int8: symmetric, one scale per output channel: w[n, k] ≈ q[n, k] · scale[n], q in [-127, 127].
+Int4: asymmetric, one (scale, zero) pair per group of `group_size` consecutive input channels of a row:
+w[n, k] ≈ (q[n, k] - 8) · scale[n, g] + zero[n, g], q in [0, 15], g = k // group_size. `zero` is the value of
+the middle code 8; this is the convention of torch's int4 CPU kernel, so its tensors need no arithmetic.
+
+Scales and zeros are bfloat16, the dtype of torch's CPU int8/int4 kernels (the only dtype they vectorise in this
+build; fp32/fp16 activations run 10-30x slower through them, so fp32 models cast activations to bf16 for the
+kernel). Both are rounded so that the quantization grid still covers every weight, which keeps the elementwise
+error within scale / 2.
+
+Int4 weights are packed two per byte. The *canonical* layout (the saved format) is row-major [N, K/2] with the
+even column in the low nibble. On CPU, eligible shapes (N % 16 == 0, K % group_size == 0, group_size in
+{32, 64, 128, 256}) are held in torch's kernel layout instead (same [N, K/2] uint8 shape, nibbles permuted in
+blocks of rows; the permutation depends on the CPU's SIMD width), and converted back to canonical for saving.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCALE_DTYPE = torch.bfloat16
+# fp32 activations with more rows than this (prefill) dequantize to fp32 and use the dense matmul instead of the
+# int8 kernel: measured (noisy, 1 thread, 512 -> 1536) the bf16 kernel wins up to 16 rows (1.4 vs 1.9 ms) and loses
+# at 64 (4.4 vs 3.1 ms).
+INT8_KERNEL_MAX_FP32_ROWS = 32
+# The dequantize paths convert big weights a block of rows at a time, so the float copy stays <= 64 MB in fp32.
+_DEQUANT_BLOCK_ELEMENTS = 1 << 24
+INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+
+_HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
+_HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+    torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def _round_up_bf16(t: torch.Tensor) -> torch.Tensor:
+    """Smallest bf16 >= t (t fp32, positive): a scale rounded up keeps the grid covering the weights."""
+    b = t.to(torch.bfloat16)
+    low = b.float() < t
+    return torch.where(low, (b.view(torch.int16) + 1).view(torch.bfloat16), b)  # next bf16 up (positive values)
+
+
+# ---- int8 -----------------------------------------------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (q int8 [..., N, K], scale bf16 [..., N]) with |w - q·scale| <= scale / 2."""
+    w = w.detach().float()
+    scale = _round_up_bf16((w.abs().amax(-1) / 127).clamp_min(1e-30))
+    q = torch.round(w / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q [..., N, K], scale [..., N]) -> w [..., N, K] in `dtype` (computed in fp32)."""
+    return (q.float() * scale.float()[..., None]).to(dtype)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ dequantize_int8(q [N, K], scale [N]).T -> [..., N] in x's dtype.
+
+    CPU bf16 activations (and fp32 ones with few rows, cast to bf16) use `torch._weight_int8pack_mm`; otherwise the
+    int8 weight is converted to x's dtype and the per-channel scale is applied to the output (same product).
+    """
+    K, N = x.shape[-1], q.shape[0]
+    x2 = x.reshape(-1, K)
+    use_kernel = int8_kernel_supported(K) and x.device.type == "cpu" and q.data_ptr() % 64 == 0 and (
+        x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and x2.shape[0] <= INT8_KERNEL_MAX_FP32_ROWS))
+    if not use_kernel:
+        return _blockwise_linear(x, N, K, lambda a, b: q[a:b].to(x.dtype), lambda y, a, b: y * scale[a:b].to(x.dtype))
+    xb = x2.to(torch.bfloat16).contiguous()
+    if xb.data_ptr() % 64:  # the kernel uses aligned vector loads on the activations
+        xb = xb.clone()
+    y = torch._weight_int8pack_mm(xb, q, scale.to(torch.bfloat16))
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def _blockwise_linear(x: torch.Tensor, N: int, K: int, weight_rows, finish) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N] where `weight_rows(a, b)` gives rows a:b of W in x's dtype and `finish(y, a, b)`
+    post-processes that block of outputs; blocks keep the temporary float weight small."""
+    step = max(1, _DEQUANT_BLOCK_ELEMENTS // max(K, 1))
+    outs = [finish(F.linear(x, weight_rows(a, min(a + step, N))), a, min(a + step, N)) for a in range(0, N, step)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def int8_kernel_supported(K: int) -> bool:
+    """Whether `torch._weight_int8pack_mm` is safe for input size K. Its bf16 CPU kernels step through K in vectors
+    of 8 (AVX2) or 16 (AVX-512) with aligned loads and no tail: other sizes give wrong results or crash (measured
+    here with K = 20, 33, 100), so we require a multiple of 32."""
+    return _HAS_INT8_KERNEL and K % 32 == 0
+
+
+def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Reference twin of `int8_linear`: dequantize, then F.linear in x's dtype."""
+    return F.linear(x, dequantize_int8(q, scale, x.dtype))
+
+
+# ---- int4 -----------------------------------------------------------------------------------------------------------
+def check_group_size(group_size: int, K: int) -> None:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size: expected a positive even integer (e.g. 32, 64, 128), got {group_size!r}")
+    if K % group_size:
+        raise ValueError(f"group_size: {group_size} does not divide the input size {K}")
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes [..., N, K] in 0..15 -> canonical packed uint8 [..., N, K/2] (even column in the low nibble)."""
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Canonical packed uint8 [..., N, K/2] -> codes uint8 [..., N, K]."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (canonical packed uint8 [..., N, K/2], scale bf16 [..., N, K/G], zero bf16 [..., N, K/G]).
+
+    |w - dequantize_int4(...)| <= scale / 2 elementwise (up to fp32 rounding).
+    """
+    *lead, N, K = w.shape
+    check_group_size(group_size, K)
+    g = w.detach().float().reshape(*lead, N, K // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    # Round the zero (value of code 8) first, then take the smallest bf16 step whose grid still spans [lo, hi].
+    zero = (lo + (hi - lo) * (8 / 15)).to(SCALE_DTYPE)
+    zf = zero.float()
+    scale = _round_up_bf16(torch.maximum((zf - lo) / 8, (hi - zf) / 7).clamp_min(1e-30))
+    q = torch.round((g - zf[..., None]) / scale.float()[..., None]).add_(8).clamp_(0, 15)
+    return pack_int4(q.reshape(*lead, N, K)), scale, zero
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(canonical packed [..., N, K/2], scale, zero [..., N, K/G]) -> w [..., N, K] in `dtype` (fp32 math)."""
+    q = unpack_int4(packed)
+    *lead, N, K = q.shape
+    G = K // scale.shape[-1]
+    g = (q.reshape(*lead, N, K // G, G).float() - 8) * scale.float()[..., None] + zero.float()[..., None]
+    return g.reshape(*lead, N, K).to(dtype)
+
+
+def int4_kernel_supported(N: int, K: int, group_size: int) -> bool:
+    """Whether torch's int4 CPU kernel takes a [N, K] weight with this group size."""
+    return _HAS_INT4_KERNEL and N % 16 == 0 and group_size in INT4_KERNEL_GROUP_SIZES and K % group_size == 0
+
+
+# The kernel packs rows in independent blocks of 16, 32 or 64 (by SIMD width); a 64-row chunk is always a whole
+# number of blocks, so the nibble permutation of a chunk, probed once per (rows, K), undoes the packing.
+_KERNEL_CHUNK_ROWS = 64
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_nibble_source(rows: int, K: int) -> torch.Tensor:
+    """For a [rows, K] weight, the flat index (n * K + k) that lands in each nibble of the kernel's packed bytes
+    (bytes in order, low nibble first): found by packing the index itself, four bits per probe."""
+    idx = torch.arange(rows * K, dtype=torch.int64).reshape(rows, K)
+    source = torch.zeros(rows * K, dtype=torch.int64)
+    for shift in range(0, max(1, (rows * K - 1).bit_length()), 4):
+        probe = torch.ops.aten._convert_weight_to_int4pack_for_cpu(((idx >> shift) & 15).to(torch.int32), 1)
+        source |= unpack_int4(probe).reshape(-1).long() << shift
+    return source
+
+
+def to_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
+    """Canonical packed [N, K/2] (CPU) -> torch's int4 CPU kernel layout [N, K/2]."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32).contiguous(), 1)
+
+
+def from_kernel_layout(kpacked: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_kernel_layout` (any device): kernel layout [N, K/2] -> canonical packed [N, K/2]."""
+    N, K = kpacked.shape[0], kpacked.shape[1] * 2
+    q = torch.empty(N, K, dtype=torch.uint8, device=kpacked.device)
+    full = N - N % _KERNEL_CHUNK_ROWS
+    for start, stop in ((0, full), (full, N)):
+        rows = min(stop - start, _KERNEL_CHUNK_ROWS)
+        if rows == 0:
+            continue
+        source = _kernel_nibble_source(rows, K).to(kpacked.device)
+        nibbles = unpack_int4(kpacked[start:stop]).reshape(-1, rows * K)  # [chunks, rows*K], kernel order
+        chunk = torch.empty_like(nibbles)
+        chunk[:, source] = nibbles
+        q[start:stop] = chunk.reshape(stop - start, K)
+    return pack_int4(q)
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
+                is_kernel_layout: bool) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N] in x's dtype, W the int4 weight.
+
+    qweight: [N, K/2] uint8 (kernel layout when `is_kernel_layout`, else canonical); scale_zero: [K/G, N, 2] bf16
+    (scale, zero), the kernel's own argument. Kernel layout -> `_weight_int4pack_mm_for_cpu` on bf16 activations;
+    canonical -> dequantize to x's dtype and F.linear.
+    """
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    if not is_kernel_layout:
+        scale, zero = scale_zero[..., 0].T, scale_zero[..., 1].T  # [N, K/G]
+        return _blockwise_linear(x, N, K, lambda a, b: dequantize_int4(qweight[a:b], scale[a:b], zero[a:b], x.dtype),
+                                 lambda y, a, b: y)
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] == 0:
+        return x.new_zeros(*x.shape[:-1], N)
+    y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), qweight, group_size,
+                                          scale_zero.to(torch.bfloat16))
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                          zero: torch.Tensor) -> torch.Tensor:
+    """Reference twin of `int4_linear` on the canonical tensors: dequantize, then F.linear in x's dtype."""
+    return F.linear(x, dequantize_int4(packed, scale, zero, x.dtype))
+
+
+def scale_zero_of(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(scale, zero) [..., N, K/G] -> the kernel's interleaved [..., K/G, N, 2]."""
+    return torch.stack((scale, zero), dim=-1).transpose(-3, -2).contiguous()
+
+
+# ---- modules --------------------------------------------------------------------------------------------------------
+class Int8Linear(nn.Module):
+    """Bias-free Linear with int8 weight `qweight` [N, K] and bf16 per-output-channel `scales` [N]."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=SCALE_DTYPE))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        if linear.bias is not None:
+            raise ValueError("linear: quantization supports bias-free nn.Linear only (Qwen3-Next has no biases)")
+        m = cls(linear.in_features, linear.out_features).to(linear.weight.device)
+        m.load_quantized(*quantize_int8(linear.weight))
+        return m
+
+    def load_quantized(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        """Fill from the saved tensors: qweight int8 [N, K], scales [N]."""
+        with torch.no_grad():
+            self.qweight.copy_(qweight)
+            self.scales.copy_(scales)
+
+    def quantized_tensors(self) -> dict[str, torch.Tensor]:
+        """The saved form: {"qweight": int8 [N, K], "scales": bf16 [N]}."""
+        return {"qweight": self.qweight, "scales": self.scales}
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scales, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.qweight, self.scales)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear_reference(x, self.qweight, self.scales)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) must not touch the scales: they stay in the kernel's dtype (bf16 -> fp32 -> bf16 is exact).
+        super()._apply(fn, recurse)
+        self.scales = self.scales.to(SCALE_DTYPE)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
+
+
+class Int4Linear(nn.Module):
+    """Bias-free Linear with group-wise int4 weight: `qweight` uint8 [N, K/2] (kernel layout on CPU when the shape
+    allows, else canonical) and `scale_zero` bf16 [K/G, N, 2]."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int):
+        super().__init__()
+        check_group_size(group_size, in_features)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scale_zero", torch.zeros(in_features // group_size, out_features, 2, dtype=SCALE_DTYPE))
+        self.is_kernel_layout = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+        if linear.bias is not None:
+            raise ValueError("linear: quantization supports bias-free nn.Linear only (Qwen3-Next has no biases)")
+        m = cls(linear.in_features, linear.out_features, group_size).to(linear.weight.device)
+        m.load_quantized(*quantize_int4(linear.weight, group_size))
+        return m
+
+    def load_quantized(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        """Fill from the saved tensors: canonical packed [N, K/2], scales and zeros [N, K/G]."""
+        with torch.no_grad():
+            self.scale_zero.copy_(scale_zero_of(scales, zeros))
+            self.qweight, self.is_kernel_layout = pick_int4_layout(qweight.to(self.qweight.device), self.group_size)
+
+    def quantized_tensors(self) -> dict[str, torch.Tensor]:
+        """The saved form: {"qweight": canonical packed uint8 [N, K/2], "scales", "zeros": bf16 [N, K/G]}."""
+        q = from_kernel_layout(self.qweight) if self.is_kernel_layout else self.qweight
+        return {"qweight": q, "scales": self.scale_zero[..., 0].T, "zeros": self.scale_zero[..., 1].T}
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        t = self.quantized_tensors()
+        return dequantize_int4(t["qweight"], t["scales"], t["zeros"], dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x, self.qweight, self.scale_zero, self.group_size, self.is_kernel_layout)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.quantized_tensors()
+        return int4_linear_reference(x, t["qweight"], t["scales"], t["zeros"])
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.scale_zero = self.scale_zero.to(SCALE_DTYPE)
+        if self.is_kernel_layout and self.qweight.device.type != "cpu":  # the kernel layout is CPU-only
+            self.qweight, self.is_kernel_layout = from_kernel_layout(self.qweight), False
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
+                f"group_size={self.group_size}, kernel_layout={self.is_kernel_layout}")
+
+
+def pick_int4_layout(packed: torch.Tensor, group_size: int) -> tuple[torch.Tensor, bool]:
+    """Canonical packed [N, K/2] -> (the tensor to hold, whether it is in the kernel layout). The kernel layout is
+    used only where the kernel takes the shape and converting back gives the same bytes (checked once, at load)."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    if packed.device.type != "cpu" or not int4_kernel_supported(N, K, group_size):
+        return packed.contiguous(), False
+    kpacked = to_kernel_layout(packed)
+    if not torch.equal(from_kernel_layout(kpacked), packed):
+        return packed.contiguous(), False
+    return kpacked, True

@@ -1,0 +1,268 @@
+"""Model-level weight-only quantization: module swaps, the saved format, drift measurement and the CLI command.
+
+`quantize_model(model, bits=8|4)` swaps, in place, every projection `nn.Linear` for `Int8Linear` / `Int4Linear` and
+every stacked `Experts` for `QuantizedExperts`. These stay in high precision (as in the official FP8 checkpoint;
+they are small, and the router and gates decide which experts run): the router `mlp.gate`,
+`mlp.shared_expert_gate`, `linear_attn.in_proj_ba`, the embeddings, every norm, `conv1d`, `A_log`, `dt_bias`, and
+`lm_head` unless asked for (see `quantize_model`).
+
+Saved format (our own; transformers does not load it). `config.json` gains
+    "quantization_config": {"quant_method": "qwen3next", "bits": 8 | 4, "group_size": G (int4) | null,
+                            "modules_not_converted": [name or dotted suffix, ...]}
+and the safetensors keep the official HF names and layouts of the unquantized checkpoint (per-expert tensors,
+interleaved `in_proj_qkvz` rows), with each quantized `<module>.weight` [N, K] replaced by
+    int8: `<module>.qweight` int8 [N, K], `<module>.scales` bf16 [N]            w = qweight · scales[:, None]
+    int4: `<module>.qweight` uint8 [N, K/2] (column 2j in the low nibble, 2j+1 in the high one),
+          `<module>.scales`, `<module>.zeros` bf16 [N, K/G]                       w = (q - 8) · scale + zero
+          (scale and zero of column k are those of group k // G)
+e.g. `model.layers.0.mlp.experts.3.gate_proj.qweight`. Which modules are quantized is read from the tensors present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, qkvz_from_hf, qkvz_to_hf
+from ..model.moe import Experts
+from ..model.qwen3_next import Qwen3NextForCausalLM
+from .experts import QuantizedExperts
+from .linear import Int4Linear, Int8Linear
+
+QUANT_METHOD = "qwen3next"
+# Kept in high precision, as names or dotted suffixes of module names.
+HIGH_PRECISION = ("lm_head", "mlp.gate", "mlp.shared_expert_gate", "linear_attn.in_proj_ba")
+_QKVZ = ".linear_attn.in_proj_qkvz"
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _check_bits(bits: int, group_size: int) -> None:
+    if bits not in (8, 4):
+        raise ValueError(f"bits: expected 8 or 4, got {bits!r}")
+    if bits == 4 and (not isinstance(group_size, int) or group_size < 2 or group_size % 2):
+        raise ValueError(f"group_size: expected a positive even integer (e.g. 32, 64, 128), got {group_size!r}")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
+                   quantize_lm_head: bool | None = None) -> Qwen3NextForCausalLM:
+    """Swap the projections and experts of `model` for weight-only int8 (per output channel) or int4 (per group of
+    `group_size` input channels) versions, in place; record the scheme in `model.config.quantization_config`.
+
+    `quantize_lm_head` (default: yes for int8, where it adds almost no drift and is the largest matrix a decode step
+    reads; no for int4, where it raises the mean logit drift ~25%) also quantizes `lm_head` (never when it is tied
+    to the embedding). Int4 modules whose input size `group_size` does not divide stay in high precision
+    and are listed in `modules_not_converted`.
+    """
+    _check_bits(bits, group_size)
+    if model.config.quantization_config is not None:
+        raise ValueError(f"model: already quantized ({model.config.quantization_config})")
+    if quantize_lm_head is None:
+        quantize_lm_head = bits == 8
+    quantize_lm_head = bool(quantize_lm_head) and not model.config.tie_word_embeddings
+    if quantize_lm_head and bits == 4 and model.lm_head.in_features % group_size:
+        quantize_lm_head = False
+    keep = [p for p in HIGH_PRECISION if not (p == "lm_head" and quantize_lm_head)]
+    not_converted = list(keep)
+    with torch.no_grad():
+        if quantize_lm_head:
+            lm_head = model.lm_head
+            model.lm_head = Int8Linear.from_linear(lm_head) if bits == 8 else Int4Linear.from_linear(lm_head,
+                                                                                                      group_size)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear):
+                if any(_matches(name, p) for p in keep):
+                    continue
+                if bits == 4 and module.in_features % group_size:
+                    not_converted.append(name)
+                    continue
+                new = Int8Linear.from_linear(module) if bits == 8 else Int4Linear.from_linear(module, group_size)
+            elif isinstance(module, Experts):
+                _, two_i, D = module.gate_up_proj.shape
+                if bits == 4 and (D % group_size or (two_i // 2) % group_size):
+                    not_converted.append(name)
+                    continue
+                new = QuantizedExperts.from_experts(module, bits, group_size)
+            else:
+                continue
+            _set_module(model, name, new)
+    model.config.quantization_config = {"quant_method": QUANT_METHOD, "bits": bits,
+                                        "group_size": group_size if bits == 4 else None,
+                                        "modules_not_converted": not_converted}
+    return model
+
+
+def is_quantized_config(quantization_config: dict | None) -> bool:
+    """Whether a config's `quantization_config` is ours (another method, e.g. fp8, is not)."""
+    return isinstance(quantization_config, dict) and quantization_config.get("quant_method") == QUANT_METHOD
+
+
+# ---- saving ---------------------------------------------------------------------------------------------------------
+def _rows_to_hf(t: torch.Tensor, model: Qwen3NextForCausalLM) -> torch.Tensor:
+    # Row-wise quantization commutes with the row interleave of in_proj_qkvz: permute qweight/scales/zeros alike.
+    return qkvz_to_hf(t[:, None] if t.ndim == 1 else t, model.config).reshape(t.shape)
+
+
+def quantized_hf_tensors(model: Qwen3NextForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """The quantized modules' tensors under the saved format's names (see the module docstring)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            for key, t in module.quantized_tensors().items():
+                yield f"{name}.{key}", _rows_to_hf(t, model) if name.endswith(_QKVZ) else t
+        elif isinstance(module, QuantizedExperts):
+            intermediate = module.shapes["gate_up_proj"][0] // 2
+            for e in range(module.num_experts):
+                for key, t in module.expert_tensors("gate_up_proj", e).items():
+                    yield f"{name}.{e}.gate_proj.{key}", t[:intermediate]
+                    yield f"{name}.{e}.up_proj.{key}", t[intermediate:]
+                for key, t in module.expert_tensors("down_proj", e).items():
+                    yield f"{name}.{e}.down_proj.{key}", t
+
+
+# ---- loading --------------------------------------------------------------------------------------------------------
+def _keys(bits: int) -> tuple[str, ...]:
+    return ("qweight", "scales") if bits == 8 else ("qweight", "scales", "zeros")
+
+
+def swap_in_quantized(model: Qwen3NextForCausalLM, available: set[str]) -> list[str]:
+    """Before allocation: replace every module whose quantized tensors the checkpoint holds (`<name>.qweight`) by an
+    empty quantized module (on the model's device, normally meta). Returns the checkpoint tensors they will read."""
+    qc = model.config.quantization_config
+    if not is_quantized_config(qc):
+        raise ValueError(f"quantization_config: expected quant_method {QUANT_METHOD!r}, got {qc!r}")
+    bits, group_size = qc.get("bits"), qc.get("group_size")
+    _check_bits(bits, group_size)
+    keys = _keys(bits)
+    sources = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and f"{name}.qweight" in available:
+            device = module.weight.device
+            with torch.device(device):
+                new = (Int8Linear(module.in_features, module.out_features) if bits == 8 else
+                       Int4Linear(module.in_features, module.out_features, group_size))
+            sources += [f"{name}.{k}" for k in keys]
+        elif isinstance(module, Experts) and f"{name}.0.gate_proj.qweight" in available:
+            E, two_i, D = module.gate_up_proj.shape
+            with torch.device(module.gate_up_proj.device):
+                new = QuantizedExperts(E, D, two_i // 2, bits, group_size)
+            sources += [f"{name}.{e}.{p}.{k}" for e in range(E) for p in ("gate_proj", "up_proj", "down_proj")
+                        for k in keys]
+        else:
+            continue
+        _set_module(model, name, new)
+    return sources
+
+
+def read_quantized(model: Qwen3NextForCausalLM, read: Callable[[str], torch.Tensor]) -> None:
+    """Fill every quantized module of `model` (allocated) from checkpoint tensors; `read(name)` returns one."""
+    for name, module in model.named_modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            keys = ("qweight", "scales") if isinstance(module, Int8Linear) else ("qweight", "scales", "zeros")
+            tensors = [read(f"{name}.{k}") for k in keys]
+            if name.endswith(_QKVZ):
+                tensors = [qkvz_from_hf(t[:, None] if t.ndim == 1 else t, model.config).reshape(t.shape)
+                           for t in tensors]
+            group = getattr(module, "group_size", None)
+            _check_shapes(name, tensors, _saved_shapes(module.out_features, module.in_features, group))
+            module.load_quantized(*tensors)
+        elif isinstance(module, QuantizedExperts):
+            keys = _keys(module.bits)
+            group = module.group_size if module.bits == 4 else None
+            for e in range(module.num_experts):
+                gate = [read(f"{name}.{e}.gate_proj.{k}") for k in keys]
+                up = [read(f"{name}.{e}.up_proj.{k}") for k in keys]
+                gate_up = [torch.cat(pair) for pair in zip(gate, up)]
+                down = [read(f"{name}.{e}.down_proj.{k}") for k in keys]
+                _check_shapes(f"{name}.{e}.gate_proj+up_proj", gate_up,
+                              _saved_shapes(*module.shapes["gate_up_proj"], group))
+                _check_shapes(f"{name}.{e}.down_proj", down, _saved_shapes(*module.shapes["down_proj"], group))
+                module.load_expert("gate_up_proj", e, *gate_up)
+                module.load_expert("down_proj", e, *down)
+
+
+def _saved_shapes(N: int, K: int, group_size: int | None) -> dict[str, tuple[int, ...]]:
+    """Shapes of the saved tensors of one [N, K] weight (int8 when `group_size` is None)."""
+    if group_size is None:
+        return {"qweight": (N, K), "scales": (N,)}
+    return {"qweight": (N, K // 2), "scales": (N, K // group_size), "zeros": (N, K // group_size)}
+
+
+def _check_shapes(name: str, got: list[torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    for t, (key, shape) in zip(got, expected.items()):
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{name}.{key}: has shape {list(t.shape)}, the config implies {list(shape)}")
+
+
+# ---- drift ----------------------------------------------------------------------------------------------------------
+def measure_drift(model_ref: Qwen3NextForCausalLM, model_q: Qwen3NextForCausalLM,
+                  prompts: list[list[int]]) -> dict[str, float]:
+    """Compare next-token logits of two models over prompts (full forward, no cache), all positions.
+
+    Returns positions, top1_agreement (fraction of positions with the same argmax), max_abs_logit_diff,
+    mean_abs_logit_diff, mean_kl (KL(ref || q) per position, nats) and ref_logit_std (scale for the diffs).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: expected a non-empty list of non-empty token id lists")
+    n = agree = 0
+    max_abs = sum_abs = sum_kl = sum_sq = 0.0
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p], device=model_ref.device)
+            a = model_ref(ids)[0].float()  # [T, vocab]
+            b = model_q(ids.to(model_q.device))[0].float().to(a.device)
+            d = (a - b).abs()
+            n += len(p)
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            max_abs = max(max_abs, float(d.max()))
+            sum_abs += float(d.mean(-1).sum())
+            la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+            sum_kl += float((la.exp() * (la - lb)).sum(-1).sum())
+            sum_sq += float(a.var(-1).sum())
+    return {"positions": n, "top1_agreement": agree / n, "max_abs_logit_diff": max_abs,
+            "mean_abs_logit_diff": sum_abs / n, "mean_kl": sum_kl / n, "ref_logit_std": (sum_sq / n) ** 0.5}
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------------
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory (unquantized)")
+    p.add_argument("--out", required=True, help="output directory (config.json, safetensors, tokenizer files)")
+    p.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64, help="int4 group size")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="dtype of the modules kept in high precision (default: the checkpoint's)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: keep it)")
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """`qwen3next quantize`: load, quantize, save (+ copy tokenizer and other side files)."""
+    from ..checkpoint import load_model, save_model
+
+    src, out = Path(args.model), Path(args.out)
+    if out.resolve() == src.resolve():
+        raise ValueError(f"--out: must differ from --model ({src}); quantizing in place would destroy the original")
+    model = load_model(src, dtype=args.dtype)
+    quantize_model(model, args.bits, args.group_size, quantize_lm_head=args.quantize_lm_head)
+    save_model(model, out)
+    weights = ("config.json", "model.safetensors.index.json")
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in weights and f.suffix != ".safetensors":
+            shutil.copy2(f, out / f.name)
+    before = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    after = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    qc = model.config.quantization_config
+    print(f"wrote {out}: int{args.bits}" + (f" (group size {qc['group_size']})" if args.bits == 4 else "")
+          + f", {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB of safetensors; kept in high precision: "
+          + ", ".join(qc["modules_not_converted"]))
+    return 0

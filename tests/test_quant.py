@@ -1,0 +1,454 @@
+"""Weight-only int8 / int4 quantization: the math, fast paths vs reference twins, model swaps, save/load, engine."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from qwen3next.checkpoint import load_model
+from qwen3next.engine.llm import Engine
+from qwen3next.engine.sampling import SamplingParams
+from qwen3next.model.generate import generate_tokens
+from qwen3next.model.moe import Experts
+from qwen3next.ops.moe import experts_grouped, route_topk
+from qwen3next.quant import Int4Linear, Int8Linear, QuantizedExperts, measure_drift, quantize_model
+from qwen3next.quant.linear import (
+    dequantize_int4,
+    dequantize_int8,
+    from_kernel_layout,
+    int4_kernel_supported,
+    int8_kernel_supported,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    to_kernel_layout,
+    unpack_int4,
+)
+from qwen3next.quant.quantize import add_quantize_args, run_quantize
+from qwen3next.tokenizer import Tokenizer
+from tiny_models import make_model, write_byte_tokenizer
+
+# Sizes that torch's int8/int4 CPU kernels take (input sizes multiples of 32, outputs multiples of 16).
+KERNEL_SIZES = {"hidden_size": 64, "intermediate_size": 32, "moe_intermediate_size": 32,
+                "shared_expert_intermediate_size": 32}
+HAS_INT4_KERNEL = int4_kernel_supported(64, 64, 32)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def odd_weights(N: int, K: int, seed: int = 0) -> torch.Tensor:
+    """Rows of very different magnitudes, an all-zero row, a constant row and a row offset far from zero."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * torch.logspace(-3, 1, N)[:, None]
+    w[0] = 0
+    w[1] = 0.37
+    w[2] = 5.0 + 0.01 * torch.randn(K, generator=g)
+    return w
+
+
+def prompts_of(lengths, vocab=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def dequantized_copy(model_q: nn.Module, model_ref: nn.Module) -> nn.Module:
+    """model_ref with every weight the quantized model holds replaced by its dequantized value (fp32)."""
+    deq = copy.deepcopy(model_ref)
+    with torch.no_grad():
+        for name, m in model_q.named_modules():
+            if isinstance(m, (Int8Linear, Int4Linear)):
+                deq.get_submodule(name).weight.copy_(m.dequantize())
+            elif isinstance(m, QuantizedExperts):
+                for p in ("gate_up_proj", "down_proj"):
+                    getattr(deq.get_submodule(name), p).copy_(m.dequantize(p))
+    return deq
+
+
+# ---- the quantization math ------------------------------------------------------------------------------------------
+def test_int8_error_is_within_half_a_step():
+    w = odd_weights(24, 40)
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16 and scale.shape == (24,)
+    assert int(q.abs().max()) <= 127
+    err = (w - dequantize_int8(q, scale)).abs()
+    assert bool((err <= scale.float()[:, None] / 2 * (1 + 1e-6)).all())
+    assert float(err[0].max()) == 0  # an all-zero row stays exactly zero
+
+
+@pytest.mark.parametrize("group_size", [8, 16, 40])
+def test_int4_error_is_within_half_a_step(group_size):
+    w = odd_weights(24, 80, seed=1)
+    packed, scale, zero = quantize_int4(w, group_size)
+    assert packed.dtype == torch.uint8 and packed.shape == (24, 40)
+    assert scale.shape == zero.shape == (24, 80 // group_size) and scale.dtype == zero.dtype == torch.bfloat16
+    err = (w - dequantize_int4(packed, scale, zero)).abs()
+    bound = scale.float().repeat_interleave(group_size, dim=1) / 2
+    assert bool((err <= bound * (1 + 1e-5) + 1e-6).all())
+    # the row offset far from zero (where a bf16-rounded zero could slip) is still within half a step
+    assert float(err[2].max()) <= float(scale[2].float().max()) / 2 * (1 + 1e-5)
+
+
+def test_int4_packing_round_trips_and_is_low_nibble_first():
+    codes = torch.randint(0, 16, (5, 12), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert torch.equal(unpack_int4(packed), codes)
+    assert int(packed[0, 0]) == int(codes[0, 0]) | int(codes[0, 1]) << 4
+
+
+@pytest.mark.skipif(not HAS_INT4_KERNEL, reason="torch has no int4 CPU kernel")
+@pytest.mark.parametrize("N,K", [(16, 32), (48, 64), (64, 96), (80, 32), (144, 64)])
+def test_int4_kernel_layout_round_trips(N, K):
+    packed = pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8))
+    kernel = to_kernel_layout(packed)
+    assert kernel.shape == packed.shape
+    assert torch.equal(from_kernel_layout(kernel), packed)
+
+
+def test_bad_group_size_and_bits_are_rejected():
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_int4(torch.randn(4, 48), 32)  # 32 does not divide 48
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_int4(torch.randn(4, 48), 3)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_model(make_model(mtp=False), 3)
+
+
+# ---- fast paths vs reference twins ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("K", [64, 48])  # 64: torch kernel; 48: dequantize path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 5, 40])  # 40 fp32 rows: above the kernel's row limit
+def test_int8_linear_matches_reference(K, dtype, rows):
+    lin = nn.Linear(K, 48, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(odd_weights(48, K, seed=2))
+    m = Int8Linear.from_linear(lin)
+    x = torch.randn(rows, K).to(dtype)
+    y, ref = m(x), m.forward_reference(x)
+    assert y.shape == (rows, 48) and y.dtype == dtype
+    if rows:
+        uses_kernel = int8_kernel_supported(K) and (dtype == torch.bfloat16 or rows <= 32)
+        tol = 2e-2 if uses_kernel or dtype == torch.bfloat16 else 1e-5  # kernel: bf16 activations and output
+        assert rel_err(y, ref) < tol
+    x3 = torch.randn(2, 3, K).to(dtype)  # leading dims are flattened and restored
+    assert rel_err(m(x3), m.forward_reference(x3)) < 2e-2
+
+
+@pytest.mark.parametrize("K,N,group_size", [(64, 48, 32), (128, 32, 64), (48, 40, 16)])  # last: canonical layout
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 7, 40])
+def test_int4_linear_matches_reference(K, N, group_size, dtype, rows):
+    lin = nn.Linear(K, N, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(odd_weights(N, K, seed=3))
+    m = Int4Linear.from_linear(lin, group_size)
+    assert m.is_kernel_layout == (HAS_INT4_KERNEL and int4_kernel_supported(N, K, group_size))
+    x = torch.randn(rows, K).to(dtype)
+    y, ref = m(x), m.forward_reference(x)
+    assert y.shape == (rows, N) and y.dtype == dtype
+    if rows:
+        tol = 2e-2 if m.is_kernel_layout or dtype == torch.bfloat16 else 1e-5
+        assert rel_err(y, ref) < tol
+    # the saved form is the canonical one whatever the held layout
+    packed, scale, zero = quantize_int4(lin.weight, group_size)
+    t = m.quantized_tensors()
+    assert torch.equal(t["qweight"], packed) and torch.equal(t["scales"], scale) and torch.equal(t["zeros"], zero)
+
+
+@pytest.mark.parametrize("make", [lambda lin: Int8Linear.from_linear(lin), lambda lin: Int4Linear.from_linear(lin, 16)])
+def test_dequantize_paths_work_in_row_blocks(monkeypatch, make):
+    lin = nn.Linear(48, 100, bias=False)  # K = 48: no kernel, the dequantize path
+    m = make(lin)
+    x = torch.randn(40, 48)
+    whole = m(x)
+    monkeypatch.setattr("qwen3next.quant.linear._DEQUANT_BLOCK_ELEMENTS", 48 * 7)  # blocks of 7 output rows
+    blocked = m(x)
+    assert rel_err(blocked, whole) < 1e-6 and rel_err(blocked, m.forward_reference(x)) < 1e-5
+
+
+@pytest.mark.parametrize("bits,D,inter,group_size", [(8, 64, 32, 32), (8, 48, 24, 16), (4, 64, 32, 32),
+                                                      (4, 48, 24, 8)])
+def test_quantized_experts_match_reference(bits, D, inter, group_size):
+    E, N, k = 6, 11, 2
+    experts = Experts(E, D, inter)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(E, 2 * inter, D, generator=g) * 0.3)
+        experts.down_proj.copy_(torch.randn(E, D, inter, generator=g) * 0.3)
+    q = QuantizedExperts.from_experts(experts, bits, group_size)
+    x = torch.randn(N, D, generator=g)
+    logits = torch.randn(N, E, generator=g)
+    logits[:, 5] = -30  # expert 5 gets no tokens
+    weights, ids = route_topk(logits, k, True)
+    y = q(x, weights, ids)
+    ref = q.forward_reference(x, weights, ids)
+    kernel = (bits == 8 and int8_kernel_supported(D)) or (bits == 4 and any(q.is_kernel_layout.values()))
+    assert rel_err(y, ref) < (2e-2 if kernel else 1e-5)
+    # same as the float grouped path on the dequantized weights
+    deq = experts_grouped(x, weights, ids, q.dequantize("gate_up_proj"), q.dequantize("down_proj"))
+    assert rel_err(y, deq) < (2e-2 if kernel else 1e-5)
+    # and per-expert saved tensors round-trip through load_expert
+    q2 = QuantizedExperts(E, D, inter, bits, group_size)
+    for p in ("gate_up_proj", "down_proj"):
+        for e in range(E):
+            q2.load_expert(p, e, *q.expert_tensors(p, e).values())
+    assert torch.equal(q2(x, weights, ids), y)
+
+
+# ---- the model swap -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [8, 4])
+def test_high_precision_modules_stay_unquantized(bits):
+    ref = make_model("base", **KERNEL_SIZES)
+    model = quantize_model(copy.deepcopy(ref), bits, group_size=32, quantize_lm_head=False)
+    kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert kept and all(n == "lm_head" or n.endswith((".mlp.gate", ".shared_expert_gate", ".in_proj_ba"))
+                        for n in kept)
+    assert sum(n.endswith(".mlp.gate") for n in kept) == sum(ref.config.is_moe_layer(i) for i in range(4)) + 1
+    assert any(isinstance(m, QuantizedExperts) for m in model.modules())
+    assert not any(isinstance(m, Experts) for m in model.modules())
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():  # embeddings, norms, A_log, dt_bias, conv1d and the kept Linears
+        assert torch.equal(p, ref_params[name]), name
+    names = {n for n, _ in model.named_parameters()}
+    for must in ("model.embed_tokens.weight", "model.layers.0.linear_attn.A_log", "model.layers.0.linear_attn.dt_bias",
+                 "model.layers.0.linear_attn.conv1d.weight", "model.layers.0.linear_attn.norm.weight",
+                 "model.layers.3.self_attn.q_norm.weight", "lm_head.weight", "mtp.norm.weight"):
+        assert must in names
+    qc = model.config.quantization_config
+    assert qc["quant_method"] == "qwen3next" and qc["bits"] == bits
+    assert set(qc["modules_not_converted"]) >= {"lm_head", "mlp.gate", "mlp.shared_expert_gate",
+                                                 "linear_attn.in_proj_ba"}
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, bits)
+
+
+def test_lm_head_default_is_quantized_for_int8_only():
+    int8 = quantize_model(make_model("base", **KERNEL_SIZES), 8, group_size=32)
+    int4 = quantize_model(make_model("base", **KERNEL_SIZES), 4, group_size=32)
+    assert isinstance(int8.lm_head, Int8Linear)
+    assert isinstance(int4.lm_head, nn.Linear)
+    assert int8.dtype == torch.float32 and int8.device.type == "cpu"
+
+
+def test_int4_modules_the_group_size_does_not_divide_stay_float():
+    model = quantize_model(make_model("base", mtp=False), 4, group_size=16)  # D = 48: experts' I = 24 is not
+    assert isinstance(model.model.layers[0].mlp.experts, Experts)
+    assert isinstance(model.model.layers[0].linear_attn.in_proj_qkvz, Int4Linear)
+    assert "model.layers.0.mlp.experts" in model.config.quantization_config["modules_not_converted"]
+
+
+def uses_kernels(model: nn.Module) -> bool:
+    """Whether any quantized module runs a torch kernel (on bf16 activations) rather than dequantize + F.linear."""
+    for m in model.modules():
+        if isinstance(m, Int8Linear) and int8_kernel_supported(m.in_features):
+            return True
+        if isinstance(m, Int4Linear) and m.is_kernel_layout:
+            return True
+        if isinstance(m, QuantizedExperts) and (any(m.is_kernel_layout.values()) or m.bits == 8 and any(
+                int8_kernel_supported(K) for _, K in m.shapes.values())):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("name,overrides,bits,group_size,kernel", [
+    ("base", KERNEL_SIZES, 8, 32, True), ("mlp_only", {"mtp": False}, 8, 16, False),
+    ("base", KERNEL_SIZES, 4, 32, HAS_INT4_KERNEL), ("mlp_only", {}, 4, 16, False)])
+def test_quantized_model_computes_the_dequantized_model(name, overrides, bits, group_size, kernel):
+    ref = make_model(name, **overrides)
+    model = quantize_model(copy.deepcopy(ref), bits, group_size)
+    deq = dequantized_copy(model, ref)
+    assert uses_kernels(model) == kernel
+    if kernel:
+        # bf16 activations in the kernels differ from fp32 by ~0.5%, which flips routing in these chaotic random
+        # models; so check every quantized module against its reference twin on the model's own activations.
+        errors = []
+        for m in model.modules():
+            if isinstance(m, (Int8Linear, Int4Linear, QuantizedExperts)):
+                m.register_forward_hook(
+                    lambda mod, args, out: errors.append(rel_err(out, mod.forward_reference(*args))))
+        with torch.no_grad():
+            model(torch.tensor(prompts_of([40])))
+        assert len(errors) > 20 and max(errors) < 2e-2
+        return
+    for p in prompts_of([1, 9, 40]):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            assert rel_err(model(ids), deq(ids)) < 1e-4
+
+
+def test_quantization_drift_on_a_tiny_model():
+    # Random tiny models (weights x4, see tiny_models) are chaotic, so these bounds are loose; measured over seeds
+    # 0-3 (3 prompts, 43 positions): int8 top-1 agreement 0.79-0.93, mean |dlogit| / std(logits) 0.04-0.09; int4
+    # (group 32) 0.30-0.40 and 0.39-0.49. On a partly trained demo checkpoint int8 agrees on 99.7% (see report).
+    ref = make_model("base", **KERNEL_SIZES)
+    prompts = prompts_of([1, 9, 33])
+    d8 = measure_drift(ref, quantize_model(copy.deepcopy(ref), 8), prompts)
+    d4 = measure_drift(ref, quantize_model(copy.deepcopy(ref), 4, group_size=32), prompts)
+    assert d8["positions"] == 43
+    assert d8["top1_agreement"] >= 0.75 and d8["mean_abs_logit_diff"] <= 0.15 * d8["ref_logit_std"]
+    assert d4["top1_agreement"] >= 0.2 and d4["mean_abs_logit_diff"] <= 0.8 * d4["ref_logit_std"]
+    assert d8["mean_kl"] < d4["mean_kl"] and d8["mean_abs_logit_diff"] < d4["mean_abs_logit_diff"]
+    same = measure_drift(ref, ref, prompts)
+    assert same["top1_agreement"] == 1.0 and same["max_abs_logit_diff"] == 0.0 and abs(same["mean_kl"]) < 1e-6
+    with pytest.raises(ValueError, match="prompts"):
+        measure_drift(ref, ref, [[]])
+
+
+def test_dtype_cast_keeps_scales_and_runs_in_bf16():
+    model = quantize_model(make_model("base", **KERNEL_SIZES), 8)
+    fp32 = copy.deepcopy(model)
+    model.to(torch.bfloat16)
+    lin = model.model.layers[0].linear_attn.in_proj_qkvz
+    assert lin.scales.dtype == torch.bfloat16 and lin.qweight.dtype == torch.int8
+    assert model.model.layers[0].mlp.experts.gate_up_proj_scales.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(torch.tensor(prompts_of([3]))).dtype == torch.bfloat16
+    # casting costs about what it costs the float model (measured over seeds 0-2: at most 3x the mean |dlogit|)
+    ref = make_model("base", **KERNEL_SIZES)
+    prompts = prompts_of([12, 30])
+    d_quant = measure_drift(fp32, model, prompts)
+    d_float = measure_drift(ref, copy.deepcopy(ref).to(torch.bfloat16), prompts)
+    assert d_quant["mean_abs_logit_diff"] < 4 * d_float["mean_abs_logit_diff"]
+    assert d_quant["top1_agreement"] >= 0.75
+
+
+def test_quantize_lm_head_option():
+    ref = make_model("base", **KERNEL_SIZES)
+    model = copy.deepcopy(ref)
+    quantize_model(model, 8, quantize_lm_head=True)
+    assert isinstance(model.lm_head, Int8Linear)
+    assert "lm_head" not in model.config.quantization_config["modules_not_converted"]
+    assert measure_drift(ref, model, prompts_of([9]))["top1_agreement"] >= 0.5
+
+
+def test_tied_lm_head_is_never_quantized():
+    model = quantize_model(make_model("base", mtp=False, tie_word_embeddings=True), 8, quantize_lm_head=True)
+    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# ---- save / load ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,bits,group_size", [(KERNEL_SIZES, 8, 32), (KERNEL_SIZES, 4, 32), ({}, 4, 16)])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, overrides, bits, group_size):
+    model = quantize_model(make_model("base", **overrides), bits, group_size)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["bits"] == bits
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        qkvz = f.get_tensor("model.layers.0.linear_attn.in_proj_qkvz.qweight")
+    assert "model.layers.0.linear_attn.in_proj_qkvz.weight" not in names
+    assert "model.layers.0.linear_attn.in_proj_ba.weight" in names
+    assert ("lm_head.weight" in names) == (bits == 4)  # int8 quantizes lm_head by default
+    keys = ["qweight", "scales"] + (["zeros"] if bits == 4 else [])
+    if overrides:
+        assert {f"model.layers.0.mlp.experts.2.{p}.{k}" for p in ("gate_proj", "up_proj", "down_proj")
+                for k in keys} <= names
+    assert qkvz.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    loaded = load_model(tmp_path, dtype="float32")
+    assert loaded.config.quantization_config == model.config.quantization_config
+    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in model.modules()]
+    for p in prompts_of([1, 17]):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            assert torch.equal(loaded(ids), model(ids))
+
+
+def test_saved_qkvz_rows_use_the_checkpoint_interleave(tmp_path):
+    # quantizing the float checkpoint's interleaved rows gives the saved tensor: row-wise quantization commutes
+    ref = make_model("base", mtp=False)
+    ref.save_pretrained(tmp_path / "fp")
+    quantize_model(copy.deepcopy(ref), 8).save_pretrained(tmp_path / "q")
+    with safe_open(str(tmp_path / "fp" / "model.safetensors"), "pt") as f:
+        w_hf = f.get_tensor("model.layers.0.linear_attn.in_proj_qkvz.weight")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        q_hf, s_hf = (f.get_tensor(f"model.layers.0.linear_attn.in_proj_qkvz.{k}") for k in ("qweight", "scales"))
+    q, s = quantize_int8(w_hf)
+    assert torch.equal(q_hf, q) and torch.equal(s_hf, s)
+
+
+@pytest.mark.parametrize("quantize,bits", [("int8", 8), ("int4", 4)])
+def test_load_model_quantize_equals_quantize_after_load(tmp_path, quantize, bits):
+    make_model("base", **KERNEL_SIZES).save_pretrained(tmp_path)
+    on_load = load_model(tmp_path, dtype="float32", quantize=quantize)
+    after = quantize_model(load_model(tmp_path, dtype="float32"), bits)
+    assert on_load.config.quantization_config == after.config.quantization_config
+    ids = torch.tensor(prompts_of([13]))
+    with torch.no_grad():
+        assert torch.equal(on_load(ids), after(ids))
+    with pytest.raises(ValueError, match="quantize"):
+        load_model(tmp_path, quantize="int3")
+
+
+def test_load_model_quantize_on_a_quantized_dir(tmp_path):
+    quantize_model(make_model("base", mtp=False), 8).save_pretrained(tmp_path)
+    assert isinstance(load_model(tmp_path, quantize="int8").model.layers[0].linear_attn.out_proj, Int8Linear)
+    with pytest.raises(ValueError, match="already quantized to int8"):
+        load_model(tmp_path, quantize="int4")
+
+
+def test_foreign_quantization_config_is_refused(tmp_path):
+    make_model("base", mtp=False).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="fp8"):
+        load_model(tmp_path)
+
+
+def test_quantize_command(tmp_path, capsys):
+    src, out = tmp_path / "fp", tmp_path / "q"
+    ref = make_model("base", mtp=False, **KERNEL_SIZES)
+    ref.save_pretrained(src)
+    write_byte_tokenizer(src)
+    parser = argparse.ArgumentParser()
+    add_quantize_args(parser)
+    args = parser.parse_args(["--model", str(src), "--out", str(out), "--bits", "4", "--group-size", "32",
+                              "--dtype", "float32"])
+    assert run_quantize(args) == 0
+    assert "int4 (group size 32)" in capsys.readouterr().out
+    assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+    assert (out / "model.safetensors").stat().st_size < (src / "model.safetensors").stat().st_size
+    model = load_model(out)
+    expected = quantize_model(load_model(src, dtype="float32"), 4, 32)
+    ids = torch.tensor(prompts_of([7]))
+    with torch.no_grad():
+        assert torch.equal(model(ids), expected(ids))
+    with pytest.raises(ValueError, match="--out"):
+        run_quantize(parser.parse_args(["--model", str(src), "--out", str(src), "--bits", "8"]))
+
+
+# ---- engine ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [8, 4])
+def test_engine_greedy_on_a_quantized_model(tmp_path, bits):
+    write_byte_tokenizer(tmp_path)
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    model = quantize_model(make_model("base", vocab_size=261, **KERNEL_SIZES), bits, group_size=32)
+    engine = Engine(model, tokenizer=tokenizer, max_memory="16MiB", max_num_seqs=2, max_model_len=128,
+                    block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = prompts_of([5, 20], vocab=256, seed=7)
+    reqs = [engine.add_request(p, params) for p in prompts]
+    while engine.step():
+        pass
+    for p, r in zip(prompts, reqs):
+        out = r.output().token_ids
+        assert len(out) == 8 and all(0 <= t < 261 for t in out)
+        assert out == list(generate_tokens(model, p, 8))
+
+
+def test_quantized_linear_is_a_drop_in_for_f_linear():
+    lin = nn.Linear(64, 32, bias=False)
+    x = torch.randn(3, 64)
+    q = Int8Linear.from_linear(lin)
+    assert rel_err(q(x), F.linear(x, lin.weight)) < 2e-2
+    with pytest.raises(ValueError, match="bias"):
+        Int8Linear.from_linear(nn.Linear(64, 32))
