@@ -118,18 +118,22 @@ class BatchInfo:
             if len(self.block_tables) != B:
                 raise ValueError(f"block_tables: expected {B} entries, got {len(self.block_tables)}")
             L = max(c + n for n, c in zip(self.seq_lens, ctx))
-            write, read = [], []
+            nb = max(len(t) for t in self.block_tables)
             for n, c, table in zip(self.seq_lens, ctx, self.block_tables):
                 if len(table) * block_size < c + n:
                     raise ValueError(f"block_tables: a table of {len(table)} blocks of {block_size} cannot hold "
                                      f"{c + n} tokens")
-                rows = [table[p // block_size] * block_size + p % block_size for p in range(c + n)]
-                write.extend(rows[c:])
-                read.append(rows + [0] * (L - len(rows)))
-            self.kv_write_index = torch.tensor(write, dtype=torch.long, device=device)
-            self.kv_read_index = torch.tensor(read, dtype=torch.long, device=device)
-            q_pos = torch.arange(T, device=device)[None, :] + torch.tensor(ctx, device=device)[:, None]  # [B, T]
+            # Vectorised: row of token p = table[p // block_size] * block_size + p % block_size (no per-token Python).
+            tables = torch.tensor([t + [0] * (nb - len(t)) for t in self.block_tables], dtype=torch.long,
+                                  device=device)  # [B, nb]
             key_pos = torch.arange(L, device=device)
+            blocks = tables[:, (key_pos // block_size).clamp(max=nb - 1)]  # [B, L]
+            rows = blocks * block_size + key_pos % block_size
+            valid = key_pos[None, :] < torch.tensor([c + n for n, c in zip(self.seq_lens, ctx)], device=device)[:, None]
+            self.kv_read_index = torch.where(valid, rows, 0)  # [B, L]
+            b_of = torch.repeat_interleave(torch.arange(B, device=device), self.lengths)
+            self.kv_write_index = rows[b_of, self.positions]  # [N]
+            q_pos = torch.arange(T, device=device)[None, :] + torch.tensor(ctx, device=device)[:, None]  # [B, T]
             self.attn_mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, T, L]
         elif not self.is_uniform:
             if any(ctx):
