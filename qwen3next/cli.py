@@ -215,7 +215,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization at load")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; the heavy subcommands (train, bench, quantize) get their options only when `command` names
+    them, so `qwen3next --help` and the light subcommands start without importing torch."""
     parser = argparse.ArgumentParser(prog="qwen3next", description="Qwen3-Next in pure PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -239,9 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("train", help="train from scratch or a checkpoint (LM + MTP + router aux loss)")
-    from .train.trainer import add_train_args
+    if command == "train":  # its options live with the trainer, which imports torch: only load them when asked
+        from .train.trainer import add_train_args
 
-    add_train_args(p)
+        add_train_args(p)
     p.set_defaults(func=_run_train)
 
     p = sub.add_parser("tokenizer", help="build tokenizer.json from the real Qwen BPE ranks (first K ranks)")
@@ -258,15 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run_train_tokenizer)
 
     p = sub.add_parser("bench", help="prefill/decode throughput, optionally against transformers")
-    from .bench.harness import add_bench_args
+    if command == "bench":
+        from .bench.harness import add_bench_args
 
-    add_bench_args(p)
+        add_bench_args(p)
     p.set_defaults(func=_run_bench)
 
     p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a model directory")
-    from .quant.quantize import add_quantize_args
+    if command == "quantize":
+        from .quant.quantize import add_quantize_args
 
-    add_quantize_args(p)
+        add_quantize_args(p)
     p.set_defaults(func=_run_quantize)
 
     from .server.args import add_serve_args
@@ -280,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Spinning OpenMP workers starve each other when anything else runs on a small machine; must precede torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     model = getattr(args, "model", None)
     if args.command not in ("train",) and model is not None and not Path(model).is_dir():

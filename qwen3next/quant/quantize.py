@@ -242,7 +242,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64, help="int4 group size")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype of the modules kept in high precision (default: the checkpoint's)")
-    p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: keep it)")
+    p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize lm_head too (default: yes for --bits 8, no for --bits 4)")
 
 
 def run_quantize(args: argparse.Namespace) -> int:
