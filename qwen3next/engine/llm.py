@@ -135,8 +135,12 @@ class Engine:
         if max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len: {max_model_len} exceeds the model's max_position_embeddings "
                              f"({config.max_position_embeddings})")
+        geometry = cache_geometry(self.model, block_size)
         budget = parse_memory(max_memory) if max_memory is not None else default_budget(self.model)
-        self.plan: CachePlan = plan_cache(cache_geometry(self.model, block_size), budget, max_num_seqs, max_model_len)
+        # Never allocate more than max_num_seqs full-length sequences can use (the pools are zero-filled memory).
+        blocks_per_seq = -(-max_model_len // block_size)
+        useful = max_num_seqs * (geometry.state_bytes_per_slot + blocks_per_seq * geometry.block_bytes)
+        self.plan: CachePlan = plan_cache(geometry, min(budget, useful), max_num_seqs, max_model_len)
         sched_config = SchedulerConfig(max_num_seqs=min(max_num_seqs, self.plan.num_slots),
                                        max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
                                        max_model_len=max_model_len, chunked_prefill=chunked_prefill,
