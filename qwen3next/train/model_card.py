@@ -34,8 +34,8 @@ def evaluate_tool_calls(engine: Engine, rows: list[dict], max_tokens: int = 64) 
     reqs = [engine.add_request(engine.tokenizer.encode(r["prompt"]), params) for r in rows]
     while engine.step():
         pass
-    stats = {"total": 0, "ok": 0, "calls_expected": 0, "calls_ok": 0, "well_formed": 0, "blocks": 0,
-             "seen": [0, 0], "unseen": [0, 0]}
+    stats = {"total": 0, "ok": 0, "calls_expected": 0, "calls_ok": 0, "names_ok": 0, "well_formed": 0,
+             "blocks": 0, "seen": [0, 0], "unseen": [0, 0]}
     failures = []
     for r, req in zip(rows, reqs):
         text = req.output().text
@@ -44,6 +44,7 @@ def evaluate_tool_calls(engine: Engine, rows: list[dict], max_tokens: int = 64) 
         ok = calls == expected
         stats["total"] += 1
         stats["ok"] += ok
+        stats["names_ok"] += [c["name"] for c in calls] == [e["name"] for e in expected]
         blocks = text.count("<tool_call>")
         stats["blocks"] += blocks
         stats["well_formed"] += len(calls)
@@ -58,6 +59,7 @@ def evaluate_tool_calls(engine: Engine, rows: list[dict], max_tokens: int = 64) 
     stats["success_rate"] = stats["ok"] / max(stats["total"], 1)
     stats["tool_prompt_success_rate"] = stats["calls_ok"] / max(stats["calls_expected"], 1)
     stats["well_formed_rate"] = stats["well_formed"] / max(stats["blocks"], 1)
+    stats["decision_rate"] = stats["names_ok"] / max(stats["total"], 1)
     stats["failures"] = failures
     return stats
 
@@ -119,7 +121,9 @@ def write_card(model_dir: Path, summary: dict, tools: dict, samples: list, comma
     lines += [
         f"- tool calling on {tools['total']} held-out synthetic prompts (greedy): {tools['success_rate']:.1%} "
         f"exactly right overall; {tools['tool_prompt_success_rate']:.1%} of the prompts that need a tool call get "
-        f"exactly the expected call(s); {tools['well_formed_rate']:.1%} of emitted `<tool_call>` blocks parse; "
+        f"exactly the expected call(s); {tools['decision_rate']:.1%} make the right decision (call the expected "
+        f"tool(s), or none when none is needed); {tools['well_formed_rate']:.1%} of emitted `<tool_call>` blocks "
+        f"parse as JSON calls; "
         f"seen-in-training prompts {tools['seen'][0]}/{tools['seen'][1]}, unseen {tools['unseen'][0]}/"
         f"{tools['unseen'][1]}",
         "",
