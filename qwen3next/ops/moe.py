@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -18,20 +20,21 @@ def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) ->
     return weights, ids
 
 
-def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
-                    down_proj: torch.Tensor) -> torch.Tensor:
+def grouped_swiglu(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                   gate_up: Callable[[torch.Tensor, int], torch.Tensor],
+                   down: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
     """Σ_k w[n,k] · SwiGLU_{ids[n,k]}(x[n]), computing only the experts that received tokens.
 
-    x: [N, D]; weights, ids: [N, k]; gate_up_proj: [E, 2I, D] (gate rows first, then up); down_proj: [E, D, I].
-    Token-expert pairs are sorted by expert so each hit expert runs one GEMM over all of its tokens.
-    Returns [N, D] in x's dtype (accumulated in fp32).
+    x: [N, D]; weights, ids: [N, k]. `gate_up(x_e, e)` -> [n_e, 2I] (gate, then up) and `down(h_e, e)` -> [n_e, D]
+    apply expert e's matrices (plain or quantized). Token-expert pairs are sorted by expert so each hit expert runs
+    one GEMM over all of its tokens. Returns [N, D] in x's dtype (accumulated in fp32).
     """
     N, D = x.shape
     k = ids.shape[1]
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     token_of_pair = order // k  # pair p = n * k + j  ->  token n
-    counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
     xs = x[token_of_pair]  # [N*k, D], grouped by expert
     ws = weights.reshape(-1)[order]
     out_sorted = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
@@ -39,14 +42,19 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
     for e, c in enumerate(counts):
         if c == 0:
             continue
-        seg = xs[start:start + c]
-        gate, up = F.linear(seg, gate_up_proj[e]).chunk(2, dim=-1)
-        h = F.linear(F.silu(gate) * up, down_proj[e])
-        out_sorted[start:start + c] = h.float() * ws[start:start + c, None]
+        g, u = gate_up(xs[start:start + c], e).chunk(2, dim=-1)
+        out_sorted[start:start + c] = down(F.silu(g) * u, e).float() * ws[start:start + c, None]
         start += c
     out = torch.zeros(N, D, dtype=torch.float32, device=x.device)
     out.index_add_(0, token_of_pair, out_sorted)
     return out.to(x.dtype)
+
+
+def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                    down_proj: torch.Tensor) -> torch.Tensor:
+    """`grouped_swiglu` over stacked weights: gate_up_proj [E, 2I, D] (gate rows, then up), down_proj [E, D, I]."""
+    return grouped_swiglu(x, weights, ids, gate_up_proj.shape[0], lambda s, e: F.linear(s, gate_up_proj[e]),
+                          lambda h, e: F.linear(h, down_proj[e]))
 
 
 def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,

@@ -9,11 +9,10 @@ quantized matmul over all of its tokens.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import Experts
-from ..ops.moe import experts_reference
+from ..ops.moe import experts_reference, grouped_swiglu
 from .linear import (
     SCALE_DTYPE,
     check_group_size,
@@ -114,27 +113,8 @@ class QuantizedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Σ_k w[n,k] · SwiGLU_{ids[n,k]}(x[n]) over the hit experts. x: [N, D]; weights, ids: [N, k] -> [N, D]."""
-        N, D = x.shape
-        k = ids.shape[1]
-        flat_ids = ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
-        token_of_pair = order // k  # pair p = n * k + j  ->  token n
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        xs = x[token_of_pair]  # [N*k, D], grouped by expert
-        ws = weights.reshape(-1)[order]
-        out_sorted = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            seg = xs[start:start + c]
-            gate, up = self._matmul(seg, "gate_up_proj", e).chunk(2, dim=-1)
-            h = self._matmul(F.silu(gate) * up, "down_proj", e)
-            out_sorted[start:start + c] = h.float() * ws[start:start + c, None]
-            start += c
-        out = torch.zeros(N, D, dtype=torch.float32, device=x.device)
-        out.index_add_(0, token_of_pair, out_sorted)
-        return out.to(x.dtype)
+        return grouped_swiglu(x, weights, ids, self.num_experts, lambda s, e: self._matmul(s, "gate_up_proj", e),
+                              lambda h, e: self._matmul(h, "down_proj", e))
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Reference twin: dequantize every expert, then the plain masked loop of `ops.moe.experts_reference`."""
