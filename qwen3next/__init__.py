@@ -5,7 +5,10 @@ Top-level names are imported lazily so that light modules (tokenizer, corpus too
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "demo"  # the embedded demo model
 __all__ = ["LLM", "Qwen3NextConfig", "Qwen3NextForCausalLM", "SamplingParams"]
 
 _LAZY = {

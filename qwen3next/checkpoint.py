@@ -31,7 +31,6 @@ from safetensors.torch import save_file
 
 from .config import Qwen3NextConfig
 from .model.qwen3_next import Qwen3NextForCausalLM
-from .ops.rope import rope_inv_freq
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -335,9 +334,6 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
     model = model.to(dtype).to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
-    # non-persistent buffers are not in the checkpoint: recompute them (in fp32) after to_empty
-    inv_freq, _ = rope_inv_freq(config.rope, config.rotary_dim, config.max_position_embeddings)
-    model.rope_inv_freq = inv_freq.to(device)
 
     params = {n: p for n, p in model.named_parameters() if not (config.tie_word_embeddings and n == "lm_head.weight")}
     plan = _plan(params, available)

@@ -7,10 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from . import DEFAULT_MODEL
 from .argtypes import non_negative_float as _non_negative_float
 from .argtypes import positive_int as _positive_int
-
-DEFAULT_MODEL = Path(__file__).parent / "data" / "demo"
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:

@@ -84,13 +84,12 @@ def write_byte_tokenizer(path) -> None:
     from pathlib import Path
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
+
+    from qwen3next.train.tokenizer_build import byte_to_unicode
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    alphabet = ByteLevel.alphabet()
-    byte_to_char = sorted(alphabet, key=lambda ch: _byte_of(ch))
-    vocab = {ch: i for i, ch in enumerate(byte_to_char)}
+    vocab = {ch: b for b, ch in byte_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -100,13 +99,3 @@ def write_byte_tokenizer(path) -> None:
     tok.add_tokens([AddedToken(t, special=False) for t in BYTE_SPECIALS if not t.startswith("<|")])
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
-
-
-def _byte_of(ch: str) -> int:
-    """Inverse of GPT-2's byte -> printable-char table (printable bytes map to themselves)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    if ord(ch) in printable:
-        return ord(ch)
-    others = [b for b in range(256) if b not in printable]
-    return others[ord(ch) - 256]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .. import DEFAULT_MODEL
 from ..checkpoint import load_model, parse_dtype
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import IncrementalDetokenizer, Tokenizer, parse_tool_calls
@@ -27,8 +28,6 @@ from .runner import ModelRunner, cache_geometry
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import FinishReason, Sequence
-
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "demo"
 
 
 @dataclass

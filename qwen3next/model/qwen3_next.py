@@ -163,9 +163,8 @@ class Qwen3NextForCausalLM(nn.Module):
         valid = attention_mask.bool() if attention_mask is not None else None
         lens = valid.sum(1).tolist() if valid is not None else [T] * B
         rows = [i for i in range(B) if lens[i] > 0]
-        out = torch.zeros(B, T, self.config.vocab_size, dtype=self.dtype, device=input_ids.device)
         if not rows:
-            return out
+            return torch.zeros(B, T, self.config.vocab_size, dtype=self.dtype, device=input_ids.device)
         tokens = input_ids[valid] if valid is not None else input_ids.reshape(-1)
         seq_lens = [lens[i] for i in rows]
         if cache is not None:
@@ -183,6 +182,7 @@ class Qwen3NextForCausalLM(nn.Module):
                 cache.lengths[i] += lens[i]
         if valid is None:
             return logits.view(B, T, -1)
+        out = logits.new_zeros(B, T, logits.shape[-1])
         out[valid] = logits
         return out
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from .. import DEFAULT_MODEL
 from ..argtypes import port as _port
 from ..argtypes import positive_int as _positive_int
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "demo"
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
