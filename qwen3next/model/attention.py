@@ -11,6 +11,7 @@ from ..config import Qwen3NextConfig
 from ..ops.norm import rms_norm_zero_centered
 from ..ops.rope import apply_partial_rope
 from .cache import ForwardContext
+from .linear import Linear
 from .norm import RMSNorm
 
 
@@ -23,10 +24,10 @@ class GatedAttention(nn.Module):
         D, H, HKV, Dh = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
         self.eps = config.rms_norm_eps
         # q_proj rows are laid out per head as [query (Dh) | gate (Dh)], exactly as in the checkpoint.
-        self.q_proj = nn.Linear(D, H * Dh * 2, bias=False)
-        self.k_proj = nn.Linear(D, HKV * Dh, bias=False)
-        self.v_proj = nn.Linear(D, HKV * Dh, bias=False)
-        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        self.q_proj = Linear(D, H * Dh * 2, bias=False)
+        self.k_proj = Linear(D, HKV * Dh, bias=False)
+        self.v_proj = Linear(D, HKV * Dh, bias=False)
+        self.o_proj = Linear(H * Dh, D, bias=False)
         self.q_norm = RMSNorm(Dh, config.rms_norm_eps)
         self.k_norm = RMSNorm(Dh, config.rms_norm_eps)
 

@@ -76,6 +76,7 @@ class BatchInfo:
     pad_index: torch.Tensor | None = field(default=None, repr=False)  # [N] row in the [B*T] padded layout
     max_len: int = 0  # T of the padded layout
     slot_index: torch.Tensor | None = field(default=None, repr=False)  # [B]
+    slot_range: tuple[int, int] | None = None  # (first, last + 1) when the slots are consecutive, in batch order
     kv_write_index: torch.Tensor | None = field(default=None, repr=False)  # [N] rows of the paged pool
     kv_read_index: torch.Tensor | None = field(default=None, repr=False)  # [B, L] rows of the paged pool
     attn_mask: torch.Tensor | None = field(default=None, repr=False)  # [B, 1, T, L] bool, True = attend
@@ -113,6 +114,8 @@ class BatchInfo:
             if len(self.slots) != B:
                 raise ValueError(f"slots: expected {B} entries, got {len(self.slots)}")
             self.slot_index = torch.tensor(self.slots, dtype=torch.long, device=device)
+            first = self.slots[0]
+            self.slot_range = (first, first + B) if self.slots == list(range(first, first + B)) else None
         if self.block_tables is not None:
             assert block_size is not None
             if len(self.block_tables) != B:
@@ -142,6 +145,20 @@ class BatchInfo:
             valid = q_pos[None, :] < self.lengths[:, None]  # [B, T] keys that exist
             self.attn_mask = ((q_pos[None, :, None] >= q_pos[None, None, :]) & valid[:, None, :])[:, None]
         return self
+
+    def state_rows(self, pool: torch.Tensor) -> torch.Tensor:
+        """This batch's rows [B, ...] of a per-slot state pool: a VIEW when the slots are consecutive (in-place
+        updates land in the cache), else a gathered copy that `store_state_rows` writes back."""
+        if self.slot_range is not None:
+            return pool[self.slot_range[0]:self.slot_range[1]]
+        return pool.index_select(0, self.slot_index)
+
+    def store_state_rows(self, pool: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write rows [B, ...] back to the pool; nothing to do if `rows` is the view `state_rows` returned."""
+        if self.slot_range is None:
+            pool.index_copy_(0, self.slot_index, rows.to(pool.dtype))
+        elif rows.data_ptr() != pool[self.slot_range[0]].data_ptr():
+            pool[self.slot_range[0]:self.slot_range[1]].copy_(rows)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, T, ...], zeros at padded positions."""

@@ -10,14 +10,15 @@ from torch import nn
 from ..config import Qwen3NextConfig
 from ..ops.moe import experts_grouped, route_topk
 from .cache import ForwardContext
+from .linear import Linear
 
 
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -43,12 +44,12 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         D = config.hidden_size
-        self.gate = nn.Linear(D, config.num_experts, bias=False)
+        self.gate = Linear(D, config.num_experts, bias=False)
         self.experts = Experts(config.num_experts, D, config.moe_intermediate_size)
         self.has_shared = config.shared_expert_intermediate_size > 0
         if self.has_shared:
             self.shared_expert = MLP(D, config.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(D, 1, bias=False)
+            self.shared_expert_gate = Linear(D, 1, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """x: [N, D] -> [N, D]."""

@@ -12,6 +12,7 @@ from ..ops.rope import rope_cos_sin, rope_inv_freq
 from .attention import GatedAttention
 from .cache import BatchInfo, ForwardContext, HybridCache, SequenceCache
 from .deltanet import GatedDeltaNet
+from .linear import Linear
 from .moe import MLP, SparseMoE
 from .norm import RMSNorm
 
@@ -59,7 +60,7 @@ class MTPHead(nn.Module):
         D = config.hidden_size
         self.pre_fc_norm_embedding = RMSNorm(D, config.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(D, config.rms_norm_eps)
-        self.fc = nn.Linear(2 * D, D, bias=False)
+        self.fc = Linear(2 * D, D, bias=False)
         self.layers = nn.ModuleList(DecoderLayer(config, "full_attention", True, f"mtp{i}")
                                     for i in range(config.num_nextn_predict_layers))
         self.norm = RMSNorm(D, config.rms_norm_eps)
@@ -79,7 +80,7 @@ class Qwen3NextForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Qwen3NextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp = MTPHead(config) if config.num_nextn_predict_layers > 0 else None

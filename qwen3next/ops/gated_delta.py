@@ -5,7 +5,8 @@ Per value head j, with state S in R^{K x V} (key rows, value columns) and q/k he
     S̄_t = exp(g_t) S_{t-1};  u_t = beta_t (v_t - S̄_tᵀ k_t);  S_t = S̄_t + k_t u_tᵀ;  o_t = S_tᵀ q_t
 
 - `chunk_gated_delta_rule`: WY / UT-transform chunked form for prefill and training (parallel inside a chunk).
-- `recurrent_gated_delta_rule`: token loop vectorised over batch and heads, for decode (T of 1 or a few).
+- `recurrent_gated_delta_rule`: token loop vectorised over batch and heads, for short inputs (T of a few).
+- `gated_delta_step`: ONE token, state updated in place; the decode fast path (its twin is the recurrent form).
 - `naive_gated_delta_rule`: the recurrence written out literally; the reference the tests compare against.
 
 q and k must already be L2-normalised, and q scaled by 1/sqrt(K); these ops do no normalisation. All math runs in
@@ -15,7 +16,7 @@ float32 (float64 when any input is float64), and outputs and final states come b
 import torch
 from torch import Tensor
 
-__all__ = ["chunk_gated_delta_rule", "recurrent_gated_delta_rule", "naive_gated_delta_rule"]
+__all__ = ["chunk_gated_delta_rule", "recurrent_gated_delta_rule", "gated_delta_step", "naive_gated_delta_rule"]
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None) -> None:
@@ -182,6 +183,33 @@ def recurrent_gated_delta_rule(
         else:
             s.mul_(a.unsqueeze(-1)).addcmul_(k_col, u.unsqueeze(-2))
     return torch.stack(outs, dim=1).reshape(b, t, hv, dv), s.reshape(b, hv, dk, dv)
+
+
+def gated_delta_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> Tensor:
+    """One decode token for B sequences, updating `state` IN PLACE; no autograd, no copies of the state.
+
+    q, k: [B, H, K] (normalised as for the other forms); v: [B, HV, V]; g, beta: [B, HV]; state: [B, HV, K, V],
+    contiguous, in the compute dtype (fp32 or fp64) — typically a view of the cache's slot pool. Returns o [B, HV, V]
+    in the state's dtype. Same math as `recurrent_gated_delta_rule` with T = 1 (its reference twin), in ~12 ops.
+    """
+    b, h, dk = q.shape
+    hv, dv = v.shape[1], v.shape[2]
+    if k.shape != q.shape or v.shape[0] != b or hv % h or g.shape != (b, hv) or beta.shape != (b, hv):
+        raise ValueError(f"gated_delta_step: expected q, k [B, H, K], v [B, HV, V], g, beta [B, HV]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(g.shape)}, {tuple(beta.shape)}")
+    if state.shape != (b, hv, dk, dv) or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous [B, HV, K, V] = {(b, hv, dk, dv)}, got {tuple(state.shape)}")
+    dtype, grp = state.dtype, hv // h
+    s = state.view(b, h, grp, dk, dv)
+    a = g.to(dtype).exp().view(b, h, grp, 1)
+    k = k.to(dtype)
+    kq = torch.stack((k, q.to(dtype)), dim=2).unsqueeze(2)  # [B, H, 1, 2, K]
+    r = kq @ s  # [B, H, G, 2, V]: Sᵀk and Sᵀq with one read of S
+    u = (v.to(dtype).view(b, h, grp, dv) - a * r[..., 0, :]).mul_(beta.to(dtype).view(b, h, grp, 1))
+    qk = (kq[..., 0, :] * kq[..., 1, :]).sum(-1, keepdim=True)  # [B, H, 1, 1]
+    o = torch.addcmul(a * r[..., 1, :], qk, u)  # S_newᵀq = a Sᵀq + (q·k) u
+    s.mul_(a.unsqueeze(-1)).addcmul_(k.view(b, h, 1, dk, 1), u.unsqueeze(-2))
+    return o.view(b, hv, dv)
 
 
 def naive_gated_delta_rule(

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..fastpath import fast_decode
+
 
 def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts in fp32, then top-k (renormalised when `norm_topk_prob`).
@@ -52,9 +54,49 @@ def grouped_swiglu(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, nu
 
 def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
                     down_proj: torch.Tensor) -> torch.Tensor:
-    """`grouped_swiglu` over stacked weights: gate_up_proj [E, 2I, D] (gate rows, then up), down_proj [E, D, I]."""
+    """`grouped_swiglu` over stacked weights: gate_up_proj [E, 2I, D] (gate rows, then up), down_proj [E, D, I].
+
+    At inference (no autograd) two faster forms of the same sum run instead: one token loops over its k experts
+    (`_experts_one_token`), more tokens go through torch's grouped GEMM (`_experts_grouped_mm`)."""
+    if fast_decode():
+        if x.shape[0] == 1:
+            return _experts_one_token(x, weights, ids, gate_up_proj, down_proj)
+        if _HAS_GROUPED_MM and x.device.type == "cpu":
+            return _experts_grouped_mm(x, weights, ids, gate_up_proj, down_proj)
     return grouped_swiglu(x, weights, ids, gate_up_proj.shape[0], lambda s, e: F.linear(s, gate_up_proj[e]),
                           lambda h, e: F.linear(h, down_proj[e]))
+
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def _experts_one_token(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                       down_proj: torch.Tensor) -> torch.Tensor:
+    """x [1, D]: the k experts one after another, accumulated in fp32 (no sort, no scatter)."""
+    out = None
+    for e, w in zip(ids[0].tolist(), weights[0].tolist()):
+        g, u = F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(g) * u, down_proj[e]).float()
+        out = y.mul_(w) if out is None else out.add_(y, alpha=w)
+    return out.to(x.dtype)
+
+
+def _experts_grouped_mm(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                        down_proj: torch.Tensor) -> torch.Tensor:
+    """Pairs sorted by expert, then ONE grouped GEMM per projection (`torch._grouped_mm`, whose CPU form loops over
+    the groups in C++): a fixed ~15 ops per layer instead of ~8 per hit expert, and no host sync."""
+    N, D = x.shape
+    k, E = ids.shape[1], gate_up_proj.shape[0]
+    flat_ids = ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_of_pair = order // k
+    offsets = torch.bincount(flat_ids, minlength=E).cumsum(0).to(torch.int32)  # end row of each expert's group
+    g, u = torch._grouped_mm(x[token_of_pair], gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(g) * u, down_proj.transpose(1, 2), offs=offsets).float()
+    y.mul_(weights.reshape(-1)[order, None])
+    out = torch.zeros(N, D, dtype=torch.float32, device=x.device)
+    out.index_add_(0, token_of_pair, y)
+    return out.to(x.dtype)
 
 
 def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
