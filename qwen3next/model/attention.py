@@ -48,11 +48,13 @@ class GatedAttention(nn.Module):
             k_pool, v_pool = cache.k[self.cache_key], cache.v[self.cache_key]
             k_pool.index_copy_(0, batch.kv_write_index, k.to(k_pool.dtype))
             v_pool.index_copy_(0, batch.kv_write_index, v.to(v_pool.dtype))
-            kp = k_pool[batch.kv_read_index].transpose(1, 2).to(q.dtype)  # [B, HKV, L, Dh]
-            vp = v_pool[batch.kv_read_index].transpose(1, 2).to(q.dtype)
+            kp = batch.kv_rows(k_pool).transpose(1, 2).to(q.dtype)  # [B, HKV, L, Dh]
+            vp = batch.kv_rows(v_pool).transpose(1, 2).to(q.dtype)
         else:
             kp, vp = batch.pad(k).transpose(1, 2), batch.pad(v).transpose(1, 2)
-        if batch.attn_mask is None:
+        if batch.sees_all_keys:
+            o = F.scaled_dot_product_attention(qp, kp, vp, enable_gqa=H != HKV)
+        elif batch.attn_mask is None:
             o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=H != HKV)
         else:
             o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=batch.attn_mask, enable_gqa=H != HKV)

@@ -80,6 +80,10 @@ class BatchInfo:
     kv_write_index: torch.Tensor | None = field(default=None, repr=False)  # [N] rows of the paged pool
     kv_read_index: torch.Tensor | None = field(default=None, repr=False)  # [B, L] rows of the paged pool
     attn_mask: torch.Tensor | None = field(default=None, repr=False)  # [B, 1, T, L] bool, True = attend
+    kv_len: int = 0  # L: keys per sequence after this forward (the longest sequence's context + new tokens)
+    sees_all_keys: bool = False  # one query per sequence and every sequence holds L keys: attention needs no mask
+    kv_view: tuple[int, int] | None = None  # (first row, row stride) when sequence b's L keys are the pool rows
+    # first + b * stride ... + L - 1: K/V can then be read as a strided view instead of gathered (see kv_rows)
     is_uniform: bool = False  # all sequences have the same number of new tokens and no context
     is_decode: bool = False  # every sequence has exactly one new token
 
@@ -91,7 +95,8 @@ class BatchInfo:
     def num_tokens(self) -> int:
         return sum(self.seq_lens)
 
-    def prepare(self, device: torch.device | str, block_size: int | None = None) -> BatchInfo:
+    def prepare(self, device: torch.device | str, block_size: int | None = None,
+                num_blocks: int | None = None) -> BatchInfo:
         B = len(self.seq_lens)
         if B == 0 or any(n < 1 for n in self.seq_lens):
             raise ValueError(f"seq_lens: need at least one sequence with >= 1 token each, got {self.seq_lens}")
@@ -101,10 +106,13 @@ class BatchInfo:
         T = max(self.seq_lens)
         self.max_len = T
         self.lengths = torch.tensor(self.seq_lens, dtype=torch.long, device=device)
-        pos, pad = [], []
-        for i, (n, c) in enumerate(zip(self.seq_lens, ctx)):
-            pos.extend(range(c, c + n))
-            pad.extend(range(i * T, i * T + n))
+        if T == 1:
+            pos, pad = list(ctx), list(range(B))
+        else:
+            pos, pad = [], []
+            for i, (n, c) in enumerate(zip(self.seq_lens, ctx)):
+                pos.extend(range(c, c + n))
+                pad.extend(range(i * T, i * T + n))
         self.positions = torch.tensor(pos, dtype=torch.long, device=device)
         self.is_uniform = all(n == T for n in self.seq_lens) and not any(ctx)
         self.is_decode = T == 1
@@ -126,13 +134,22 @@ class BatchInfo:
                 if len(table) * block_size < c + n:
                     raise ValueError(f"block_tables: a table of {len(table)} blocks of {block_size} cannot hold "
                                      f"{c + n} tokens")
+            totals = [c + n for n, c in zip(self.seq_lens, ctx)]
+            self.kv_len = L
+            self.sees_all_keys = T == 1 and all(t == L for t in totals)
+            self.kv_view = _strided_kv_view(self.block_tables, totals, L, block_size, num_blocks)
+            if self.is_decode and self.kv_view is not None and self.sees_all_keys:
+                # The common decode step: no read index, no mask; the B write rows computed on the host.
+                rows = [t[c // block_size] * block_size + c % block_size for t, c in zip(self.block_tables, ctx)]
+                self.kv_write_index = torch.tensor(rows, dtype=torch.long, device=device)
+                return self
             # Vectorised: row of token p = table[p // block_size] * block_size + p % block_size (no per-token Python).
             tables = torch.tensor([t + [0] * (nb - len(t)) for t in self.block_tables], dtype=torch.long,
                                   device=device)  # [B, nb]
             key_pos = torch.arange(L, device=device)
             blocks = tables[:, (key_pos // block_size).clamp(max=nb - 1)]  # [B, L]
             rows = blocks * block_size + key_pos % block_size
-            valid = key_pos[None, :] < torch.tensor([c + n for n, c in zip(self.seq_lens, ctx)], device=device)[:, None]
+            valid = key_pos[None, :] < torch.tensor(totals, device=device)[:, None]
             self.kv_read_index = torch.where(valid, rows, 0)  # [B, L]
             b_of = torch.repeat_interleave(torch.arange(B, device=device), self.lengths)
             self.kv_write_index = rows[b_of, self.positions]  # [N]
@@ -145,6 +162,17 @@ class BatchInfo:
             valid = q_pos[None, :] < self.lengths[:, None]  # [B, T] keys that exist
             self.attn_mask = ((q_pos[None, :, None] >= q_pos[None, None, :]) & valid[:, None, :])[:, None]
         return self
+
+    def kv_rows(self, pool: torch.Tensor) -> torch.Tensor:
+        """This batch's keys (or values) [B, L, ...] from a paged K/V pool [rows, ...]: a strided view when the block
+        tables allow it (`kv_view`), else a gather (a copy of the whole context)."""
+        if self.kv_view is not None:
+            first, stride = self.kv_view
+            L, inner = self.kv_len, pool.shape[1:]
+            row = pool.stride(0)
+            return pool.as_strided((self.batch_size, L, *inner), (stride * row, row, *pool.stride()[1:]),
+                                   pool.storage_offset() + first * row)
+        return pool[self.kv_read_index]
 
     def state_rows(self, pool: torch.Tensor) -> torch.Tensor:
         """This batch's rows [B, ...] of a per-slot state pool: a VIEW when the slots are consecutive (in-place
@@ -173,6 +201,29 @@ class BatchInfo:
         """[B, T, ...] -> [N, ...]."""
         flat = x.reshape(-1, *x.shape[2:])
         return flat if self.pad_index is None else flat.index_select(0, self.pad_index)
+
+
+def _strided_kv_view(tables: list[list[int]], totals: list[int], L: int, block_size: int,
+                     num_blocks: int | None) -> tuple[int, int] | None:
+    """(first row, stride) if sequence b's first L pool rows start at first + b * stride and run consecutively
+    (its blocks are consecutive) and all lie inside the pool; else None. Rows past a sequence's own length are
+    read but masked."""
+    if num_blocks is None:
+        return None
+    starts = []
+    for table, total in zip(tables, totals):
+        used = -(-total // block_size)
+        if any(table[j] != table[0] + j for j in range(1, used)):
+            return None
+        starts.append(table[0] * block_size)
+    stride = starts[1] - starts[0] if len(starts) > 1 else 0
+    if stride < 0 or any(s != starts[0] + i * stride for i, s in enumerate(starts)):
+        return None
+    if starts[-1] + L > num_blocks * block_size:
+        return None
+    # A sequence's tail rows beyond its own blocks must not be another sequence's rows being WRITTEN this step
+    # with a different meaning: they are only ever masked, so any finite content is fine.
+    return starts[0], stride
 
 
 class SequenceCache:

@@ -136,7 +136,7 @@ class Qwen3NextForCausalLM(nn.Module):
 
     def context(self, batch: BatchInfo, cache: HybridCache | None = None,
                 router_logits: list[torch.Tensor] | None = None) -> ForwardContext:
-        batch.prepare(self.device, cache.block_size if cache is not None else None)
+        batch.prepare(self.device, *((cache.block_size, cache.num_blocks) if cache is not None else (None, None)))
         cos, sin = rope_cos_sin(batch.positions, self.rope_inv_freq, self.rope_scale, self.dtype)
         return ForwardContext(batch=batch, cos=cos, sin=sin, cache=cache, router_logits=router_logits)
 

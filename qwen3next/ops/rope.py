@@ -48,7 +48,10 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, 
     """cos/sin tables `[N, rotary_dim]` for integer positions `[N]`; angles in fp32, cast to `dtype` at the end."""
     angles = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
     emb = torch.cat((angles, angles), dim=-1)
-    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
