@@ -9,8 +9,10 @@ quantized matmul over all of its tokens.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..fastpath import fast_decode
 from ..model.moe import Experts
 from ..ops.moe import experts_reference, grouped_swiglu
 from .linear import (
@@ -20,6 +22,7 @@ from .linear import (
     dequantize_int8,
     from_kernel_layout,
     int4_linear,
+    int8_kernel_supported,
     int8_linear,
     pick_int4_layout,
     quantize_int4,
@@ -28,6 +31,7 @@ from .linear import (
 )
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
+FEW_TOKENS = 16  # up to this many tokens (decode batches) the experts run through `_forward_few_tokens`
 
 
 class QuantizedExperts(nn.Module):
@@ -113,8 +117,54 @@ class QuantizedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Σ_k w[n,k] · SwiGLU_{ids[n,k]}(x[n]) over the hit experts. x: [N, D]; weights, ids: [N, k] -> [N, D]."""
+        if fast_decode() and x.shape[0] <= FEW_TOKENS and self._kernels_usable(x):
+            return self._forward_few_tokens(x, weights, ids)
         return grouped_swiglu(x, weights, ids, self.num_experts, lambda s, e: self._matmul(s, "gate_up_proj", e),
                               lambda h, e: self._matmul(h, "down_proj", e))
+
+    def _kernels_usable(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu":
+            return False
+        if self.bits == 4:
+            return all(self.is_kernel_layout.values())
+        # int8: K a multiple of 32 and every expert's matrix 64-byte aligned (see int8_kernel_supported)
+        return all(int8_kernel_supported(K) and (N * K) % 64 == 0 and getattr(self, f"{p}_qweight").data_ptr() % 64 == 0
+                   for p, (N, K) in self.shapes.items())
+
+    def _kernel(self, xb: torch.Tensor, proj: str, e: int) -> torch.Tensor:
+        """bf16 rows [m, K] through expert e's quantized `proj` -> bf16 [m, N]: the CPU kernel, no casts."""
+        if xb.data_ptr() % 64:  # the int8 kernel loads activations with aligned vector loads
+            xb = xb.clone()
+        q = getattr(self, f"{proj}_qweight")[e]
+        if self.bits == 8:
+            return torch._weight_int8pack_mm(xb, q, getattr(self, f"{proj}_scales")[e])
+        return torch._weight_int4pack_mm_for_cpu(xb, q, self.group_size, getattr(self, f"{proj}_scale_zero")[e])
+
+    def _forward_few_tokens(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Decode fast path (a few tokens, inference): activations cast to bf16 once, pairs grouped by expert on the
+        host, each hit expert's two kernels called directly. Same products as `forward`'s grouped path (which casts
+        to bf16 inside every quantized matmul), accumulated in fp32."""
+        N, D = x.shape
+        xb = x.to(torch.bfloat16).contiguous()
+        groups: dict[int, list[tuple[int, float]]] = {}
+        for n, (row_ids, row_w) in enumerate(zip(ids.tolist(), weights.tolist())):
+            for e, w in zip(row_ids, row_w):
+                groups.setdefault(e, []).append((n, w))
+        out = torch.zeros(N, D, dtype=torch.float32, device=x.device)
+        for e, pairs in groups.items():
+            if len(pairs) == 1:
+                n, w = pairs[0]
+                xe = xb[n:n + 1]
+            else:
+                rows = torch.tensor([n for n, _ in pairs], device=x.device)
+                xe = xb.index_select(0, rows)
+            g, u = self._kernel(xe, "gate_up_proj", e).float().chunk(2, dim=-1)
+            y = self._kernel((F.silu(g) * u).to(torch.bfloat16), "down_proj", e).float()
+            if len(pairs) == 1:
+                out[n:n + 1].add_(y, alpha=w)
+            else:
+                out.index_add_(0, rows, y.mul_(torch.tensor([w for _, w in pairs], device=x.device)[:, None]))
+        return out.to(x.dtype)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Reference twin: dequantize every expert, then the plain masked loop of `ops.moe.experts_reference`."""
