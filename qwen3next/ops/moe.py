@@ -56,11 +56,11 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
                     down_proj: torch.Tensor) -> torch.Tensor:
     """`grouped_swiglu` over stacked weights: gate_up_proj [E, 2I, D] (gate rows, then up), down_proj [E, D, I].
 
-    At inference (no autograd) two faster forms of the same sum run instead: one token loops over its k experts
-    (`_experts_one_token`), more tokens go through torch's grouped GEMM (`_experts_grouped_mm`)."""
+    At inference (no autograd) two faster forms of the same sum run instead: a few pairs gather their experts'
+    weights into one bmm (`_experts_gathered`), more go through torch's grouped GEMM (`_experts_grouped_mm`)."""
     if fast_decode():
-        if x.shape[0] == 1:
-            return _experts_one_token(x, weights, ids, gate_up_proj, down_proj)
+        if ids.numel() <= GATHER_MAX_PAIRS:
+            return _experts_gathered(x, weights, ids, gate_up_proj, down_proj)
         if _HAS_GROUPED_MM and x.device.type == "cpu":
             return _experts_grouped_mm(x, weights, ids, gate_up_proj, down_proj)
     return grouped_swiglu(x, weights, ids, gate_up_proj.shape[0], lambda s, e: F.linear(s, gate_up_proj[e]),
@@ -68,17 +68,23 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
 
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+# Token-expert pairs up to which the experts' weights are gathered and run as one bmm. Measured on `small` (2
+# threads): 1.11x faster steps at 4 pairs (batch 1), 0.95x at 32 pairs (batch 8, where the grouped GEMM wins).
+GATHER_MAX_PAIRS = 16
 
 
-def _experts_one_token(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
-                       down_proj: torch.Tensor) -> torch.Tensor:
-    """x [1, D]: the k experts one after another, accumulated in fp32 (no sort, no scatter)."""
-    out = None
-    for e, w in zip(ids[0].tolist(), weights[0].tolist()):
-        g, u = F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(g) * u, down_proj[e]).float()
-        out = y.mul_(w) if out is None else out.add_(y, alpha=w)
-    return out.to(x.dtype)
+def _experts_gathered(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                      down_proj: torch.Tensor) -> torch.Tensor:
+    """Decode form: copy each pair's expert matrices together (`index_select` streams them at full memory
+    bandwidth, where one small GEMV per expert does not) and run ONE batched matmul per projection. ~10 ops, no
+    host sync. x [N, D] -> [N, D]."""
+    N, D = x.shape
+    k = ids.shape[1]
+    flat_ids = ids.reshape(-1)
+    xs = x.repeat_interleave(k, dim=0).unsqueeze(1)  # [N*k, 1, D], pair p = n * k + j
+    g, u = torch.bmm(xs, gate_up_proj.index_select(0, flat_ids).transpose(1, 2)).chunk(2, dim=-1)
+    y = torch.bmm(F.silu(g) * u, down_proj.index_select(0, flat_ids).transpose(1, 2)).float()  # [N*k, 1, D]
+    return (y.view(N, k, D) * weights.view(N, k, 1).float()).sum(1).to(x.dtype)
 
 
 def _experts_grouped_mm(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
