@@ -9,9 +9,18 @@ import math
 import pytest
 import torch
 
-from qwen3next.bench.harness import BenchOptions, add_bench_args, bench, decode_weight_bytes, run_bench
+from qwen3next import DEFAULT_MODEL
+from qwen3next.bench.harness import (
+    BenchOptions,
+    add_bench_args,
+    bench,
+    decode_weight_bytes,
+    decode_weight_bytes_of,
+    run_bench,
+)
 from qwen3next.config import Qwen3NextConfig
 from qwen3next.model.qwen3_next import Qwen3NextForCausalLM
+from qwen3next.quant.quantize import quantize_model
 from qwen3next.train.presets import preset_dict
 
 
@@ -89,6 +98,40 @@ def test_decode_weight_bytes_match_parameter_tensors(name, overrides, dtype):
         model = Qwen3NextForCausalLM(config).to(dtype)
     elem = torch.empty((), dtype=dtype).element_size()
     assert decode_weight_bytes(config, elem) == _touched_bytes(model)
+
+
+@pytest.mark.parametrize("name,overrides", [("tiny", {}), ("demo", {"mlp_only_layers": [1, 6]})])
+def test_decode_weight_bytes_of_a_model(name, overrides):
+    config = Qwen3NextConfig.from_dict({**preset_dict(name), **overrides})
+    model = Qwen3NextForCausalLM(config)
+    assert decode_weight_bytes_of(model) == decode_weight_bytes(config, 4)
+    if name == "demo":  # int8: one byte per weight plus a bf16 scale per output row, embedding and norms kept
+        float_bytes = decode_weight_bytes(config, 4)
+        int8_bytes = decode_weight_bytes_of(quantize_model(model, 8))
+        assert 0.25 * float_bytes < int8_bytes < 0.35 * float_bytes
+
+
+def test_bench_quantized_variants_report_speed_roofline_and_drift():
+    # The shipped trained model: on random weights the logits are nearly flat and top-1 agreement means little.
+    report = bench(BenchOptions(model=str(DEFAULT_MODEL), threads=1, batches=[1, 2], prompt_len=8, decode_tokens=2,
+                                prefill_lens=[8], repeat=1, bandwidth_mib=8, quantize=["int8", "int4"]))
+    assert report["drift_prompts"] == "text"
+    rows = {(r["impl"], r["batch"]) for r in report["measurements"] if r["kind"] == "decode"}
+    assert {("ours-int8", 1), ("ours-int8", 2), ("ours-int4", 1), ("ours-int4", 2)} <= rows
+    floats = {r["batch"]: r for r in report["measurements"] if r["impl"] == "ours" and r["kind"] == "decode"}
+    for name, bits in (("int8", 8), ("int4", 4)):
+        q = report["quantized"][name]
+        assert q["bits"] == bits
+        assert q["weight_bytes_per_token"] < report["roofline"]["weight_bytes_per_token"] / 2
+        d = q["drift"]
+        assert d["positions"] > 100 and (0.97 if bits == 8 else 0.9) < d["top1_agreement"] <= 1.0
+        assert 0 < d["mean_abs"] <= d["max_abs"] < d["ref_max_abs"]
+        for r in q["decode"]:
+            assert r["vs_float"] == pytest.approx(r["tokens_per_s"] / floats[r["batch"]]["tokens_per_s"])
+    # int4 rounds far more coarsely than int8
+    assert report["quantized"]["int4"]["drift"]["mean_abs"] > report["quantized"]["int8"]["drift"]["mean_abs"]
+    with pytest.raises(ValueError, match="quantize"):
+        bench(BenchOptions(preset="tiny", threads=1, quantize=["int2"]))
 
 
 def test_bad_options_are_rejected():

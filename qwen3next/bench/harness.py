@@ -29,6 +29,8 @@ from ..train.presets import PRESETS, preset_config
 from . import measure
 
 IMPLS = ("ours", "engine", "transformers")
+QUANT_VARIANTS = {"int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 64}}
+DRIFT_PROMPTS, DRIFT_LEN = 4, 64  # logits drift of a quantized variant: this many random prompts of this length
 
 
 @dataclass
@@ -45,6 +47,7 @@ class BenchOptions:
     repeat: int = 3
     seed: int = 0
     bandwidth_mib: int | None = None  # None: 16 x the last-level cache, at least 256 MiB, at most 1 GiB
+    quantize: list[str] = field(default_factory=list)  # also decode with these weight-only variants ("int8", "int4")
 
     def validate(self) -> None:
         for name in ("prompt_len", "decode_tokens", "repeat"):
@@ -58,6 +61,9 @@ class BenchOptions:
             raise ValueError(f"threads: expected a positive integer, got {self.threads}")
         if self.compare not in (None, "transformers"):
             raise ValueError(f"compare: expected 'transformers', got {self.compare!r}")
+        bad = [q for q in self.quantize if q not in QUANT_VARIANTS]
+        if bad:
+            raise ValueError(f"quantize: expected some of {sorted(QUANT_VARIANTS)}, got {bad}")
 
     def check_positions(self, max_positions: int) -> None:
         plans = [measure.DecodePlan(b, self.prompt_len, self.decode_tokens, self.repeat) for b in self.batches]
@@ -89,6 +95,27 @@ def decode_weight_bytes(config: Qwen3NextConfig, element_size: int) -> int:
     (mixers, norms, routers, shared experts and their gates, final norm, lm_head), and top-k of the E routed experts
     in each MoE layer. The MTP head is not run in plain decoding."""
     return (config.parameter_counts()["active"] + config.hidden_size) * element_size
+
+
+def decode_weight_bytes_of(model: Qwen3NextForCausalLM) -> int:
+    """Like `decode_weight_bytes`, but counted from the tensors the model holds, so it also covers quantized models
+    (int8/int4 weights with their scales): one embedding row, top-k of E experts, every other parameter and
+    buffer of the main model and lm_head in full."""
+    from ..model.moe import Experts
+    from ..quant.experts import QuantizedExperts
+
+    k, E = model.config.num_experts_per_tok, model.config.num_experts
+    total = 0
+    for prefix, module in (("model", model.model), ("lm_head", model.lm_head)):
+        for name, sub in module.named_modules(prefix=prefix):
+            tensors = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
+            size = sum(t.numel() * t.element_size() for t in tensors)
+            if name == "model.embed_tokens":
+                size //= model.config.vocab_size
+            elif isinstance(sub, (Experts, QuantizedExperts)):
+                size = size // E * k
+            total += size
+    return total
 
 
 def decode_cache_bytes(config: Qwen3NextConfig, element_size: int, context: int) -> int:
@@ -129,6 +156,40 @@ def _busy_warning(machine: dict[str, object]) -> str | None:
         return None
     return (f"warning: the machine is busy (1-minute load average {load[0]:.1f} on {cpus} CPUs) and {threads} threads "
             "need their own cores: expect noisy timings (a thread that loses its CPU stalls every parallel op)")
+
+
+# Fixed text for the drift measurement of models that come with a tokenizer (written for this purpose).
+DRIFT_TEXTS = (
+    "The morning was cold and bright, and the old house at the end of the lane stood quiet while the family gathered "
+    "in the parlour to read the letters that had arrived the evening before.",
+    "She had not expected him to call so soon, and when he did, she found that she had nothing ready to say.",
+    "<|im_start|>user\nWhat is the weather like in Paris today?<|im_end|>\n<|im_start|>assistant\n",
+    "A careful reader will notice that every chapter of the book begins with a short account of the weather.",
+)
+
+
+def drift_prompts(tokenizer: Tokenizer | None, vocab_size: int, seed: int) -> list[torch.Tensor]:
+    """The fixed prompt set: DRIFT_TEXTS through the model's tokenizer, or DRIFT_PROMPTS random prompts of
+    DRIFT_LEN tokens for random-weight models (whose nearly flat logits make top-1 agreement a weak signal)."""
+    if tokenizer is not None:
+        return [torch.tensor(tokenizer.encode(t)[:DRIFT_LEN]) for t in DRIFT_TEXTS]
+    return list(measure.random_prompts(vocab_size, DRIFT_PROMPTS, DRIFT_LEN, seed + 99))
+
+
+@torch.no_grad()
+def logits_drift(reference: Qwen3NextForCausalLM, variant: Qwen3NextForCausalLM,
+                 prompts: list[torch.Tensor]) -> dict[str, float]:
+    """Logits of `variant` vs `reference` at every position of `prompts`: top-1 agreement, max and mean
+    |Δ logit|, and the reference's max |logit| for scale."""
+    refs, outs = [], []
+    for ids in prompts:
+        refs.append(reference(ids[None])[0].float())
+        outs.append(variant(ids[None])[0].float())
+    ref, out = torch.cat(refs), torch.cat(outs)
+    delta = (out - ref).abs()
+    return {"top1_agreement": (out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+            "max_abs": delta.max().item(), "mean_abs": delta.mean().item(), "ref_max_abs": ref.abs().max().item(),
+            "positions": ref.shape[0]}
 
 
 def load_transformers(model: Qwen3NextForCausalLM, model_dir: str | None, dtype: torch.dtype):
@@ -184,7 +245,7 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         if opts.preset not in PRESETS:
             raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {opts.preset!r}")
         model = random_model(opts.preset, dtype, opts.seed)
-        tokenizer = synthetic_tokenizer(model.config.vocab_size)
+        tokenizer, has_tokenizer = synthetic_tokenizer(model.config.vocab_size), False
         source = f"preset {opts.preset} (random weights, seed {opts.seed})"
     config = model.config
     opts.check_positions(config.max_position_embeddings)
@@ -224,6 +285,23 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         if hf is not None:
             record("transformers", "decode", p.batch, p.prompt_len, measure.time_decode_hf(hf, ids, p))
     del hf
+    quantized: dict[str, dict[str, object]] = {}
+    prompts = drift_prompts(tokenizer if has_tokenizer else None, vocab, opts.seed)
+    for name in opts.quantize:
+        import copy
+
+        from ..quant.quantize import quantize_model
+
+        variant = quantize_model(copy.deepcopy(model), **QUANT_VARIANTS[name])
+        for p in plans:
+            record(f"ours-{name}", "decode", p.batch, p.prompt_len,
+                   measure.time_decode_ours(variant, decode_ids[p.batch], p))
+        quantized[name] = {"weight_bytes_per_token": decode_weight_bytes_of(variant),
+                           "drift": logits_drift(model, variant, prompts), **QUANT_VARIANTS[name]}
+        d = quantized[name]["drift"]
+        log(f"drift   {name}: top-1 agreement {100 * d['top1_agreement']:.1f}% over {d['positions']} positions, "
+            f"max |Δ logit| {d['max_abs']:.4f}, mean {d['mean_abs']:.4f} (logits up to {d['ref_max_abs']:.2f})")
+        del variant
 
     weight_bytes = decode_weight_bytes(config, elem)
     ideal = bandwidth["read_gb_s"] * 1e9 / weight_bytes
@@ -232,9 +310,20 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         "cache_bytes_per_token": decode_cache_bytes(config, elem, opts.prompt_len), "context": opts.prompt_len,
     }
     for r in rows:
-        if r["kind"] == "decode" and r["batch"] == 1:
+        if r["kind"] == "decode" and r["batch"] == 1 and r["impl"] in IMPLS:
             roofline[f"{r['impl']}_tokens_per_s"] = r["tokens_per_s"]
             roofline[f"{r['impl']}_pct"] = 100 * r["tokens_per_s"] / ideal
+    float_rows = {(r["batch"]): r for r in rows if r["impl"] == "ours" and r["kind"] == "decode"}
+    for name, q in quantized.items():
+        q["ideal_tokens_per_s"] = bandwidth["read_gb_s"] * 1e9 / q["weight_bytes_per_token"]
+        q["decode"] = []
+        for r in rows:
+            if r["impl"] == f"ours-{name}":
+                base = float_rows.get(r["batch"])
+                q["decode"].append({"batch": r["batch"], "ms": r["ms"], "tokens_per_s": r["tokens_per_s"],
+                                    "vs_float": r["tokens_per_s"] / base["tokens_per_s"] if base else None,
+                                    "roofline_pct": 100 * r["tokens_per_s"] / q["ideal_tokens_per_s"]
+                                    if r["batch"] == 1 else None})
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {
         "machine": machine,
@@ -246,6 +335,8 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         "measurements": rows,
         "ratios": compute_ratios(rows),
         "roofline": roofline,
+        "quantized": quantized,
+        "drift_prompts": "text" if has_tokenizer else "random",
     }
 
 
@@ -318,6 +409,18 @@ def format_report(report: dict[str, object]) -> str:
            for impl in IMPLS if impl + "_pct" in roof]
     if got:
         lines.append("  " + "; ".join(got) + " of ideal")
+    for name, q in report.get("quantized", {}).items():
+        d = q["drift"]
+        source = "fixed text" if report.get("drift_prompts") == "text" else "random tokens"
+        lines += ["", f"{name} weights ({q['weight_bytes_per_token'] / 1e6:.1f} MB per batch-1 token, ideal "
+                      f"{q['ideal_tokens_per_s']:.1f} tokens/s): drift vs {mod['dtype']} over {d['positions']} "
+                      f"positions ({source}): top-1 agreement {100 * d['top1_agreement']:.1f}%, max |Δ logit| "
+                      f"{d['max_abs']:.4f}, mean {d['mean_abs']:.4f} (logits up to {d['ref_max_abs']:.2f})"]
+        for r in q["decode"]:
+            vs = f"{r['vs_float']:.2f}x ours {mod['dtype']}" if r["vs_float"] else "-"
+            roof_pct = f", {r['roofline_pct']:.1f}% of ideal" if r["roofline_pct"] is not None else ""
+            lines.append(f"  decode B={r['batch']}: {r['ms']:.2f} ms/step, {r['tokens_per_s']:.1f} tokens/s = {vs}"
+                         f"{roof_pct}")
     return "\n".join(lines)
 
 
@@ -342,6 +445,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--bandwidth-mib", type=positive_int, default=None,
                         help="buffer for the bandwidth measurement (default: 16 x LLC, 256 MiB to 1 GiB)")
+    parser.add_argument("--quantize", nargs="+", choices=sorted(QUANT_VARIANTS), default=[],
+                        help="also decode with these weight-only quantized variants of the same model (int4: groups "
+                             "of 64) and report their logits drift")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the full report as JSON")
 
 
@@ -349,7 +455,7 @@ def run_bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(model=args.model, preset=args.preset, dtype=args.dtype, threads=args.threads,
                         batches=list(args.batches), prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                         prefill_lens=list(args.prefill_lens), compare=args.compare, repeat=args.repeat,
-                        seed=args.seed, bandwidth_mib=args.bandwidth_mib)
+                        seed=args.seed, bandwidth_mib=args.bandwidth_mib, quantize=list(args.quantize))
     report = bench(opts, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     print(format_report(report))
     if args.json:
