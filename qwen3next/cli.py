@@ -74,7 +74,7 @@ def _engine(args: argparse.Namespace):
 
     torch.set_num_threads(args.threads)
     return Engine(args.model, dtype=args.dtype, max_memory=args.max_memory, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, quantize=args.quantize)
+                  max_num_seqs=args.max_num_seqs, quantize=args.quantize, compile_decode=args.compile)
 
 
 def _sampling(args: argparse.Namespace):
@@ -212,6 +212,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=_positive_int, default=None)
     p.add_argument("--max-num-seqs", type=_positive_int, default=16)
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization at load")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (faster steps; ~1 min of compiling at start; needs a C++ "
+                        "compiler)")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -293,9 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--model: {model} is not a directory"
                      + (" (the embedded demo model is missing from this install)" if model == str(DEFAULT_MODEL)
                         else ""))
+    from .fastpath import CompileDecodeError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CompileDecodeError) as e:
         print(f"qwen3next {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -23,3 +23,7 @@ def set_fast_decode(enabled: bool) -> bool:
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
     return previous
+
+
+class CompileDecodeError(RuntimeError):
+    """torch.compile of the decode step failed on this machine (no C++ compiler, unsupported op, ...)."""

@@ -28,7 +28,7 @@ from ..tokenizer import Tokenizer
 from ..train.presets import PRESETS, preset_config
 from . import measure
 
-IMPLS = ("ours", "engine", "transformers")
+IMPLS = ("ours", "engine", "compiled", "transformers")  # compiled: ours with compile_decode() (--compile)
 QUANT_VARIANTS = {"int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 64}}
 DRIFT_PROMPTS, DRIFT_LEN = 4, 64  # logits drift of a quantized variant: this many random prompts of this length
 
@@ -48,6 +48,7 @@ class BenchOptions:
     seed: int = 0
     bandwidth_mib: int | None = None  # None: 16 x the last-level cache, at least 256 MiB, at most 1 GiB
     quantize: list[str] = field(default_factory=list)  # also decode with these weight-only variants ("int8", "int4")
+    compile: bool = False  # also decode through the torch.compile'd decoder (row "compiled")
 
     def validate(self) -> None:
         for name in ("prompt_len", "decode_tokens", "repeat"):
@@ -303,6 +304,15 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
             f"max |Δ logit| {d['max_abs']:.4f}, mean {d['mean_abs']:.4f} (logits up to {d['ref_max_abs']:.2f})")
         del variant
 
+    if opts.compile:  # after the quantized variants: those deep-copy the model, a compiled function must not follow
+        model.compile_decode()
+        try:
+            for p in plans:  # the plan's warmup steps absorb the compiles (batch 1, then a varying length)
+                record("compiled", "decode", p.batch, p.prompt_len,
+                       measure.time_decode_ours(model, decode_ids[p.batch], p))
+        finally:
+            model.compile_decode(False)
+
     weight_bytes = decode_weight_bytes(config, elem)
     ideal = bandwidth["read_gb_s"] * 1e9 / weight_bytes
     roofline: dict[str, object] = {
@@ -376,19 +386,25 @@ def format_report(report: dict[str, object]) -> str:
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in report["measurements"]:
         by_key.setdefault((r["kind"], r["batch"], r["tokens"]), {})[r["impl"]] = r
-    has_hf = any(r["impl"] == "transformers" for r in report["measurements"])
-    header = ["phase", "batch", "tokens", "ours ms", "ours tok/s", "engine ms", "engine tok/s"]
-    if has_hf:
-        header += ["hf ms", "hf tok/s", "ours/hf", "engine/hf"]
+    present = [impl for impl in IMPLS if any(r["impl"] == impl for r in report["measurements"])]
+    names = {"transformers": "hf"}
+    header = ["phase", "batch", "tokens"]
+    for impl in present:
+        header += [f"{names.get(impl, impl)} ms", f"{names.get(impl, impl)} tok/s"]
+    ours_impls = [impl for impl in present if impl != "transformers"]
+    if "transformers" in present:
+        header += [f"{impl}/hf" for impl in ours_impls]
     table = [header]
     for (kind, batch, tokens), impls in by_key.items():
+        if not any(impl in impls for impl in present):
+            continue
         cells = [kind, str(batch), str(tokens)]
-        for impl in IMPLS if has_hf else IMPLS[:2]:
+        for impl in present:
             r = impls.get(impl)
             cells += [f"{r['ms']:.2f}", f"{r['tokens_per_s']:.1f}"] if r else ["-", "-"]
-        if has_hf:
+        if "transformers" in present:
             t = impls.get("transformers")
-            for impl in IMPLS[:2]:
+            for impl in ours_impls:
                 r = impls.get(impl)
                 cells.append(f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x" if r and t else "-")
         table.append(cells)
@@ -448,6 +464,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", nargs="+", choices=sorted(QUANT_VARIANTS), default=[],
                         help="also decode with these weight-only quantized variants of the same model (int4: groups "
                              "of 64) and report their logits drift")
+    parser.add_argument("--compile", action="store_true",
+                        help="also decode through the torch.compile'd decode step (row 'compiled'; compiling takes "
+                             "a minute or so and is not timed)")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the full report as JSON")
 
 
@@ -455,7 +474,8 @@ def run_bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(model=args.model, preset=args.preset, dtype=args.dtype, threads=args.threads,
                         batches=list(args.batches), prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                         prefill_lens=list(args.prefill_lens), compare=args.compare, repeat=args.repeat,
-                        seed=args.seed, bandwidth_mib=args.bandwidth_mib, quantize=list(args.quantize))
+                        seed=args.seed, bandwidth_mib=args.bandwidth_mib, quantize=list(args.quantize),
+                        compile=args.compile)
     report = bench(opts, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     print(format_report(report))
     if args.json:

@@ -111,7 +111,9 @@ class Engine:
                  dtype: str | torch.dtype | None = "float32", device: str = "cpu", max_memory: int | str | None = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  chunked_prefill: bool = True, prefill_chunk_size: int = 512, block_size: int = 64,
-                 quantize: str | None = None):
+                 quantize: str | None = None, compile_decode: bool = False):
+        """`compile_decode`: run decode steps through torch.compile (see `Qwen3NextForCausalLM.compile_decode`);
+        the graphs are compiled here, before the engine takes requests (about a minute for small models)."""
         if quantize not in (None, "int8", "int4"):
             raise ValueError(f"quantize: expected None, 'int8' or 'int4', got {quantize!r}")
         if isinstance(model, Qwen3NextForCausalLM):
@@ -148,6 +150,9 @@ class Engine:
         self.block_manager = BlockManager.from_plan(self.plan)
         self.scheduler = Scheduler(sched_config, self.block_manager)
         self.runner = ModelRunner(self.model, self.plan)
+        self.model.compile_decode(compile_decode)
+        if compile_decode:
+            self.model.warm_up_decode(self.runner.cache)
         self.requests: dict[str, _Request] = {}
         self._seq_to_sample: dict[int, tuple[_Request, _SampleState]] = {}
         self._ids = itertools.count()

@@ -97,7 +97,9 @@ class BatchInfo:
         return sum(self.seq_lens)
 
     def prepare(self, device: torch.device | str, block_size: int | None = None,
-                num_blocks: int | None = None) -> BatchInfo:
+                num_blocks: int | None = None, views: bool = True) -> BatchInfo:
+        """Derive the tensors and flags the layers read. `views=False` keeps to index-based access (no state or K/V
+        views, always a mask): one code path whatever the slots and block tables, for the compiled decoder."""
         B = len(self.seq_lens)
         if B == 0 or any(n < 1 for n in self.seq_lens):
             raise ValueError(f"seq_lens: need at least one sequence with >= 1 token each, got {self.seq_lens}")
@@ -124,7 +126,8 @@ class BatchInfo:
                 raise ValueError(f"slots: expected {B} entries, got {len(self.slots)}")
             self.slot_index = torch.tensor(self.slots, dtype=torch.long, device=device)
             first = self.slots[0]
-            self.slot_range = (first, first + B) if self.slots == list(range(first, first + B)) else None
+            consecutive = views and self.slots == list(range(first, first + B))
+            self.slot_range = (first, first + B) if consecutive else None
         if self.block_tables is not None:
             assert block_size is not None
             if len(self.block_tables) != B:
@@ -137,10 +140,10 @@ class BatchInfo:
                                      f"{c + n} tokens")
             totals = [c + n for n, c in zip(self.seq_lens, ctx)]
             self.kv_len = L
-            self.sees_all_keys = T == 1 and all(t == L for t in totals)
+            self.sees_all_keys = views and T == 1 and all(t == L for t in totals)
             # Fresh equal-length prompts: plain causal attention (SDPA's top-left causal mask is then exact).
             self.plain_causal = not any(ctx) and all(n == T for n in self.seq_lens)
-            self.kv_view = _strided_kv_view(self.block_tables, totals, L, block_size, num_blocks)
+            self.kv_view = _strided_kv_view(self.block_tables, totals, L, block_size, num_blocks) if views else None
             if self.is_decode and self.kv_view is not None and self.sees_all_keys:
                 # The common decode step: no read index, no mask; the B write rows computed on the host.
                 rows = [t[c // block_size] * block_size + c % block_size for t, c in zip(self.block_tables, ctx)]
@@ -167,14 +170,15 @@ class BatchInfo:
         return self
 
     def kv_rows(self, pool: torch.Tensor) -> torch.Tensor:
-        """This batch's keys (or values) [B, L, ...] from a paged K/V pool [rows, ...]: a strided view when the block
-        tables allow it (`kv_view`), else a gather (a copy of the whole context)."""
+        """This batch's keys (or values) [B, L, ...] from a paged K/V pool [rows, ...]: a view when the block tables
+        allow it (`kv_view`), else a gather (a copy of the whole context)."""
         if self.kv_view is not None:
             first, stride = self.kv_view
-            L, inner = self.kv_len, pool.shape[1:]
-            row = pool.stride(0)
-            return pool.as_strided((self.batch_size, L, *inner), (stride * row, row, *pool.stride()[1:]),
-                                   pool.storage_offset() + first * row)
+            if self.batch_size == 1:
+                return pool[first:first + self.kv_len].unsqueeze(0)
+            # plain slicing and view ops (no as_strided), so that torch.compile can trace it
+            block = pool[first:first + self.batch_size * stride]
+            return block.view(self.batch_size, stride, *pool.shape[1:])[:, :self.kv_len]
         return pool[self.kv_read_index]
 
     def state_rows(self, pool: torch.Tensor) -> torch.Tensor:
@@ -185,11 +189,16 @@ class BatchInfo:
         return pool.index_select(0, self.slot_index)
 
     def store_state_rows(self, pool: torch.Tensor, rows: torch.Tensor) -> None:
-        """Write rows [B, ...] back to the pool; nothing to do if `rows` is the view `state_rows` returned."""
+        """Write NEW rows [B, ...] (not the `state_rows` view) to this batch's slots of the pool."""
         if self.slot_range is None:
             pool.index_copy_(0, self.slot_index, rows.to(pool.dtype))
-        elif rows.data_ptr() != pool[self.slot_range[0]].data_ptr():
+        else:
             pool[self.slot_range[0]:self.slot_range[1]].copy_(rows)
+
+    def write_back_state_rows(self, pool: torch.Tensor, rows: torch.Tensor) -> None:
+        """After updating the `state_rows(pool)` result in place: copy it back unless it was a view of the pool."""
+        if self.slot_range is None:
+            pool.index_copy_(0, self.slot_index, rows)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, T, ...], zeros at padded positions."""
@@ -208,9 +217,9 @@ class BatchInfo:
 
 def _strided_kv_view(tables: list[list[int]], totals: list[int], L: int, block_size: int,
                      num_blocks: int | None) -> tuple[int, int] | None:
-    """(first row, stride) if sequence b's first L pool rows start at first + b * stride and run consecutively
-    (its blocks are consecutive) and all lie inside the pool; else None. Rows past a sequence's own length are
-    read but masked."""
+    """(first row, stride) if sequence b's first L pool rows are rows first + b * stride ... + L - 1, i.e. its
+    blocks are consecutive, the sequences sit at equal distances of at least L rows, and every row read lies inside
+    the pool; else None. Rows past a sequence's own length are read but masked."""
     if num_blocks is None:
         return None
     starts = []
@@ -219,13 +228,13 @@ def _strided_kv_view(tables: list[list[int]], totals: list[int], L: int, block_s
         if any(table[j] != table[0] + j for j in range(1, used)):
             return None
         starts.append(table[0] * block_size)
-    stride = starts[1] - starts[0] if len(starts) > 1 else 0
-    if stride < 0 or any(s != starts[0] + i * stride for i, s in enumerate(starts)):
+    if len(starts) == 1:
+        return (starts[0], 0) if starts[0] + L <= num_blocks * block_size else None
+    stride = starts[1] - starts[0]
+    if stride < L or any(s != starts[0] + i * stride for i, s in enumerate(starts)):
         return None
-    if starts[-1] + L > num_blocks * block_size:
+    if starts[0] + len(starts) * stride > num_blocks * block_size:
         return None
-    # A sequence's tail rows beyond its own blocks must not be another sequence's rows being WRITTEN this step
-    # with a different meaning: they are only ever masked, so any finite content is fine.
     return starts[0], stride
 
 

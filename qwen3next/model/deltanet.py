@@ -60,7 +60,7 @@ class GatedDeltaNet(nn.Module):
         if cache is not None and batch.is_decode:
             state = batch.state_rows(conv_pool)
             qkv = causal_conv1d_update(qkv, weight, state).unsqueeze(1)  # [B, 1, C]
-            batch.store_state_rows(conv_pool, state)
+            batch.write_back_state_rows(conv_pool, state)
         else:
             state = batch.state_rows(conv_pool) if cache is not None else None
             qkv, new_state = causal_conv1d(batch.pad(qkv), weight, state, lengths=batch.lengths)  # [B, T, C]
@@ -99,7 +99,7 @@ class GatedDeltaNet(nn.Module):
         conv_pool, rec_pool = cache.conv[self.cache_key], cache.recurrent[self.cache_key]
         conv_state = batch.state_rows(conv_pool)
         qkv = causal_conv1d_update(qkvz[:, : self.conv_dim], self.conv1d.weight.view(self.conv_dim, -1), conv_state)
-        batch.store_state_rows(conv_pool, conv_state)
+        batch.write_back_state_rows(conv_pool, conv_state)
         dtype = rec_pool.dtype
         qk = l2_normalize(qkv[:, : 2 * self.key_dim].to(dtype).view(B, 2 * H, K))  # q and k heads normalised at once
         q, k = qk[:, :H] * K ** -0.5, qk[:, H:]
@@ -108,6 +108,6 @@ class GatedDeltaNet(nn.Module):
         g = F.softplus(a.to(dtype) + self.dt_bias.to(dtype)).mul_(torch.exp(self.A_log.to(dtype)).neg_())
         state = batch.state_rows(rec_pool)
         o = gated_delta_step(q, k, v, g, beta, state)
-        batch.store_state_rows(rec_pool, state)
+        batch.write_back_state_rows(rec_pool, state)
         z = qkvz[:, self.conv_dim:].reshape(B, HV, V)
         return self.out_proj(self.norm(o, z).reshape(B, HV * V))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import Qwen3NextConfig
+from ..fastpath import CompileDecodeError, fast_decode
 from ..ops.rope import rope_cos_sin, rope_inv_freq
 from .attention import GatedAttention
 from .cache import BatchInfo, ForwardContext, HybridCache, SequenceCache
@@ -87,6 +88,7 @@ class Qwen3NextForCausalLM(nn.Module):
         inv_freq, scale = rope_inv_freq(config.rope, config.rotary_dim, config.max_position_embeddings)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.rope_scale = scale
+        self._compiled_decoder = None  # see compile_decode()
 
     def _apply(self, fn, recurse=True):
         # Keep the RoPE frequencies in fp32 whatever the model is cast to (SPEC §11: angles in fp32).
@@ -136,14 +138,63 @@ class Qwen3NextForCausalLM(nn.Module):
 
     def context(self, batch: BatchInfo, cache: HybridCache | None = None,
                 router_logits: list[torch.Tensor] | None = None) -> ForwardContext:
-        batch.prepare(self.device, *((cache.block_size, cache.num_blocks) if cache is not None else (None, None)))
+        if cache is None:
+            batch.prepare(self.device)
+        else:
+            compiled = self._uses_compiled_decoder(cache, all(n == 1 for n in batch.seq_lens))
+            batch.prepare(self.device, cache.block_size, cache.num_blocks, views=not compiled)
         cos, sin = rope_cos_sin(batch.positions, self.rope_inv_freq, self.rope_scale, self.dtype)
         return ForwardContext(batch=batch, cos=cos, sin=sin, cache=cache, router_logits=router_logits)
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def hidden_states(self, tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Flat tokens [N] -> final normed hidden states [N, D]."""
-        return self.model(self.model.embed_tokens(tokens), ctx)
+        h = self.model.embed_tokens(tokens)
+        if self._uses_compiled_decoder(ctx.cache, ctx.batch.is_decode):
+            return self._compiled_decoder(h, ctx)
+        return self.model(h, ctx)
+
+    # ---- compiled decode ----------------------------------------------------------------------------------------
+    def compile_decode(self, enabled: bool = True) -> None:
+        """Run decode steps (one new token per sequence, with a cache, no autograd) through a `torch.compile`d
+        decoder stack; prefill and everything else stay eager. Off by default: compiling takes a while (~20-60 s
+        per graph on 2 cores; a graph for batch 1, one more once the context length varies, one once the batch size
+        does) and needs a C++ compiler. Measured on an AVX2 EPYC, 2 threads: `small` decode steps 1.7x (batch 1)
+        and 1.9x (batch 8) faster than the eager fast paths; `tiny` ~1.3 ms vs ~4.2 ms per step.
+
+        The compiled graph reads the cache through index tensors only (`BatchInfo.prepare(views=False)`), so slot
+        and block layouts do not multiply the graphs. Call `warm_up_decode(cache)` to compile before serving."""
+        self._compiled_decoder = torch.compile(self.model.forward) if enabled else None
+
+    @torch.no_grad()
+    def warm_up_decode(self, cache: HybridCache) -> None:
+        """Compile the decode graphs now, on `cache` (the one that will be used: its pool sizes are part of the
+        graph): batch 1 at two context lengths, then batch 2. Uses slots 0-1 and blocks 0-1, and zeroes those
+        slots' DeltaNet state afterwards. Raises CompileDecodeError naming the cause if torch.compile fails here."""
+        if self._compiled_decoder is None:
+            raise ValueError("warm_up_decode: call compile_decode() first")
+        if cache.num_slots < 2 or cache.num_blocks < 2 or cache.block_size < 3:
+            raise ValueError("warm_up_decode: the cache needs at least 2 slots and 2 blocks of >= 3 tokens")
+        try:
+            for batch_size, context in ((1, 1), (1, 2), (2, 2)):
+                batch = BatchInfo([1] * batch_size, [context] * batch_size, list(range(batch_size)),
+                                  [[i] for i in range(batch_size)])
+                tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+                self.hidden_states(tokens, self.context(batch, cache))
+        except Exception as e:  # inductor raises many types; any of them means "compiled decode unavailable here"
+            self._compiled_decoder = None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            raise CompileDecodeError(f"compile_decode: torch.compile failed on this machine ({type(e).__name__}: "
+                                     f"{first}); decoding stays eager") from e
+        finally:
+            cache.reset_slots([0, 1])
+
+    @property
+    def compiled_decode(self) -> bool:
+        return self._compiled_decoder is not None
+
+    def _uses_compiled_decoder(self, cache: HybridCache | None, is_decode: bool) -> bool:
+        return self._compiled_decoder is not None and cache is not None and is_decode and fast_decode()
 
     def forward(self, input_ids: torch.Tensor, cache: SequenceCache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:

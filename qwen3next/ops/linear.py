@@ -37,8 +37,10 @@ def set_linear_backend(name: str) -> str:
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_backend == "auto" and _ONEDNN_OP is not None and weight.dtype == torch.float32
-            and x.dtype == torch.float32 and x.device.type == "cpu" and weight.device.type == "cpu"
+    # Under torch.compile, inductor lowers this op only for constant (frozen) weights: leave the matmul to it.
+    return (_backend == "auto" and not torch.compiler.is_compiling() and _ONEDNN_OP is not None
+            and weight.dtype == torch.float32 and x.dtype == torch.float32
+            and x.device.type == "cpu" and weight.device.type == "cpu"
             and weight.dim() == 2 and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS and weight.is_contiguous()
             and x.shape[-1] == weight.shape[1] and x.numel() > 0
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))

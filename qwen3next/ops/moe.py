@@ -59,7 +59,8 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
     At inference (no autograd) two faster forms of the same sum run instead: a few pairs gather their experts'
     weights into one bmm (`_experts_gathered`), more go through torch's grouped GEMM (`_experts_grouped_mm`)."""
     if fast_decode():
-        if ids.numel() <= GATHER_MAX_PAIRS:
+        # Under torch.compile: the gathered form for any batch (sync-free; `_grouped_mm` has no fp32 meta kernel).
+        if ids.numel() <= GATHER_MAX_PAIRS or torch.compiler.is_compiling():
             return _experts_gathered(x, weights, ids, gate_up_proj, down_proj)
         if _HAS_GROUPED_MM and x.device.type == "cpu":
             return _experts_grouped_mm(x, weights, ids, gate_up_proj, down_proj)

@@ -957,7 +957,8 @@ def run_serve(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     name = args.served_model_name or model_dir.resolve().name
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_memory=args.max_memory,
-              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, quantize=args.quantize,
+              compile_decode=args.compile)
     try:
         app = create_app(llm, name, api_key, args.max_body_bytes)
         engine = llm.engine

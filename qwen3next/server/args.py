@@ -31,6 +31,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="context length (prompt + completion); default: the model's, at most 8192")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization at load")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step before serving (faster steps; about a minute of "
+                             "compiling at start; needs a C++ compiler)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest accepted request body")
