@@ -231,11 +231,13 @@ def test_high_precision_modules_stay_unquantized(bits):
         quantize_model(model, bits)
 
 
-def test_lm_head_default_is_quantized_for_int8_only():
+def test_lm_head_default_is_int8_for_both_schemes():
     int8 = quantize_model(make_model("base", **KERNEL_SIZES), 8, group_size=32)
     int4 = quantize_model(make_model("base", **KERNEL_SIZES), 4, group_size=32)
     assert isinstance(int8.lm_head, Int8Linear)
-    assert isinstance(int4.lm_head, nn.Linear)
+    assert isinstance(int4.lm_head, Int8Linear)  # int4 models keep an int8 lm_head
+    assert isinstance(int4.model.layers[0].linear_attn.out_proj, Int4Linear)
+    assert int4.config.quantization_config["lm_head_bits"] == 8
     assert int8.dtype == torch.float32 and int8.device.type == "cpu"
 
 
@@ -347,7 +349,8 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, overrides, bits, 
         qkvz = f.get_tensor("model.layers.0.linear_attn.in_proj_qkvz.qweight")
     assert "model.layers.0.linear_attn.in_proj_qkvz.weight" not in names
     assert "model.layers.0.linear_attn.in_proj_ba.weight" in names
-    assert ("lm_head.weight" in names) == (bits == 4)  # int8 quantizes lm_head by default
+    assert "lm_head.weight" not in names and {"lm_head.qweight", "lm_head.scales"} <= names  # int8 lm_head
+    assert "lm_head.zeros" not in names
     keys = ["qweight", "scales"] + (["zeros"] if bits == 4 else [])
     if overrides:
         assert {f"model.layers.0.mlp.experts.2.{p}.{k}" for p in ("gate_proj", "up_proj", "down_proj")

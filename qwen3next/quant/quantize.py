@@ -3,19 +3,20 @@
 `quantize_model(model, bits=8|4)` swaps, in place, every projection `nn.Linear` for `Int8Linear` / `Int4Linear` and
 every stacked `Experts` for `QuantizedExperts`. These stay in high precision (as in the official FP8 checkpoint;
 they are small, and the router and gates decide which experts run): the router `mlp.gate`,
-`mlp.shared_expert_gate`, `linear_attn.in_proj_ba`, the embeddings, every norm, `conv1d`, `A_log`, `dt_bias`, and
-`lm_head` unless asked for (see `quantize_model`).
+`mlp.shared_expert_gate`, `linear_attn.in_proj_ba`, the embeddings, every norm, `conv1d`, `A_log`, `dt_bias`.
+`lm_head` is quantized to int8 in both schemes unless asked not to (see `quantize_model`).
 
 Saved format (our own; transformers does not load it). `config.json` gains
     "quantization_config": {"quant_method": "qwen3next", "bits": 8 | 4, "group_size": G (int4) | null,
-                            "modules_not_converted": [name or dotted suffix, ...]}
+                            "modules_not_converted": [name or dotted suffix, ...], "lm_head_bits": 8 | null}
 and the safetensors keep the official HF names and layouts of the unquantized checkpoint (per-expert tensors,
 interleaved `in_proj_qkvz` rows), with each quantized `<module>.weight` [N, K] replaced by
     int8: `<module>.qweight` int8 [N, K], `<module>.scales` bf16 [N]            w = qweight · scales[:, None]
     int4: `<module>.qweight` uint8 [N, K/2] (column 2j in the low nibble, 2j+1 in the high one),
           `<module>.scales`, `<module>.zeros` bf16 [N, K/G]                       w = (q - 8) · scale + zero
           (scale and zero of column k are those of group k // G)
-e.g. `model.layers.0.mlp.experts.3.gate_proj.qweight`. Which modules are quantized is read from the tensors present.
+e.g. `model.layers.0.mlp.experts.3.gate_proj.qweight`. Which modules are quantized is read from the tensors present
+(an int4 checkpoint's int8 `lm_head` is the Linear without `zeros`).
 """
 
 from __future__ import annotations
@@ -61,26 +62,24 @@ def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
     """Swap the projections and experts of `model` for weight-only int8 (per output channel) or int4 (per group of
     `group_size` input channels) versions, in place; record the scheme in `model.config.quantization_config`.
 
-    `quantize_lm_head` (default: yes for int8, where it adds almost no drift and is the largest matrix a decode step
-    reads; no for int4, where it raises the mean logit drift ~25%) also quantizes `lm_head` (never when it is tied
-    to the embedding). Int4 modules whose input size `group_size` does not divide stay in high precision
+    `quantize_lm_head` (default yes) also quantizes `lm_head` (never when it is tied to the embedding), always to
+    int8: it is the largest matrix a decode step reads, int8 adds almost no drift there, while int4 raised the mean
+    logit drift ~25% (demo model). An int4 model thus holds one int8 Linear (recorded as `lm_head_bits: 8`).
+    Int4 modules whose input size `group_size` does not divide stay in high precision
     and are listed in `modules_not_converted`.
     """
     _check_bits(bits, group_size)
     if model.config.quantization_config is not None:
         raise ValueError(f"model: already quantized ({model.config.quantization_config})")
     if quantize_lm_head is None:
-        quantize_lm_head = bits == 8
+        quantize_lm_head = True
     quantize_lm_head = bool(quantize_lm_head) and not model.config.tie_word_embeddings
-    if quantize_lm_head and bits == 4 and model.lm_head.in_features % group_size:
-        quantize_lm_head = False
     keep = [p for p in HIGH_PRECISION if not (p == "lm_head" and quantize_lm_head)]
     not_converted = list(keep)
     with torch.no_grad():
         if quantize_lm_head:
             lm_head = model.lm_head
-            model.lm_head = Int8Linear.from_linear(lm_head) if bits == 8 else Int4Linear.from_linear(lm_head,
-                                                                                                      group_size)
+            model.lm_head = Int8Linear.from_linear(lm_head)
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear):
                 if any(_matches(name, p) for p in keep):
@@ -100,7 +99,8 @@ def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
             _set_module(model, name, new)
     model.config.quantization_config = {"quant_method": QUANT_METHOD, "bits": bits,
                                         "group_size": group_size if bits == 4 else None,
-                                        "modules_not_converted": not_converted}
+                                        "modules_not_converted": not_converted,
+                                        "lm_head_bits": 8 if quantize_lm_head else None}
     return model
 
 
@@ -148,11 +148,12 @@ def swap_in_quantized(model: Qwen3NextForCausalLM, available: set[str]) -> list[
     sources = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.qweight" in available:
+            int8 = bits == 8 or f"{name}.zeros" not in available  # int4 models keep an int8 lm_head
             device = module.weight.device
             with torch.device(device):
-                new = (Int8Linear(module.in_features, module.out_features) if bits == 8 else
+                new = (Int8Linear(module.in_features, module.out_features) if int8 else
                        Int4Linear(module.in_features, module.out_features, group_size))
-            sources += [f"{name}.{k}" for k in keys]
+            sources += [f"{name}.{k}" for k in _keys(8 if int8 else bits)]
         elif isinstance(module, Experts) and f"{name}.0.gate_proj.qweight" in available:
             E, two_i, D = module.gate_up_proj.shape
             with torch.device(module.gate_up_proj.device):
