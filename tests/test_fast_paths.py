@@ -143,6 +143,19 @@ def test_quantized_experts_fast_path_equals_grouped_path(bits, n_tokens):
     assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_int8_gathered_experts_equal_the_dequantized_reference(n_tokens):
+    """The compiled decode step's int8 expert form (gather + dequantize + bmm), run eagerly here."""
+    model = quantize_model(make_model("base", hidden_size=64, moe_intermediate_size=32), 8)
+    experts = model.model.layers[0].mlp.experts
+    gen = torch.Generator().manual_seed(n_tokens)
+    x = torch.randn(n_tokens, 64, generator=gen)
+    weights, ids = route_topk(torch.randn(n_tokens, experts.num_experts, generator=gen), 2, True)
+    with torch.no_grad():
+        ref = experts.forward_reference(x, weights, ids)
+        assert (experts._forward_gathered(x, weights, ids) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 # ---- K/V views -----------------------------------------------------------------------------------------------------
 def test_kv_view_reads_the_same_rows_as_the_gather():
     pool = torch.randn(12 * 4, 2, 3)

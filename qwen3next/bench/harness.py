@@ -297,6 +297,12 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         for p in plans:
             record(f"ours-{name}", "decode", p.batch, p.prompt_len,
                    measure.time_decode_ours(variant, decode_ids[p.batch], p))
+        if opts.compile:
+            variant.compile_decode()
+            for p in plans:
+                record(f"compiled-{name}", "decode", p.batch, p.prompt_len,
+                       measure.time_decode_ours(variant, decode_ids[p.batch], p))
+            variant.compile_decode(False)
         quantized[name] = {"weight_bytes_per_token": decode_weight_bytes_of(variant),
                            "drift": logits_drift(model, variant, prompts), **QUANT_VARIANTS[name]}
         d = quantized[name]["drift"]
@@ -323,17 +329,20 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         if r["kind"] == "decode" and r["batch"] == 1 and r["impl"] in IMPLS:
             roofline[f"{r['impl']}_tokens_per_s"] = r["tokens_per_s"]
             roofline[f"{r['impl']}_pct"] = 100 * r["tokens_per_s"] / ideal
-    float_rows = {(r["batch"]): r for r in rows if r["impl"] == "ours" and r["kind"] == "decode"}
+    float_rows = {(r["impl"], r["batch"]): r for r in rows if r["impl"] in ("ours", "compiled")
+                  and r["kind"] == "decode"}
     for name, q in quantized.items():
         q["ideal_tokens_per_s"] = bandwidth["read_gb_s"] * 1e9 / q["weight_bytes_per_token"]
         q["decode"] = []
         for r in rows:
-            if r["impl"] == f"ours-{name}":
-                base = float_rows.get(r["batch"])
-                q["decode"].append({"batch": r["batch"], "ms": r["ms"], "tokens_per_s": r["tokens_per_s"],
-                                    "vs_float": r["tokens_per_s"] / base["tokens_per_s"] if base else None,
-                                    "roofline_pct": 100 * r["tokens_per_s"] / q["ideal_tokens_per_s"]
-                                    if r["batch"] == 1 else None})
+            for mode in ("ours", "compiled"):  # eager variant vs eager float, compiled vs compiled
+                if r["impl"] == f"{mode}-{name}":
+                    base = float_rows.get((mode, r["batch"]))
+                    q["decode"].append({"mode": "eager" if mode == "ours" else "compiled", "batch": r["batch"],
+                                        "ms": r["ms"], "tokens_per_s": r["tokens_per_s"],
+                                        "vs_float": r["tokens_per_s"] / base["tokens_per_s"] if base else None,
+                                        "roofline_pct": 100 * r["tokens_per_s"] / q["ideal_tokens_per_s"]
+                                        if r["batch"] == 1 else None})
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {
         "machine": machine,
@@ -433,10 +442,10 @@ def format_report(report: dict[str, object]) -> str:
                       f"positions ({source}): top-1 agreement {100 * d['top1_agreement']:.1f}%, max |Δ logit| "
                       f"{d['max_abs']:.4f}, mean {d['mean_abs']:.4f} (logits up to {d['ref_max_abs']:.2f})"]
         for r in q["decode"]:
-            vs = f"{r['vs_float']:.2f}x ours {mod['dtype']}" if r["vs_float"] else "-"
+            vs = f"{r['vs_float']:.2f}x ours {mod['dtype']} ({r['mode']})" if r["vs_float"] else "-"
             roof_pct = f", {r['roofline_pct']:.1f}% of ideal" if r["roofline_pct"] is not None else ""
-            lines.append(f"  decode B={r['batch']}: {r['ms']:.2f} ms/step, {r['tokens_per_s']:.1f} tokens/s = {vs}"
-                         f"{roof_pct}")
+            lines.append(f"  decode B={r['batch']} {r['mode']:<8}: {r['ms']:.2f} ms/step, {r['tokens_per_s']:.1f} "
+                         f"tokens/s = {vs}{roof_pct}")
     return "\n".join(lines)
 
 

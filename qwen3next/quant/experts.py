@@ -117,6 +117,8 @@ class QuantizedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Σ_k w[n,k] · SwiGLU_{ids[n,k]}(x[n]) over the hit experts. x: [N, D]; weights, ids: [N, k] -> [N, D]."""
+        if torch.compiler.is_compiling() and self.bits == 8:
+            return self._forward_gathered(x, weights, ids)
         if fast_decode() and x.shape[0] <= FEW_TOKENS and self._kernels_usable(x):
             return self._forward_few_tokens(x, weights, ids)
         return grouped_swiglu(x, weights, ids, self.num_experts, lambda s, e: self._matmul(s, "gate_up_proj", e),
@@ -165,6 +167,23 @@ class QuantizedExperts(nn.Module):
             else:
                 out.index_add_(0, rows, y.mul_(torch.tensor([w for _, w in pairs], device=x.device)[:, None]))
         return out.to(x.dtype)
+
+    def _forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """int8, for the compiled decode step (no host sync, no data-dependent loop): each pair's expert matrices
+        gathered and dequantized (inductor fuses both into one kernel), then one bmm per projection."""
+        N, D = x.shape
+        k = ids.shape[1]
+        flat_ids = ids.reshape(-1)
+
+        def gathered(proj: str) -> torch.Tensor:  # [P, N, K] in x's dtype, transposed for x @ W
+            q = getattr(self, f"{proj}_qweight").index_select(0, flat_ids)
+            scales = getattr(self, f"{proj}_scales").index_select(0, flat_ids)
+            return (q.to(x.dtype) * scales.to(x.dtype)[..., None]).transpose(1, 2)
+
+        xs = x.repeat_interleave(k, dim=0).unsqueeze(1)
+        g, u = torch.bmm(xs, gathered("gate_up_proj")).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(g) * u, gathered("down_proj")).float()
+        return (y.view(N, k, D) * weights.view(N, k, 1).float()).sum(1).to(x.dtype)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Reference twin: dequantize every expert, then the plain masked loop of `ops.moe.experts_reference`."""

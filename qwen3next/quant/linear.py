@@ -67,12 +67,15 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """
     K, N = x.shape[-1], q.shape[0]
     x2 = x.reshape(-1, K)
-    use_kernel = int8_kernel_supported(K) and x.device.type == "cpu" and q.data_ptr() % 64 == 0 and (
+    # Under torch.compile the pointers are not known at trace time; module buffers and fresh tensors are 64-byte
+    # aligned by torch's CPU allocator (expert slices: QuantizedExperts checks their offsets).
+    compiling = torch.compiler.is_compiling()
+    use_kernel = int8_kernel_supported(K) and x.device.type == "cpu" and (compiling or q.data_ptr() % 64 == 0) and (
         x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and x2.shape[0] <= INT8_KERNEL_MAX_FP32_ROWS))
     if not use_kernel:
         return _blockwise_linear(x, N, K, lambda a, b: q[a:b].to(x.dtype), lambda y, a, b: y * scale[a:b].to(x.dtype))
     xb = x2.to(torch.bfloat16).contiguous()
-    if xb.data_ptr() % 64:  # the kernel uses aligned vector loads on the activations
+    if not compiling and xb.data_ptr() % 64:  # the kernel uses aligned vector loads on the activations
         xb = xb.clone()
     y = torch._weight_int8pack_mm(xb, q, scale.to(torch.bfloat16))
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
