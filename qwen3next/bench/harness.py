@@ -286,6 +286,15 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         if hf is not None:
             record("transformers", "decode", p.batch, p.prompt_len, measure.time_decode_hf(hf, ids, p))
     del hf
+    if opts.compile:  # switched off again before the quantized variants deep-copy the model
+        model.compile_decode()
+        try:
+            for p in plans:  # the plan's warmup steps absorb the compiles (batch 1, then a varying length)
+                record("compiled", "decode", p.batch, p.prompt_len,
+                       measure.time_decode_ours(model, decode_ids[p.batch], p))
+        finally:
+            model.compile_decode(False)
+
     quantized: dict[str, dict[str, object]] = {}
     prompts = drift_prompts(tokenizer if has_tokenizer else None, vocab, opts.seed)
     for name in opts.quantize:
@@ -309,15 +318,6 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         log(f"drift   {name}: top-1 agreement {100 * d['top1_agreement']:.1f}% over {d['positions']} positions, "
             f"max |Δ logit| {d['max_abs']:.4f}, mean {d['mean_abs']:.4f} (logits up to {d['ref_max_abs']:.2f})")
         del variant
-
-    if opts.compile:  # after the quantized variants: those deep-copy the model, a compiled function must not follow
-        model.compile_decode()
-        try:
-            for p in plans:  # the plan's warmup steps absorb the compiles (batch 1, then a varying length)
-                record("compiled", "decode", p.batch, p.prompt_len,
-                       measure.time_decode_ours(model, decode_ids[p.batch], p))
-        finally:
-            model.compile_decode(False)
 
     weight_bytes = decode_weight_bytes(config, elem)
     ideal = bandwidth["read_gb_s"] * 1e9 / weight_bytes

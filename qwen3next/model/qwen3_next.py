@@ -164,6 +164,12 @@ class Qwen3NextForCausalLM(nn.Module):
 
         The compiled graph reads the cache through index tensors only (`BatchInfo.prepare(views=False)`), so slot
         and block layouts do not multiply the graphs. Call `warm_up_decode(cache)` to compile before serving."""
+        if enabled:
+            import torch._dynamo.config
+
+            # Graphs are cached per code object, shared by every model in the process (a float model and its
+            # quantized copy, several batch sizes...); past the default limit of 8, dynamo silently runs eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled_decoder = torch.compile(self.model.forward) if enabled else None
 
     @torch.no_grad()
