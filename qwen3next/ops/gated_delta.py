@@ -62,7 +62,7 @@ def chunk_gated_delta_rule(
     g: Tensor,
     beta: Tensor,
     initial_state: Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
 ) -> tuple[Tensor, Tensor]:
     """Chunked gated delta rule (WY representation, SPEC §5.6); differentiable w.r.t. every tensor input.
 
@@ -72,6 +72,8 @@ def chunk_gated_delta_rule(
         g: [B, T, HV] log decay (<= 0).  beta: [B, T, HV] write strength in (0, 1).
         initial_state: [B, HV, K, V] or None for zeros.
         chunk_size: tokens per chunk; the sequence is padded with g = 0, beta = 0 tokens, which leave the state alone.
+            32 measured fastest on CPU (2 threads, T = 4096 / 2048): 1.26x faster than 64 at the `small` preset's
+            head sizes (8/16 heads of 64), 1.15x at the 80B model's (16/32 heads of 128); 16 and 128 are slower.
 
     Returns:
         o: [B, T, HV, V] and final_state: [B, HV, K, V], both float32 (float64 for float64 inputs).
