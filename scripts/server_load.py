@@ -2,6 +2,7 @@
 
     python scripts/server_load.py --model DIR [--clients 1 16] [--max-tokens 32]
     python scripts/server_load.py --preset small --tokenizer TOKDIR   # random `small` model saved to a temp dir
+    ... [--compile] [--quantize int8]                                 # server options to compare
 
 Starts the real server as a subprocess on a loopback port, drives it with the official `openai` client from threads,
 prints tokens/s and TTFT (median / max) per concurrency level. A measurement, not a test.
@@ -64,6 +65,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="serve with --compile (compiled decode step)")
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None)
     args = ap.parse_args()
     import openai
 
@@ -75,7 +78,9 @@ def main() -> int:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     server = subprocess.Popen([sys.executable, "-m", "qwen3next.cli", "serve", "--model", str(model_dir), "--port",
                                str(port), "--threads", str(args.threads), "--max-num-seqs", str(max(args.clients)),
-                               "--served-model-name", "m", "--log-level", "warning"], env=env)
+                               "--served-model-name", "m", "--log-level", "warning",
+                               *(["--compile"] if args.compile else []),
+                               *(["--quantize", args.quantize] if args.quantize else [])], env=env)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
         for _ in range(600):

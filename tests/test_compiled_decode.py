@@ -33,12 +33,15 @@ def test_compiled_engine_decodes_exactly_like_eager(tmp_path):
                     block_size=16, compile_decode=True)
     try:
         assert model.compiled_decode
+        graphs = dict(torch._dynamo.utils.counters["stats"])
         lengths = (6, 10, 3, 8, 5)
         reqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
                 for p, n in zip(prompts, lengths)]
         while engine.step():
             pass
         compiled_out = [r.output().token_ids for r in reqs]
+        # The warm-up covered every batch size (1-3) and length served: nothing compiled while serving.
+        assert dict(torch._dynamo.utils.counters["stats"]) == graphs
 
         # Logits of one compiled decode step vs the same step run eagerly, on a scattered layout of the engine's own
         # cache (now unused; its pool sizes are the ones compiled for).
@@ -112,5 +115,5 @@ def test_compile_failure_is_reported_and_decoding_stays_eager(monkeypatch):
     model.compile_decode()
     monkeypatch.setattr(model, "_compiled_decoder", broken)
     with pytest.raises(CompileDecodeError, match="no working C\\+\\+ compiler"):
-        model.warm_up_decode(HybridCache(model.config, num_slots=2, num_blocks=2, block_size=4))
+        model.warm_up_decode(HybridCache(model.config, num_slots=3, num_blocks=3, block_size=4))
     assert not model.compiled_decode

@@ -202,9 +202,10 @@ class BatchInfo:
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, T, ...], zeros at padded positions."""
-        B, T = self.batch_size, self.max_len
-        if self.pad_index is None:
-            return x.reshape(B, T, *x.shape[1:])
+        T = self.max_len
+        if self.pad_index is None:  # -1, not len(seq_lens): under torch.compile the batch size stays symbolic
+            return x.reshape(-1, T, *x.shape[1:])
+        B = self.batch_size
         out = x.new_zeros(B * T, *x.shape[1:])
         out.index_copy_(0, self.pad_index, x)
         return out.view(B, T, *x.shape[1:])

@@ -175,14 +175,19 @@ class Qwen3NextForCausalLM(nn.Module):
     @torch.no_grad()
     def warm_up_decode(self, cache: HybridCache) -> None:
         """Compile the decode graphs now, on `cache` (the one that will be used: its pool sizes are part of the
-        graph): batch 1 at two context lengths, then batch 2. Uses slots 0-1 and blocks 0-1, and zeroes those
-        slots' DeltaNet state afterwards. Raises CompileDecodeError naming the cause if torch.compile fails here."""
+        graph): batch 1 at two context lengths, then batches 2 and 3 (a size that changes from 1 stays specialised,
+        so it takes a second change before the batch size becomes dynamic), then 9 if the cache has room (the CPU
+        attention kernel adds a guard at 8). Uses the first slots and blocks and zeroes those slots' DeltaNet state
+        afterwards. Raises CompileDecodeError naming the cause if torch.compile fails."""
         if self._compiled_decoder is None:
             raise ValueError("warm_up_decode: call compile_decode() first")
-        if cache.num_slots < 2 or cache.num_blocks < 2 or cache.block_size < 3:
-            raise ValueError("warm_up_decode: the cache needs at least 2 slots and 2 blocks of >= 3 tokens")
+        if cache.num_slots < 2 or cache.num_blocks < 2 or cache.block_size < 4:
+            raise ValueError("warm_up_decode: the cache needs at least 2 slots and 2 blocks of >= 4 tokens")
+        room = min(cache.num_slots, cache.num_blocks)
+        plan = [(1, 1), (1, 2)] + [(b, b) for b in (2, 3, 9) if b <= room]
+        largest = plan[-1][0]
         try:
-            for batch_size, context in ((1, 1), (1, 2), (2, 2)):
+            for batch_size, context in plan:
                 batch = BatchInfo([1] * batch_size, [context] * batch_size, list(range(batch_size)),
                                   [[i] for i in range(batch_size)])
                 tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
@@ -193,7 +198,7 @@ class Qwen3NextForCausalLM(nn.Module):
             raise CompileDecodeError(f"compile_decode: torch.compile failed on this machine ({type(e).__name__}: "
                                      f"{first}); decoding stays eager") from e
         finally:
-            cache.reset_slots([0, 1])
+            cache.reset_slots(list(range(largest)))
 
     @property
     def compiled_decode(self) -> bool:
