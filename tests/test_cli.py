@@ -81,3 +81,23 @@ def test_broken_model_dir_is_a_clean_error(tmp_path):
     r = run("info", "--model", tmp_path)
     assert r.returncode == 1
     assert "model_type" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_compile_and_quantize_options_reach_the_engine():
+    """`--compile` / `--quantize` parse on generate, chat and serve (running them compiles; the engine-level compile
+    path is tested in test_compiled_decode.py)."""
+    import argparse
+
+    from qwen3next.cli import build_parser
+    from qwen3next.server.app import add_serve_args
+
+    for command, extra in (("generate", ["--prompt", "x"]), ("chat", [])):
+        args = build_parser(command).parse_args([command, *extra, "--compile", "--quantize", "int8"])
+        assert args.compile is True and args.quantize == "int8"
+        assert build_parser(command).parse_args([command, *extra]).compile is False
+    serve = argparse.ArgumentParser()
+    add_serve_args(serve)
+    args = serve.parse_args(["--compile", "--quantize", "int4"])
+    assert args.compile is True and args.quantize == "int4"
+    r = run("generate", "--prompt", "x", "--quantize", "int3")
+    assert r.returncode == 2 and "--quantize" in r.stderr
