@@ -29,13 +29,6 @@ def reference_paths():
         set_fast_decode(old_fast)
 
 
-@contextlib.contextmanager
-def onednn_everywhere(monkeypatch):
-    """Route every fp32 linear through oneDNN (the tiny models' weights are below the size threshold)."""
-    monkeypatch.setattr(linear_mod, "ONEDNN_MIN_WEIGHT_ELEMENTS", 0)
-    yield
-
-
 # ---- linear ------------------------------------------------------------------------------------------------------
 needs_onednn = pytest.mark.skipif(linear_mod._ONEDNN_OP is None, reason="this torch build has no oneDNN")
 
@@ -202,7 +195,8 @@ def test_fast_decode_equals_reference_decode(monkeypatch, layout):
         slots, tables = [0, 1, 2], [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     else:  # gathers and scatters
         slots, tables = [4, 0, 2], [[9, 2, 14, 0], [5, 11, 3, 7], [1, 13, 6, 10]]
-    with onednn_everywhere(monkeypatch):
+    with monkeypatch.context() as patch:  # every fp32 linear through oneDNN (tiny weights are below the threshold)
+        patch.setattr(linear_mod, "ONEDNN_MIN_WEIGHT_ELEMENTS", 0)
         fast = _decode_logits(model, prompts, 6, slots, tables)
     with reference_paths():
         ref = _decode_logits(model, prompts, 6, slots, tables)

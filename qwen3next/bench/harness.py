@@ -286,14 +286,18 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         if hf is not None:
             record("transformers", "decode", p.batch, p.prompt_len, measure.time_decode_hf(hf, ids, p))
     del hf
-    if opts.compile:  # switched off again before the quantized variants deep-copy the model
-        model.compile_decode()
+    def time_decodes(impl: str, m: Qwen3NextForCausalLM, compiled: bool = False) -> None:
+        """A decode row per plan for model `m`, through compile_decode() if `compiled` (the plan's warmup steps
+        absorb the compiles); compiling is switched off again after, before anything deep-copies the model."""
+        m.compile_decode(compiled)
         try:
-            for p in plans:  # the plan's warmup steps absorb the compiles (batch 1, then a varying length)
-                record("compiled", "decode", p.batch, p.prompt_len,
-                       measure.time_decode_ours(model, decode_ids[p.batch], p))
+            for p in plans:
+                record(impl, "decode", p.batch, p.prompt_len, measure.time_decode_ours(m, decode_ids[p.batch], p))
         finally:
-            model.compile_decode(False)
+            m.compile_decode(False)
+
+    if opts.compile:
+        time_decodes("compiled", model, compiled=True)
 
     quantized: dict[str, dict[str, object]] = {}
     prompts = drift_prompts(tokenizer if has_tokenizer else None, vocab, opts.seed)
@@ -303,15 +307,9 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         from ..quant.quantize import quantize_model
 
         variant = quantize_model(copy.deepcopy(model), **QUANT_VARIANTS[name])
-        for p in plans:
-            record(f"ours-{name}", "decode", p.batch, p.prompt_len,
-                   measure.time_decode_ours(variant, decode_ids[p.batch], p))
+        time_decodes(f"ours-{name}", variant)
         if opts.compile:
-            variant.compile_decode()
-            for p in plans:
-                record(f"compiled-{name}", "decode", p.batch, p.prompt_len,
-                       measure.time_decode_ours(variant, decode_ids[p.batch], p))
-            variant.compile_decode(False)
+            time_decodes(f"compiled-{name}", variant, compiled=True)
         quantized[name] = {"weight_bytes_per_token": decode_weight_bytes_of(variant),
                            "drift": logits_drift(model, variant, prompts), **QUANT_VARIANTS[name]}
         d = quantized[name]["drift"]

@@ -54,7 +54,7 @@ class GatedAttention(nn.Module):
             kp, vp = batch.pad(k).transpose(1, 2), batch.pad(v).transpose(1, 2)
         if batch.sees_all_keys:
             o = F.scaled_dot_product_attention(qp, kp, vp, enable_gqa=H != HKV)
-        elif batch.attn_mask is None or batch.plain_causal:
+        elif batch.attn_mask is None or batch.is_uniform:  # fresh equal-length prompts: SDPA's causal mask is exact
             o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=H != HKV)
         else:
             o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=batch.attn_mask, enable_gqa=H != HKV)

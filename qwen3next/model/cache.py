@@ -80,7 +80,6 @@ class BatchInfo:
     kv_write_index: torch.Tensor | None = field(default=None, repr=False)  # [N] rows of the paged pool
     kv_read_index: torch.Tensor | None = field(default=None, repr=False)  # [B, L] rows of the paged pool
     attn_mask: torch.Tensor | None = field(default=None, repr=False)  # [B, 1, T, L] bool, True = attend
-    plain_causal: bool = False  # with a cache: no context and equal lengths, so `is_causal` needs no explicit mask
     kv_len: int = 0  # L: keys per sequence after this forward (the longest sequence's context + new tokens)
     sees_all_keys: bool = False  # one query per sequence and every sequence holds L keys: attention needs no mask
     kv_view: tuple[int, int] | None = None  # (first row, row stride) when sequence b's L keys are the pool rows
@@ -141,8 +140,6 @@ class BatchInfo:
             totals = [c + n for n, c in zip(self.seq_lens, ctx)]
             self.kv_len = L
             self.sees_all_keys = views and T == 1 and all(t == L for t in totals)
-            # Fresh equal-length prompts: plain causal attention (SDPA's top-left causal mask is then exact).
-            self.plain_causal = not any(ctx) and all(n == T for n in self.seq_lens)
             self.kv_view = _strided_kv_view(self.block_tables, totals, L, block_size, num_blocks) if views else None
             if self.is_decode and self.kv_view is not None and self.sees_all_keys:
                 # The common decode step: no read index, no mask; the B write rows computed on the host.

@@ -79,12 +79,19 @@ def _experts_gathered(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     """Decode form: copy each pair's expert matrices together (`index_select` streams them at full memory
     bandwidth, where one small GEMV per expert does not) and run ONE batched matmul per projection. ~10 ops, no
     host sync. x [N, D] -> [N, D]."""
-    N, D = x.shape
-    k = ids.shape[1]
     flat_ids = ids.reshape(-1)
-    xs = x.repeat_interleave(k, dim=0).unsqueeze(1)  # [N*k, 1, D], pair p = n * k + j
-    g, u = torch.bmm(xs, gate_up_proj.index_select(0, flat_ids).transpose(1, 2)).chunk(2, dim=-1)
-    y = torch.bmm(F.silu(g) * u, down_proj.index_select(0, flat_ids).transpose(1, 2)).float()  # [N*k, 1, D]
+    return swiglu_per_pair(x, weights, gate_up_proj.index_select(0, flat_ids).transpose(1, 2),
+                           down_proj.index_select(0, flat_ids).transpose(1, 2))
+
+
+def swiglu_per_pair(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Σ_j w[n,j] · SwiGLU(x[n]) with pair p = n * k + j's own matrices, as two bmm: gate_up [N*k, D, 2I] (gate
+    columns, then up), down [N*k, I, D], both laid out for `x @ W`. Accumulated in fp32; returns [N, D] in x's dtype."""
+    N, D = x.shape
+    k = weights.shape[1]
+    xs = x.repeat_interleave(k, dim=0).unsqueeze(1)  # [N*k, 1, D]
+    g, u = torch.bmm(xs, gate_up).chunk(2, dim=-1)
+    y = torch.bmm(F.silu(g) * u, down).float()  # [N*k, 1, D]
     return (y.view(N, k, D) * weights.view(N, k, 1).float()).sum(1).to(x.dtype)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..fastpath import fast_decode
 from ..model.moe import Experts
-from ..ops.moe import experts_reference, grouped_swiglu
+from ..ops.moe import experts_reference, grouped_swiglu, swiglu_per_pair
 from .linear import (
     SCALE_DTYPE,
     check_group_size,
@@ -171,8 +171,6 @@ class QuantizedExperts(nn.Module):
     def _forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """int8, for the compiled decode step (no host sync, no data-dependent loop): each pair's expert matrices
         gathered and dequantized (inductor fuses both into one kernel), then one bmm per projection."""
-        N, D = x.shape
-        k = ids.shape[1]
         flat_ids = ids.reshape(-1)
 
         def gathered(proj: str) -> torch.Tensor:  # [P, N, K] in x's dtype, transposed for x @ W
@@ -180,10 +178,7 @@ class QuantizedExperts(nn.Module):
             scales = getattr(self, f"{proj}_scales").index_select(0, flat_ids)
             return (q.to(x.dtype) * scales.to(x.dtype)[..., None]).transpose(1, 2)
 
-        xs = x.repeat_interleave(k, dim=0).unsqueeze(1)
-        g, u = torch.bmm(xs, gathered("gate_up_proj")).chunk(2, dim=-1)
-        y = torch.bmm(F.silu(g) * u, gathered("down_proj")).float()
-        return (y.view(N, k, D) * weights.view(N, k, 1).float()).sum(1).to(x.dtype)
+        return swiglu_per_pair(x, weights, gathered("gate_up_proj"), gathered("down_proj"))
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Reference twin: dequantize every expert, then the plain masked loop of `ops.moe.experts_reference`."""

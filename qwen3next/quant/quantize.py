@@ -58,7 +58,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
-                   quantize_lm_head: bool | None = None) -> Qwen3NextForCausalLM:
+                   quantize_lm_head: bool = True) -> Qwen3NextForCausalLM:
     """Swap the projections and experts of `model` for weight-only int8 (per output channel) or int4 (per group of
     `group_size` input channels) versions, in place; record the scheme in `model.config.quantization_config`.
 
@@ -71,8 +71,6 @@ def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
     _check_bits(bits, group_size)
     if model.config.quantization_config is not None:
         raise ValueError(f"model: already quantized ({model.config.quantization_config})")
-    if quantize_lm_head is None:
-        quantize_lm_head = True
     quantize_lm_head = bool(quantize_lm_head) and not model.config.tie_word_embeddings
     keep = [p for p in HIGH_PRECISION if not (p == "lm_head" and quantize_lm_head)]
     not_converted = list(keep)
@@ -243,8 +241,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64, help="int4 group size")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype of the modules kept in high precision (default: the checkpoint's)")
-    p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize lm_head too (default: yes for --bits 8, no for --bits 4)")
+    p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize lm_head too, to int8 whatever --bits says (default: yes)")
 
 
 def run_quantize(args: argparse.Namespace) -> int:
