@@ -16,10 +16,12 @@ from tokenizers import models, pre_tokenizers
 
 from qwen3next import Qwen3NextForCausalLM
 from qwen3next.tokenizer import Tokenizer
+from qwen3next.train.checkpoints import STATE_FILE
 from qwen3next.train.data import DOC_SEPARATOR, PackedDataset, parse_data_specs, split_documents, tokenizer_fingerprint
 from qwen3next.train.losses import compute_losses, lm_loss, load_balancing_loss, mtp_loss
+from qwen3next.train.optim import is_decayed, lr_at, make_optimizer
 from qwen3next.train.presets import PRESETS, padded_vocab_size, preset_config
-from qwen3next.train.trainer import STATE_FILE, add_train_args, is_decayed, lr_at, make_optimizer, run_train
+from qwen3next.train.trainer import add_train_args, run_train
 
 WORDS = ("the cat sat on a mat and dog ran to park with ball red blue green one two three four five six seven eight "
          "nine ten . ,").split()

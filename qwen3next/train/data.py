@@ -6,9 +6,9 @@ so a window may span a document boundary. The model has no cross-document mask a
 reset in the middle of a sequence, so nothing is reset there: the separator token is the only boundary signal, and
 the model learns that text after it starts afresh.
 
-Documents: a file is one document unless it contains the `<|endoftext|>` separator (the convention of
-`qwen3next.train.corpus`: each document is followed by a line holding `<|endoftext|>`), in which case each piece
-between separators is a document (blank pieces are dropped).
+Documents: a file is one document unless it contains the `<|endoftext|>` separator (the layout of
+`qwen3next.train.documents`: each document is followed by a line holding `<|endoftext|>`), in which case each piece
+between separators is a document (blank pieces are dropped); see `split_documents`.
 
 Tokens are cached once per (file content, tokenizer) pair as `.npy` files (uint16 when the vocab fits, else uint32)
 that are memory-mapped on later runs.
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from ..tokenizer import Tokenizer
+from .documents import DOC_SEPARATOR, split_documents
 
-DOC_SEPARATOR = "<|endoftext|>"
 _CACHE_FORMAT = "qwen3next-tokens-v1"
 
 
@@ -94,18 +94,6 @@ def expand_path(path: Path) -> list[Path]:
 
 
 # ---- tokenization and cache ------------------------------------------------------------------------------------------
-def split_documents(text: str) -> list[str]:
-    """The documents of a file: pieces between `<|endoftext|>` separators (one newline after each separator is
-    part of the separator line); a file without separators is one document. Blank pieces are dropped."""
-    docs = []
-    for i, piece in enumerate(text.split(DOC_SEPARATOR)):
-        if i > 0 and piece.startswith("\n"):
-            piece = piece[1:]
-        if piece.strip():
-            docs.append(piece)
-    return docs
-
-
 def tokenize_text(text: str, tokenizer: Tokenizer, separator_id: int) -> np.ndarray:
     """All documents of `text`, each followed by `separator_id`, as one int64 array."""
     ids: list[int] = []

@@ -1,5 +1,5 @@
-"""Training losses: next-token CE, MTP CE (token t+2), the Switch-style router load-balancing loss (SPEC §6), and
-one function that runs the model on a batch of packed windows and returns all of them.
+"""Training losses: next-token CE, MTP CE (token t+2), the Switch-Transformer router load-balancing loss, and one
+function that runs the model on a batch of packed windows and returns all of them.
 
 Total loss = lm + mtp_weight · mtp + aux_coef · aux.
 
@@ -46,7 +46,7 @@ def mtp_loss(mtp_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
-    """Switch-Transformer balance loss E · Σ_e f_e · P̄_e, pooled over the tokens of all layers (SPEC §6).
+    """Switch-Transformer balance loss E · Σ_e f_e · P̄_e, pooled over the tokens of all layers.
 
     router_logits: per MoE layer, [N_layer, E]. f_e = fraction of tokens whose top-k contains e (Σ_e f_e = k),
     P̄_e = mean full-softmax probability of e (fp32). Equals transformers' `load_balancing_loss_func` (no mask).

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..engine.llm import Engine
 from ..engine.sampling import SamplingParams
-from ..tokenizer import parse_tool_calls
+from ..tool_calls import parse_tool_calls
 
 SAMPLE_PROMPTS = [
     ("text", "It is a truth universally acknowledged, that"),

@@ -6,10 +6,11 @@ days of the week, comparisons). Tool turns use two tools, ``calculator`` and ``g
 emits only tool calls, a ``tool`` message returns the result, and the final answer quotes that result.
 
 Run as ``python -m qwen3next.train.synthetic OUT_DIR [--n-train N --n-heldout N --seed S]``; the chat files
-use the document layout of ``qwen3next.train.corpus`` (each document followed by a ``<|endoftext|>`` line).
+use the document layout of ``qwen3next.train.documents`` (each document followed by a ``<|endoftext|>`` line).
 
-``render_chatml`` is a self-contained renderer of the Qwen3 ChatML format (SPEC §12.2). It does not use the
-runtime template in ``qwen3next/tokenizer.py``; the two should agree token for token.
+``render_chatml`` is a self-contained renderer of Qwen3's ChatML format (``<|im_start|>ROLE\\n…<|im_end|>\\n`` turns,
+as Qwen3's chat template writes them). It does not use the runtime template in ``qwen3next/tokenizer.py``; the two
+should agree token for token.
 
 The policy the data teaches is consistent: one-step arithmetic on numbers up to 20 is answered directly,
 anything bigger or with several operators goes to the calculator (asked only when the tools are offered), and
@@ -25,7 +26,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3next.train.corpus import join_documents
+from qwen3next.train.documents import join_documents
 
 CALCULATOR_TOOL = {
     "type": "function",
@@ -67,7 +68,7 @@ _TOOLS_FOOTER = (
 def render_chatml(
     conversation: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False
 ) -> str:
-    """Render OpenAI-format messages as Qwen3 ChatML text (SPEC §12.2).
+    """Render OpenAI-format messages as Qwen3 ChatML text, the way Qwen3's chat template does.
 
     Tool definitions go into the system turn (after the caller's system text and a blank line), assistant tool
     calls become ``<tool_call>`` blocks after the text content, and consecutive ``tool`` messages merge into one

@@ -30,7 +30,8 @@ QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Qwen3's added tokens in id order (151643.. in the full vocab) with their `special` flag (SPEC §12.1).
+# Qwen3's added tokens in id order (151643.. in the full vocab) with their `special` flag, as Qwen3's
+# tokenizer_config.json lists them.
 QWEN3_SPECIAL_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|endoftext|>", True),
     ("<|im_start|>", True),
