@@ -235,7 +235,11 @@ class Qwen3NextConfig:
         return len(self.linear_layers) * (conv + rec)
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total and per-token-active parameter counts, from the config alone (SPEC §13)."""
+        """Total and per-token-active parameter counts, from the config alone.
+
+        "active" counts, of each MoE layer, the router, the top-k routed experts and the shared expert, and the LM
+        head but not the embedding (a gather, not a matmul); the MTP layers are counted apart. For the official
+        80B-A3B config: 79,674,391,296 total (81,324,862,720 with MTP, the checkpoint's size), 3,563,764,480 active."""
         D = self.hidden_size
         key_dim = self.linear_num_key_heads * self.linear_key_head_dim
         value_dim = self.linear_num_value_heads * self.linear_value_head_dim

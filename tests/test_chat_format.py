@@ -3,7 +3,8 @@ model is trained on exactly the format it is served with."""
 
 from __future__ import annotations
 
-from qwen3next.tokenizer import DEFAULT_CHAT_TEMPLATE, compile_chat_template, parse_tool_calls, render_chat_template
+from qwen3next.tokenizer import DEFAULT_CHAT_TEMPLATE, compile_chat_template, render_chat_template
+from qwen3next.tool_calls import parse_tool_calls
 from qwen3next.train.synthetic import generate_chat_examples, render_chatml
 
 

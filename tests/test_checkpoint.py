@@ -167,7 +167,8 @@ def test_sharded_save_and_load(base_model, tmp_path):
 
 # ---- the official layout on disk ------------------------------------------------------------------------------------
 def expected_qkvz_rows(c: Qwen3NextConfig) -> list[int]:
-    """Logical row of each on-disk row of in_proj_qkvz (SPEC §5.2), built by hand."""
+    """Logical row of each on-disk row of in_proj_qkvz, built by hand: on disk the rows are grouped per key head g as
+    [q_g (K) | k_g (K) | v of g's r value heads (r*V) | z of the same heads (r*V)]."""
     H, K, V, r = c.linear_num_key_heads, c.linear_key_head_dim, c.linear_value_head_dim, \
         c.linear_num_value_heads // c.linear_num_key_heads
     HV = H * r
@@ -252,8 +253,9 @@ def test_saved_files_use_the_official_layout(overrides, tmp_path):
     assert_same_parameters(loaded, model)
 
 
-def test_expected_interleaving_matches_spec_example():
-    """The hand-built permutation agrees with SPEC §5.2's row formulas on the official sizes."""
+def test_expected_interleaving_matches_official_row_formulas():
+    """The hand-built permutation agrees with the per-group row formulas on the official sizes (group g starts at
+    on-disk row g * (2K + 2rV))."""
     c = Qwen3NextConfig.from_dict({})
     rows = expected_qkvz_rows(c)
     assert len(rows) == 12288 and sorted(rows) == list(range(12288))

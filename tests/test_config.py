@@ -13,7 +13,7 @@ from qwen3next.model.cache import HybridCache
 from qwen3next.model.moe import SparseMoE
 from tiny_models import CONFIGS, config_dict
 
-# SPEC §1: the official Qwen3-Next-80B-A3B-Instruct config.json (no MTP key, although the checkpoint ships mtp.*).
+# The official Qwen3-Next-80B-A3B-Instruct config.json (no MTP key, although the checkpoint ships mtp.*).
 OFFICIAL = {
     "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "torch_dtype": "bfloat16",
     "transformers_version": "4.57.0.dev0", "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 48,
@@ -29,7 +29,7 @@ OFFICIAL = {
 }
 
 
-# ---- the official config and its derived numbers (SPEC §10.1, §13) -------------------------------------------------
+# ---- the official config and its derived numbers (parameter counts, cache and state bytes) ---------------------------
 def test_official_config_parses():
     c = Qwen3NextConfig.from_dict(OFFICIAL)
     assert c.attention_layers == list(range(3, 48, 4))
@@ -41,7 +41,7 @@ def test_official_config_parses():
     assert c.torch_dtype == "bfloat16"
 
 
-def test_official_parameter_counts_match_spec():
+def test_official_parameter_counts():
     counts = Qwen3NextConfig.from_dict(OFFICIAL).parameter_counts()
     assert counts["total"] == 79_674_391_296
     assert counts["mtp"] == 1_650_471_424
@@ -52,7 +52,7 @@ def test_official_parameter_counts_match_spec():
     assert counts["active"] - counts["embedding"] == 3_252_599_552  # "A3B"
 
 
-def test_official_cache_sizes_match_spec():
+def test_official_cache_sizes():
     c = Qwen3NextConfig.from_dict(OFFICIAL)
     assert c.kv_bytes_per_token() == 24 * 1024  # 12 layers x K,V x 2 heads x 256 x bf16
     assert c.kv_bytes_per_token(include_mtp=True) == 26 * 1024

@@ -10,7 +10,8 @@ import torch
 from qwen3next.checkpoint import load_model
 from qwen3next.engine.llm import DEFAULT_MODEL, Engine
 from qwen3next.engine.sampling import SamplingParams
-from qwen3next.tokenizer import Tokenizer, parse_tool_calls
+from qwen3next.tokenizer import Tokenizer
+from qwen3next.tool_calls import parse_tool_calls
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").exists(), reason="demo model not built")
 

@@ -3,15 +3,8 @@ import shutil
 
 import pytest
 
-from qwen3next.tokenizer import (
-    DEFAULT_CHAT_TEMPLATE,
-    ContentEvent,
-    IncrementalDetokenizer,
-    StreamingToolCallParser,
-    Tokenizer,
-    ToolCallEvent,
-    parse_tool_calls,
-)
+from qwen3next.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer
+from qwen3next.tool_calls import ContentEvent, StreamingToolCallParser, ToolCallEvent, parse_tool_calls
 from tokenizer_fixtures import K, built_dir
 
 IM_START, IM_END, ENDOFTEXT = K + 1, K + 2, K  # ids in the truncated build
@@ -97,7 +90,7 @@ def test_encode_decode_and_special_tokens(tok):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Chat template (expected strings written by hand from SPEC §12.2)
+# Chat template (expected strings written by hand in the Qwen3 Instruct ChatML format)
 # ------------------------------------------------------------------------------------------------------------------
 
 TOOLS_INTRO = (

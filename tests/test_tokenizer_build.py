@@ -7,7 +7,7 @@ from qwen3next.tokenizer import Tokenizer
 from qwen3next.train.tokenizer_build import build_from_qwen_ranks, recover_merges, train_bpe
 from tokenizer_fixtures import QWEN_SPLIT, K, built_dir, qwen_ranks
 
-# SPEC §12.1, in id order, with the `special` flag.
+# Qwen3's added tokens (ids 151643..151668 in the full vocab), in id order, with the `special` flag.
 # fmt: off
 QWEN3_ADDED = [
     ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
@@ -101,7 +101,7 @@ def test_full_build_known_vectors_and_tiktoken(full_dir):
     data = json.loads((full_dir / "tokenizer.json").read_text())
     assert len(data["model"]["merges"]) == 151_387
     tok = check_added_tokens(full_dir, 151643, data)
-    # CORPUS.md known vectors.
+    # Known ids of the real Qwen3 tokenizer for these strings.
     assert tok.encode("Hello, world!") == [9707, 11, 1879, 0]
     assert tok.encode("你好，世界") == [108386, 3837, 99489]
     assert tok.encode("<|im_start|>user\nHi<|im_end|>\n") == [151644, 872, 198, 13048, 151645, 198]

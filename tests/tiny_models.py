@@ -75,7 +75,7 @@ def make_model(name: str = "base", seed: int = 0, dtype: torch.dtype = torch.flo
     return model.to(dtype).eval()
 
 
-BYTE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+BYTE_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
 
 
 def write_byte_tokenizer(path) -> None:
@@ -95,7 +95,7 @@ def write_byte_tokenizer(path) -> None:
     tok.decoder = decoders.ByteLevel()
     from tokenizers import AddedToken
 
-    tok.add_special_tokens([AddedToken(t, special=True) for t in BYTE_SPECIALS if t.startswith("<|")])
-    tok.add_tokens([AddedToken(t, special=False) for t in BYTE_SPECIALS if not t.startswith("<|")])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in BYTE_ADDED_TOKENS if t.startswith("<|")])
+    tok.add_tokens([AddedToken(t, special=False) for t in BYTE_ADDED_TOKENS if not t.startswith("<|")])
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))

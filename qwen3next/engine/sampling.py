@@ -6,6 +6,9 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+# Temperatures below this sample greedily (as in vLLM): logits / T would overflow float32 into inf/NaN, and such a
+# temperature stands for the argmax anyway.
+GREEDY_TEMPERATURE_BELOW = 1e-5
 
 
 @dataclass
@@ -68,8 +71,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        # Below ~1e-5, logits / T overflows float32 into inf/NaN: treat it as the argmax it approximates.
-        return self.temperature < 1e-5
+        return self.temperature < GREEDY_TEMPERATURE_BELOW
 
     @property
     def has_top_k(self) -> bool:

@@ -39,24 +39,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.llm import LLM, RequestHandle, StreamEvent
-from ..engine.sampling import SamplingParams
-from ..tokenizer import (
-    TOOL_CALL_START,
-    ChatTemplateError,
-    ContentEvent,
-    StreamingToolCallParser,
-    Tokenizer,
-    ToolCallEvent,
-    parse_tool_calls,
-)
+from ..engine.llm import LLM, RequestHandle
+from ..engine.output import StreamEvent
+from ..engine.sampling import GREEDY_TEMPERATURE_BELOW, SamplingParams
+from ..tokenizer import ChatTemplateError, Tokenizer
+from ..tool_calls import TOOL_CALL_START, ContentEvent, StreamingToolCallParser, ToolCallEvent, parse_tool_calls
 from . import protocol as P
 from .args import DEFAULT_MAX_BODY_BYTES, add_serve_args  # noqa: F401  (re-exported)
 from .metrics import CONTENT_TYPE, Counter, Histogram, render_family
 
 logger = logging.getLogger("qwen3next.server")
 
-_GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (as in vLLM)
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                  40.0, 80.0)
@@ -500,7 +493,7 @@ class OpenAIServer:
             return default if value is None else value
 
         temperature = pick(req.temperature, 1.0)
-        if temperature < _GREEDY_BELOW:
+        if temperature < GREEDY_TEMPERATURE_BELOW:
             temperature = 0.0  # logits / ~0 overflow to NaN probabilities; such a temperature means greedy anyway
         try:
             return SamplingParams(
