@@ -1,8 +1,8 @@
 """HF checkpoint directory <-> model.
 
 Loading reads the safetensors files tensor by tensor (plain reads, no memory map) into parameters allocated once in
-the target dtype, so peak memory stays near one copy of the model. All layout adaptation happens here, once (DESIGN
-principle 3):
+the target dtype, so peak memory stays near one copy of the model. All layout adaptation happens here, once, so the
+model code only ever sees its own layout:
 
 | checkpoint (HF)                                            | model parameter                          |
 |------------------------------------------------------------|------------------------------------------|
@@ -238,7 +238,8 @@ class _TensorIndex:
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _PACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-# Parameters whose rows the checkpoint interleaves per key-head group (SPEC §5.2).
+# Parameters whose rows the checkpoint interleaves per key-head group ([q|k|v..|z..] and [b..|a..] for each group);
+# the model keeps them grouped by kind ([all q|all k|all v|all z], [all b|all a]).
 _CONVERTERS: dict[str, Callable[[torch.Tensor, Qwen3NextConfig], torch.Tensor]] = {
     ".linear_attn.in_proj_qkvz.weight": qkvz_from_hf, ".linear_attn.in_proj_ba.weight": ba_from_hf}
 
@@ -274,8 +275,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     A directory written by `qwen3next quantize` loads into the quantized modules (quant/); `quantize` ("int8" or
     "int4", group size 64) quantizes a float checkpoint after loading.
     """
-    if quantize not in (None, "int8", "int4"):
-        raise ValueError(f"quantize: expected None, 'int8' or 'int4', got {quantize!r}")
+    bits = quantize_bits(quantize)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected an HF model directory with config.json)")
@@ -288,9 +288,16 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         model = _load(index, config, dtype, device, strict)
     finally:
         index.close()
-    if quantize is not None:
-        model = _quantize_loaded(model, 8 if quantize == "int8" else 4)
+    if bits is not None:
+        model = _quantize_loaded(model, bits)
     return model
+
+
+def quantize_bits(quantize: str | None) -> int | None:
+    """Bits of a `quantize` option: None (no quantization), "int8" or "int4"; anything else is a ValueError."""
+    if quantize not in (None, "int8", "int4"):
+        raise ValueError(f"quantize: expected None, 'int8' or 'int4', got {quantize!r}")
+    return None if quantize is None else int(quantize[3:])
 
 
 # ---- quantized checkpoints (quant/): hooks ---------------------------------------------------------------------------

@@ -18,14 +18,6 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
                         "demo model")
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n}"
-
-
 def _fmt_count(n: int) -> str:
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:
@@ -35,6 +27,7 @@ def _fmt_count(n: int) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .config import Qwen3NextConfig
+    from .engine.memory import fmt_bytes
 
     config = Qwen3NextConfig.from_pretrained(args.model)
     counts = config.parameter_counts()
@@ -55,9 +48,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("deltanet", f"{config.linear_num_key_heads} qk / {config.linear_num_value_heads} v heads, "
                      f"dims {config.linear_key_head_dim}/{config.linear_value_head_dim}, "
                      f"conv {config.linear_conv_kernel_dim}"),
-        ("KV cache per token (bf16)", _fmt_bytes(kv) + f"  ({len(config.attention_layers)} attention layers)"),
-        ("DeltaNet state per sequence", _fmt_bytes(state) + "  (bf16 conv + fp32 recurrent, any length)"),
-        ("one sequence at full context", _fmt_bytes(state + kv * config.max_position_embeddings)
+        ("KV cache per token (bf16)", fmt_bytes(kv) + f"  ({len(config.attention_layers)} attention layers)"),
+        ("DeltaNet state per sequence", fmt_bytes(state) + "  (bf16 conv + fp32 recurrent, any length)"),
+        ("one sequence at full context", fmt_bytes(state + kv * config.max_position_embeddings)
          + f"  ({config.max_position_embeddings:,} tokens)"),
         ("vocab", f"{config.vocab_size:,}"),
     ]
@@ -296,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--model: {model} is not a directory"
                      + (" (the embedded demo model is missing from this install)" if model == str(DEFAULT_MODEL)
                         else ""))
-    from .fastpath import CompileDecodeError
+    from .engine.compiled import CompileDecodeError
 
     try:
         return args.func(args)

@@ -2,7 +2,8 @@ import random
 
 import pytest
 
-from qwen3next.engine.block_manager import BlockManager, CacheGeometry, plan_cache
+from qwen3next.engine.block_manager import BlockManager
+from qwen3next.engine.memory import CacheGeometry, plan_cache
 from qwen3next.engine.sequence import Sequence
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30

@@ -1,8 +1,8 @@
-"""Hybrid cache memory: how much of it to allocate, and who owns which part. Plain Python, no torch.
+"""Who owns which part of the hybrid cache. Plain Python, no torch.
 
 Full-attention layers keep K/V in a paged pool of `num_blocks` blocks of `block_size` tokens; DeltaNet layers
-keep one fixed-size state slot per running sequence. `plan_cache` splits a byte budget between the two and
-`BlockManager` hands blocks and slots to sequences.
+keep one fixed-size state slot per running sequence. `BlockManager` hands blocks and slots to sequences, in the
+numbers `memory.plan_cache` chose.
 
 Blocks carry a reference count so that prefix caching can later share a block between sequences (a block
 goes back to the free list when its count drops to zero); today every live block has count 1.
@@ -11,127 +11,9 @@ goes back to the free list when its count drops to zero); today every live block
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
+from .memory import CachePlan, cdiv
 from .sequence import Sequence
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@dataclass(frozen=True)
-class CacheGeometry:
-    """Per-token and per-sequence cache sizes of a model.
-
-    kv_bytes_per_token: K + V bytes of one token summed over all attention layers
-        (`Qwen3NextConfig.kv_bytes_per_token()`; 24 KiB for the 80B model in bf16).
-    state_bytes_per_slot: conv + recurrent state bytes of one sequence summed over all DeltaNet layers
-        (`Qwen3NextConfig.state_bytes_per_sequence()`; ~73.7 MiB with an fp32 recurrent state).
-    """
-
-    kv_bytes_per_token: int
-    state_bytes_per_slot: int
-    block_size: int
-
-    def __post_init__(self) -> None:
-        if self.kv_bytes_per_token < 0 or self.state_bytes_per_slot < 0:
-            raise ValueError(f"cache byte sizes must be >= 0, got kv_bytes_per_token={self.kv_bytes_per_token}, "
-                             f"state_bytes_per_slot={self.state_bytes_per_slot}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-
-    @property
-    def block_bytes(self) -> int:
-        return self.kv_bytes_per_token * self.block_size
-
-
-@dataclass(frozen=True)
-class CachePlan:
-    """How many KV blocks and state slots to allocate, and what that buys."""
-
-    geometry: CacheGeometry
-    num_blocks: int
-    num_slots: int
-    budget_bytes: int
-    max_model_len: int
-
-    @property
-    def block_size(self) -> int:
-        return self.geometry.block_size
-
-    @property
-    def kv_bytes(self) -> int:
-        return self.num_blocks * self.geometry.block_bytes
-
-    @property
-    def state_bytes(self) -> int:
-        return self.num_slots * self.geometry.state_bytes_per_slot
-
-    @property
-    def total_bytes(self) -> int:
-        return self.kv_bytes + self.state_bytes
-
-    @property
-    def num_kv_tokens(self) -> int:
-        return self.num_blocks * self.block_size
-
-    @property
-    def num_full_length_seqs(self) -> int:
-        """How many sequences of max_model_len tokens fit at once."""
-        return min(self.num_slots, self.num_blocks // cdiv(self.max_model_len, self.block_size))
-
-    def describe(self) -> str:
-        g = self.geometry
-        avg = self.num_kv_tokens // self.num_slots
-        lines = [
-            f"cache plan: {_fmt_bytes(self.total_bytes)} of a {_fmt_bytes(self.budget_bytes)} budget",
-            f"  DeltaNet state: {self.num_slots:,} slots x {_fmt_bytes(g.state_bytes_per_slot)} "
-            f"= {_fmt_bytes(self.state_bytes)}",
-            f"  attention KV: {self.num_blocks:,} blocks x {self.block_size} tokens = {self.num_kv_tokens:,} tokens "
-            f"x {_fmt_bytes(g.kv_bytes_per_token)} = {_fmt_bytes(self.kv_bytes)}",
-            f"  fits {self.num_slots:,} concurrent sequences averaging {avg:,} tokens of context, "
-            f"or {self.num_full_length_seqs:,} at max_model_len={self.max_model_len:,}",
-        ]
-        return "\n".join(lines)
-
-
-def plan_cache(geometry: CacheGeometry, budget_bytes: int, max_num_seqs: int, max_model_len: int) -> CachePlan:
-    """Split `budget_bytes` into state slots and KV blocks.
-
-    Slots come first: as many as `max_num_seqs` asks for, as long as one sequence can still reach
-    `max_model_len` and every other slot keeps at least one KV block; every remaining byte goes to KV blocks.
-    Raises ValueError when not even one sequence of `max_model_len` tokens fits.
-    """
-    if max_num_seqs < 1:
-        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-    if max_model_len < 1:
-        raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
-    blocks_per_seq = cdiv(max_model_len, geometry.block_size)
-    slot_b, block_b = geometry.state_bytes_per_slot, geometry.block_bytes
-    if slot_b + block_b == 0:
-        raise ValueError("cache geometry has neither KV nor state bytes; nothing to plan")
-    one_seq = slot_b + blocks_per_seq * block_b
-    if budget_bytes < one_seq:
-        raise ValueError(
-            f"cache budget {budget_bytes:,} B ({_fmt_bytes(budget_bytes)}) cannot hold one sequence of "
-            f"max_model_len={max_model_len:,}: that needs {slot_b:,} B of DeltaNet state + {blocks_per_seq:,} KV "
-            f"blocks x {block_b:,} B = {one_seq:,} B ({_fmt_bytes(one_seq)}); lower max_model_len or raise the budget"
-        )
-    # n slots need n*slot_b + (blocks_per_seq + n - 1)*block_b <= budget.
-    num_slots = min(max_num_seqs, (budget_bytes - (blocks_per_seq - 1) * block_b) // (slot_b + block_b))
-    if block_b == 0:  # no attention layers: blocks cost nothing, give every slot a full-length table
-        num_blocks = num_slots * blocks_per_seq
-    else:
-        num_blocks = (budget_bytes - num_slots * slot_b) // block_b
-    return CachePlan(geometry, num_blocks, num_slots, budget_bytes, max_model_len)
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 class BlockManager:
