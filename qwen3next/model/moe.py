@@ -1,4 +1,4 @@
-"""Sparse MoE block (SPEC §6): softmax router -> top-k -> SwiGLU experts, plus a sigmoid-gated shared expert.
+"""Sparse MoE block: softmax router -> top-k -> SwiGLU experts, plus a sigmoid-gated shared expert.
 Also the dense SwiGLU MLP used by `mlp_only_layers`."""
 
 from __future__ import annotations

@@ -5,43 +5,31 @@ big weights at ~6 GB/s for one token (lm_head 32000x512: 10 ms) and repacks the 
 rows (8 rows of lm_head: 20 ms). oneDNN's inner product (`torch.ops.mkldnn._linear_pointwise`, the op torch's own
 inductor emits for CPU linears) measured 1.5-2x faster there on the decode shapes, and equal at prefill sizes; it
 is slower than MKL for small weights (primitive overhead). So: oneDNN for fp32 weights of at least
-`ONEDNN_MIN_WEIGHT_ELEMENTS` when no gradient is needed, `F.linear` otherwise (training, bf16, GPU, small weights).
+`threshold("onednn_linear")` elements (256K fp32 = 1 MiB) when no gradient is needed, `F.linear` otherwise (training,
+bf16, GPU, small weights).
 
-`QWEN3NEXT_LINEAR=torch` in the environment (or `set_linear_backend("torch")`) turns the oneDNN path off; it is the
-reference twin the tests compare against.
+`QWEN3NEXT_LINEAR=torch` in the environment (or `set_linear_backend("torch")`) turns the oneDNN path off; `F.linear`
+is the reference twin the tests compare against. The switch and the threshold live in `ops.dispatch`.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-ONEDNN_MIN_WEIGHT_ELEMENTS = 1 << 18  # 256K fp32 elements = 1 MiB: measured break-even at ~128K-256K
+from .dispatch import linear_backend, set_linear_backend, threshold
+
+__all__ = ["linear", "set_linear_backend", "uses_onednn"]
 
 _ONEDNN_OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-_BACKENDS = ("auto", "torch")
-_backend = os.environ.get("QWEN3NEXT_LINEAR", "auto")
-if _backend not in _BACKENDS:
-    raise ValueError(f"QWEN3NEXT_LINEAR: expected one of {_BACKENDS}, got {_backend!r}")
-
-
-def set_linear_backend(name: str) -> str:
-    """Select "auto" (oneDNN where it is faster) or "torch" (always F.linear); returns the previous setting."""
-    global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"linear backend: expected one of {_BACKENDS}, got {name!r}")
-    previous, _backend = _backend, name
-    return previous
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # Under torch.compile, inductor lowers this op only for constant (frozen) weights: leave the matmul to it.
-    return (_backend == "auto" and not torch.compiler.is_compiling() and _ONEDNN_OP is not None
+    return (linear_backend() == "auto" and not torch.compiler.is_compiling() and _ONEDNN_OP is not None
             and weight.dtype == torch.float32 and x.dtype == torch.float32
             and x.device.type == "cpu" and weight.device.type == "cpu"
-            and weight.dim() == 2 and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS and weight.is_contiguous()
+            and weight.dim() == 2 and weight.numel() >= threshold("onednn_linear") and weight.is_contiguous()
             and x.shape[-1] == weight.shape[1] and x.numel() > 0
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 

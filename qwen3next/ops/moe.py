@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..fastpath import fast_decode
+from .dispatch import fast_decode, threshold
 
 
 def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,10 +57,11 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
     """`grouped_swiglu` over stacked weights: gate_up_proj [E, 2I, D] (gate rows, then up), down_proj [E, D, I].
 
     At inference (no autograd) two faster forms of the same sum run instead: a few pairs gather their experts'
-    weights into one bmm (`_experts_gathered`), more go through torch's grouped GEMM (`_experts_grouped_mm`)."""
+    weights into one bmm (`_experts_gathered`), more go through torch's grouped GEMM (`_experts_grouped_mm`). Their
+    entries in `ops.dispatch` ("experts_gathered", "experts_grouped_mm") hold the threshold and the measurements."""
     if fast_decode():
         # Under torch.compile: the gathered form for any batch (sync-free; `_grouped_mm` has no fp32 meta kernel).
-        if ids.numel() <= GATHER_MAX_PAIRS or torch.compiler.is_compiling():
+        if ids.numel() <= threshold("experts_gathered") or torch.compiler.is_compiling():
             return _experts_gathered(x, weights, ids, gate_up_proj, down_proj)
         if _HAS_GROUPED_MM and x.device.type == "cpu":
             return _experts_grouped_mm(x, weights, ids, gate_up_proj, down_proj)
@@ -69,9 +70,6 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
 
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
-# Token-expert pairs up to which the experts' weights are gathered and run as one bmm. Measured on `small` (2
-# threads): 1.11x faster steps at 4 pairs (batch 1), 0.95x at 32 pairs (batch 8, where the grouped GEMM wins).
-GATHER_MAX_PAIRS = 16
 
 
 def _experts_gathered(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fastpath import fast_decode
 from ..model.moe import Experts
+from ..ops.dispatch import fast_decode, threshold
 from ..ops.moe import experts_reference, grouped_swiglu, swiglu_per_pair
 from .linear import (
     SCALE_DTYPE,
@@ -31,7 +31,6 @@ from .linear import (
 )
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
-FEW_TOKENS = 16  # up to this many tokens (decode batches) the experts run through `_forward_few_tokens`
 
 
 class QuantizedExperts(nn.Module):
@@ -119,7 +118,7 @@ class QuantizedExperts(nn.Module):
         """Σ_k w[n,k] · SwiGLU_{ids[n,k]}(x[n]) over the hit experts. x: [N, D]; weights, ids: [N, k] -> [N, D]."""
         if torch.compiler.is_compiling() and self.bits == 8:
             return self._forward_gathered(x, weights, ids)
-        if fast_decode() and x.shape[0] <= FEW_TOKENS and self._kernels_usable(x):
+        if fast_decode() and x.shape[0] <= threshold("quant_experts_few_tokens") and self._kernels_usable(x):
             return self._forward_few_tokens(x, weights, ids)
         return grouped_swiglu(x, weights, ids, self.num_experts, lambda s, e: self._matmul(s, "gate_up_proj", e),
                               lambda h, e: self._matmul(h, "down_proj", e))

@@ -24,11 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.dispatch import threshold
+
 SCALE_DTYPE = torch.bfloat16
-# fp32 activations with more rows than this (prefill) dequantize to fp32 and use the dense matmul instead of the
-# int8 kernel: measured (noisy, 1 thread, 512 -> 1536) the bf16 kernel wins up to 16 rows (1.4 vs 1.9 ms) and loses
-# at 64 (4.4 vs 3.1 ms).
-INT8_KERNEL_MAX_FP32_ROWS = 32
 # The dequantize paths convert big weights a block of rows at a time, so the float copy stays <= 64 MB in fp32.
 _DEQUANT_BLOCK_ELEMENTS = 1 << 24
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
@@ -63,7 +61,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """x [..., K] @ dequantize_int8(q [N, K], scale [N]).T -> [..., N] in x's dtype.
 
     CPU bf16 activations (and fp32 ones with few rows, cast to bf16) use `torch._weight_int8pack_mm`; otherwise the
-    int8 weight is converted to x's dtype and the per-channel scale is applied to the output (same product).
+    int8 weight is converted to x's dtype and the per-channel scale is applied to the output (same product). The row
+    limit for fp32 (prefill is faster through the dense matmul) is the "int8_kernel" entry of `ops.dispatch`.
     """
     K, N = x.shape[-1], q.shape[0]
     x2 = x.reshape(-1, K)
@@ -71,7 +70,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     # aligned by torch's CPU allocator (expert slices: QuantizedExperts checks their offsets).
     compiling = torch.compiler.is_compiling()
     use_kernel = int8_kernel_supported(K) and x.device.type == "cpu" and (compiling or q.data_ptr() % 64 == 0) and (
-        x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and x2.shape[0] <= INT8_KERNEL_MAX_FP32_ROWS))
+        x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and x2.shape[0] <= threshold("int8_kernel")))
     if not use_kernel:
         return _blockwise_linear(x, N, K, lambda a, b: q[a:b].to(x.dtype), lambda y, a, b: y * scale[a:b].to(x.dtype))
     xb = x2.to(torch.bfloat16).contiguous()

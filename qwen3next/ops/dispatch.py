@@ -1,0 +1,220 @@
+"""The registry of the inference fast paths: what each one does, when it may run, its threshold, its switch, and the
+plain code it replaces (its reference twin, which the tests compare it against).
+
+The code that picks a path asks this module: `fast_decode()` for the decode fast paths, `linear_backend()` for the
+oneDNN linear, `threshold(name)` for a size limit. Tests change a limit with `set_threshold(name, value)` (it returns
+the previous value) instead of patching module constants. `describe()` prints the table.
+
+Switches, read once from the environment at import:
+- `QWEN3NEXT_FAST_DECODE=0` (or `set_fast_decode(False)`): the plain code for every entry switched by it.
+- `QWEN3NEXT_LINEAR=torch` (or `set_linear_backend("torch")`): `F.linear` everywhere; the default is "auto".
+
+A native (C++) kernel is added as one more `FastPath`: its fast and reference callables, its guard and threshold,
+and a switch of its own, e.g. `QWEN3NEXT_KERNELS=0` to run the Python code instead: one more row in `_SWITCHES`
+(environment variable, the value that turns it off, the predicate that says whether it is on), which `enabled(name)`
+then reports for every entry that names it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+FAST_DECODE_ENV = "QWEN3NEXT_FAST_DECODE"
+LINEAR_ENV = "QWEN3NEXT_LINEAR"
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """One fast path. `fast` and `reference` are "module:qualname" of the code that runs and of its plain twin;
+    `threshold` is the default size limit (its meaning is stated in `guard`), None where there is none; `switch` is
+    the environment variable that turns it off, None where nothing does."""
+
+    name: str
+    does: str
+    guard: str
+    fast: str
+    reference: str
+    threshold: int | None = None
+    switch: str | None = None
+
+
+FAST_PATHS: tuple[FastPath, ...] = (
+    FastPath(
+        "onednn_linear",
+        "fp32 `x Wᵀ` through oneDNN's inner product (`torch.ops.mkldnn._linear_pointwise`): measured 1.5-2x faster "
+        "than MKL's sgemm/sgemv for big weights at decode sizes, equal at prefill, slower for small weights",
+        "no bias; fp32 x and weight on CPU; weight 2-D, contiguous, with >= threshold elements (measured break-even "
+        "~128K-256K); no gradient needed; not under torch.compile (inductor picks the matmul there); oneDNN present",
+        "qwen3next.ops.linear:linear", "torch.nn.functional:linear", threshold=1 << 18, switch=LINEAR_ENV),
+    FastPath(
+        "deltanet_decode_step",
+        "one new token per sequence through `gated_delta_step`: conv and recurrent states updated in place in the "
+        "cache, about a third of the ops of the general DeltaNet forward",
+        "fast_decode(); a decode batch with a cache whose recurrent state has x's dtype promoted to fp32",
+        "qwen3next.ops.gated_delta:gated_delta_step", "qwen3next.ops.gated_delta:recurrent_gated_delta_rule",
+        switch=FAST_DECODE_ENV),
+    FastPath(
+        "delta_rule_token_loop",
+        "the delta rule as a loop over tokens instead of the chunked form: fewer ops for short inputs (measured "
+        "crossover ~32 tokens); runs in training too, both forms are exact",
+        "at most threshold tokens per sequence (the padded length)",
+        "qwen3next.ops.gated_delta:recurrent_gated_delta_rule", "qwen3next.ops.gated_delta:chunk_gated_delta_rule",
+        threshold=16),
+    FastPath(
+        "experts_gathered",
+        "each token-expert pair's two matrices gathered (`index_select` streams them at full bandwidth) and run as "
+        "one bmm per projection, no host sync; measured on `small` (2 threads): 1.11x faster steps at 4 pairs "
+        "(batch 1), 0.95x at 32 pairs (batch 8, where the grouped GEMM wins)",
+        "fast_decode(); at most threshold token-expert pairs, or any number under torch.compile (sync-free, and "
+        "`torch._grouped_mm` has no fp32 meta kernel)",
+        "qwen3next.ops.moe:_experts_gathered", "qwen3next.ops.moe:experts_reference",
+        threshold=16, switch=FAST_DECODE_ENV),
+    FastPath(
+        "experts_grouped_mm",
+        "pairs sorted by expert, then one grouped GEMM per projection (`torch._grouped_mm`): a fixed ~15 ops per "
+        "layer instead of ~8 per hit expert, no host sync",
+        "fast_decode(); more pairs than experts_gathered's threshold; CPU; this torch has `torch._grouped_mm`",
+        "qwen3next.ops.moe:_experts_grouped_mm", "qwen3next.ops.moe:experts_reference", switch=FAST_DECODE_ENV),
+    FastPath(
+        "int8_kernel",
+        "int8 weight times bf16 activations through torch's CPU kernel `torch._weight_int8pack_mm` (fp32 "
+        "activations cast to bf16); otherwise the weight is converted to x's dtype for the dense matmul",
+        "CPU; K a multiple of 32; weight 64-byte aligned; bf16 activations, or fp32 ones with at most threshold rows "
+        "(measured, 1 thread, 512 -> 1536: the kernel wins at 16 rows, 1.4 vs 1.9 ms, and loses at 64, 4.4 vs 3.1)",
+        "qwen3next.quant.linear:int8_linear", "qwen3next.quant.linear:int8_linear_reference", threshold=32),
+    FastPath(
+        "int4_kernel",
+        "int4 weight held in torch's kernel layout times bf16 activations through `_weight_int4pack_mm_for_cpu`",
+        "the weight was put in the kernel layout at load: CPU, N % 16 == 0, group size 32, 64, 128 or 256",
+        "qwen3next.quant.linear:int4_linear", "qwen3next.quant.linear:int4_linear_reference"),
+    FastPath(
+        "quant_experts_few_tokens",
+        "quantized experts for a few tokens: activations cast to bf16 once, pairs grouped by expert on the host, each "
+        "hit expert's two CPU kernels called directly",
+        "fast_decode(); at most threshold tokens; CPU; the kernels take every expert (int4: kernel layout; int8: K a "
+        "multiple of 32 and 64-byte aligned matrices)",
+        "qwen3next.quant.experts:QuantizedExperts._forward_few_tokens",
+        "qwen3next.quant.experts:QuantizedExperts.forward_reference", threshold=16, switch=FAST_DECODE_ENV),
+    FastPath(
+        "quant_experts_gathered",
+        "int8 experts in the compiled decode step: each pair's matrices gathered and dequantized (inductor fuses the "
+        "two), one bmm per projection; no host sync, no data-dependent loop",
+        "int8 experts, under torch.compile",
+        "qwen3next.quant.experts:QuantizedExperts._forward_gathered",
+        "qwen3next.quant.experts:QuantizedExperts.forward_reference"),
+    FastPath(
+        "compiled_decode",
+        "the decoder stack of a decode step through torch.compile, reading the cache through index tensors only "
+        "(opt-in: `--compile`, `LLM(..., compile_decode=True)`; needs a C++ compiler)",
+        "a compiled decoder was built and warmed up; fast_decode(); one new token per sequence, with a cache",
+        "qwen3next.engine.compiled:CompiledDecoder.hidden_states",
+        "qwen3next.model.qwen3_next:Qwen3NextForCausalLM.hidden_states", switch=FAST_DECODE_ENV),
+)
+_BY_NAME = {p.name: p for p in FAST_PATHS}
+_thresholds = {p.name: p.threshold for p in FAST_PATHS if p.threshold is not None}
+
+
+# ---- switches --------------------------------------------------------------------------------------------------------
+_fast_decode = os.environ.get(FAST_DECODE_ENV, "1") != "0"
+_LINEAR_BACKENDS = ("auto", "torch")
+_linear_backend = os.environ.get(LINEAR_ENV, "auto")
+if _linear_backend not in _LINEAR_BACKENDS:
+    raise ValueError(f"{LINEAR_ENV}: expected one of {_LINEAR_BACKENDS}, got {_linear_backend!r}")
+
+
+def fast_decode() -> bool:
+    """True where a decode fast path may run: enabled, and no autograd graph is being recorded."""
+    return _fast_decode and not torch.is_grad_enabled()
+
+
+def set_fast_decode(enabled: bool) -> bool:
+    """Turn the decode fast paths on or off; returns the previous setting."""
+    global _fast_decode
+    previous, _fast_decode = _fast_decode, bool(enabled)
+    return previous
+
+
+def linear_backend() -> str:
+    """The linear backend now: "auto" (oneDNN where it is faster) or "torch" (always F.linear)."""
+    return _linear_backend
+
+
+def set_linear_backend(name: str) -> str:
+    """Select "auto" (oneDNN where it is faster) or "torch" (always F.linear); returns the previous setting."""
+    global _linear_backend
+    if name not in _LINEAR_BACKENDS:
+        raise ValueError(f"linear backend: expected one of {_LINEAR_BACKENDS}, got {name!r}")
+    previous, _linear_backend = _linear_backend, name
+    return previous
+
+
+# environment variable -> (the value that turns its entries off, whether they are on now)
+_SWITCHES: dict[str, tuple[str, Callable[[], bool]]] = {
+    FAST_DECODE_ENV: ("0", lambda: _fast_decode),
+    LINEAR_ENV: ("torch", lambda: _linear_backend == "auto"),
+}
+
+
+# ---- lookups ---------------------------------------------------------------------------------------------------------
+def fast_path(name: str) -> FastPath:
+    """The registry entry `name`; ValueError naming the known ones for any other name."""
+    entry = _BY_NAME.get(name)
+    if entry is None:
+        raise ValueError(f"unknown fast path {name!r}: expected one of {', '.join(_BY_NAME)}")
+    return entry
+
+
+def enabled(name: str) -> bool:
+    """Whether the switch of fast path `name` is on (its guard, autograd included, still decides per call)."""
+    switch = fast_path(name).switch
+    return switch is None or _SWITCHES[switch][1]()
+
+
+def threshold(name: str) -> int:
+    """The current size limit of fast path `name` (see its guard for what it bounds)."""
+    if name not in _thresholds:
+        fast_path(name)  # unknown names: the error lists them all
+        raise ValueError(f"fast path {name!r} has no threshold; these do: {', '.join(_thresholds)}")
+    return _thresholds[name]
+
+
+def set_threshold(name: str, value: int) -> int:
+    """Set the size limit of fast path `name`; returns the previous value."""
+    previous = threshold(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"threshold {name!r}: expected an integer >= 0, got {value!r}")
+    _thresholds[name] = value
+    return previous
+
+
+def resolve(target: str) -> Callable:
+    """The object named by a "module:qualname" string (an entry's `fast` or `reference`)."""
+    module, _, qualname = target.partition(":")
+    obj = importlib.import_module(module)
+    for attr in qualname.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+def describe() -> str:
+    """The registry as text: per entry its current threshold, its switch, what it does, its guard and its twins."""
+    blocks = []
+    for p in FAST_PATHS:
+        tags = []
+        if p.threshold is not None:
+            tags.append(f"threshold {_thresholds[p.name]}")
+        if p.switch is not None:
+            tags.append(f"off with {p.switch}={_SWITCHES[p.switch][0]}")
+        tags.append("on" if enabled(p.name) else "switched off")
+        rows = [("does", p.does), ("runs when", p.guard), ("fast", p.fast), ("reference", p.reference)]
+        blocks.append("\n".join([f"{p.name} [{', '.join(tags)}]"] + [
+            textwrap.fill(text, 116, initial_indent=f"  {label + ':':<11}", subsequent_indent=" " * 13,
+                          break_on_hyphens=False)
+            for label, text in rows]))
+    return "\n\n".join(blocks)
