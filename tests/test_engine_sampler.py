@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from qwen3next.engine.sampler import apply_penalties, sample
+from qwen3next.engine.sampler import SamplingBatch, apply_penalties, sample
 from qwen3next.engine.sampling import SamplingParams
 
 # ---- SamplingParams ----------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def test_greedy_is_argmax_and_logprobs_are_raw():
     torch.manual_seed(0)
     logits = torch.randn(6, 11) * 3
     params = [SamplingParams(temperature=0, logprobs=3)] * 6
-    out = sample(logits, params)
+    out = sample(logits, SamplingBatch(params))
     assert torch.equal(out.token_ids, logits.argmax(-1))
     ref = torch.log_softmax(logits.double(), -1)
     assert torch.allclose(out.logprobs.double(), ref.gather(1, out.token_ids[:, None])[:, 0], atol=1e-5)
@@ -70,12 +70,12 @@ def test_logprobs_over_whole_vocab_sum_to_one_and_ignore_temperature():
     torch.manual_seed(1)
     logits = torch.randn(3, 7)
     params = [SamplingParams(temperature=0.3, top_k=2, logprobs=20), SamplingParams(logprobs=0), SamplingParams()]
-    out = sample(logits, params, [torch.Generator().manual_seed(i) for i in range(3)])
+    out = sample(logits, SamplingBatch(params, [torch.Generator().manual_seed(i) for i in range(3)]))
     assert out.top_logprobs.shape == (3, 7)  # capped at the vocab size
     assert torch.allclose(out.top_logprobs.exp().sum(-1), torch.ones(3), atol=1e-5)
     # Raw model logprobs: not affected by temperature or top-k.
     assert torch.allclose(out.top_logprobs[0], torch.log_softmax(logits[0], -1).sort(descending=True).values)
-    assert sample(logits, [SamplingParams(logprobs=0)] * 3).top_token_ids is None
+    assert sample(logits, SamplingBatch([SamplingParams(logprobs=0)] * 3)).top_token_ids is None
 
 
 # ---- seeded draws ------------------------------------------------------------------------------------------------
@@ -97,17 +97,20 @@ def test_seeded_row_is_independent_of_batch_composition():
         return [torch.Generator().manual_seed(seed), None, torch.Generator().manual_seed(seed + 100), None, None]
 
     for seed in range(30):
-        alone = sample(logits[:1], params[:1], [torch.Generator().manual_seed(seed)]).token_ids[0]
-        batched = sample(logits, params, gens(seed)).token_ids[0]
-        reordered = sample(logits.flip(0), params[::-1], gens(seed)[::-1]).token_ids[-1]
+        alone = sample(logits[:1], SamplingBatch(params[:1], [torch.Generator().manual_seed(seed)])).token_ids[0]
+        batched = sample(logits, SamplingBatch(params, gens(seed))).token_ids[0]
+        reordered = sample(logits.flip(0), SamplingBatch(params[::-1], gens(seed)[::-1])).token_ids[-1]
         assert alone == batched and alone == reordered
 
 
 def test_seeds_reproduce_and_differ():
     logits = torch.zeros(1, 1000)  # uniform: two seeds colliding is unlikely
     params = [SamplingParams(seed=0)]
-    a = [int(sample(logits, params, [torch.Generator().manual_seed(s)]).token_ids[0]) for s in range(20)]
-    b = [int(sample(logits, params, [torch.Generator().manual_seed(s)]).token_ids[0]) for s in range(20)]
+    def seeded(s):
+        return SamplingBatch(params, [torch.Generator().manual_seed(s)])
+
+    a = [int(sample(logits, seeded(s)).token_ids[0]) for s in range(20)]
+    b = [int(sample(logits, seeded(s)).token_ids[0]) for s in range(20)]
     assert a == b and len(set(a)) > 15
 
 
@@ -117,7 +120,7 @@ def test_seeds_reproduce_and_differ():
 def draw_many(probs: list[float], params: SamplingParams, n: int = 4000, seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)
     logits = torch.tensor(probs).log()[None].expand(n, -1).contiguous()
-    return sample(logits, [params] * n).token_ids
+    return sample(logits, SamplingBatch([params] * n)).token_ids
 
 
 def frequencies(tokens: torch.Tensor, V: int) -> torch.Tensor:
@@ -166,7 +169,8 @@ def test_temperature_reshapes_distribution():
 def test_seeded_draws_follow_the_distribution():
     logits = torch.tensor(PROBS).log()[None]
     params = [SamplingParams(top_k=3, seed=0)]
-    tokens = torch.stack([sample(logits, params, [torch.Generator().manual_seed(s)]).token_ids[0] for s in range(2000)])
+    tokens = torch.stack([sample(logits, SamplingBatch(params, [torch.Generator().manual_seed(s)])).token_ids[0]
+                          for s in range(2000)])
     freq = frequencies(tokens, len(PROBS))
     assert freq[[0, 2]].sum() == 0
     assert torch.allclose(freq, expected([3, 1, 4]), atol=0.045)
@@ -177,7 +181,7 @@ def test_mixed_batch_rows_use_their_own_params():
     n = 600
     logits = torch.tensor(PROBS).log()[None].expand(3 * n, -1)
     params = [SamplingParams(top_k=1)] * n + [SamplingParams(temperature=0)] * n + [SamplingParams(top_p=0.75)] * n
-    tokens = sample(logits, params).token_ids
+    tokens = sample(logits, SamplingBatch(params)).token_ids
     assert (tokens[: 2 * n] == 3).all()
     assert set(tokens[2 * n:].tolist()) == {1, 3}
 
@@ -192,8 +196,9 @@ def test_penalties_match_hand_computed_values():
     # token 0: in prompt only -> 2/2; token 1: output x2 -> -1*2 - 2*0.25 - 0.5; token 3: output x1 -> 3/2 - 0.25 - 0.5
     assert torch.allclose(out[0], torch.tensor([1.0, -3.0, 0.5, 0.75, -2.0]))
     assert torch.equal(out[1], logits[1])  # a row without penalties is untouched
-    greedy = sample(logits[:1], [SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5,
-                                                frequency_penalty=0.25)], None, [[0]], [[1, 1, 3]])
+    greedy = sample(logits[:1], SamplingBatch([SamplingParams(temperature=0, repetition_penalty=2.0,
+                                                              presence_penalty=0.5, frequency_penalty=0.25)],
+                                              None, [[0]], [[1, 1, 3]]))
     assert int(greedy.token_ids[0]) == 0  # 3 without penalties
     assert math.isclose(float(greedy.logprobs[0]), float(torch.log_softmax(logits[0], -1)[0]), rel_tol=1e-6)
 
@@ -207,12 +212,37 @@ def test_negative_presence_penalty_encourages_and_prompt_does_not_count():
 def test_sample_argument_errors():
     logits = torch.zeros(2, 4)
     with pytest.raises(ValueError, match="logits"):
-        sample(torch.zeros(4), [SamplingParams()])
+        sample(torch.zeros(4), SamplingBatch([SamplingParams()]))
     with pytest.raises(ValueError, match="SamplingParams"):
-        sample(logits, [SamplingParams()])
+        sample(logits, SamplingBatch([SamplingParams()]))
     with pytest.raises(ValueError, match="generators"):
-        sample(logits, [SamplingParams()] * 2, [None])
+        sample(logits, SamplingBatch([SamplingParams()] * 2, [None]))
     with pytest.raises(ValueError, match="output_token_ids"):
-        sample(logits, [SamplingParams(presence_penalty=1.0)] * 2)
+        sample(logits, SamplingBatch([SamplingParams(presence_penalty=1.0)] * 2))
     with pytest.raises(ValueError, match="prompt_token_ids"):
-        sample(logits, [SamplingParams(repetition_penalty=1.2)] * 2, output_token_ids=[[], []])
+        sample(logits, SamplingBatch([SamplingParams(repetition_penalty=1.2)] * 2, output_token_ids=[[], []]))
+
+
+def test_allowed_mask_restricts_every_kind_of_row_and_logprobs_stay_raw():
+    """A grammar's [B, V] mask: greedy, sampled and penalised rows only pick allowed tokens; logprobs are the raw
+    model's (before the mask); a row allowing nothing and a mask of the wrong shape are clear errors."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(5))
+    allowed = torch.zeros(3, 50, dtype=torch.bool)
+    allowed[0, [3, 17]] = True
+    allowed[1, 40:] = True
+    allowed[2, logits[2].argmin()] = True  # the least likely token, forced
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.5, top_p=0.95),
+              SamplingParams(temperature=0.7, presence_penalty=1.0)]
+    raw = torch.log_softmax(logits, -1)
+    for seed in range(30):
+        gens = [torch.Generator().manual_seed(seed + 100 * i) for i in range(3)]
+        out = sample(logits, SamplingBatch(params, gens, [[1], [2], [3]], [[], [41], []], allowed=allowed))
+        tokens = out.token_ids.tolist()
+        assert tokens[0] == (3 if logits[0, 3] > logits[0, 17] else 17)
+        assert 40 <= tokens[1] < 50
+        assert tokens[2] == int(logits[2].argmin())
+        assert torch.allclose(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
+    with pytest.raises(ValueError, match="row 1 allows no token"):
+        sample(logits, SamplingBatch(params, allowed=allowed & torch.tensor([True, False, True])[:, None]))
+    with pytest.raises(ValueError, match="allowed: expected a bool mask"):
+        sample(logits, SamplingBatch(params, allowed=allowed[:, :10]))

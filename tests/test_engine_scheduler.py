@@ -15,6 +15,7 @@ from qwen3next.engine.block_manager import BlockManager
 from qwen3next.engine.sampling import SamplingParams
 from qwen3next.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from qwen3next.engine.sequence import FinishReason, Sequence, SequenceStatus
+from qwen3next.engine.slot_ops import CopySlot, ZeroSlots
 
 VOCAB = 50
 EOS = 7
@@ -51,10 +52,18 @@ class FakeRunner:
         self.state: list[int | None] = [None] * bm.num_slots  # None: never zeroed
         self.block_size = bm.block_size
 
+    # The slot operations' store interface (what HybridCache implements on tensors).
+    def zero_slots(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.state[slot] = 0
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        self.state[dst] = self.state[src]
+
     def step(self, batch: ScheduledBatch) -> list[int]:
         bs = self.block_size
-        for slot in batch.fresh_slots:
-            self.state[slot] = 0
+        for op in batch.slot_ops:  # executed without knowing why, as the real runner does
+            op.apply(self)
         for row, tok, pos in zip(batch.kv_write_indices, batch.input_ids, batch.positions, strict=True):
             self.kv[row] = (tok, pos)
         sampled = []
@@ -472,3 +481,36 @@ def test_sequence_token_slices_and_seeds():
         Sequence("u", [1], SamplingParams(seed=42), sample_index=0).sampling_seed()
     assert Sequence("v", [1], SamplingParams(seed=-5)).sampling_seed() is not None
     assert Sequence("w", [1], SamplingParams()).sampling_seed() is None
+
+
+def test_slot_ops_zero_each_new_or_reused_slot_exactly_once():
+    """Every step's slot operations: one ZeroSlots listing exactly the entries that got a slot this step (first
+    admission and re-admission after preemption alike); nothing for sequences continuing in their slot."""
+    sched, runner = make(num_blocks=6, block_size=4, num_slots=2, max_num_batched_tokens=16, max_model_len=20)
+    seqs = [Sequence(f"s{i}", list(range(1, 6 + i)), SamplingParams(max_tokens=8, ignore_eos=True)) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    zeroed_per_seq = {s.request_id: 0 for s in seqs}
+    while sched.has_unfinished():
+        batch = sched.schedule()
+        fresh = [e for e in batch.entries if e.is_fresh_slot]
+        assert batch.slot_ops == ([ZeroSlots(tuple(e.seq.slot for e in fresh))] if fresh else [])
+        for e in fresh:
+            zeroed_per_seq[e.seq.request_id] += 1
+        sched.update(batch, runner.step(batch))
+    for s in seqs:
+        assert zeroed_per_seq[s.request_id] == 1 + s.num_preemptions
+        assert s.output_token_ids == reference_generate(s.prompt_token_ids, s.params, 20)[0]
+    assert sched.num_preemptions > 0  # the pool is small enough that the re-admission path ran
+
+
+def test_copy_slot_op_snapshots_and_restores_a_state():
+    """CopySlot through the store interface: a snapshot slot keeps a sequence's state; restoring it rewinds."""
+    _, runner = make(num_slots=4)
+    ZeroSlots((0, 3)).apply(runner)
+    runner.state[0] = chain(chain(0, 5), 6)
+    CopySlot(0, 3).apply(runner)  # save
+    runner.state[0] = chain(runner.state[0], 9)
+    assert runner.state[3] == chain(chain(0, 5), 6) != runner.state[0]
+    CopySlot(3, 0).apply(runner)  # restore
+    assert runner.state[0] == runner.state[3]

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import qwen3next.ops.linear as linear_mod
-from qwen3next.fastpath import set_fast_decode
 from qwen3next.model.cache import BatchInfo, HybridCache
+from qwen3next.ops.dispatch import set_fast_decode, set_linear_backend, set_threshold
 from qwen3next.ops.gated_delta import gated_delta_step, recurrent_gated_delta_rule
 from qwen3next.ops.moe import _experts_gathered, _experts_grouped_mm, experts_reference, route_topk
 from qwen3next.ops.norm import rms_norm_gated, rms_norm_zero_centered
@@ -21,11 +21,11 @@ from tiny_models import make_model
 @contextlib.contextmanager
 def reference_paths():
     """The plain code everywhere: F.linear, no decode fast paths."""
-    old_backend, old_fast = linear_mod.set_linear_backend("torch"), set_fast_decode(False)
+    old_backend, old_fast = set_linear_backend("torch"), set_fast_decode(False)
     try:
         yield
     finally:
-        linear_mod.set_linear_backend(old_backend)
+        set_linear_backend(old_backend)
         set_fast_decode(old_fast)
 
 
@@ -153,22 +153,22 @@ def test_int8_gathered_experts_equal_the_dequantized_reference(n_tokens):
 def test_kv_view_reads_the_same_rows_as_the_gather():
     pool = torch.randn(12 * 4, 2, 3)
     batch = BatchInfo([1, 1], [9, 6], slots=[0, 1], block_tables=[[0, 1, 2], [3, 4]]).prepare("cpu", 4, 12)
-    assert batch.kv_view == (0, 12) and not batch.sees_all_keys
-    view = batch.kv_rows(pool)
+    assert batch.kv.view == (0, 12) and not batch.kv.sees_all_keys
+    view = batch.kv.read(pool)
     assert view.data_ptr() == pool.data_ptr()  # no copy
     for b, total in enumerate([10, 7]):
-        assert torch.equal(view[b, :total], pool[batch.kv_read_index[b, :total]])
+        assert torch.equal(view[b, :total], pool[batch.kv.read_index[b, :total]])
     scattered = BatchInfo([1, 1], [9, 6], slots=[0, 1], block_tables=[[0, 2, 1], [3, 4]]).prepare("cpu", 4, 12)
-    assert scattered.kv_view is None
+    assert scattered.kv.view is None
     out_of_pool = BatchInfo([1], [5], slots=[0], block_tables=[[11, 12]]).prepare("cpu", 4, 12)
-    assert out_of_pool.kv_view is None
+    assert out_of_pool.kv.view is None
 
 
 # ---- whole model -----------------------------------------------------------------------------------------------------
 def _decode_logits(model, prompt_ids, steps, slots, tables, num_slots=6, num_blocks=16, block_size=4):
     """Prefill each prompt into the given slots/blocks, then `steps` greedy decode steps; logits of every step."""
     cache = HybridCache(model.config, num_slots=num_slots, num_blocks=num_blocks, block_size=block_size)
-    cache.reset_slots(slots)
+    cache.zero_slots(slots)
     lens = [len(p) for p in prompt_ids]
     out = []
     with torch.no_grad():
@@ -187,7 +187,7 @@ def _decode_logits(model, prompt_ids, steps, slots, tables, num_slots=6, num_blo
 
 
 @pytest.mark.parametrize("layout", ["consecutive", "scattered"])
-def test_fast_decode_equals_reference_decode(monkeypatch, layout):
+def test_fast_decode_equals_reference_decode(layout):
     model = make_model("base")
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen) for n in (9, 5, 7)]
@@ -195,9 +195,11 @@ def test_fast_decode_equals_reference_decode(monkeypatch, layout):
         slots, tables = [0, 1, 2], [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     else:  # gathers and scatters
         slots, tables = [4, 0, 2], [[9, 2, 14, 0], [5, 11, 3, 7], [1, 13, 6, 10]]
-    with monkeypatch.context() as patch:  # every fp32 linear through oneDNN (tiny weights are below the threshold)
-        patch.setattr(linear_mod, "ONEDNN_MIN_WEIGHT_ELEMENTS", 0)
+    old_min = set_threshold("onednn_linear", 0)  # every fp32 linear through oneDNN (tiny weights are below it)
+    try:
         fast = _decode_logits(model, prompts, 6, slots, tables)
+    finally:
+        set_threshold("onednn_linear", old_min)
     with reference_paths():
         ref = _decode_logits(model, prompts, 6, slots, tables)
     assert fast.shape == ref.shape

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3next.model.cache import BatchInfo, HybridCache
+from qwen3next.model.batch import BatchInfo
+from qwen3next.model.cache import HybridCache
 from tiny_models import make_model
 
 
@@ -90,7 +91,7 @@ def test_varlen_forward_with_scattered_blocks_and_slots(model):
     gen = torch.Generator().manual_seed(3)
     a, b = (torch.randint(0, model.config.vocab_size, (n,), generator=gen) for n in (20, 11))
     cache = HybridCache(model.config, num_slots=5, num_blocks=12, block_size=4)
-    cache.reset_slots([3, 1])
+    cache.zero_slots([3, 1])
     with torch.no_grad():
         ref_a, ref_b = model(a[None])[0], model(b[None])[0]
         batch = BatchInfo([12, 11], [0, 0], slots=[3, 1], block_tables=[[7, 0, 9, 2, 5], [11, 4, 6]])

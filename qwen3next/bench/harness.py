@@ -23,12 +23,13 @@ import torch
 from ..argtypes import positive_int
 from ..checkpoint import load_model, parse_dtype
 from ..config import Qwen3NextConfig
+from ..engine.compiled import CompiledDecoder
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer
 from ..train.presets import PRESETS, preset_config
 from . import measure
 
-IMPLS = ("ours", "engine", "compiled", "transformers")  # compiled: ours with compile_decode() (--compile)
+IMPLS = ("ours", "engine", "compiled", "transformers")  # compiled: ours through engine.compiled (--compile)
 QUANT_VARIANTS = {"int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 64}}
 DRIFT_PROMPTS, DRIFT_LEN = 4, 64  # logits drift of a quantized variant: this many random prompts of this length
 
@@ -76,7 +77,7 @@ class BenchOptions:
 
 # ---- model setup -----------------------------------------------------------------------------------------------------
 def random_model(preset: str, dtype: torch.dtype, seed: int) -> Qwen3NextForCausalLM:
-    """A preset's architecture with seeded random weights (SPEC §7 init)."""
+    """A preset's architecture with seeded random weights (the init of `Qwen3NextForCausalLM.init_weights`)."""
     model = Qwen3NextForCausalLM(preset_config(preset))
     model.init_weights(torch.Generator().manual_seed(seed))
     return model.to(dtype).eval()
@@ -287,14 +288,11 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
             record("transformers", "decode", p.batch, p.prompt_len, measure.time_decode_hf(hf, ids, p))
     del hf
     def time_decodes(impl: str, m: Qwen3NextForCausalLM, compiled: bool = False) -> None:
-        """A decode row per plan for model `m`, through compile_decode() if `compiled` (the plan's warmup steps
-        absorb the compiles); compiling is switched off again after, before anything deep-copies the model."""
-        m.compile_decode(compiled)
-        try:
-            for p in plans:
-                record(impl, "decode", p.batch, p.prompt_len, measure.time_decode_ours(m, decode_ids[p.batch], p))
-        finally:
-            m.compile_decode(False)
+        """A decode row per plan for model `m`, through a compiled decoder if `compiled` (the plan's warmup steps
+        absorb the compiles)."""
+        decoder = CompiledDecoder(m) if compiled else None
+        for p in plans:
+            record(impl, "decode", p.batch, p.prompt_len, measure.time_decode_ours(m, decode_ids[p.batch], p, decoder))
 
     if opts.compile:
         time_decodes("compiled", model, compiled=True)

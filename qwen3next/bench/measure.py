@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from ..engine.compiled import CompiledDecoder
 from ..engine.llm import Engine
 from ..engine.runner import cache_geometry
 from ..engine.sampling import SamplingParams
-from ..model.cache import BatchInfo, SequenceCache
+from ..model.cache import SequenceCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer
 
@@ -63,10 +64,10 @@ def random_prompts(vocab_size: int, batch: int, length: int, seed: int) -> torch
 def _prefill_last_logits(model: Qwen3NextForCausalLM, ids: torch.Tensor, cache: SequenceCache) -> torch.Tensor:
     """Prefill B fresh sequences ids [B, T] into `cache`; logits [B, vocab] of each last token only."""
     B, T = ids.shape
-    info = BatchInfo([T] * B, [0] * B, list(range(B)), cache.block_tables)
-    hidden = model.hidden_states(ids.reshape(-1).to(model.device), model.context(info, cache.cache))  # [B*T, D]
-    for i in range(B):
-        cache.lengths[i] += T
+    rows = list(range(B))
+    info = cache.batch(rows, [T] * B)
+    hidden = model.hidden_states(ids.reshape(-1).to(model.device), model.context(info, cache.hybrid))  # [B*T, D]
+    cache.advance(rows, [T] * B)
     return model.lm_head(hidden.view(B, T, -1)[:, -1])
 
 
@@ -84,13 +85,16 @@ def time_prefill_ours(model: Qwen3NextForCausalLM, ids: torch.Tensor, warmup: in
 
 
 @torch.no_grad()
-def time_decode_ours(model: Qwen3NextForCausalLM, ids: torch.Tensor, plan: DecodePlan) -> list[float]:
-    """Seconds per decode step: `model(tokens [B, 1], cache)` + argmax, after prefilling ids [B, P]."""
+def time_decode_ours(model: Qwen3NextForCausalLM, ids: torch.Tensor, plan: DecodePlan,
+                     compiled: CompiledDecoder | None = None) -> list[float]:
+    """Seconds per decode step: `model(tokens [B, 1], cache)` (or the compiled decoder's step) + argmax, after
+    prefilling ids [B, P]."""
     cache = model.new_cache(plan.batch, plan.max_len)
     tok = _prefill_last_logits(model, ids, cache).argmax(-1, keepdim=True)  # [B, 1]
+    forward = compiled.decode_logits if compiled is not None else model
 
     def step(tok: torch.Tensor) -> torch.Tensor:
-        return model(tok, cache)[:, -1].argmax(-1, keepdim=True)
+        return forward(tok, cache)[:, -1].argmax(-1, keepdim=True)
 
     return _timed_steps(step, tok, plan)
 

@@ -1,12 +1,13 @@
 """Batched token sampling: penalties, temperature, top-k / top-p / min-p, per-row seeded draws, logprobs.
 
-Order of operations per row: repetition penalty (HF), presence/frequency penalties (OpenAI) -> greedy rows
-take the argmax here -> temperature -> top-k -> top-p -> min-p -> one draw. The draw is an exponential race,
-argmax(p / E) with E ~ Exp(1) i.i.d., which samples exactly from p; a row with a generator draws its E from
-that generator alone, so its token does not depend on the other rows of the batch.
+Order of operations per row: allowed-token mask (grammars) -> repetition penalty (HF), presence/frequency penalties
+(OpenAI) -> greedy rows take the argmax here -> temperature -> top-k -> top-p -> min-p -> one draw. The draw is an
+exponential race, argmax(p / E) with E ~ Exp(1) i.i.d., which samples exactly from p; a row with a generator draws
+its E from that generator alone, so its token does not depend on the other rows of the batch.
 
-Returned logprobs are those of the raw model distribution (log_softmax of the logits as given, before
-penalties, temperature and truncation), like vLLM's default.
+Returned logprobs are those of the raw model distribution (log_softmax of the logits as given, before the mask,
+penalties, temperature and truncation), like vLLM's default ("raw logprobs"): a token a grammar forced can carry a
+low logprob, which shows how far the constraint pulled the model. The runner builds one `SamplingBatch` per step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .sampling import SamplingParams
+from .sequence import Sequence
 
 
 @dataclass
@@ -31,27 +33,52 @@ class SampleOutput:
     top_logprobs: torch.Tensor | None = None
 
 
-def sample(
-    logits: torch.Tensor,
-    params: SequenceLike[SamplingParams],
-    generators: SequenceLike[torch.Generator | None] | None = None,
-    prompt_token_ids: SequenceLike[SequenceLike[int]] | None = None,
-    output_token_ids: SequenceLike[SequenceLike[int]] | None = None,
-) -> SampleOutput:
-    """Pick one token per row of `logits` [B, V].
+@dataclass
+class SamplingBatch:
+    """Everything one step samples with, one entry per logits row.
 
-    generators: one per row (None = the default generator); use one seeded per sequence for reproducibility.
+    generators: one per row (None = the default generator); one seeded per sequence makes draws reproducible.
     prompt_token_ids / output_token_ids: per row, needed only when some row has a penalty.
+    allowed: optional [B, V] bool, True where a token may be picked (a grammar's mask); rows it does not
+    constrain are all True.
     """
+
+    params: SequenceLike[SamplingParams]
+    generators: SequenceLike[torch.Generator | None] | None = None
+    prompt_token_ids: SequenceLike[SequenceLike[int]] | None = None
+    output_token_ids: SequenceLike[SequenceLike[int]] | None = None
+    allowed: torch.Tensor | None = None
+
+    @classmethod
+    def for_sequences(cls, seqs: SequenceLike[Sequence], device: torch.device | str) -> SamplingBatch:
+        """The batch of these sequences' next tokens: their params, a generator per seeded sequence (seeded by the
+        sequence's own token count, so a draw does not depend on the rest of the batch) and, when some sequence
+        has a penalty, the token histories."""
+        generators = []
+        for s in seqs:
+            seed = s.sampling_seed()
+            generators.append(None if seed is None else torch.Generator(device=device).manual_seed(seed))
+        params = [s.params for s in seqs]
+        if not any(p.has_penalties for p in params):
+            return cls(params, generators)
+        return cls(params, generators, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs])
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
+    """Pick one token per row of `logits` [B, V]."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
     B, V = logits.shape
+    params, generators = batch.params, batch.generators
+    prompt_token_ids, output_token_ids = batch.prompt_token_ids, batch.output_token_ids
     if len(params) != B:
         raise ValueError(f"got {len(params)} SamplingParams for {B} logits rows")
     if generators is not None and len(generators) != B:
         raise ValueError(f"got {len(generators)} generators for {B} logits rows")
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    if batch.allowed is not None:
+        logits = apply_allowed(logits, batch.allowed)
 
     if any(p.has_penalties for p in params):
         if output_token_ids is None or len(output_token_ids) != B:
@@ -79,6 +106,17 @@ def sample(
         return SampleOutput(token_ids, chosen)
     top_logprobs, top_ids = raw_logprobs.topk(num_top, dim=-1)
     return SampleOutput(token_ids, chosen, top_ids, top_logprobs)
+
+
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """-inf where `allowed` [B, V] is False; a row that allows no token is an error (nothing could be sampled)."""
+    if allowed.shape != logits.shape or allowed.dtype != torch.bool:
+        raise ValueError(f"allowed: expected a bool mask of shape {tuple(logits.shape)}, got "
+                         f"{allowed.dtype} {tuple(allowed.shape)}")
+    empty = (~allowed.any(dim=-1)).nonzero()
+    if empty.numel():
+        raise ValueError(f"allowed: row {int(empty[0, 0])} allows no token")
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def apply_penalties(

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from .block_manager import BlockManager
 from .sequence import FinishReason, Sequence, SequenceStatus
+from .slot_ops import SlotOp, ZeroSlots
+from .stopping import StopRules
 
 
 @dataclass
@@ -52,7 +54,7 @@ class ScheduledEntry:
     seq: Sequence
     num_new_tokens: int
     context_len: int  # tokens already cached before this step
-    is_fresh_slot: bool  # the slot was just assigned: zero its DeltaNet state before the forward
+    is_fresh_slot: bool  # the slot was just assigned: the batch's slot_ops zero its DeltaNet state first
     needs_sample: bool  # the last fed token is the last known token, so its logits give the next token
 
 
@@ -60,10 +62,11 @@ class ScheduledBatch:
     """What the runner computes in one forward, with flattened per-token and per-sequence lists.
 
     Per token (N = num_tokens): `input_ids`, `positions`, `kv_write_indices` (row of the paged KV pool
-    `[num_blocks * block_size]` that the token's K/V goes to). Per sequence (B = len(entries)): `num_new_tokens`,
-    `context_lens`, `slots`, `block_tables` (snapshots taken at schedule time), `query_start_loc` ([B + 1]
-    offsets into the flat tokens). Sampling: `sample_indices` (entry positions that need a token, in order) and
-    `logits_indices` (flat index of each of their last tokens). `fresh_slots`: slots to zero before the forward.
+    `[num_blocks * block_size]` that the token's K/V goes to); the runner's `BatchInfo` takes positions and rows
+    from here. Per sequence (B = len(entries)): `num_new_tokens`, `context_lens`, `slots`, `block_tables`
+    (snapshots taken at schedule time), `query_start_loc` ([B + 1] offsets into the flat tokens). Sampling:
+    `sample_indices` (entry positions that need a token, in order) and `logits_indices` (flat index of each of their
+    last tokens). `slot_ops`: operations on whole state slots that the runner applies, in order, before the forward.
     """
 
     def __init__(self, entries: list[ScheduledEntry], block_size: int):
@@ -90,7 +93,8 @@ class ScheduledBatch:
         self.num_new_tokens = [e.num_new_tokens for e in entries]
         self.context_lens = [e.context_len for e in entries]
         self.slots: list[int] = [e.seq.slot for e in entries]
-        self.fresh_slots = [e.seq.slot for e in entries if e.is_fresh_slot]
+        fresh = tuple(e.seq.slot for e in entries if e.is_fresh_slot)
+        self.slot_ops: list[SlotOp] = [ZeroSlots(fresh)] if fresh else []
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -98,6 +102,11 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return self.query_start_loc[-1]
+
+    @property
+    def fresh_slots(self) -> list[int]:
+        """Slots zeroed before this step's forward."""
+        return [slot for op in self.slot_ops if isinstance(op, ZeroSlots) for slot in op.slots]
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -121,6 +130,7 @@ class Scheduler:
         self._live: dict[str, Sequence] = {}
         self._arrivals = 0
         self.num_preemptions = 0
+        self.stop_rules = StopRules(config.eos_token_ids, config.max_model_len)
 
     # ---- queue management -------------------------------------------------------------------------------------
 
@@ -158,7 +168,7 @@ class Scheduler:
         return seq
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """End `seq` from outside (stop string found by the detokenizer, abort); no-op if already finished."""
+        """End `seq` now, freeing its cache (a `StopRules` reason, or abort); no-op if already finished."""
         if seq.is_finished:
             return
         if seq.status is SequenceStatus.RUNNING:
@@ -185,14 +195,24 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         """Pick the work of the next forward; None when nothing is queued or running."""
-        cfg, bm = self.config, self.block_manager
-        budget = cfg.max_num_batched_tokens
+        cfg = self.config
         chunk_cap = cfg.prefill_chunk_size if cfg.chunked_prefill else cfg.max_num_batched_tokens
+        entries, budget, preempted = self._schedule_running(cfg.max_num_batched_tokens, chunk_cap)
+        if not preempted:  # admitting after a preemption would just thrash
+            entries += self._admit_waiting(budget, chunk_cap)
+        if not entries:
+            assert not self.has_unfinished(), "scheduler made no progress with work queued"
+            return None
+        return ScheduledBatch(entries, self.block_manager.block_size)
+
+    def _schedule_running(self, budget: int, chunk_cap: int) -> tuple[list[ScheduledEntry], int, bool]:
+        """Entries for the running sequences, oldest first, preempting the newest when blocks run out.
+        Returns (entries, token budget left, whether anything was preempted)."""
+        bm = self.block_manager
         entries: list[ScheduledEntry] = []
         # Budget kept back so that every running decode behind a prefill chunk still fits.
         pending_decodes = sum(1 for s in self.running if not s.is_prefilling)
         preempted = False
-
         i = 0
         while i < len(self.running):
             seq = self.running[i]
@@ -217,10 +237,14 @@ class Scheduler:
             entries.append(self._take(seq, n, bm.allocate(seq, n)))
             budget -= n
             i += 1
+        return entries, budget, preempted
 
-        # Admit waiting sequences, unless this step already had to preempt (they would just thrash).
+    def _admit_waiting(self, budget: int, chunk_cap: int) -> list[ScheduledEntry]:
+        """Entries for waiting sequences admitted in order while tokens, blocks, slots and max_num_seqs allow."""
+        cfg, bm = self.config, self.block_manager
+        entries: list[ScheduledEntry] = []
         max_running = min(cfg.max_num_seqs, bm.num_slots)
-        while self.waiting and not preempted and budget > 0 and len(self.running) < max_running:
+        while self.waiting and budget > 0 and len(self.running) < max_running:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, chunk_cap, budget)
             if n < seq.num_uncomputed_tokens and not cfg.chunked_prefill:
@@ -234,14 +258,11 @@ class Scheduler:
             self.running.append(seq)
             entries.append(self._take(seq, n, fresh))
             budget -= n
-
-        if not entries:
-            assert not self.has_unfinished(), "scheduler made no progress with work queued"
-            return None
-        return ScheduledBatch(entries, bm.block_size)
+        return entries
 
     def update(self, batch: ScheduledBatch, sampled_token_ids: SequenceLike[int]) -> list[Sequence]:
-        """Account for a finished forward: advance cached counts, append the sampled tokens, finish sequences.
+        """Account for a finished forward: advance cached counts, append the sampled tokens, finish sequences
+        that a token rule of `StopRules` ends (EOS / stop token, max_tokens / max_model_len).
 
         `sampled_token_ids` holds one token per entry in `batch.sample_indices`, in that order. Sequences
         finished meanwhile (aborted, stop string) are skipped. Returns the sequences that finished in this call.
@@ -251,7 +272,6 @@ class Scheduler:
                              f"sample), got {len(sampled_token_ids)}")
         tokens = iter(sampled_token_ids)
         finished: list[Sequence] = []
-        eos = self.config.eos_token_ids
         for e in batch.entries:
             token = int(next(tokens)) if e.needs_sample else None
             seq = e.seq
@@ -262,12 +282,7 @@ class Scheduler:
             if token is None:
                 continue
             seq.output_token_ids.append(token)
-            p = seq.params
-            reason = None
-            if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
-                reason = FinishReason.STOP
-            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
-                reason = FinishReason.LENGTH
+            reason = self.stop_rules.by_token(seq)
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)

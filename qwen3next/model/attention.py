@@ -1,4 +1,4 @@
-"""Gated full attention (SPEC §4): per-head [query | gate] projection, q/k zero-centred norm, partial RoPE, GQA,
+"""Gated full attention: per-head [query | gate] projection, q/k zero-centred norm, partial RoPE, GQA,
 sigmoid output gate before o_proj."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from torch import nn
 from ..config import Qwen3NextConfig
 from ..ops.norm import rms_norm_zero_centered
 from ..ops.rope import apply_partial_rope
-from .cache import ForwardContext
+from .batch import ForwardContext
+from .layout import KVSpec
 from .linear import Linear
 from .norm import RMSNorm
 
@@ -31,6 +32,14 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(Dh, config.rms_norm_eps)
         self.k_norm = RMSNorm(Dh, config.rms_norm_eps)
 
+    @staticmethod
+    def declare_kv(num_kv_heads: int, head_dim: int) -> KVSpec:
+        """The paged K/V a layer holding `num_kv_heads` (local) key/value heads keeps per token."""
+        return KVSpec(num_kv_heads, head_dim)
+
+    def kv_spec(self) -> KVSpec:
+        return self.declare_kv(self.num_kv_heads, self.head_dim)
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: [N, D] -> [N, D]."""
         N = x.shape[0]
@@ -42,22 +51,25 @@ class GatedAttention(nn.Module):
         q = apply_partial_rope(q, ctx.cos, ctx.sin)
         k = apply_partial_rope(k, ctx.cos, ctx.sin)
 
-        batch, cache = ctx.batch, ctx.cache
-        qp = batch.pad(q).transpose(1, 2)  # [B, H, T, Dh]
+        tokens, cache = ctx.batch.tokens, ctx.cache
+        qp = tokens.pad(q).transpose(1, 2)  # [B, H, T, Dh]
         if cache is not None:
+            kv = ctx.batch.kv
             k_pool, v_pool = cache.k[self.cache_key], cache.v[self.cache_key]
-            k_pool.index_copy_(0, batch.kv_write_index, k.to(k_pool.dtype))
-            v_pool.index_copy_(0, batch.kv_write_index, v.to(v_pool.dtype))
-            kp = batch.kv_rows(k_pool).transpose(1, 2).to(q.dtype)  # [B, HKV, L, Dh]
-            vp = batch.kv_rows(v_pool).transpose(1, 2).to(q.dtype)
+            kv.write(k_pool, k)
+            kv.write(v_pool, v)
+            kp = kv.read(k_pool).transpose(1, 2).to(q.dtype)  # [B, HKV, L, Dh]
+            vp = kv.read(v_pool).transpose(1, 2).to(q.dtype)
+            mask, sees_all_keys = kv.mask, kv.sees_all_keys
         else:
-            kp, vp = batch.pad(k).transpose(1, 2), batch.pad(v).transpose(1, 2)
-        if batch.sees_all_keys:
+            kp, vp = tokens.pad(k).transpose(1, 2), tokens.pad(v).transpose(1, 2)
+            mask, sees_all_keys = tokens.mask, False
+        if sees_all_keys:
             o = F.scaled_dot_product_attention(qp, kp, vp, enable_gqa=H != HKV)
-        elif batch.attn_mask is None or batch.is_uniform:  # fresh equal-length prompts: SDPA's causal mask is exact
+        elif mask is None or tokens.is_uniform:  # fresh equal-length prompts: SDPA's causal mask is exact
             o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=H != HKV)
         else:
-            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=batch.attn_mask, enable_gqa=H != HKV)
-        o = batch.unpad(o.transpose(1, 2)).reshape(N, H * Dh)  # [N, H*Dh]
+            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=H != HKV)
+        o = tokens.unpad(o.transpose(1, 2)).reshape(N, H * Dh)  # [N, H*Dh]
         o = o * torch.sigmoid(gate.reshape(N, H * Dh))
         return self.o_proj(o)

@@ -1,4 +1,9 @@
-"""Gated DeltaNet (SPEC §5): linear attention with a delta-rule recurrent state.
+"""Gated DeltaNet: linear attention with a delta-rule recurrent state.
+
+Per token t and value head: q, k come from a causal depthwise conv (kernel W) + SiLU, are L2-normalised (q also
+scaled by 1/sqrt(K)); the state S [K, V] decays by exp(g_t) with g_t = -exp(A_log) * softplus(a_t + dt_bias), then
+takes the delta-rule update S += k_t (beta_t (v_t - S^T k_t))^T with beta_t = sigmoid(b_t); the output S^T q_t goes
+through an RMSNorm gated by SiLU(z_t). The state is fixed-size per sequence: conv state [C, W-1], recurrent [HV, K, V].
 
 Weight layout note: the checkpoint interleaves `in_proj_qkvz` per key-head group ([q|k|v v|z z]) and `in_proj_ba`
 per group ([b b|a a]). The loader (checkpoint.py) de-interleaves them ONCE into the logical order used here:
@@ -13,11 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Qwen3NextConfig
-from ..fastpath import fast_decode
 from ..ops.conv import causal_conv1d, causal_conv1d_update
+from ..ops.dispatch import fast_decode, threshold
 from ..ops.gated_delta import chunk_gated_delta_rule, gated_delta_step, recurrent_gated_delta_rule
 from ..ops.norm import l2_normalize
-from .cache import ForwardContext
+from .batch import ForwardContext, StateRows
+from .layout import StateSpec
 from .linear import Linear
 from .norm import GatedRMSNorm
 
@@ -42,72 +48,81 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, D, bias=False)
 
+    @staticmethod
+    def declare_state(num_k_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
+                      kernel_size: int) -> tuple[StateSpec, ...]:
+        """The per-sequence state of a layer holding these (local) heads: the last W-1 conv inputs of the q|k|v
+        channels, and the recurrent state of every value head."""
+        conv_dim = 2 * num_k_heads * head_k_dim + num_v_heads * head_v_dim
+        return (StateSpec("conv", (conv_dim, kernel_size - 1), "activation"),
+                StateSpec("recurrent", (num_v_heads, head_k_dim, head_v_dim), "state"))
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        return self.declare_state(self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim,
+                                  self.kernel_size)
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: [N, D] -> [N, D]."""
-        cache = ctx.cache
-        if (cache is not None and ctx.batch.is_decode and fast_decode()
-                and cache.recurrent[self.cache_key].dtype == torch.promote_types(x.dtype, torch.float32)):
-            return self._decode_step(x, ctx)
+        tokens = ctx.batch.tokens
+        conv_rows, rec_rows = ctx.state(self.cache_key, "conv"), ctx.state(self.cache_key, "recurrent")
+        # The decode step updates the recurrent state in place, so it needs the state stored in the dtype it computes
+        # in (fp32, or wider activations); any other combination takes the general path below.
+        if (rec_rows is not None and tokens.is_decode and fast_decode()
+                and rec_rows.pool.dtype == torch.promote_types(x.dtype, torch.float32)):
+            return self._decode_step(x, conv_rows, rec_rows)
         N = x.shape[0]
         H, HV, K, V = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
-        batch = ctx.batch
         qkvz = self.in_proj_qkvz(x)
         qkv, z = qkvz[:, : self.conv_dim], qkvz[:, self.conv_dim:]
         b, a = self.in_proj_ba(x).chunk(2, dim=-1)  # [N, HV] each
         weight = self.conv1d.weight.squeeze(1)  # [C, W]
 
-        conv_pool = cache.conv[self.cache_key] if cache is not None else None
-        if cache is not None and batch.is_decode:
-            state = batch.state_rows(conv_pool)
-            qkv = causal_conv1d_update(qkv, weight, state).unsqueeze(1)  # [B, 1, C]
-            batch.write_back_state_rows(conv_pool, state)
+        if conv_rows is not None and tokens.is_decode:
+            qkv = causal_conv1d_update(qkv, weight, conv_rows.read()).unsqueeze(1)  # [B, 1, C]
+            conv_rows.commit()
         else:
-            state = batch.state_rows(conv_pool) if cache is not None else None
-            qkv, new_state = causal_conv1d(batch.pad(qkv), weight, state, lengths=batch.lengths)  # [B, T, C]
-            if cache is not None:
-                batch.store_state_rows(conv_pool, new_state)
+            init = conv_rows.read() if conv_rows is not None else None
+            qkv, new_state = causal_conv1d(tokens.pad(qkv), weight, init, lengths=tokens.seq_lens)  # [B, T, C]
+            if conv_rows is not None:
+                conv_rows.commit(new_state)
 
         Bsz, T = qkv.shape[:2]
         q, k, v = qkv.float().split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2_normalize(q.reshape(Bsz, T, H, K)) * K ** -0.5
         k = l2_normalize(k.reshape(Bsz, T, H, K))
         v = v.reshape(Bsz, T, HV, V)
-        beta = batch.pad(torch.sigmoid(b.float()))  # padded steps get beta = 0 and g = 0: the state is untouched
-        g = batch.pad(-torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float()))
+        beta = tokens.pad(torch.sigmoid(b.float()))  # padded steps get beta = 0 and g = 0: the state is untouched
+        g = tokens.pad(-torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float()))
 
-        rec_pool = cache.recurrent[self.cache_key] if cache is not None else None
-        init = batch.state_rows(rec_pool) if cache is not None else None
-        if T <= 16:  # the token loop beats the chunked form for short inputs (measured crossover ~32)
+        init = rec_rows.read() if rec_rows is not None else None
+        if T <= threshold("delta_rule_token_loop"):  # the token loop beats the chunked form for short inputs
             o, final = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init)
         else:
             o, final = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=init)
-        if cache is not None:
-            batch.store_state_rows(rec_pool, final)
+        if rec_rows is not None:
+            rec_rows.commit(final)
 
-        o = batch.unpad(o)  # [N, HV, V] fp32
+        o = tokens.unpad(o)  # [N, HV, V] fp32
         o = self.norm(o, z.reshape(N, HV, V)).reshape(N, HV * V)
         return self.out_proj(o)
 
-    def _decode_step(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def _decode_step(self, x: torch.Tensor, conv_rows: StateRows, rec_rows: StateRows) -> torch.Tensor:
         """Fast path for one new token per sequence (inference): the same math as `forward` in about a third of the
         ops, with the conv and recurrent states updated in place in the cache when the slots are consecutive."""
-        batch, cache = ctx.batch, ctx.cache
         B = x.shape[0]
         H, HV, K, V = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
         qkvz = self.in_proj_qkvz(x)
         b, a = self.in_proj_ba(x).chunk(2, dim=-1)  # [B, HV] each
-        conv_pool, rec_pool = cache.conv[self.cache_key], cache.recurrent[self.cache_key]
-        conv_state = batch.state_rows(conv_pool)
-        qkv = causal_conv1d_update(qkvz[:, : self.conv_dim], self.conv1d.weight.view(self.conv_dim, -1), conv_state)
-        batch.write_back_state_rows(conv_pool, conv_state)
-        dtype = rec_pool.dtype
+        weight = self.conv1d.weight.view(self.conv_dim, -1)
+        qkv = causal_conv1d_update(qkvz[:, : self.conv_dim], weight, conv_rows.read())
+        conv_rows.commit()
+        dtype = rec_rows.pool.dtype
         qk = l2_normalize(qkv[:, : 2 * self.key_dim].to(dtype).view(B, 2 * H, K))  # q and k heads normalised at once
         q, k = qk[:, :H] * K ** -0.5, qk[:, H:]
         v = qkv[:, 2 * self.key_dim:].view(B, HV, V)
         beta = torch.sigmoid(b.to(dtype))
         g = F.softplus(a.to(dtype) + self.dt_bias.to(dtype)).mul_(torch.exp(self.A_log.to(dtype)).neg_())
-        state = batch.state_rows(rec_pool)
-        o = gated_delta_step(q, k, v, g, beta, state)
-        batch.write_back_state_rows(rec_pool, state)
+        o = gated_delta_step(q, k, v, g, beta, rec_rows.read())
+        rec_rows.commit()
         z = qkvz[:, self.conv_dim:].reshape(B, HV, V)
         return self.out_proj(self.norm(o, z).reshape(B, HV * V))

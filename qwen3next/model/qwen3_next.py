@@ -1,4 +1,9 @@
-"""Qwen3-Next: decoder layers, the model, the LM head and the MTP head, wired as SPEC §2 and §9 describe."""
+"""Qwen3-Next: decoder layers, the model, the LM head and the MTP head.
+
+Layers alternate DeltaNet and gated attention by `config.layer_types` (3 DeltaNet : 1 attention in the released
+models); each is a pre-norm residual block with a sparse MoE (or dense MLP) after the mixer. The final norm's output
+feeds the LM head and, for the MTP head, its extra decoder layer.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ import torch
 from torch import nn
 
 from ..config import Qwen3NextConfig
-from ..fastpath import CompileDecodeError, fast_decode
 from ..ops.rope import rope_cos_sin, rope_inv_freq
 from .attention import GatedAttention
-from .cache import BatchInfo, ForwardContext, HybridCache, SequenceCache
+from .batch import BatchInfo, ForwardContext
+from .cache import HybridCache, SequenceCache
 from .deltanet import GatedDeltaNet
+from .layout import CacheLayout
 from .linear import Linear
 from .moe import MLP, SparseMoE
 from .norm import RMSNorm
@@ -53,7 +59,7 @@ class Qwen3NextModel(nn.Module):
 
 
 class MTPHead(nn.Module):
-    """Multi-token prediction (SPEC §9): from the main model's final (normed) hidden state at t and the embedding of
+    """Multi-token prediction: from the main model's final (normed) hidden state at t and the embedding of
     token t+1, predict token t+2 through one extra full-attention + MoE decoder layer with its own KV cache."""
 
     def __init__(self, config: Qwen3NextConfig):
@@ -88,10 +94,10 @@ class Qwen3NextForCausalLM(nn.Module):
         inv_freq, scale = rope_inv_freq(config.rope, config.rotary_dim, config.max_position_embeddings)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.rope_scale = scale
-        self._compiled_decoder = None  # see compile_decode()
 
     def _apply(self, fn, recurse=True):
-        # Keep the RoPE frequencies in fp32 whatever the model is cast to (SPEC §11: angles in fp32).
+        # Keep the RoPE frequencies in fp32 whatever the model is cast to: bf16 angles lose whole radians at long
+        # positions.
         super()._apply(fn, recurse)
         inv_freq, _ = rope_inv_freq(self.config.rope, self.config.rotary_dim, self.config.max_position_embeddings)
         self.rope_inv_freq = inv_freq.to(self.rope_inv_freq.device)
@@ -111,7 +117,8 @@ class Qwen3NextForCausalLM(nn.Module):
         save_model(self, path, max_shard_bytes=max_shard_bytes)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Random init as SPEC §7: N(0, initializer_range) for matrices, zero-centred norms 0, gated norm 1."""
+        """Random init: N(0, initializer_range) for matrices, zero-centred norms 0, gated norm 1, dt_bias 1,
+        A_log = log U(0.01, 16)."""
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             with torch.no_grad():
@@ -133,79 +140,36 @@ class Qwen3NextForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.device
 
     # ---- caches -------------------------------------------------------------------------------------------------
+    def cache_layout(self, include_mtp: bool = True) -> CacheLayout:
+        """What this model's layers declare they keep per token (K/V) and per sequence (DeltaNet state)."""
+        kv, state = {}, {}
+        layers = [*self.model.layers, *(self.mtp.layers if include_mtp and self.mtp is not None else ())]
+        for layer in layers:
+            if layer.layer_type == "linear_attention":
+                state[layer.linear_attn.cache_key] = layer.linear_attn.state_specs()
+            else:
+                kv[layer.self_attn.cache_key] = layer.self_attn.kv_spec()
+        return CacheLayout(kv=kv, state=state)
+
     def new_cache(self, batch_size: int, max_len: int, block_size: int = 64) -> SequenceCache:
-        return SequenceCache(self.config, batch_size, max_len, self.dtype, self.device, block_size)
+        """A cache for `batch_size` sequences of up to `max_len` tokens each."""
+        return SequenceCache(self.config, batch_size, max_len, self.dtype, self.device, block_size,
+                             layout=self.cache_layout())
 
     def context(self, batch: BatchInfo, cache: HybridCache | None = None,
-                router_logits: list[torch.Tensor] | None = None) -> ForwardContext:
+                router_logits: list[torch.Tensor] | None = None, views: bool = True) -> ForwardContext:
+        """Prepare `batch` for this model (and `cache`); `views=False` reads the cache by index only."""
         if cache is None:
             batch.prepare(self.device)
         else:
-            compiled = self._uses_compiled_decoder(cache, all(n == 1 for n in batch.seq_lens))
-            batch.prepare(self.device, cache.block_size, cache.num_blocks, views=not compiled)
-        cos, sin = rope_cos_sin(batch.positions, self.rope_inv_freq, self.rope_scale, self.dtype)
+            batch.prepare(self.device, cache.block_size, cache.num_blocks, views=views)
+        cos, sin = rope_cos_sin(batch.tokens.positions, self.rope_inv_freq, self.rope_scale, self.dtype)
         return ForwardContext(batch=batch, cos=cos, sin=sin, cache=cache, router_logits=router_logits)
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def hidden_states(self, tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Flat tokens [N] -> final normed hidden states [N, D]."""
-        h = self.model.embed_tokens(tokens)
-        if self._uses_compiled_decoder(ctx.cache, ctx.batch.is_decode):
-            return self._compiled_decoder(h, ctx)
-        return self.model(h, ctx)
-
-    # ---- compiled decode ----------------------------------------------------------------------------------------
-    def compile_decode(self, enabled: bool = True) -> None:
-        """Run decode steps (one new token per sequence, with a cache, no autograd) through a `torch.compile`d
-        decoder stack; prefill and everything else stay eager. Off by default: compiling takes a while (~20-60 s
-        per graph on 2 cores; a graph for batch 1, one more once the context length varies, one once the batch size
-        does) and needs a C++ compiler. Measured on an AVX2 EPYC, 2 threads: `small` decode steps 1.7x (batch 1)
-        and 1.9x (batch 8) faster than the eager fast paths; `tiny` ~1.3 ms vs ~4.2 ms per step.
-
-        The compiled graph reads the cache through index tensors only (`BatchInfo.prepare(views=False)`), so slot
-        and block layouts do not multiply the graphs. Call `warm_up_decode(cache)` to compile before serving."""
-        if enabled:
-            import torch._dynamo.config
-
-            # Graphs are cached per code object, shared by every model in the process (a float model and its
-            # quantized copy, several batch sizes...); past the default limit of 8, dynamo silently runs eagerly.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._compiled_decoder = torch.compile(self.model.forward) if enabled else None
-
-    @torch.no_grad()
-    def warm_up_decode(self, cache: HybridCache) -> None:
-        """Compile the decode graphs now, on `cache` (the one that will be used: its pool sizes are part of the
-        graph): batch 1 at two context lengths, then batches 2 and 3 (a size that changes from 1 stays specialised,
-        so it takes a second change before the batch size becomes dynamic), then 9 if the cache has room (the CPU
-        attention kernel adds a guard at 8). Uses the first slots and blocks and zeroes those slots' DeltaNet state
-        afterwards. Raises CompileDecodeError naming the cause if torch.compile fails."""
-        if self._compiled_decoder is None:
-            raise ValueError("warm_up_decode: call compile_decode() first")
-        if cache.num_slots < 2 or cache.num_blocks < 2 or cache.block_size < 4:
-            raise ValueError("warm_up_decode: the cache needs at least 2 slots and 2 blocks of >= 4 tokens")
-        room = min(cache.num_slots, cache.num_blocks)
-        plan = [(1, 1), (1, 2)] + [(b, b) for b in (2, 3, 9) if b <= room]
-        largest = plan[-1][0]
-        try:
-            for batch_size, context in plan:
-                batch = BatchInfo([1] * batch_size, [context] * batch_size, list(range(batch_size)),
-                                  [[i] for i in range(batch_size)])
-                tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-                self.hidden_states(tokens, self.context(batch, cache))
-        except Exception as e:  # inductor raises many types; any of them means "compiled decode unavailable here"
-            self._compiled_decoder = None
-            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-            raise CompileDecodeError(f"compile_decode: torch.compile failed on this machine ({type(e).__name__}: "
-                                     f"{first}); decoding stays eager") from e
-        finally:
-            cache.reset_slots(list(range(largest)))
-
-    @property
-    def compiled_decode(self) -> bool:
-        return self._compiled_decoder is not None
-
-    def _uses_compiled_decoder(self, cache: HybridCache | None, is_decode: bool) -> bool:
-        return self._compiled_decoder is not None and cache is not None and is_decode and fast_decode()
+        return self.model(self.model.embed_tokens(tokens), ctx)
 
     def forward(self, input_ids: torch.Tensor, cache: SequenceCache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,18 +195,12 @@ class Qwen3NextForCausalLM(nn.Module):
         tokens = input_ids[valid] if valid is not None else input_ids.reshape(-1)
         seq_lens = [lens[i] for i in rows]
         if cache is not None:
-            for i in rows:
-                if cache.lengths[i] + lens[i] > cache.max_len:
-                    raise ValueError(f"cache: sequence {i} would hold {cache.lengths[i] + lens[i]} tokens, "
-                                     f"more than its max_len {cache.max_len}")
-            batch = BatchInfo(seq_lens, [cache.lengths[i] for i in rows], rows, [cache.block_tables[i] for i in rows])
-            ctx = self.context(batch, cache.cache)
+            ctx = self.context(cache.batch(rows, seq_lens), cache.hybrid)
         else:
             ctx = self.context(BatchInfo(seq_lens))
         logits = self.lm_head(self.hidden_states(tokens, ctx))
         if cache is not None:
-            for i in rows:
-                cache.lengths[i] += lens[i]
+            cache.advance(rows, seq_lens)
         if valid is None:
             return logits.view(B, T, -1)
         out = logits.new_zeros(B, T, logits.shape[-1])

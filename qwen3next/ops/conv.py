@@ -1,4 +1,5 @@
-"""Short causal depthwise convolution over time (SPEC §5.3), for prefill and for one decode step.
+"""Short causal depthwise convolution over time (the DeltaNet's q|k|v conv, then SiLU), for prefill and for one
+decode step.
 
 y_t[c] = sum_j w[c, j] * x_{t-W+1+j}[c]: tap W-1 multiplies the current token. Frames before the sequence start come
 from a rolling state of the last W-1 input frames ([B, C, W-1], oldest first), or are zero.

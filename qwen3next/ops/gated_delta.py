@@ -1,4 +1,4 @@
-"""Gated delta rule (the Gated DeltaNet recurrence, SPEC §5.5-5.6) in three forms.
+"""Gated delta rule (the Gated DeltaNet recurrence) in three forms.
 
 Per value head j, with state S in R^{K x V} (key rows, value columns) and q/k head j // (HV // H):
 
@@ -64,7 +64,8 @@ def chunk_gated_delta_rule(
     initial_state: Tensor | None = None,
     chunk_size: int = 32,
 ) -> tuple[Tensor, Tensor]:
-    """Chunked gated delta rule (WY representation, SPEC §5.6); differentiable w.r.t. every tensor input.
+    """Chunked gated delta rule (WY representation: a chunk's updates folded into one low-rank product);
+    differentiable w.r.t. every tensor input.
 
     Args:
         q, k: [B, T, H, K], L2-normalised (q also scaled by 1/sqrt(K)).
@@ -222,7 +223,7 @@ def naive_gated_delta_rule(
     beta: Tensor,
     initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Reference: the recurrence of SPEC §5.5 written per batch row, value head and token. Slow; tests only.
+    """Reference: the recurrence above written per batch row, value head and token. Slow; tests only.
 
     Shapes and dtypes as in `chunk_gated_delta_rule`.
     """

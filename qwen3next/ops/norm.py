@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 
 def rms_norm_zero_centered(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`x / rms(x) * (1 + w)` over the last dim, all in fp32, cast back to x's dtype at the end (SPEC §3.1).
+    """`x / rms(x) * (1 + w)` over the last dim, all in fp32, cast back to x's dtype at the end (the
+    zero-centred form of Qwen3-Next: weights start at 0, so the gain starts at 1).
 
     x: [..., D], weight: [D] stored as an offset around zero.
     """
@@ -19,7 +20,7 @@ def rms_norm_zero_centered(x: torch.Tensor, weight: torch.Tensor, eps: float) ->
 
 
 def rms_norm_gated(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Norm-before-gate: `x / rms(x) * w * silu(z)` over the last dim, in fp32 (SPEC §3.2).
+    """Norm-before-gate: `x / rms(x) * w * silu(z)` over the last dim, in fp32 (the DeltaNet output norm).
 
     The weight here is a plain gain (init 1), NOT zero-centred. x, z: [..., V]; weight: [V]. Returns z's dtype.
     """
