@@ -58,6 +58,14 @@ def test_half_the_heads_gives_the_cache_of_a_half_width_layer():
     assert sharded.nbytes() < HybridCache(full, num_slots=2, num_blocks=2, block_size=4).nbytes()
     with pytest.raises(ValueError, match="tp_size"):
         cache_layout(full, tp_size=full.linear_num_key_heads + 1)
+    with pytest.raises(ValueError, match="tp_size: 2 must divide the 3 attention key/value heads"):
+        cache_layout(dataclasses.replace(full, num_key_value_heads=3, num_attention_heads=6), tp_size=2)
+
+
+def test_a_cached_forward_without_slots_is_a_clear_error(model):
+    cache = HybridCache(model.config, num_slots=1, num_blocks=1, block_size=4)
+    with pytest.raises(ValueError, match="needs slots and block_tables"):
+        model.context(BatchInfo([2]), cache)
 
 
 def test_zero_and_copy_slot_ops_change_exactly_their_rows(model):

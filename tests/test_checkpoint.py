@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen3next import Qwen3NextConfig, Qwen3NextForCausalLM
 from qwen3next.checkpoint import CheckpointError, hf_tensors, load_model, parse_dtype
-from qwen3next.model.cache import BatchInfo
+from qwen3next.model.batch import BatchInfo
 from tiny_models import config_dict, make_model
 
 IDS = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(5))

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import qwen3next.ops.linear as linear_mod
-from qwen3next.model.cache import BatchInfo, HybridCache
+from qwen3next.model.batch import BatchInfo
+from qwen3next.model.cache import HybridCache
 from qwen3next.ops.dispatch import set_fast_decode, set_linear_backend, set_threshold
 from qwen3next.ops.gated_delta import gated_delta_step, recurrent_gated_delta_rule
 from qwen3next.ops.moe import _experts_gathered, _experts_grouped_mm, experts_reference, route_topk

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Sequence as SequenceLike
 from dataclasses import dataclass
 
+from ..model.layout import paged_row
 from .block_manager import BlockManager
 from .sequence import FinishReason, Sequence, SequenceStatus
 from .slot_ops import SlotOp, ZeroSlots
@@ -85,7 +86,7 @@ class ScheduledBatch:
             self.block_tables.append(table)
             self.input_ids += e.seq.token_ids_between(start, stop)
             self.positions += range(start, stop)
-            self.kv_write_indices += [table[p // block_size] * block_size + p % block_size for p in range(start, stop)]
+            self.kv_write_indices += [paged_row(table, p, block_size) for p in range(start, stop)]
             self.query_start_loc.append(self.query_start_loc[-1] + e.num_new_tokens)
             if e.needs_sample:
                 self.sample_indices.append(i)

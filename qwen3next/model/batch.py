@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .layout import paged_row
+
 if TYPE_CHECKING:
     from .cache import HybridCache
 
@@ -68,7 +70,8 @@ class BatchInfo:
         if self.block_tables is not None:
             if block_size is None:
                 raise ValueError("block_tables: need the cache's block_size")
-            self.kv = KVAccess(self.tokens, ctx, self.block_tables, block_size, num_blocks, views, self.kv_write_rows)
+            self.kv = KVAccess(self.tokens, self.seq_lens, ctx, self.block_tables, block_size, num_blocks, views,
+                               self.kv_write_rows)
         elif any(ctx):
             raise ValueError("context_lens: cached context needs block_tables and a cache")
         elif not self.tokens.is_uniform:
@@ -184,9 +187,9 @@ class KVAccess:
     Token p of a sequence lives at row `block_table[p // block_size] * block_size + p % block_size`.
     """
 
-    def __init__(self, tokens: TokenLayout, context_lens: list[int], block_tables: list[list[int]], block_size: int,
-                 num_blocks: int | None, views: bool, write_rows: list[int] | None = None):
-        seq_lens = tokens.seq_lens.tolist()
+    def __init__(self, tokens: TokenLayout, seq_lens: list[int], context_lens: list[int],
+                 block_tables: list[list[int]], block_size: int, num_blocks: int | None, views: bool,
+                 write_rows: list[int] | None = None):
         device = tokens.positions.device
         totals = [c + n for n, c in zip(seq_lens, context_lens)]
         for total, table in zip(totals, block_tables):
@@ -203,11 +206,11 @@ class KVAccess:
         self.read_index: torch.Tensor | None = None  # [B, L] pool rows, when K/V are gathered
         self.mask: torch.Tensor | None = None  # [B, 1, T, L] bool, True = attend
         if write_rows is None and self.view is not None and self.sees_all_keys:  # the common decode step
-            write_rows = [t[c // block_size] * block_size + c % block_size for t, c in zip(block_tables, context_lens)]
+            write_rows = [paged_row(t, c, block_size) for t, c in zip(block_tables, context_lens)]
         self.write_index = None if write_rows is None else torch.tensor(write_rows, dtype=torch.long, device=device)
         if self.view is not None and self.sees_all_keys:
             return
-        # Vectorised: row of key p = table[p // block_size] * block_size + p % block_size (no per-token Python).
+        # paged_row for every key position at once (no per-token Python).
         nb = max(len(t) for t in block_tables)
         tables = torch.tensor([t + [0] * (nb - len(t)) for t in block_tables], dtype=torch.long, device=device)
         key_pos = torch.arange(L, device=device)
@@ -227,13 +230,18 @@ class KVAccess:
 
     def read(self, pool: torch.Tensor) -> torch.Tensor:
         """The batch's keys (or values) [B, L, ...]: a view when the block tables allow it, else a gather."""
-        if self.view is not None:
-            first, stride = self.view
-            if self.batch_size == 1:
-                return pool[first:first + self.kv_len].unsqueeze(0)
-            # plain slicing and view ops (no as_strided), so that torch.compile can trace it
-            block = pool[first:first + self.batch_size * stride]
-            return block.view(self.batch_size, stride, *pool.shape[1:])[:, :self.kv_len]
+        return self.read_view(pool) if self.view is not None else self.gather(pool)
+
+    def read_view(self, pool: torch.Tensor) -> torch.Tensor:
+        first, stride = self.view
+        if self.batch_size == 1:
+            return pool[first:first + self.kv_len].unsqueeze(0)
+        # plain slicing and view ops (no as_strided), so that torch.compile can trace it
+        block = pool[first:first + self.batch_size * stride]
+        return block.view(self.batch_size, stride, *pool.shape[1:])[:, :self.kv_len]
+
+    def gather(self, pool: torch.Tensor) -> torch.Tensor:
+        """The plain read (a copy of every sequence's context), the twin of `read_view`."""
         return pool[self.read_index]
 
 

@@ -19,7 +19,7 @@ import torch
 
 from ..config import Qwen3NextConfig
 from .attention import GatedAttention
-from .batch import BatchInfo, ForwardContext  # noqa: F401  (re-exported: the cache's users build these)
+from .batch import BatchInfo
 from .deltanet import GatedDeltaNet
 from .layout import CacheLayout
 
@@ -31,7 +31,11 @@ def cache_layout(config: Qwen3NextConfig, tp_size: int = 1, include_mtp: bool = 
     if tp_size < 1 or c.linear_num_key_heads % tp_size or c.linear_num_value_heads % tp_size:
         raise ValueError(f"tp_size: {tp_size} must be >= 1 and divide the DeltaNet heads "
                          f"({c.linear_num_key_heads} key, {c.linear_num_value_heads} value)")
-    kv_heads = max(1, c.num_key_value_heads // tp_size)
+    HKV = c.num_key_value_heads
+    if HKV % tp_size and tp_size % HKV:
+        raise ValueError(f"tp_size: {tp_size} must divide the {HKV} attention key/value heads, or be a multiple of "
+                         f"them (each rank then holds one replicated head)")
+    kv_heads = max(1, HKV // tp_size)
     kv_spec = GatedAttention.declare_kv(kv_heads, c.head_dim)
     keys = [str(i) for i in c.attention_layers]
     if include_mtp:
@@ -46,8 +50,8 @@ class HybridCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  state_dtype: torch.dtype = torch.float32, include_mtp: bool = True,
                  layout: CacheLayout | None = None):
-        """`layout` defaults to the whole model's (`cache_layout(config)`); a model passes the one its layers
-        declare (`Qwen3NextForCausalLM.cache_layout()`)."""
+        """`layout` defaults to the whole model's (`cache_layout(config, include_mtp=include_mtp)`); a model passes
+        the one its layers declare (`Qwen3NextForCausalLM.cache_layout()`), and `include_mtp` is then not used."""
         if num_slots < 1 or num_blocks < 0 or block_size < 1:
             raise ValueError(f"HybridCache: need num_slots >= 1, num_blocks >= 0, block_size >= 1; got "
                              f"{num_slots}, {num_blocks}, {block_size}")

@@ -3,7 +3,9 @@
 Each DeltaNet layer declares its per-sequence state pools (`StateSpec`: conv and recurrent state, shapes from the
 layer's LOCAL head counts), each attention layer (and the MTP layer) its paged K/V (`KVSpec`). `HybridCache`
 allocates exactly what a `CacheLayout` lists, so a layer holding a shard of the heads (tensor parallelism) gets a
-cache of its own size, and nothing outside the layers knows the state's shapes.
+cache of its own size. (`Qwen3NextConfig.kv_bytes_per_token` / `state_bytes_per_sequence` are closed forms of the
+same sizes for `qwen3next info`; a test checks they agree with the declarations.) Plain Python, no torch: the
+scheduler uses `paged_row`.
 """
 
 from __future__ import annotations
@@ -50,3 +52,8 @@ class CacheLayout:
 
     def state_bytes_per_slot(self, activation_bytes: int, state_bytes: int = 4) -> int:
         return sum(s.nbytes(activation_bytes, state_bytes) for specs in self.state.values() for s in specs)
+
+
+def paged_row(block_table: list[int], position: int, block_size: int) -> int:
+    """Row of the paged K/V pools that holds token `position` of a sequence with this block table."""
+    return block_table[position // block_size] * block_size + position % block_size

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import Qwen3NextConfig
 from ..ops.moe import experts_grouped, route_topk
-from .cache import ForwardContext
+from .batch import ForwardContext
 from .linear import Linear
 
 

@@ -161,6 +161,8 @@ class Qwen3NextForCausalLM(nn.Module):
         """Prepare `batch` for this model (and `cache`); `views=False` reads the cache by index only."""
         if cache is None:
             batch.prepare(self.device)
+        elif batch.slots is None or batch.block_tables is None:
+            raise ValueError("batch: a forward with a cache needs slots and block_tables")
         else:
             batch.prepare(self.device, cache.block_size, cache.num_blocks, views=views)
         cos, sin = rope_cos_sin(batch.tokens.positions, self.rope_inv_freq, self.rope_scale, self.dtype)

@@ -109,6 +109,21 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "qwen3next.quant.experts:QuantizedExperts._forward_gathered",
         "qwen3next.quant.experts:QuantizedExperts.forward_reference"),
     FastPath(
+        "cache_views",
+        "the state rows of consecutive slots read and updated as VIEWS of the pools (no gather / scatter of the "
+        "state per layer), and K/V of sequences whose blocks are consecutive read as a strided view of the pool "
+        "instead of a gather of the whole context (twins: `index_select` / `index_copy_` of the state rows in "
+        "`StateRows`, `KVAccess.gather`)",
+        "`BatchInfo.prepare(views=True)` (everywhere but the compiled decoder, which reads by index); slots "
+        "consecutive in batch order; block tables consecutive, equally spaced and inside the pool",
+        "qwen3next.model.batch:KVAccess.read_view", "qwen3next.model.batch:KVAccess.gather"),
+    FastPath(
+        "attention_without_mask",
+        "decode attention without a mask when every query sees all L keys (SDPA's plain form), and SDPA's causal "
+        "form for fresh equal-length prompts, instead of an explicit [B, 1, T, L] mask",
+        "`prepare(views=True)`, one token per sequence and every sequence holding L keys; or a uniform fresh batch",
+        "qwen3next.model.attention:GatedAttention.forward", "torch.nn.functional:scaled_dot_product_attention"),
+    FastPath(
         "compiled_decode",
         "the decoder stack of a decode step through torch.compile, reading the cache through index tensors only "
         "(opt-in: `--compile`, `LLM(..., compile_decode=True)`; needs a C++ compiler)",

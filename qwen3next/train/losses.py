@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model.cache import BatchInfo
+from ..model.batch import BatchInfo
 from ..model.qwen3_next import Qwen3NextForCausalLM
 
 
