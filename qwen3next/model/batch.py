@@ -58,10 +58,10 @@ class BatchInfo:
         if B == 0 or any(n < 1 for n in self.seq_lens):
             raise ValueError(f"seq_lens: need at least one sequence with >= 1 token each, got {self.seq_lens}")
         ctx = self.context_lens if self.context_lens is not None else [0] * B
+        N = self.num_tokens
         for name, given, want in (("context_lens", ctx, B), ("slots", self.slots, B),
-                                  ("block_tables", self.block_tables, B), ("positions", self.positions, None),
-                                  ("kv_write_rows", self.kv_write_rows, None)):
-            want = self.num_tokens if want is None else want
+                                  ("block_tables", self.block_tables, B), ("positions", self.positions, N),
+                                  ("kv_write_rows", self.kv_write_rows, N)):
             if given is not None and len(given) != want:
                 raise ValueError(f"{name}: expected {want} entries, got {len(given)}")
         self.tokens = TokenLayout(self.seq_lens, ctx, device, self.positions)
