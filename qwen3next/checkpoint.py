@@ -273,7 +273,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     peak memory is about one copy of the model. A checkpoint without `mtp.*` tensors (e.g. saved by transformers)
     loads without the MTP head. With `strict`, tensors the model does not use are an error.
     A directory written by `qwen3next quantize` loads into the quantized modules (quant/); `quantize` ("int8" or
-    "int4", group size 64) quantizes a float checkpoint after loading.
+    "int4", group size 64) quantizes a float checkpoint after loading; "bf16" keeps the big weights in bf16 storage
+    with fp32 compute (`quant.quantize.store_bf16`; needs dtype float32).
     """
     bits = quantize_bits(quantize)
     path = Path(path)
@@ -293,11 +294,15 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     return model
 
 
+QUANTIZE_CHOICES = ("int8", "int4", "bf16")
+
+
 def quantize_bits(quantize: str | None) -> int | None:
-    """Bits of a `quantize` option: None (no quantization), "int8" or "int4"; anything else is a ValueError."""
-    if quantize not in (None, "int8", "int4"):
-        raise ValueError(f"quantize: expected None, 'int8' or 'int4', got {quantize!r}")
-    return None if quantize is None else int(quantize[3:])
+    """Bits of a `quantize` option: None (no quantization), "int8", "int4" or "bf16" (16: bf16-stored weights, fp32
+    compute); anything else is a ValueError."""
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ValueError(f"quantize: expected None, 'int8', 'int4' or 'bf16', got {quantize!r}")
+    return None if quantize is None else int(quantize[-2:]) if quantize == "bf16" else int(quantize[3:])
 
 
 # ---- quantized checkpoints (quant/): hooks ---------------------------------------------------------------------------
@@ -307,7 +312,8 @@ def _quantize_loaded(model: Qwen3NextForCausalLM, bits: int) -> Qwen3NextForCaus
     qc = model.config.quantization_config
     if is_quantized_config(qc):
         if qc["bits"] != bits:
-            raise ValueError(f"quantize: the checkpoint is already quantized to int{qc['bits']}, not int{bits}")
+            asked = "bf16 storage" if bits == 16 else f"int{bits}"
+            raise ValueError(f"quantize: the checkpoint is already quantized to int{qc['bits']}, not {asked}")
         return model
     return quantize_model(model, bits)
 

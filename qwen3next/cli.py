@@ -204,7 +204,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", default=None, help="cache budget, e.g. 2GiB (default: 1/4 of free RAM, <= 8 GiB)")
     p.add_argument("--max-model-len", type=_positive_int, default=None)
     p.add_argument("--max-num-seqs", type=_positive_int, default=16)
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization at load")
+    p.add_argument("--quantize", choices=["int8", "int4", "bf16"], default=None,
+                   help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (faster steps; ~1 min of compiling at start; needs a C++ "
                         "compiler)")

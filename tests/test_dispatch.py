@@ -21,13 +21,13 @@ def test_every_entry_names_real_code_for_both_twins():
         assert callable(dispatch.resolve(p.fast)), p.fast
         assert callable(dispatch.resolve(p.reference)), p.reference
         assert p.fast != p.reference, p.name
-        assert p.switch in (None, dispatch.FAST_DECODE_ENV, dispatch.LINEAR_ENV), p.name
+        assert p.switch in (None, dispatch.FAST_DECODE_ENV, dispatch.LINEAR_ENV, dispatch.KERNELS_ENV), p.name
 
 
 def test_default_thresholds():
     assert {p.name: p.threshold for p in dispatch.FAST_PATHS if p.threshold is not None} == {
         "onednn_linear": 1 << 18, "delta_rule_token_loop": 16, "experts_gathered": 16, "int8_kernel": 32,
-        "quant_experts_few_tokens": 16}
+        "quant_experts_few_tokens": 16, "native_linear": 4, "native_moe": 16}
     assert dispatch.threshold("delta_rule_token_loop") == 16
 
 
@@ -102,6 +102,10 @@ def test_environment_switches():
     run = _python(code, QWEN3NEXT_FAST_DECODE="0", QWEN3NEXT_LINEAR="torch")
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "torch", "False"]
+    off = _python("from qwen3next import kernels; from qwen3next.ops import dispatch\n"
+                  "print(kernels.available(), dispatch.enabled('native_moe'))", QWEN3NEXT_KERNELS="0")
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.split() == ["False", "False"]
     bad = _python("import qwen3next.ops.linear", QWEN3NEXT_LINEAR="mkl")
     assert bad.returncode != 0
     assert "ValueError: QWEN3NEXT_LINEAR: expected one of ('auto', 'torch'), got 'mkl'" in bad.stderr

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import qwen3next.ops.linear as linear_mod
+from qwen3next import kernels
 from qwen3next.model.batch import BatchInfo
 from qwen3next.model.cache import HybridCache
 from qwen3next.ops.dispatch import set_fast_decode, set_linear_backend, set_threshold
@@ -21,13 +22,15 @@ from tiny_models import make_model
 
 @contextlib.contextmanager
 def reference_paths():
-    """The plain code everywhere: F.linear, no decode fast paths."""
+    """The plain code everywhere: F.linear, no decode fast paths, no native kernels."""
     old_backend, old_fast = set_linear_backend("torch"), set_fast_decode(False)
+    old_native = kernels.set_enabled(False)
     try:
         yield
     finally:
         set_linear_backend(old_backend)
         set_fast_decode(old_fast)
+        kernels.set_enabled(old_native)
 
 
 # ---- linear ------------------------------------------------------------------------------------------------------
@@ -121,6 +124,15 @@ def test_fast_expert_forms_equal_the_reference(n_tokens):
             assert (_experts_grouped_mm(x, weights, ids, gate_up, down) - ref).abs().max() < 1e-4
 
 
+@pytest.fixture
+def no_native():
+    """torch's own quantized kernels (the native ones have their tests in test_kernels.py)."""
+    old = kernels.set_enabled(False)
+    yield
+    kernels.set_enabled(old)
+
+
+@pytest.mark.usefixtures("no_native")
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("n_tokens", [1, 4])
 def test_quantized_experts_fast_path_equals_grouped_path(bits, n_tokens):
@@ -137,6 +149,7 @@ def test_quantized_experts_fast_path_equals_grouped_path(bits, n_tokens):
     assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.usefixtures("no_native")
 @pytest.mark.parametrize("n_tokens", [1, 3])
 def test_int8_gathered_experts_equal_the_dequantized_reference(n_tokens):
     """The compiled decode step's int8 expert form (gather + dequantize + bmm), run eagerly here."""

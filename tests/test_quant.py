@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from qwen3next import kernels
 from qwen3next.checkpoint import load_model
 from qwen3next.engine.llm import Engine
 from qwen3next.engine.sampling import SamplingParams
@@ -40,6 +41,15 @@ KERNEL_SIZES = {"hidden_size": 64, "intermediate_size": 32, "moe_intermediate_si
                 "shared_expert_intermediate_size": 32}
 HAS_INT4_KERNEL = int4_kernel_supported(64, 64, 32)
 
+
+
+@pytest.fixture(autouse=True)
+def torch_paths_only():
+    """These tests pin torch's quantized paths (its int8/int4 kernels, dequantize + F.linear); the native kernels,
+    which take the few-row products when available, have their own tests (test_kernels.py)."""
+    old = kernels.set_enabled(False)
+    yield
+    kernels.set_enabled(old)
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().float(), b.detach().float()

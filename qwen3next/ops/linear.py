@@ -8,6 +8,10 @@ is slower than MKL for small weights (primitive overhead). So: oneDNN for fp32 w
 `threshold("onednn_linear")` elements (256K fp32 = 1 MiB) when no gradient is needed, `F.linear` otherwise (training,
 bf16, GPU, small weights).
 
+A few fp32 rows against a big fp32 weight, or against a bf16-STORED weight (half the bytes; fp32 activations and
+accumulation), go to the native C++ kernel (qwen3next/kernels, "native_linear" in `ops.dispatch`), which streams
+the weight at memory bandwidth; a bf16-stored weight with more rows is converted to fp32 for the call.
+
 `QWEN3NEXT_LINEAR=torch` in the environment (or `set_linear_backend("torch")`) turns the oneDNN path off; `F.linear`
 is the reference twin the tests compare against. The switch and the threshold live in `ops.dispatch`.
 """
@@ -17,9 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import linear_backend, set_linear_backend, threshold
+from .. import kernels
+from .dispatch import linear_backend, native_kernels, set_linear_backend, threshold
 
-__all__ = ["linear", "set_linear_backend", "uses_onednn"]
+__all__ = ["linear", "set_linear_backend", "uses_native", "uses_onednn"]
 
 _ONEDNN_OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
@@ -34,8 +39,24 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
+def uses_native(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The "native_linear" fast path: a few fp32 rows against a big fp32 or a bf16-stored weight (ops.dispatch)."""
+    if weight.dtype == torch.float32:
+        big = weight.numel() >= threshold("onednn_linear")
+    else:
+        big = weight.dtype == torch.bfloat16
+    return (big and weight.dim() == 2 and weight.is_contiguous() and weight.device.type == "cpu"
+            and x.shape[-1] == weight.shape[1] and 0 < x.numel() <= threshold("native_linear") * x.shape[-1]
+            and native_kernels(x))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, through oneDNN where that is measured faster (see module docstring)."""
+    """`F.linear(x, weight, bias)`, through the native kernel or oneDNN where that is measured faster (see module
+    docstring). A bf16-stored weight with fp32 activations computes in fp32."""
+    if bias is None and uses_native(x, weight):
+        return kernels.linear(x, weight, None, kernels.FMT_F32 if weight.dtype == torch.float32 else kernels.FMT_BF16)
+    if weight.dtype != x.dtype and weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
+        weight = weight.float()  # bf16 storage, fp32 compute (prefill sizes, or no native kernels)
     if bias is None and uses_onednn(x, weight):
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .dispatch import fast_decode, threshold
+from .. import kernels
+from .dispatch import fast_decode, native_kernels, threshold
 
 
 def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,9 +57,17 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
                     down_proj: torch.Tensor) -> torch.Tensor:
     """`grouped_swiglu` over stacked weights: gate_up_proj [E, 2I, D] (gate rows, then up), down_proj [E, D, I].
 
-    At inference (no autograd) two faster forms of the same sum run instead: a few pairs gather their experts'
-    weights into one bmm (`_experts_gathered`), more go through torch's grouped GEMM (`_experts_grouped_mm`). Their
-    entries in `ops.dispatch` ("experts_gathered", "experts_grouped_mm") hold the threshold and the measurements."""
+    At inference (no autograd), a few fp32 tokens on CPU run the native kernel `qwen3next::moe` (one call,
+    "native_moe" in `ops.dispatch`; it also takes bf16-stored experts). Otherwise two faster forms of the same sum run:
+    a few pairs gather their experts' weights into one bmm (`_experts_gathered`), more go through torch's grouped GEMM
+    (`_experts_grouped_mm`). Their entries in `ops.dispatch` ("experts_gathered", "experts_grouped_mm") hold the
+    threshold and the measurements."""
+    if fast_decode() and x.shape[0] <= threshold("native_moe") and gate_up_proj.dtype in _NATIVE_DTYPES \
+            and gate_up_proj.is_contiguous() and down_proj.is_contiguous() and native_kernels(x):
+        fmt = kernels.FMT_F32 if gate_up_proj.dtype == torch.float32 else kernels.FMT_BF16
+        return kernels.moe(x, weights, ids, gate_up_proj, None, down_proj, None, fmt)
+    if gate_up_proj.dtype != x.dtype:  # bf16-stored experts, fp32 compute
+        gate_up_proj, down_proj = gate_up_proj.to(x.dtype), down_proj.to(x.dtype)
     if fast_decode():
         # Under torch.compile: the gathered form for any batch (sync-free; `_grouped_mm` has no fp32 meta kernel).
         if ids.numel() <= threshold("experts_gathered") or torch.compiler.is_compiling():
@@ -70,6 +79,7 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
 
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _experts_gathered(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,

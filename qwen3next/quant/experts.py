@@ -3,7 +3,8 @@
 Each expert's gate_up [2I, D] and down [D, I] matrix is quantized on its own, exactly like a Linear (int8: a scale
 per output row; int4: a (scale, zero) per group of input channels), and stored stacked over experts. The forward
 groups token-expert pairs by expert, like `ops.moe.experts_grouped`, so only the hit experts run, each as one
-quantized matmul over all of its tokens.
+quantized matmul over all of its tokens. A few fp32 tokens on CPU (decode, eager or compiled) run the whole layer in
+one call of the native kernel `qwen3next::moe` instead ("native_moe" in `ops.dispatch`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..model.moe import Experts
-from ..ops.dispatch import fast_decode, threshold
+from ..ops.dispatch import fast_decode, native_kernels, threshold
 from ..ops.moe import experts_reference, grouped_swiglu, swiglu_per_pair
 from .linear import (
     SCALE_DTYPE,
@@ -116,12 +118,21 @@ class QuantizedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Σ_k w[n,k] · SwiGLU_{ids[n,k]}(x[n]) over the hit experts. x: [N, D]; weights, ids: [N, k] -> [N, D]."""
+        if fast_decode() and x.shape[0] <= threshold("native_moe") and self._native_usable(x):
+            aux = "scales" if self.bits == 8 else "scale_zero"
+            return kernels.moe(x, weights, ids, self.gate_up_proj_qweight, getattr(self, f"gate_up_proj_{aux}"),
+                               self.down_proj_qweight, getattr(self, f"down_proj_{aux}"), self.bits,
+                               self.group_size if self.bits == 4 else 0)
         if torch.compiler.is_compiling() and self.bits == 8:
             return self._forward_gathered(x, weights, ids)
         if fast_decode() and x.shape[0] <= threshold("quant_experts_few_tokens") and self._kernels_usable(x):
             return self._forward_few_tokens(x, weights, ids)
         return grouped_swiglu(x, weights, ids, self.num_experts, lambda s, e: self._matmul(s, "gate_up_proj", e),
                               lambda h, e: self._matmul(h, "down_proj", e))
+
+    def _native_usable(self, x: torch.Tensor) -> bool:
+        """The "native_moe" fast path: fp32 x on CPU, int4 weights in the canonical layout."""
+        return not any(self.is_kernel_layout.values()) and native_kernels(x)
 
     def _kernels_usable(self, x: torch.Tensor) -> bool:
         if x.device.type != "cpu":

@@ -13,7 +13,12 @@ error within scale / 2.
 Int4 weights are packed two per byte. The *canonical* layout (the saved format) is row-major [N, K/2] with the
 even column in the low nibble. On CPU, eligible shapes (N % 16 == 0, K % group_size == 0, group_size in
 {32, 64, 128, 256}) are held in torch's kernel layout instead (same [N, K/2] uint8 shape, nibbles permuted in
-blocks of rows; the permutation depends on the CPU's SIMD width), and converted back to canonical for saving.
+blocks of rows; the permutation depends on the CPU's SIMD width), and converted back to canonical for saving --
+unless the native kernels (qwen3next/kernels) are available and the group size is a multiple of 64: they read the
+canonical layout, and run few-row products (decode) faster than torch's kernel; more rows dequantize + F.linear.
+
+With the native kernels, a few fp32 rows run through `qwen3next::linear` for int8 and int4 alike ("native_linear" in
+`ops.dispatch`): no bf16 cast of the activations (int4: quantized per group to int8 inside the kernel).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.dispatch import threshold
+from .. import kernels
+from ..ops.dispatch import native_kernels, threshold
 
 SCALE_DTYPE = torch.bfloat16
 # The dequantize paths convert big weights a block of rows at a time, so the float copy stays <= 64 MB in fp32.
@@ -65,6 +71,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     limit for fp32 (prefill is faster through the dense matmul) is the "int8_kernel" entry of `ops.dispatch`.
     """
     K, N = x.shape[-1], q.shape[0]
+    if few_rows_native(x, K):
+        return kernels.linear(x, q, scale, kernels.FMT_INT8)
     x2 = x.reshape(-1, K)
     # Under torch.compile the pointers are not known at trace time; module buffers and fresh tensors are 64-byte
     # aligned by torch's CPU allocator (expert slices: QuantizedExperts checks their offsets).
@@ -78,6 +86,11 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         xb = xb.clone()
     y = torch._weight_int8pack_mm(xb, q, scale.to(torch.bfloat16))
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def few_rows_native(x: torch.Tensor, K: int) -> bool:
+    """The "native_linear" fast path of `ops.dispatch` for a quantized weight: fp32 x with at most threshold rows."""
+    return 0 < x.numel() <= threshold("native_linear") * K and native_kernels(x)
 
 
 def _blockwise_linear(x: torch.Tensor, N: int, K: int, weight_rows, finish) -> torch.Tensor:
@@ -199,6 +212,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor
     canonical -> dequantize to x's dtype and F.linear.
     """
     N, K = qweight.shape[0], qweight.shape[1] * 2
+    if not is_kernel_layout and few_rows_native(x, K):
+        return kernels.linear(x, qweight, scale_zero, kernels.FMT_INT4, K // scale_zero.shape[0])
     if not is_kernel_layout:
         scale, zero = scale_zero[..., 0].T, scale_zero[..., 1].T  # [N, K/G]
         return _blockwise_linear(x, N, K, lambda a, b: dequantize_int4(qweight[a:b], scale[a:b], zero[a:b], x.dtype),
@@ -323,10 +338,17 @@ class Int4Linear(nn.Module):
                 f"group_size={self.group_size}, kernel_layout={self.is_kernel_layout}")
 
 
+def native_int4_preferred(group_size: int) -> bool:
+    """Hold int4 weights in the canonical layout for the native kernel (its vector code wants groups of 64k)."""
+    return group_size % 64 == 0 and kernels.available()
+
+
 def pick_int4_layout(packed: torch.Tensor, group_size: int) -> tuple[torch.Tensor, bool]:
     """Canonical packed [N, K/2] -> (the tensor to hold, whether it is in the kernel layout). The kernel layout is
     used only where the kernel takes the shape and converting back gives the same bytes (checked once, at load)."""
     N, K = packed.shape[0], packed.shape[1] * 2
+    if packed.device.type == "cpu" and native_int4_preferred(group_size):  # the native kernel reads this layout
+        return packed.contiguous(), False
     if packed.device.type != "cpu" or not int4_kernel_supported(N, K, group_size):
         return packed.contiguous(), False
     kpacked = to_kernel_layout(packed)

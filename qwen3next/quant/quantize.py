@@ -61,6 +61,7 @@ def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
                    quantize_lm_head: bool = True) -> Qwen3NextForCausalLM:
     """Swap the projections and experts of `model` for weight-only int8 (per output channel) or int4 (per group of
     `group_size` input channels) versions, in place; record the scheme in `model.config.quantization_config`.
+    `bits=16` is `store_bf16(model)` (bf16 storage, not a quantization scheme).
 
     `quantize_lm_head` (default yes) also quantizes `lm_head` (never when it is tied to the embedding), always to
     int8: it is the largest matrix a decode step reads, int8 adds almost no drift there, while int4 raised the mean
@@ -68,6 +69,8 @@ def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
     Int4 modules whose input size `group_size` does not divide stay in high precision
     and are listed in `modules_not_converted`.
     """
+    if bits == 16:
+        return store_bf16(model)
     _check_bits(bits, group_size)
     if model.config.quantization_config is not None:
         raise ValueError(f"model: already quantized ({model.config.quantization_config})")
@@ -99,6 +102,33 @@ def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
                                         "group_size": group_size if bits == 4 else None,
                                         "modules_not_converted": not_converted,
                                         "lm_head_bits": 8 if quantize_lm_head else None}
+    return model
+
+
+def store_bf16(model: Qwen3NextForCausalLM) -> Qwen3NextForCausalLM:
+    """bf16 STORAGE, fp32 compute, in place: the weights of the projections, the routed experts and (untied)
+    `lm_head` are held in bfloat16, everything else (embeddings, norms, router, gates, DeltaNet's conv and decay
+    parameters) keeps the model's dtype, and so do activations, states and accumulation.
+
+    Half the bytes a decode step reads, for no loss at all when the checkpoint is bf16 (as Qwen3-Next's is): those
+    weights are bf16 values already. Few rows (decode) run through the native kernels, which convert in register
+    (`ops.linear`, `ops.moe`: "native_linear", "native_moe"); more rows convert the weight to fp32 per call. Inference
+    only (the parameters no longer require grad); saving writes an ordinary bf16 checkpoint."""
+    if model.config.quantization_config is not None:
+        raise ValueError(f"model: already quantized ({model.config.quantization_config})")
+    if model.dtype != torch.float32:
+        raise ValueError(f"bf16 storage: expected a float32 model (fp32 compute), got {model.dtype}")
+    keep = [p for p in HIGH_PRECISION if p != "lm_head" or model.config.tie_word_embeddings]
+
+    def to_bf16(module: nn.Module, name: str) -> None:
+        setattr(module, name, nn.Parameter(getattr(module, name).detach().to(torch.bfloat16), requires_grad=False))
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(_matches(name, p) for p in keep):
+            to_bf16(module, "weight")
+        elif isinstance(module, Experts):
+            to_bf16(module, "gate_up_proj")
+            to_bf16(module, "down_proj")
     return model
 
 

@@ -31,7 +31,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="context length (prompt + completion); default: the model's, at most 8192")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization at load")
+    parser.add_argument("--quantize", choices=["int8", "int4", "bf16"], default=None,
+                             help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step before serving (faster steps; about a minute of "
                              "compiling at start; needs a C++ compiler)")

@@ -1,0 +1,189 @@
+"""Native CPU decode kernels (C++, built on first use) and their pure-torch twins.
+
+Decode with a few tokens is a stream of weight reads: every step reads each active weight once. torch has no CPU
+kernel that streams bf16-stored, int8 or int4 weights at memory bandwidth on machines without bf16 units (its int8
+and int4 kernels want bf16 activations, a cast per call, and cost more per call than the bytes they save), so this
+package adds two ops, registered with torch as `torch.ops.qwen3next.*` (opaque to torch.compile):
+
+- `linear(x, w, aux, fmt, group_size)`: y = x · Wᵀ for x fp32 [M, K] (few rows) and W stored as fp32 (`fmt` 32),
+  bf16 (16), int8 with a bf16 scale per output row (8; `aux` = scales [N]) or int4 (4; `aux` = scale_zero
+  [K/G, N, 2], the weight packed [N, K/2] with column 2j in the low nibble of byte j).
+- `moe(x, weights, ids, gate_up, gate_up_aux, down, down_aux, fmt, group_size)`: the routed experts of a MoE layer
+  over stacked weights [E, 2I, D] / [E, D, I] in one call (pairs grouped by expert; SwiGLU; weighted sum).
+
+Numerics: fp32 activations and accumulation; for int4 weights the activations are quantized per weight group to
+int8 (scale amax / 127, round half to even) and the constant part of each group uses the exact fp32 sum of x:
+    y[m, n] = Σ_g s[n,g] · d[m,g] · Σ_{k∈g} q[n,k] · c[m,k] + (z[n,g] - 8 s[n,g]) · Σ_{k∈g} x[m,k]
+(c the activation codes, d their scale). That is what lets the int4 dot products run as integer multiply-adds, the
+same trade llama.cpp makes for its k-quants. `linear_reference` / `moe_reference` state this math in torch (fp64
+accumulation) and are what the parity tests compare against; the model-level reference is still the dequantized
+fp32 weight (quant/linear.py).
+
+Build: `torch.utils.cpp_extension.load` with the system C++ compiler, once per source version, cached under
+torch's extension directory (~40 s the first time, a fraction of a second after). AVX2 + FMA is chosen at run time,
+with a scalar fallback (`set_isa("scalar")` forces it for tests). `QWEN3NEXT_KERNELS=0` turns the ops off; without
+a compiler (or if the build fails) `available()` is False after one warning and the torch paths run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+KERNELS_ENV = "QWEN3NEXT_KERNELS"
+FMT_F32, FMT_BF16, FMT_INT8, FMT_INT4 = 32, 16, 8, 4
+FORMATS = (FMT_F32, FMT_BF16, FMT_INT8, FMT_INT4)
+_SOURCE = Path(__file__).with_name("decode_kernels.cpp")
+
+_enabled = os.environ.get(KERNELS_ENV, "1") != "0"
+_loaded: bool | None = None  # None: not tried yet
+_error: str | None = None
+_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    """Whether the kernels' switch is on (`QWEN3NEXT_KERNELS`, `set_enabled`); `available()` also builds them."""
+    return _enabled
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn the native kernels on or off for this process; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(on)
+    return previous
+
+
+def available() -> bool:
+    """True when the switch is on and the extension is built and loaded (building it on the first call)."""
+    return _enabled and _load()
+
+
+def load_error() -> str | None:
+    """Why the extension could not be built or loaded (None if it was, or was never tried)."""
+    return _error
+
+
+def _load() -> bool:
+    global _loaded, _error
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        try:
+            from torch.utils import cpp_extension
+
+            digest = hashlib.sha1(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+            cpp_extension.load(name=f"qwen3next_kernels_{digest}", sources=[str(_SOURCE)],
+                               extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
+                               is_python_module=False, verbose=False)
+            _register_fakes()
+            _loaded = True
+        except Exception as exc:  # no compiler, no ninja, a failed build: fall back to torch, say why once
+            _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            warnings.warn(f"qwen3next: native CPU kernels unavailable, using the torch paths ({_error})",
+                          RuntimeWarning, stacklevel=3)
+            _loaded = False
+    return _loaded
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile's tracing (the ops are opaque to it)."""
+
+    @torch.library.register_fake("qwen3next::linear")
+    def _linear_fake(x, w, aux, fmt, group_size):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("qwen3next::moe")
+    def _moe_fake(x, weights, ids, gate_up, gate_up_aux, down, down_aux, fmt, group_size):
+        return x.new_empty(x.shape)
+
+
+def set_isa(name: str) -> str:
+    """Select "avx2" (the default where the CPU has it) or "scalar" code; returns the previous one."""
+    if name not in ("avx2", "scalar"):
+        raise ValueError(f"isa: expected 'avx2' or 'scalar', got {name!r}")
+    if not _load():
+        raise RuntimeError(f"native kernels unavailable: {_error}")
+    return "avx2" if torch.ops.qwen3next.kernel_isa(1 if name == "avx2" else 0) == 1 else "scalar"
+
+
+def _require() -> None:
+    if not (_loaded or _load()):
+        raise RuntimeError(f"native kernels unavailable: {_error}")
+
+
+# ---- the ops -------------------------------------------------------------------------------------------------------
+def linear(x: torch.Tensor, w: torch.Tensor, aux: torch.Tensor | None, fmt: int, group_size: int = 0) -> torch.Tensor:
+    """x [..., K] fp32 @ W.T -> [..., N] fp32 through the native kernel (see the module docstring for the formats)."""
+    _require()
+    y = torch.ops.qwen3next.linear(x.reshape(-1, x.shape[-1]), w, aux, fmt, group_size)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+        gate_up_aux: torch.Tensor | None, down: torch.Tensor, down_aux: torch.Tensor | None, fmt: int,
+        group_size: int = 0) -> torch.Tensor:
+    """Σ_j weights[t,j] · SwiGLU_{ids[t,j]}(x[t]) over stacked experts, x [T, D] fp32 -> [T, D] fp32."""
+    _require()
+    return torch.ops.qwen3next.moe(x, weights.float(), ids.long(), gate_up, gate_up_aux, down, down_aux, fmt,
+                                   group_size)
+
+
+# ---- pure-torch twins ----------------------------------------------------------------------------------------------
+def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] fp32 -> (codes [M, K] in -127..127 as fp32, scale d [M, K/G], exact group sums [M, K/G]): the int4
+    kernel's activation quantization."""
+    M, K = x.shape
+    g = x.reshape(M, K // group_size, group_size)
+    d = g.abs().amax(-1) / 127
+    codes = torch.where(d[..., None] > 0, torch.round(g / d[..., None]), torch.zeros_like(g))
+    return codes.reshape(M, K), d, g.sum(-1)
+
+
+def _weight_f64(w: torch.Tensor, aux: torch.Tensor | None, fmt: int) -> torch.Tensor:
+    if fmt in (FMT_F32, FMT_BF16):
+        return w.double()
+    if fmt == FMT_INT8:
+        return w.double() * aux.double()[:, None]
+    raise ValueError(f"fmt: expected 32, 16 or 8 here, got {fmt!r}")
+
+
+def linear_reference(x: torch.Tensor, w: torch.Tensor, aux: torch.Tensor | None, fmt: int,
+                     group_size: int = 0) -> torch.Tensor:
+    """The math of `linear` in torch (fp64), for the parity tests."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    if fmt != FMT_INT4:
+        y = x2.double() @ _weight_f64(w, aux, fmt).T
+    else:
+        N, K = w.shape[0], w.shape[1] * 2
+        codes = torch.stack((w & 15, w >> 4), dim=-1).reshape(N, K).double()  # [N, K] in 0..15
+        c, d, xsum = quantize_activations(x2, group_size)
+        ng = K // group_size
+        s, z = aux[..., 0].T.double(), aux[..., 1].T.double()  # [N, K/G]
+        dots = torch.einsum("mgk,ngk->mng", c.double().reshape(-1, ng, group_size),
+                            codes.reshape(N, ng, group_size))
+        y = (dots * s[None] * d.double()[:, None, :]).sum(-1) + xsum.double() @ (z - 8 * s).T
+    return y.float().view(*x.shape[:-1], -1)
+
+
+def moe_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                  gate_up_aux: torch.Tensor | None, down: torch.Tensor, down_aux: torch.Tensor | None, fmt: int,
+                  group_size: int = 0) -> torch.Tensor:
+    """The math of `moe` in torch: each token-expert pair through `linear_reference`, SwiGLU in fp32."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            ga = None if gate_up_aux is None else gate_up_aux[e]
+            da = None if down_aux is None else down_aux[e]
+            g, u = linear_reference(x[t:t + 1].float(), gate_up[e], ga, fmt, group_size).chunk(2, dim=-1)
+            h = F.silu(g) * u
+            out[t] += float(weights[t, j]) * linear_reference(h, down[e], da, fmt, group_size)[0].double()
+    return out.float()
