@@ -1,5 +1,9 @@
-"""`qwen3next bench`: prefill and decode speed of our model, our engine and (optionally) transformers on the same
-weights, plus the machine's memory bandwidth and the batch-1 decode roofline it implies.
+"""`qwen3next bench`: prefill and decode speed of our model, our engine and (optionally) transformers or llama.cpp on
+the same weights, plus the machine's memory bandwidth and the batch-1 decode roofline it implies.
+
+`--compare llama.cpp` runs `llama-bench` on GGUF files converted from the same `--model` directory, per precision
+(GGUF F32 / BF16 / Q8_0 / Q4_K_M against our float32 model / variants bf16 / int8 / int4) in `--repeat` paired
+rounds: each round one timed llama.cpp run, then one of ours, so that a change in machine load hits both.
 
 `add_bench_args(parser)` declares the options, `run_bench(args)` runs and prints; `bench(options)` returns the report
 as a JSON-ready dict (what `--json` writes).
@@ -8,6 +12,7 @@ as a JSON-ready dict (what `--json` writes).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -27,10 +32,12 @@ from ..engine.compiled import CompiledDecoder
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer
 from ..train.presets import PRESETS, preset_config
-from . import measure
+from . import llamacpp, measure
 
 IMPLS = ("ours", "engine", "compiled", "transformers")  # compiled: ours through engine.compiled (--compile)
-QUANT_VARIANTS = {"int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 64}}
+# bf16: weights stored bf16, activations fp32 (quantize_model(bits=16)); a variant this build cannot make is reported
+QUANT_VARIANTS = {"bf16": {"bits": 16}, "int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 64}}
+COMPARE = ("transformers", "llama.cpp")
 DRIFT_PROMPTS, DRIFT_LEN = 4, 64  # logits drift of a quantized variant: this many random prompts of this length
 
 
@@ -44,12 +51,15 @@ class BenchOptions:
     prompt_len: int = 512
     decode_tokens: int = 32
     prefill_lens: list[int] = field(default_factory=lambda: [512, 4096])
-    compare: str | None = None  # "transformers"
-    repeat: int = 3
+    compare: str | None = None  # "transformers" or "llama.cpp"
+    repeat: int = 3  # timed repeats per measurement; with compare="llama.cpp" also the paired rounds
     seed: int = 0
     bandwidth_mib: int | None = None  # None: 16 x the last-level cache, at least 256 MiB, at most 1 GiB
-    quantize: list[str] = field(default_factory=list)  # also decode with these weight-only variants ("int8", "int4")
+    quantize: list[str] = field(default_factory=list)  # also decode with these weight-only variants (QUANT_VARIANTS)
     compile: bool = False  # also decode through the torch.compile'd decoder (row "compiled")
+    llama_bench: str | None = None  # compare="llama.cpp": the llama-bench executable (None: llama-bench on PATH)
+    gguf: dict[str, str] = field(default_factory=dict)  # compare="llama.cpp": GGUF format -> file converted from model
+    llama_timeout: float = 600.0  # seconds per llama-bench run
 
     def validate(self) -> None:
         for name in ("prompt_len", "decode_tokens", "repeat"):
@@ -61,11 +71,33 @@ class BenchOptions:
                 raise ValueError(f"{name}: expected positive integers, got {values}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads: expected a positive integer, got {self.threads}")
-        if self.compare not in (None, "transformers"):
-            raise ValueError(f"compare: expected 'transformers', got {self.compare!r}")
+        if self.compare not in (None, *COMPARE):
+            raise ValueError(f"compare: expected one of {list(COMPARE)}, got {self.compare!r}")
         bad = [q for q in self.quantize if q not in QUANT_VARIANTS]
         if bad:
             raise ValueError(f"quantize: expected some of {sorted(QUANT_VARIANTS)}, got {bad}")
+        if self.compare == "llama.cpp":
+            self._validate_llama()
+        elif self.gguf:
+            raise ValueError("gguf: --gguf needs --compare llama.cpp")
+        elif self.llama_bench is not None:
+            raise ValueError("llama_bench: --llama-bench needs --compare llama.cpp")
+
+    def _validate_llama(self) -> None:
+        if self.model is None:
+            raise ValueError("compare: llama.cpp needs --model, the HF directory its GGUF files were converted from "
+                             "(a random --preset model has no GGUF twin)")
+        llamacpp.check_gguf(self.gguf)
+        if "F32" in self.gguf and self.dtype != "float32":
+            raise ValueError(f"gguf: F32 is measured against our float32 model, but --dtype is {self.dtype}")
+        llamacpp.find_llama_bench(self.llama_bench)
+        if not self.llama_timeout > 0:
+            raise ValueError(f"llama_timeout: expected a positive number of seconds, got {self.llama_timeout}")
+
+    def variants(self) -> list[str]:
+        """The variants to measure: `quantize`, then those a `gguf` format is compared with that it does not name."""
+        wanted = [llamacpp.GGUF_VARIANTS.get(f) for f in self.gguf]
+        return [*self.quantize, *dict.fromkeys(v for v in wanted if v is not None and v not in self.quantize)]
 
     def check_positions(self, max_positions: int) -> None:
         plans = [measure.DecodePlan(b, self.prompt_len, self.decode_tokens, self.repeat) for b in self.batches]
@@ -224,9 +256,154 @@ def _row(impl: str, kind: str, batch: int, tokens: int, seconds: list[float]) ->
             "tokens_per_s": done / s}
 
 
+@dataclass
+class _Session:
+    """What the measurements of one bench run share: options, the float model and its inputs, the finished rows."""
+
+    opts: BenchOptions
+    model: Qwen3NextForCausalLM
+    tokenizer: Tokenizer
+    log: Callable[[str], None]
+    plans: list[measure.DecodePlan] = field(init=False)
+    prefill_ids: dict[int, torch.Tensor] = field(init=False)
+    decode_ids: dict[int, torch.Tensor] = field(init=False)
+    rows: list[dict[str, object]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        o, vocab = self.opts, self.model.config.vocab_size
+        self.plans = [measure.DecodePlan(b, o.prompt_len, o.decode_tokens, o.repeat) for b in o.batches]
+        self.prefill_ids = {n: measure.random_prompts(vocab, 1, n, o.seed + n) for n in o.prefill_lens}
+        self.decode_ids = {b: measure.random_prompts(vocab, b, o.prompt_len, o.seed + 7 * b)
+                           for b in sorted({*o.batches, 1})}  # batch 1 also for the llama.cpp rounds
+
+    def record(self, impl: str, kind: str, batch: int, tokens: int, seconds: list[float]) -> None:
+        r = _row(impl, kind, batch, tokens, seconds)
+        self.rows.append(r)
+        unit = "call" if kind == "prefill" else "step"
+        self.log(f"{kind:<7} {impl:<12} B={batch:<3} T={tokens:<5} {r['ms']:9.2f} ms/{unit}  "
+                 f"{r['tokens_per_s']:10.1f} tokens/s  (median of {len(seconds)})")
+
+    def time_decodes(self, impl: str, m: Qwen3NextForCausalLM, decoder: CompiledDecoder | None = None) -> None:
+        """A decode row per plan for model `m`, through `decoder` if given (the plan's warmup steps absorb the
+        compiles)."""
+        for p in self.plans:
+            self.record(impl, "decode", p.batch, p.prompt_len,
+                        measure.time_decode_ours(m, self.decode_ids[p.batch], p, decoder))
+
+
+def _load(opts: BenchOptions, dtype: torch.dtype) -> tuple[Qwen3NextForCausalLM, Tokenizer, bool, str]:
+    """The float model, a tokenizer for the engine, whether that tokenizer is the model's own, and a description."""
+    if opts.model is not None:
+        if not Path(opts.model).is_dir():
+            raise ValueError(f"model: {opts.model} is not a model directory")
+        model = load_model(opts.model, dtype=dtype)
+        has_tokenizer = (Path(opts.model) / "tokenizer.json").is_file()
+        tokenizer = Tokenizer.from_dir(opts.model) if has_tokenizer else synthetic_tokenizer(model.config.vocab_size)
+        return model, tokenizer, has_tokenizer, opts.model
+    if opts.preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {opts.preset!r}")
+    model = random_model(opts.preset, dtype, opts.seed)
+    return (model, synthetic_tokenizer(model.config.vocab_size), False,
+            f"preset {opts.preset} (random weights, seed {opts.seed})")
+
+
+def _measure_float(s: _Session) -> None:
+    """Prefill and decode rows of the float model: raw forwards, the engine, and transformers if compared. Ours and
+    theirs back to back per measurement, so that a change in machine load hits both alike."""
+    opts, model = s.opts, s.model
+    hf = load_transformers(model, opts.model, model.dtype) if opts.compare == "transformers" else None
+    for n, ids in s.prefill_ids.items():
+        s.record("ours", "prefill", 1, n, measure.time_prefill_ours(model, ids, 1, opts.repeat))
+        if hf is not None:
+            s.record("transformers", "prefill", 1, n, measure.time_prefill_hf(hf, ids, 1, opts.repeat))
+    for p in s.plans:
+        ids = s.decode_ids[p.batch]
+        s.record("ours", "decode", p.batch, p.prompt_len, measure.time_decode_ours(model, ids, p))
+        s.record("engine", "decode", p.batch, p.prompt_len, measure.time_decode_engine(model, s.tokenizer, ids, p))
+        if hf is not None:
+            s.record("transformers", "decode", p.batch, p.prompt_len, measure.time_decode_hf(hf, ids, p))
+
+
+def _build_variant(s: _Session, name: str) -> tuple[Qwen3NextForCausalLM | None, dict[str, object]]:
+    """A weight-only variant of the float model, or None and its report entry with the error when this build
+    cannot make it (a failing variant is reported, not fatal: the other variants and llama.cpp still run)."""
+    from ..quant.quantize import quantize_model
+
+    try:
+        return quantize_model(copy.deepcopy(s.model), **QUANT_VARIANTS[name]), dict(QUANT_VARIANTS[name])
+    except (ValueError, NotImplementedError) as e:
+        s.log(f"error   {name}: cannot build this variant ({e}); skipped")
+        return None, {"error": str(e), **QUANT_VARIANTS[name]}
+
+
+def _measure_variant(s: _Session, name: str, variant: Qwen3NextForCausalLM, decoder: CompiledDecoder | None,
+                     prompts: list[torch.Tensor]) -> dict[str, object]:
+    """Decode rows of a variant (eager, and compiled with `decoder`), its weight bytes per token and logits drift."""
+    s.time_decodes(f"ours-{name}", variant)
+    if decoder is not None:
+        s.time_decodes(f"compiled-{name}", variant, decoder)
+    d = logits_drift(s.model, variant, prompts)
+    s.log(f"drift   {name}: top-1 agreement {100 * d['top1_agreement']:.1f}% over {d['positions']} positions, "
+          f"max |Δ logit| {d['max_abs']:.4f}, mean {d['mean_abs']:.4f} (logits up to {d['ref_max_abs']:.2f})")
+    return {"weight_bytes_per_token": decode_weight_bytes_of(variant), "drift": d, **QUANT_VARIANTS[name]}
+
+
+def _compare_llama(s: _Session, peer: llamacpp.LlamaBench, fmt: str, m: Qwen3NextForCausalLM | None,
+                   decoder: CompiledDecoder | None, ours_bytes: int | None, read_gb_s: float) -> dict[str, object]:
+    """Paired rounds for one precision: in each of --repeat rounds llama-bench's decode, then ours (eager, then
+    compiled), then llama-bench's prefill, then ours; one timed run per side per round. `m` None: our variant could
+    not be built, llama.cpp alone is measured. After a failed llama-bench run of a phase, the later rounds skip it."""
+    opts = s.opts
+    gguf, R = opts.gguf[fmt], opts.repeat
+    plan = measure.DecodePlan(1, opts.prompt_len, opts.decode_tokens, repeat=1)
+    modes = ["eager", "compiled"] if decoder is not None else ["eager"]
+    decode: dict[str, list[float | None]] = {"llama_cpp": [], **{mode: [] for mode in modes}}
+    prefill = {n: {"llama_cpp": [], "eager": []} for n in opts.prefill_lens}
+    errors: list[str] = []
+    info: dict[str, object] = {}
+
+    def peer_run(phase: str, call: Callable[[], object]) -> object | None:
+        if any(e.startswith(phase) for e in errors):
+            return None
+        try:
+            return call()
+        except llamacpp.LlamaBenchError as e:
+            errors.append(f"{phase}: {e}")
+            s.log(f"error   llama.cpp {fmt} {phase}: {e}")
+            return None
+
+    for r in range(R):
+        got = peer_run("decode", lambda: peer.decode(gguf, opts.prompt_len, opts.decode_tokens))
+        if got is not None:
+            info.update({k: got[k] for k in ("model_type", "model_size", "build_commit") if k in got})
+        decode["llama_cpp"].append(llamacpp.tokens_per_s(got) if got is not None else None)
+        for mode in modes:
+            dec = decoder if mode == "compiled" else None
+            sec = measure.time_decode_ours(m, s.decode_ids[1], plan, dec)[0] if m is not None else None
+            decode[mode].append(1 / sec if sec else None)
+        got = peer_run("prefill", lambda: peer.prefill(gguf, opts.prefill_lens))
+        for n, ids in s.prefill_ids.items():
+            prefill[n]["llama_cpp"].append(llamacpp.tokens_per_s(got[n]) if got is not None else None)
+            sec = measure.time_prefill_ours(m, ids, 1, 1)[0] if m is not None else None
+            prefill[n]["eager"].append(n / sec if sec else None)
+        s.log(f"llama.cpp {fmt} round {r + 1}/{R}: decode " + llamacpp.round_line(decode, r) + "; " +
+              "; ".join(f"prefill {n} " + llamacpp.round_line(p, r) for n, p in prefill.items()))
+
+    sizes = llamacpp.gguf_decode_weight_bytes(gguf)
+    ours_ideal = read_gb_s * 1e9 / ours_bytes if ours_bytes else None
+    ideal = {"llama_cpp": read_gb_s * 1e9 / sizes["weight_bytes_per_token"], "eager": ours_ideal,
+             "compiled": ours_ideal}
+    rows = [llamacpp.paired_row("decode", opts.decode_tokens, opts.prompt_len, decode, ideal)]
+    rows += [llamacpp.paired_row("prefill", n, 0, p, None) for n, p in prefill.items()]
+    variant = llamacpp.GGUF_VARIANTS[fmt] or opts.dtype
+    return {"gguf": gguf, "ours": variant, **info, "gguf_file_bytes": sizes["file_bytes"],
+            "gguf_tensor_bytes": sizes["tensor_bytes"], "weight_bytes_per_token": sizes["weight_bytes_per_token"],
+            "ours_weight_bytes_per_token": ours_bytes, "rows": rows, "errors": errors}
+
+
 def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> dict[str, object]:
     """Run every measurement `opts` asks for; returns the report (machine, model, bandwidth, measurements, ratios,
-    roofline). `log` receives one line per finished measurement."""
+    roofline, quantized variants, llama.cpp comparison). `log` receives one line per finished measurement."""
     opts.validate()
     dtype = parse_dtype(opts.dtype)
     if opts.threads is not None:
@@ -236,21 +413,14 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
     busy = _busy_warning(machine)
     if busy:
         log(busy)
-    if opts.model is not None:
-        if not Path(opts.model).is_dir():
-            raise ValueError(f"model: {opts.model} is not a model directory")
-        model = load_model(opts.model, dtype=dtype)
-        has_tokenizer = (Path(opts.model) / "tokenizer.json").is_file()
-        tokenizer = Tokenizer.from_dir(opts.model) if has_tokenizer else synthetic_tokenizer(model.config.vocab_size)
-        source = opts.model
-    else:
-        if opts.preset not in PRESETS:
-            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {opts.preset!r}")
-        model = random_model(opts.preset, dtype, opts.seed)
-        tokenizer, has_tokenizer = synthetic_tokenizer(model.config.vocab_size), False
-        source = f"preset {opts.preset} (random weights, seed {opts.seed})"
+    model, tokenizer, has_tokenizer, source = _load(opts, dtype)
     config = model.config
     opts.check_positions(config.max_position_embeddings)
+    peer = None
+    if opts.compare == "llama.cpp":
+        for fmt, path in opts.gguf.items():
+            llamacpp.check_gguf_model(fmt, path, config.hidden_size, config.vocab_size)
+        peer = llamacpp.LlamaBench(llamacpp.find_llama_bench(opts.llama_bench), threads, opts.llama_timeout)
     counts = config.parameter_counts()
     elem = torch.empty((), dtype=dtype).element_size()
 
@@ -260,78 +430,84 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
     log(f"bandwidth: read {bandwidth['read_gb_s']:.1f} GB/s, copy {bandwidth['copy_gb_s']:.1f} GB/s "
         f"({bw_bytes / 1024**2:.0f} MiB buffer, {threads} threads)")
 
-    rows: list[dict[str, object]] = []
-
-    def record(impl: str, kind: str, batch: int, tokens: int, seconds: list[float]) -> None:
-        r = _row(impl, kind, batch, tokens, seconds)
-        rows.append(r)
-        unit = "call" if kind == "prefill" else "step"
-        log(f"{kind:<7} {impl:<12} B={batch:<3} T={tokens:<5} {r['ms']:9.2f} ms/{unit}  {r['tokens_per_s']:10.1f} "
-            f"tokens/s  (median of {len(seconds)})")
-
-    vocab = config.vocab_size
-    plans = [measure.DecodePlan(b, opts.prompt_len, opts.decode_tokens, opts.repeat) for b in opts.batches]
-    prefill_ids = {n: measure.random_prompts(vocab, 1, n, opts.seed + n) for n in opts.prefill_lens}
-    decode_ids = {p.batch: measure.random_prompts(vocab, p.batch, p.prompt_len, opts.seed + 7 * p.batch)
-                  for p in plans}
-    # Ours and theirs back to back per measurement, so that a change in machine load hits both alike.
-    hf = load_transformers(model, opts.model, dtype) if opts.compare == "transformers" else None
-    for n, ids in prefill_ids.items():
-        record("ours", "prefill", 1, n, measure.time_prefill_ours(model, ids, 1, opts.repeat))
-        if hf is not None:
-            record("transformers", "prefill", 1, n, measure.time_prefill_hf(hf, ids, 1, opts.repeat))
-    for p in plans:
-        ids = decode_ids[p.batch]
-        record("ours", "decode", p.batch, p.prompt_len, measure.time_decode_ours(model, ids, p))
-        record("engine", "decode", p.batch, p.prompt_len, measure.time_decode_engine(model, tokenizer, ids, p))
-        if hf is not None:
-            record("transformers", "decode", p.batch, p.prompt_len, measure.time_decode_hf(hf, ids, p))
-    del hf
-    def time_decodes(impl: str, m: Qwen3NextForCausalLM, compiled: bool = False) -> None:
-        """A decode row per plan for model `m`, through a compiled decoder if `compiled` (the plan's warmup steps
-        absorb the compiles)."""
-        decoder = CompiledDecoder(m) if compiled else None
-        for p in plans:
-            record(impl, "decode", p.batch, p.prompt_len, measure.time_decode_ours(m, decode_ids[p.batch], p, decoder))
-
-    if opts.compile:
-        time_decodes("compiled", model, compiled=True)
+    # Per precision: our rows, then (with llama.cpp) the paired rounds against its GGUF twin, while that model is alive.
+    s = _Session(opts, model, tokenizer, log)
+    read_gb_s, weight_bytes = bandwidth["read_gb_s"], decode_weight_bytes(config, elem)
+    gguf_of = {llamacpp.GGUF_VARIANTS[f]: f for f in opts.gguf}  # our variant (None: the float model) -> GGUF format
+    llama: dict[str, dict[str, object]] = {}
+    _measure_float(s)
+    decoder = CompiledDecoder(model) if opts.compile else None
+    if decoder is not None:
+        s.time_decodes("compiled", model, decoder)
+    if peer is not None and None in gguf_of:
+        llama[gguf_of[None]] = _compare_llama(s, peer, gguf_of[None], model, decoder, weight_bytes, read_gb_s)
 
     quantized: dict[str, dict[str, object]] = {}
-    prompts = drift_prompts(tokenizer if has_tokenizer else None, vocab, opts.seed)
-    for name in opts.quantize:
-        import copy
+    prompts = drift_prompts(tokenizer if has_tokenizer else None, config.vocab_size, opts.seed)
+    for name in opts.variants():
+        variant, quantized[name] = _build_variant(s, name)
+        decoder = CompiledDecoder(variant) if opts.compile and variant is not None else None
+        if variant is not None:
+            quantized[name] = _measure_variant(s, name, variant, decoder, prompts)
+        if peer is not None and name in gguf_of:
+            llama[gguf_of[name]] = _compare_llama(s, peer, gguf_of[name], variant, decoder,
+                                                  quantized[name].get("weight_bytes_per_token"), read_gb_s)
+        del variant, decoder
 
-        from ..quant.quantize import quantize_model
-
-        variant = quantize_model(copy.deepcopy(model), **QUANT_VARIANTS[name])
-        time_decodes(f"ours-{name}", variant)
-        if opts.compile:
-            time_decodes(f"compiled-{name}", variant, compiled=True)
-        quantized[name] = {"weight_bytes_per_token": decode_weight_bytes_of(variant),
-                           "drift": logits_drift(model, variant, prompts), **QUANT_VARIANTS[name]}
-        d = quantized[name]["drift"]
-        log(f"drift   {name}: top-1 agreement {100 * d['top1_agreement']:.1f}% over {d['positions']} positions, "
-            f"max |Δ logit| {d['max_abs']:.4f}, mean {d['mean_abs']:.4f} (logits up to {d['ref_max_abs']:.2f})")
-        del variant
-
-    weight_bytes = decode_weight_bytes(config, elem)
-    ideal = bandwidth["read_gb_s"] * 1e9 / weight_bytes
-    roofline: dict[str, object] = {
-        "weight_bytes_per_token": weight_bytes, "read_gb_s": bandwidth["read_gb_s"], "ideal_tokens_per_s": ideal,
-        "cache_bytes_per_token": decode_cache_bytes(config, elem, opts.prompt_len), "context": opts.prompt_len,
+    roofline = _roofline(s.rows, weight_bytes, read_gb_s, decode_cache_bytes(config, elem, opts.prompt_len),
+                         opts.prompt_len)
+    _summarize_quantized(quantized, s.rows, read_gb_s)
+    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    report = {
+        "machine": machine,
+        "model": {"source": source, "dtype": opts.dtype, "params_total": counts["total"],
+                  "params_active": counts["active"] + config.hidden_size, "layer_types": config.layer_types,
+                  "num_experts": config.num_experts, "top_k": config.num_experts_per_tok,
+                  "vocab_size": config.vocab_size},
+        "options": asdict(opts),
+        "bandwidth": bandwidth,
+        "measurements": s.rows,
+        "ratios": compute_ratios(s.rows),
+        "roofline": roofline,
+        "quantized": quantized,
+        "drift_prompts": "text" if has_tokenizer else "random",
     }
+    if peer is not None:
+        report["llama_cpp"] = {
+            "binary": peer.binary, "threads": threads, "rounds": opts.repeat, "context": opts.prompt_len,
+            "decode_tokens": opts.decode_tokens, "prefill_lens": opts.prefill_lens, "read_gb_s": read_gb_s,
+            "weights_per_token": llamacpp.WEIGHTS_RULE, "formats": llama,
+        }
+    return report
+
+
+def _roofline(rows: list[dict[str, object]], weight_bytes: int, read_gb_s: float, cache_bytes: int,
+              context: int) -> dict[str, object]:
+    """The float model's batch-1 decode roofline and each implementation's share of it."""
+    ideal = read_gb_s * 1e9 / weight_bytes
+    roofline: dict[str, object] = {"weight_bytes_per_token": weight_bytes, "read_gb_s": read_gb_s,
+                                   "ideal_tokens_per_s": ideal, "cache_bytes_per_token": cache_bytes,
+                                   "context": context}
     for r in rows:
         if r["kind"] == "decode" and r["batch"] == 1 and r["impl"] in IMPLS:
             roofline[f"{r['impl']}_tokens_per_s"] = r["tokens_per_s"]
             roofline[f"{r['impl']}_pct"] = 100 * r["tokens_per_s"] / ideal
+    return roofline
+
+
+def _summarize_quantized(quantized: dict[str, dict[str, object]], rows: list[dict[str, object]],
+                         read_gb_s: float) -> None:
+    """Each built variant's ideal tok/s and its decode rows against the float rows (eager vs eager, compiled vs
+    compiled), in place."""
     float_rows = {(r["impl"], r["batch"]): r for r in rows if r["impl"] in ("ours", "compiled")
                   and r["kind"] == "decode"}
     for name, q in quantized.items():
-        q["ideal_tokens_per_s"] = bandwidth["read_gb_s"] * 1e9 / q["weight_bytes_per_token"]
+        if "error" in q:
+            continue
+        q["ideal_tokens_per_s"] = read_gb_s * 1e9 / q["weight_bytes_per_token"]
         q["decode"] = []
         for r in rows:
-            for mode in ("ours", "compiled"):  # eager variant vs eager float, compiled vs compiled
+            for mode in ("ours", "compiled"):
                 if r["impl"] == f"{mode}-{name}":
                     base = float_rows.get((mode, r["batch"]))
                     q["decode"].append({"mode": "eager" if mode == "ours" else "compiled", "batch": r["batch"],
@@ -339,20 +515,6 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
                                         "vs_float": r["tokens_per_s"] / base["tokens_per_s"] if base else None,
                                         "roofline_pct": 100 * r["tokens_per_s"] / q["ideal_tokens_per_s"]
                                         if r["batch"] == 1 else None})
-    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    return {
-        "machine": machine,
-        "model": {"source": source, "dtype": opts.dtype, "params_total": counts["total"],
-                  "params_active": counts["active"] + config.hidden_size, "layer_types": config.layer_types,
-                  "num_experts": config.num_experts, "top_k": config.num_experts_per_tok, "vocab_size": vocab},
-        "options": asdict(opts),
-        "bandwidth": bandwidth,
-        "measurements": rows,
-        "ratios": compute_ratios(rows),
-        "roofline": roofline,
-        "quantized": quantized,
-        "drift_prompts": "text" if has_tokenizer else "random",
-    }
 
 
 def compute_ratios(rows: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -413,9 +575,7 @@ def format_report(report: dict[str, object]) -> str:
                 r = impls.get(impl)
                 cells.append(f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x" if r and t else "-")
         table.append(cells)
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    lines += _aligned(table, left=1)
     lines += [
         "",
         "ms = per prefill call (batch 1, logits of the last token) or per decode step (B tokens: cached forward + "
@@ -431,6 +591,9 @@ def format_report(report: dict[str, object]) -> str:
     if got:
         lines.append("  " + "; ".join(got) + " of ideal")
     for name, q in report.get("quantized", {}).items():
+        if "error" in q:
+            lines += ["", f"{name} weights: not measured ({q['error']})"]
+            continue
         d = q["drift"]
         source = "fixed text" if report.get("drift_prompts") == "text" else "random tokens"
         lines += ["", f"{name} weights ({q['weight_bytes_per_token'] / 1e6:.1f} MB per batch-1 token, ideal "
@@ -442,7 +605,57 @@ def format_report(report: dict[str, object]) -> str:
             roof_pct = f", {r['roofline_pct']:.1f}% of ideal" if r["roofline_pct"] is not None else ""
             lines.append(f"  decode B={r['batch']} {r['mode']:<8}: {r['ms']:.2f} ms/step, {r['tokens_per_s']:.1f} "
                          f"tokens/s = {vs}{roof_pct}")
+    if "llama_cpp" in report:
+        lines += ["", *_format_llama(report)]
     return "\n".join(lines)
+
+
+def _aligned(table: list[list[str]], left: int) -> list[str]:
+    """Rows of cells as lines: the first `left` columns left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+            for row in table]
+
+
+def _format_llama(report: dict[str, object]) -> list[str]:
+    """The ours-vs-llama.cpp table, one row per precision and phase, and its notes."""
+    lc, mod = report["llama_cpp"], report["model"]
+    model = Path(mod["source"]).name
+    modes = [m for m in ("eager", "compiled") if any(m in r for f in lc["formats"].values() for r in f["rows"])]
+    header = ["model", "precision", "phase", "llama.cpp tok/s", *(f"ours {m} tok/s" for m in modes),
+              *(f"{m} / llama.cpp (min / median)" for m in modes), f"roofline % (llama.cpp / {' / '.join(modes)})"]
+    table = [header]
+
+    def tps(x: float | None) -> str:
+        return f"{x:.1f}" if x is not None else "-"
+
+    for fmt, f in lc["formats"].items():
+        for r in f["rows"]:
+            phase = f"decode @{r['context']}" if r["phase"] == "decode" else f"prefill {r['tokens']}"
+            cells = [model, f"{fmt} = {f['ours']}", phase, tps(r["llama_cpp"]["tokens_per_s"])]
+            cells += [tps(r[m]["tokens_per_s"]) if m in r else "-" for m in modes]
+            for m in modes:
+                e = r.get(m, {})
+                cells.append(f"{e['ratio_min']:.2f}x / {e['ratio_median']:.2f}x" if e.get("ratio_min") else "-")
+            pcts = [r[side].get("roofline_pct") if side in r else None for side in ("llama_cpp", *modes)]
+            cells.append(" / ".join(f"{x:.1f}" if x is not None else "-" for x in pcts) if r["phase"] == "decode"
+                         else "")
+            table.append(cells)
+    build = next((f["build_commit"] for f in lc["formats"].values() if "build_commit" in f), "?")
+    lines = [f"llama.cpp vs ours ({lc['binary']}, build {build}; {lc['threads']} threads on both sides)",
+             *_aligned(table, left=3), "",
+             f"{lc['rounds']} paired round{'s' if lc['rounds'] != 1 else ''} per precision (one llama-bench run, "
+             "then one of ours); tok/s = median over rounds, ratio = ours / llama.cpp of the same round; "
+             f"decode = batch 1, {lc['decode_tokens']} tokens "
+             f"after a {lc['context']}-token context; prefill = batch 1, logits of the last token",
+             f"roofline = tok/s / (read {lc['read_gb_s']:.1f} GB/s / weight bytes per decode token); "
+             + lc["weights_per_token"]]
+    for fmt, f in lc["formats"].items():
+        ours = f"{f['ours_weight_bytes_per_token'] / 1e6:.1f} MB" if f["ours_weight_bytes_per_token"] else "-"
+        lines.append(f"  {fmt}: {f['gguf']} ({f.get('model_type', '?')}, {f['gguf_file_bytes'] / 1e6:.1f} MB file): "
+                     f"llama.cpp reads {f['weight_bytes_per_token'] / 1e6:.1f} MB per token, ours ({f['ours']}) {ours}")
+        lines += [f"    error: {e}" for e in f["errors"]]
+    return lines
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------
@@ -460,9 +673,12 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=positive_int, default=d.decode_tokens, help="decode steps per repeat")
     parser.add_argument("--prefill-lens", type=positive_int, nargs="+", default=d.prefill_lens,
                         help="prompt lengths for the prefill measurement (batch 1)")
-    parser.add_argument("--compare", choices=["transformers"], default=None,
-                        help="also measure transformers' implementation on the same weights")
-    parser.add_argument("--repeat", type=positive_int, default=d.repeat, help="timed repeats (median reported)")
+    parser.add_argument("--compare", choices=list(COMPARE), default=None,
+                        help="also measure transformers' implementation on the same weights, or llama.cpp's "
+                             "llama-bench on --gguf files converted from --model")
+    parser.add_argument("--repeat", type=positive_int, default=d.repeat,
+                        help="timed repeats (median reported); with --compare llama.cpp also the number of paired "
+                             "rounds (llama.cpp, then ours) per precision")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--bandwidth-mib", type=positive_int, default=None,
                         help="buffer for the bandwidth measurement (default: 16 x LLC, 256 MiB to 1 GiB)")
@@ -472,6 +688,15 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also decode through the torch.compile'd decode step (row 'compiled'; compiling takes "
                              "a minute or so and is not timed)")
+    parser.add_argument("--llama-bench", default=None, metavar="PATH",
+                        help="--compare llama.cpp: the llama-bench executable (default: llama-bench on PATH)")
+    parser.add_argument("--gguf", nargs="+", default=[], metavar="FORMAT=PATH",
+                        help="--compare llama.cpp: GGUF files of --model, FORMAT one of "
+                             f"{', '.join(llamacpp.GGUF_VARIANTS)}, compared with our float32 model / "
+                             f"{' / '.join(v for v in llamacpp.GGUF_VARIANTS.values() if v)} (variants not named by "
+                             "--quantize are added)")
+    parser.add_argument("--llama-timeout", type=float, default=d.llama_timeout, metavar="SECONDS",
+                        help=f"--compare llama.cpp: limit per llama-bench run (default {d.llama_timeout:.0f})")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the full report as JSON")
 
 
@@ -480,7 +705,8 @@ def run_bench(args: argparse.Namespace) -> int:
                         batches=list(args.batches), prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                         prefill_lens=list(args.prefill_lens), compare=args.compare, repeat=args.repeat,
                         seed=args.seed, bandwidth_mib=args.bandwidth_mib, quantize=list(args.quantize),
-                        compile=args.compile)
+                        compile=args.compile, llama_bench=args.llama_bench,
+                        gguf=llamacpp.parse_gguf_args(args.gguf), llama_timeout=args.llama_timeout)
     report = bench(opts, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     print(format_report(report))
     if args.json:
