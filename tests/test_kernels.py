@@ -276,3 +276,16 @@ def test_without_a_compiler_the_torch_paths_run_after_one_warning(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "1"]
+
+
+def test_tracing_never_enters_the_build(monkeypatch):
+    """Under torch.compile `available()` reports what was loaded before (a build inside a trace would break the
+    graph: the compiled decode step then fell back to one graph per layer)."""
+    monkeypatch.setattr(kernels, "_loaded", None)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(x):
+        return x + 1 if kernels.available() else x - 1
+
+    assert torch.equal(f(torch.zeros(2)), -torch.ones(2))  # not loaded yet: the torch paths, and no graph break
+    assert kernels._loaded is None

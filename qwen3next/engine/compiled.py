@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..model.batch import BatchInfo
 from ..model.cache import HybridCache, SequenceCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
@@ -32,6 +33,7 @@ class CompiledDecoder:
         # copy, several batch sizes...); past the default limit of 8, dynamo silently runs eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.model = model
+        kernels.available()  # build / load the native kernels now: the traced step can then call them
         self._stack = torch.compile(model.model.forward)
 
     @staticmethod

@@ -60,7 +60,10 @@ def set_enabled(on: bool) -> bool:
 
 
 def available() -> bool:
-    """True when the switch is on and the extension is built and loaded (building it on the first call)."""
+    """True when the switch is on and the extension is built and loaded (building it on the first call; under
+    torch.compile only whether it was loaded before, so that tracing never enters the build)."""
+    if torch.compiler.is_compiling():
+        return _enabled and bool(_loaded)
     return _enabled and _load()
 
 

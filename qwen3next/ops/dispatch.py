@@ -116,7 +116,8 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "one row, 32000 x 512: fp32 2.8 ms vs oneDNN 5.0; bf16 1.7 vs 4.1 (F.linear in bf16); int8 1.1 vs 1.7 "
         "(`_weight_int8pack_mm`); int4 0.72 vs 0.97 (`_weight_int4pack_mm_for_cpu`)",
         "kernels built and switched on; CPU; fp32 x with at most threshold rows; no gradient; fp32 weights of at "
-        "least `onednn_linear`'s threshold elements (smaller: the call overhead wins); int4 in the canonical layout",
+        "least `ops.linear.NATIVE_FP32_MIN_ELEMENTS` (32K) elements (smaller: torch's call is as fast); int4 in the "
+        "canonical layout",
         "qwen3next.kernels:linear", "qwen3next.kernels:linear_reference", threshold=4, switch=KERNELS_ENV),
     FastPath(
         "native_moe",

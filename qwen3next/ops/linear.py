@@ -26,6 +26,9 @@ from .dispatch import linear_backend, native_kernels, set_linear_backend, thresh
 
 __all__ = ["linear", "set_linear_backend", "uses_native", "uses_onednn"]
 
+# Below this many fp32 weight elements the call overheads decide; measured (1 thread, one row): 256x256 native 6.0 us
+# vs torch.mm 6.7, 128x256 4.4 vs 4.6, 8x256 2.8 vs 2.5; 2048x512 57 vs 90.
+NATIVE_FP32_MIN_ELEMENTS = 1 << 15
 _ONEDNN_OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
@@ -42,7 +45,7 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def uses_native(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The "native_linear" fast path: a few fp32 rows against a big fp32 or a bf16-stored weight (ops.dispatch)."""
     if weight.dtype == torch.float32:
-        big = weight.numel() >= threshold("onednn_linear")
+        big = weight.numel() >= NATIVE_FP32_MIN_ELEMENTS
     else:
         big = weight.dtype == torch.bfloat16
     return (big and weight.dim() == 2 and weight.is_contiguous() and weight.device.type == "cpu"
