@@ -289,3 +289,20 @@ def test_tracing_never_enters_the_build(monkeypatch):
 
     assert torch.equal(f(torch.zeros(2)), -torch.ones(2))  # not loaded yet: the torch paths, and no graph break
     assert kernels._loaded is None
+
+
+def test_prefill_sized_products_use_the_native_dequantized_weight():
+    """More rows than the native kernel takes: the weight dequantized by `qwen3next::dequantize` (equal to the torch
+    twins bit for bit), then an fp32 GEMM -- the dequantized product, with fp32 activations."""
+    gen = torch.Generator().manual_seed(5)
+    lin = nn.Linear(128, 72, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(72, 128, generator=gen) * 0.1)
+        q8, s8 = quantize_int8(lin.weight)
+        q4, s4, z4 = quantize_int4(lin.weight, 64)
+        from qwen3next.quant.linear import dequantize_int4, dequantize_int8
+        assert torch.equal(kernels.dequantize(q8, s8, 8), dequantize_int8(q8, s8))
+        assert torch.equal(kernels.dequantize(q4, scale_zero_of(s4, z4), 4, 64), dequantize_int4(q4, s4, z4))
+        x = torch.randn(600, 128, generator=gen)  # more than int4's 64-row limit
+        for m in (Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, 64)):
+            assert rel_err(m(x), m.forward_reference(x)) < 1e-5

@@ -10,6 +10,7 @@ package adds two ops, registered with torch as `torch.ops.qwen3next.*` (opaque t
   [K/G, N, 2], the weight packed [N, K/2] with column 2j in the low nibble of byte j).
 - `moe(x, weights, ids, gate_up, gate_up_aux, down, down_aux, fmt, group_size)`: the routed experts of a MoE layer
   over stacked weights [E, 2I, D] / [E, D, I] in one call (pairs grouped by expert; SwiGLU; weighted sum).
+- `dequantize(w, aux, fmt, group_size)`: an int8 / int4 weight as fp32, in one pass (prefill: then one GEMM).
 
 Numerics: fp32 activations and accumulation; for int4 weights the activations are quantized per weight group to
 int8 (scale amax / 127, round half to even) and the constant part of each group uses the exact fp32 sum of x:
@@ -103,6 +104,10 @@ def _register_fakes() -> None:
     def _linear_fake(x, w, aux, fmt, group_size):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("qwen3next::dequantize")
+    def _dequantize_fake(w, aux, fmt, group_size):
+        return w.new_empty(w.shape[0], w.shape[1] * (2 if fmt == FMT_INT4 else 1), dtype=torch.float32)
+
     @torch.library.register_fake("qwen3next::moe")
     def _moe_fake(x, weights, ids, gate_up, gate_up_aux, down, down_aux, fmt, group_size):
         return x.new_empty(x.shape)
@@ -137,6 +142,13 @@ def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torc
     _require()
     return torch.ops.qwen3next.moe(x, weights.float(), ids.long(), gate_up, gate_up_aux, down, down_aux, fmt,
                                    group_size)
+
+
+def dequantize(w: torch.Tensor, aux: torch.Tensor, fmt: int, group_size: int = 0) -> torch.Tensor:
+    """The fp32 weight [N, K] of an int8 (`aux` = scales) or int4 (`aux` = scale_zero) weight, in one pass: for
+    prefill-sized products, which then run as one fp32 GEMM (twin: `quant.linear.dequantize_int8 / _int4`)."""
+    _require()
+    return torch.ops.qwen3next.dequantize(w, aux, fmt, group_size)
 
 
 # ---- pure-torch twins ----------------------------------------------------------------------------------------------

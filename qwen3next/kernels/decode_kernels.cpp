@@ -165,7 +165,9 @@ QK_AVX2 static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// MB activation rows against one weight row; U independent accumulators per activation row.
+// One weight row against MB activation rows, U independent accumulators per activation row. Rows are walked one
+// after another: the weights stream through memory in order, which the hardware prefetcher follows (tiles of several
+// rows side by side measured 2-3x slower on a 32000 x 512 weight: short interleaved streams it does not pick up).
 template <typename T, int MB, int U>
 QK_AVX2 static void dot_row(const T* w, const float* x, int64_t ldx, int64_t K, float* out, int64_t ldo, float scale) {
   __m256 acc[MB][U];
@@ -185,9 +187,9 @@ QK_AVX2 static void dot_row(const T* w, const float* x, int64_t ldx, int64_t K, 
   for (int m = 0; m < MB; ++m) {
     __m256 t = acc[m][0];
     for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[m][u]);
-    float s = hsum(t);
-    for (int64_t kk = k; kk < K; ++kk) s += to_f32(w[kk]) * x[m * ldx + kk];
-    out[m * ldo] = s * scale;
+    float v = hsum(t);
+    for (int64_t kk = k; kk < K; ++kk) v += to_f32(w[kk]) * x[m * ldx + kk];
+    out[m * ldo] = v * scale;
   }
 }
 
@@ -198,7 +200,7 @@ QK_AVX2 static void rows_avx2(const T* w, const Acts& a, int64_t m0, int64_t M, 
   for (int64_t n = n0; n < n1; ++n) {
     const T* wr = w + n * K;
     const float s = scales ? bf16_to_f32(scales[n]) : 1.f;
-    for (int64_t m = m0; m < m0 + M;) {
+    for (int64_t m = m0; m < m0 + M;) {  // blocks of 4 activation rows share each converted weight vector
       const float* x = a.x + m * a.ldx;
       float* o = y + (m - m0) * ldy + n;
       const int64_t left = m0 + M - m;
@@ -219,63 +221,97 @@ QK_AVX2 static void rows_avx2(const T* w, const Acts& a, int64_t m0, int64_t M, 
   }
 }
 
-// int4 weight row (G % 64 == 0) against MB rows of per-group int8 activation codes (permuted layout).
-template <int MB>
-QK_AVX2 static void dot_row_i4(const Weights& w, int64_t n, const Acts& a, int64_t m, float* out, int64_t ldo) {
+// int4 weight rows n .. n + R - 1 (G % 64 == 0) against MB rows of per-group int8 activation codes (permuted
+// layout): each 64-column chunk of a weight row is unpacked once and used MB times.
+template <int R, int MB>
+QK_AVX2 static void tile_i4(const Weights& w, int64_t n, const Acts& a, int64_t m, float* out, int64_t ldo) {
   const int64_t K = w.K, G = w.G, ng = K / G, N = w.N;
   const uint8_t* wr = static_cast<const uint8_t*>(w.data) + n * (K / 2);
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[MB];
-  float zpart[MB];
-  for (int i = 0; i < MB; ++i) {
-    acc[i] = _mm256_setzero_ps();
-    zpart[i] = 0.f;
-  }
+  __m256 acc[R][MB];
+  float zpart[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MB; ++i) {
+      acc[r][i] = _mm256_setzero_ps();
+      zpart[r][i] = 0.f;
+    }
   for (int64_t g = 0; g < ng; ++g) {
-    __m256i isum[MB];
-    for (int i = 0; i < MB; ++i) isum[i] = _mm256_setzero_si256();
+    __m256i isum[R][MB];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MB; ++i) isum[r][i] = _mm256_setzero_si256();
     for (int64_t c = g * G; c < (g + 1) * G; c += 64) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c / 2));
-      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      __m256i lo[R], hi[R];
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + r * (K / 2) + c / 2));
+        lo[r] = _mm256_and_si256(v, low);
+        hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      }
       for (int i = 0; i < MB; ++i) {
         const int8_t* q = a.q.data() + (m + i) * K + c;
-        const __m256i p = _mm256_add_epi16(
-            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
-            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32))));
-        isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, ones));
+        const __m256i qe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+        const __m256i qo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+        for (int r = 0; r < R; ++r) {
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], qe), _mm256_maddubs_epi16(hi[r], qo));
+          isum[r][i] = _mm256_add_epi32(isum[r][i], _mm256_madd_epi16(p, ones));
+        }
       }
     }
-    const float s = bf16_to_f32(w.aux[(g * N + n) * 2]), z = bf16_to_f32(w.aux[(g * N + n) * 2 + 1]);
-    for (int i = 0; i < MB; ++i) {
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_set1_ps(s * a.d[(m + i) * ng + g]), acc[i]);
-      zpart[i] += (z - 8.f * s) * a.xsum[(m + i) * ng + g];
+    for (int r = 0; r < R; ++r) {
+      const float s = bf16_to_f32(w.aux[(g * N + n + r) * 2]), z = bf16_to_f32(w.aux[(g * N + n + r) * 2 + 1]);
+      for (int i = 0; i < MB; ++i) {
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][i]), _mm256_set1_ps(s * a.d[(m + i) * ng + g]),
+                                    acc[r][i]);
+        zpart[r][i] += (z - 8.f * s) * a.xsum[(m + i) * ng + g];
+      }
     }
   }
-  for (int i = 0; i < MB; ++i) out[i * ldo] = hsum(acc[i]) + zpart[i];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MB; ++i) out[i * ldo + r] = hsum(acc[r][i]) + zpart[r][i];
+}
+
+template <int R>
+QK_AVX2 static void tile_i4_rows(const Weights& w, int64_t n, const Acts& a, int64_t m0, int64_t M, float* y,
+                                 int64_t ldy) {
+  constexpr int MB_MAX = R >= 2 ? 2 : 4;  // registers: R * MB integer and float accumulators
+  for (int64_t m = m0; m < m0 + M;) {
+    float* o = y + (m - m0) * ldy + n;
+    const int64_t left = m0 + M - m;
+    if (left >= MB_MAX) {
+      tile_i4<R, MB_MAX>(w, n, a, m, o, ldy);
+      m += MB_MAX;
+    } else if (left >= 2) {
+      tile_i4<R, 2>(w, n, a, m, o, ldy);
+      m += 2;
+    } else {
+      tile_i4<R, 1>(w, n, a, m, o, ldy);
+      m += 1;
+    }
+  }
 }
 
 QK_AVX2 static void rows_i4_avx2(const Weights& w, const Acts& a, int64_t m0, int64_t M, int64_t n0, int64_t n1,
                                  float* y, int64_t ldy) {
   const int64_t ng = w.K / w.G;
-  for (int64_t n = n0; n < n1; ++n) {
-    // scale_zero is [K/G, N, 2]: a row's groups lie N * 4 bytes apart, one cache line per group serves 16 rows.
-    // Fetch the next 16 rows' lines ahead (the hardware prefetcher does not follow this stride).
-    if ((n & 15) == 0 && n + 16 < w.N)
-      for (int64_t g = 0; g < ng; ++g) _mm_prefetch(reinterpret_cast<const char*>(w.aux + (g * w.N + n + 16) * 2), _MM_HINT_T0);
-    for (int64_t m = m0; m < m0 + M;) {
-      float* o = y + (m - m0) * ldy + n;
-      const int64_t left = m0 + M - m;
-      if (left >= 4) {
-        dot_row_i4<4>(w, n, a, m, o, ldy);
-        m += 4;
-      } else if (left >= 2) {
-        dot_row_i4<2>(w, n, a, m, o, ldy);
-        m += 2;
-      } else {
-        dot_row_i4<1>(w, n, a, m, o, ldy);
-        m += 1;
-      }
+  int64_t fetched = -1;
+  // scale_zero is [K/G, N, 2]: a row's groups lie N * 4 bytes apart, one cache line per group serves 16 rows.
+  // Fetch the next 16 rows' lines ahead (the hardware prefetcher does not follow this stride).
+  auto prefetch = [&](int64_t n) {
+    const int64_t block = (n >> 4) + 1;
+    if (block != fetched && block * 16 < w.N) {
+      fetched = block;
+      for (int64_t g = 0; g < ng; ++g)
+        _mm_prefetch(reinterpret_cast<const char*>(w.aux + (g * w.N + block * 16) * 2), _MM_HINT_T0);
     }
+  };
+  int64_t n = n0;
+  if (M <= 2)  // two rows side by side: measured 10-20% faster than one at a time for one or two activation rows
+    for (; n + 2 <= n1; n += 2) {
+      prefetch(n);
+      tile_i4_rows<2>(w, n, a, m0, M, y, ldy);
+    }
+  for (; n < n1; ++n) {
+    prefetch(n);
+    tile_i4_rows<1>(w, n, a, m0, M, y, ldy);
   }
 }
 #endif
@@ -464,6 +500,36 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& weights, const at::Tensor&
   return out;
 }
 
+// The fp32 weight [N, K] of an int8 or int4 weight (for prefill-sized products: dequantize once, then a GEMM).
+at::Tensor dequantize(const at::Tensor& w, const c10::optional<at::Tensor>& aux, int64_t fmt, int64_t group_size) {
+  check_weight(w, aux, fmt, group_size, 0, "qwen3next::dequantize");
+  TORCH_CHECK(fmt == I8 || fmt == I4, "qwen3next::dequantize: fmt must be 8 or 4, got ", fmt);
+  const Weights wv = view_of(w, aux, fmt, group_size, 0, 0);
+  const int64_t N = wv.N, K = wv.K;
+  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float* row = o + n * K;
+      if (fmt == I8) {
+        const int8_t* q = static_cast<const int8_t*>(wv.data) + n * K;
+        const float s = bf16_to_f32(wv.aux[n]);
+        for (int64_t k = 0; k < K; ++k) row[k] = float(q[k]) * s;
+      } else {
+        const uint8_t* q = static_cast<const uint8_t*>(wv.data) + n * (K / 2);
+        for (int64_t g = 0; g < K / wv.G; ++g) {
+          const float s = bf16_to_f32(wv.aux[(g * N + n) * 2]), z = bf16_to_f32(wv.aux[(g * N + n) * 2 + 1]);
+          for (int64_t k = g * wv.G; k < (g + 1) * wv.G; ++k) {
+            const int32_t code = (k & 1) ? (q[k >> 1] >> 4) : (q[k >> 1] & 15);
+            row[k] = float(code - 8) * s + z;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 int64_t kernel_isa(int64_t isa) {
   const int64_t previous = use_avx2() ? 1 : 0;
   if (isa == 0) {
@@ -481,10 +547,12 @@ TORCH_LIBRARY(qwen3next, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? aux, int fmt, int group_size) -> Tensor");
   m.def("moe(Tensor x, Tensor weights, Tensor ids, Tensor gate_up, Tensor? gate_up_aux, Tensor down, "
         "Tensor? down_aux, int fmt, int group_size) -> Tensor");
+  m.def("dequantize(Tensor w, Tensor? aux, int fmt, int group_size) -> Tensor");
   m.def("kernel_isa(int isa) -> int", &qk::kernel_isa);
 }
 
 TORCH_LIBRARY_IMPL(qwen3next, CPU, m) {
   m.impl("linear", &qk::linear);
   m.impl("moe", &qk::moe);
+  m.impl("dequantize", &qk::dequantize);
 }

@@ -114,11 +114,12 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "`x Wᵀ` for a few rows through the C++ weight-streaming kernel `qwen3next::linear` (qwen3next/kernels): fp32, "
         "bf16-stored, int8 and int4 weights, fp32 activations (int4: quantized per group to int8). Measured, 1 thread, "
         "one row, 32000 x 512: fp32 2.8 ms vs oneDNN 5.0; bf16 1.7 vs 4.1 (F.linear in bf16); int8 1.1 vs 1.7 "
-        "(`_weight_int8pack_mm`); int4 0.72 vs 0.97 (`_weight_int4pack_mm_for_cpu`)",
-        "kernels built and switched on; CPU; fp32 x with at most threshold rows; no gradient; fp32 weights of at "
-        "least `ops.linear.NATIVE_FP32_MIN_ELEMENTS` (32K) elements (smaller: torch's call is as fast); int4 in the "
-        "canonical layout",
-        "qwen3next.kernels:linear", "qwen3next.kernels:linear_reference", threshold=4, switch=KERNELS_ENV),
+        "(`_weight_int8pack_mm`); int4 0.65 vs 0.97 (`_weight_int4pack_mm_for_cpu`). More rows of an int8/int4 weight "
+        "(prefill): the weight dequantized by the native `qwen3next::dequantize`, then one fp32 GEMM",
+        "kernels built and switched on; CPU; fp32 x; no gradient; at most threshold x NATIVE_ROWS_FACTOR rows "
+        "(ops/linear.py, measured per format: fp32 and int8 8, bf16 16, int4 64); fp32 weights of at least "
+        "`NATIVE_FP32_MIN_ELEMENTS` (32K) elements (smaller: torch's call is as fast); int4 in the canonical layout",
+        "qwen3next.kernels:linear", "qwen3next.kernels:linear_reference", threshold=8, switch=KERNELS_ENV),
     FastPath(
         "native_moe",
         "the routed experts of a MoE layer in ONE C++ call (`qwen3next::moe`): pairs grouped by expert, each hit "

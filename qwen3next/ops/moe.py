@@ -66,8 +66,10 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
             and gate_up_proj.is_contiguous() and down_proj.is_contiguous() and native_kernels(x):
         fmt = kernels.FMT_F32 if gate_up_proj.dtype == torch.float32 else kernels.FMT_BF16
         return kernels.moe(x, weights, ids, gate_up_proj, None, down_proj, None, fmt)
-    if gate_up_proj.dtype != x.dtype:  # bf16-stored experts, fp32 compute
-        gate_up_proj, down_proj = gate_up_proj.to(x.dtype), down_proj.to(x.dtype)
+    if gate_up_proj.dtype != x.dtype:  # bf16-stored experts, fp32 compute: convert only the experts that are hit
+        return grouped_swiglu(x, weights, ids, gate_up_proj.shape[0],
+                              lambda s, e: F.linear(s, gate_up_proj[e].to(x.dtype)),
+                              lambda h, e: F.linear(h, down_proj[e].to(x.dtype)))
     if fast_decode():
         # Under torch.compile: the gathered form for any batch (sync-free; `_grouped_mm` has no fp32 meta kernel).
         if ids.numel() <= threshold("experts_gathered") or torch.compiler.is_compiling():

@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import kernels
 from ..ops.dispatch import native_kernels, threshold
+from ..ops.linear import native_rows
 
 SCALE_DTYPE = torch.bfloat16
 # The dequantize paths convert big weights a block of rows at a time, so the float copy stays <= 64 MB in fp32.
@@ -71,8 +72,11 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     limit for fp32 (prefill is faster through the dense matmul) is the "int8_kernel" entry of `ops.dispatch`.
     """
     K, N = x.shape[-1], q.shape[0]
-    if few_rows_native(x, K):
+    if native_rows(x, K, kernels.FMT_INT8):
         return kernels.linear(x, q, scale, kernels.FMT_INT8)
+    if native_kernels(x):  # more rows (prefill): the weight dequantized natively, block by block, then GEMMs
+        return _blockwise_linear(x, N, K, lambda a, b: kernels.dequantize(q[a:b], scale[a:b], kernels.FMT_INT8),
+                                 lambda y, a, b: y)
     x2 = x.reshape(-1, K)
     # Under torch.compile the pointers are not known at trace time; module buffers and fresh tensors are 64-byte
     # aligned by torch's CPU allocator (expert slices: QuantizedExperts checks their offsets).
@@ -86,11 +90,6 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         xb = xb.clone()
     y = torch._weight_int8pack_mm(xb, q, scale.to(torch.bfloat16))
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
-
-
-def few_rows_native(x: torch.Tensor, K: int) -> bool:
-    """The "native_linear" fast path of `ops.dispatch` for a quantized weight: fp32 x with at most threshold rows."""
-    return 0 < x.numel() <= threshold("native_linear") * K and native_kernels(x)
 
 
 def _blockwise_linear(x: torch.Tensor, N: int, K: int, weight_rows, finish) -> torch.Tensor:
@@ -212,8 +211,12 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor
     canonical -> dequantize to x's dtype and F.linear.
     """
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    if not is_kernel_layout and few_rows_native(x, K):
-        return kernels.linear(x, qweight, scale_zero, kernels.FMT_INT4, K // scale_zero.shape[0])
+    group_size = K // scale_zero.shape[0]
+    if not is_kernel_layout and native_rows(x, K, kernels.FMT_INT4):
+        return kernels.linear(x, qweight, scale_zero, kernels.FMT_INT4, group_size)
+    if not is_kernel_layout and native_kernels(x):  # prefill: dequantized natively, block by block, then GEMMs
+        return _blockwise_linear(x, N, K, lambda a, b: kernels.dequantize(
+            qweight[a:b], scale_zero[:, a:b].contiguous(), kernels.FMT_INT4, group_size), lambda y, a, b: y)
     if not is_kernel_layout:
         scale, zero = scale_zero[..., 0].T, scale_zero[..., 1].T  # [N, K/G]
         return _blockwise_linear(x, N, K, lambda a, b: dequantize_int4(qweight[a:b], scale[a:b], zero[a:b], x.dtype),
