@@ -20,8 +20,9 @@ same trade llama.cpp makes for its k-quants. `linear_reference` / `moe_reference
 accumulation) and are what the parity tests compare against; the model-level reference is still the dequantized
 fp32 weight (quant/linear.py).
 
-Build: `torch.utils.cpp_extension.load` with the system C++ compiler, once per source version, cached under
-torch's extension directory (~40 s the first time, a fraction of a second after). AVX2 + FMA is chosen at run time,
+Build: `torch.utils.cpp_extension.load` with the system C++ compiler (and ninja), once per source and torch version,
+cached under torch's extension directory (TORCH_EXTENSIONS_DIR): 15-20 s of compiler time the first time, a line on
+stderr says so; a fraction of a second after. AVX2 + FMA is chosen at run time,
 with a scalar fallback (`set_isa("scalar")` forces it for tests). `QWEN3NEXT_KERNELS=0` turns the ops off; without
 a compiler (or if the build fails) `available()` is False after one warning and the torch paths run.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -84,9 +86,17 @@ def _load() -> bool:
             from torch.utils import cpp_extension
 
             digest = hashlib.sha1(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-            cpp_extension.load(name=f"qwen3next_kernels_{digest}", sources=[str(_SOURCE)],
-                               extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
-                               is_python_module=False, verbose=False)
+            name = f"qwen3next_kernels_{digest}"
+            build_dir = getattr(cpp_extension, "_get_build_directory", None)  # torch's own cache location
+            built = Path(build_dir(name, verbose=False)) / f"{name}.so" if build_dir else None
+            if built is not None and built.exists():  # built before: load it now (load() runs ninja to check, ~1-5 s)
+                torch.ops.load_library(str(built))
+            else:
+                print("qwen3next: building the native CPU kernels (once per version, ~20-40 s; QWEN3NEXT_KERNELS=0 "
+                      "skips them)", file=sys.stderr, flush=True)
+                cpp_extension.load(name=name, sources=[str(_SOURCE)],
+                                   extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
+                                   is_python_module=False, verbose=False)
             _register_fakes()
             _loaded = True
         except Exception as exc:  # no compiler, no ninja, a failed build: fall back to torch, say why once
