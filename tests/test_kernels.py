@@ -306,3 +306,20 @@ def test_prefill_sized_products_use_the_native_dequantized_weight():
         x = torch.randn(600, 128, generator=gen)  # more than int4's 64-row limit
         for m in (Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, 64)):
             assert rel_err(m(x), m.forward_reference(x)) < 1e-5
+
+
+def test_bf16_experts_under_torch_compile_with_many_tokens():
+    """More tokens than the native kernel takes, under torch.compile: the sync-free gathered form (no graph break)."""
+    gen = torch.Generator().manual_seed(7)
+    experts = Experts(6, 64, 32)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(6, 64, 64, generator=gen) * 0.1)
+        experts.down_proj.copy_(torch.randn(6, 64, 32, generator=gen) * 0.1)
+    experts.gate_up_proj.data = experts.gate_up_proj.data.bfloat16()
+    experts.down_proj.data = experts.down_proj.data.bfloat16()
+    x = torch.randn(20, 64, generator=gen)
+    weights, ids = route_topk(torch.randn(20, 6, generator=gen), 2, True)
+    with torch.no_grad():
+        ref = experts_reference(x, weights, ids, experts.gate_up_proj.float(), experts.down_proj.float())
+        compiled = torch.compile(experts, backend="aot_eager", fullgraph=True)
+        assert rel_err(compiled(x, weights, ids), ref) < 1e-5

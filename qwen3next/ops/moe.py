@@ -67,6 +67,10 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
         fmt = kernels.FMT_F32 if gate_up_proj.dtype == torch.float32 else kernels.FMT_BF16
         return kernels.moe(x, weights, ids, gate_up_proj, None, down_proj, None, fmt)
     if gate_up_proj.dtype != x.dtype:  # bf16-stored experts, fp32 compute: convert only the experts that are hit
+        if torch.compiler.is_compiling():  # sync-free: each pair's matrices gathered, then converted
+            flat_ids = ids.reshape(-1)
+            return swiglu_per_pair(x, weights, gate_up_proj.index_select(0, flat_ids).to(x.dtype).transpose(1, 2),
+                                   down_proj.index_select(0, flat_ids).to(x.dtype).transpose(1, 2))
         return grouped_swiglu(x, weights, ids, gate_up_proj.shape[0],
                               lambda s, e: F.linear(s, gate_up_proj[e].to(x.dtype)),
                               lambda h, e: F.linear(h, down_proj[e].to(x.dtype)))
