@@ -15,7 +15,8 @@ even column in the low nibble. On CPU, eligible shapes (N % 16 == 0, K % group_s
 {32, 64, 128, 256}) are held in torch's kernel layout instead (same [N, K/2] uint8 shape, nibbles permuted in
 blocks of rows; the permutation depends on the CPU's SIMD width), and converted back to canonical for saving --
 unless the native kernels (qwen3next/kernels) are available and the group size is a multiple of 64: they read the
-canonical layout, and run few-row products (decode) faster than torch's kernel; more rows dequantize + F.linear.
+canonical layout, and run few-row products (decode) faster than torch's kernel; more rows (prefill) dequantize the
+weight natively (`qwen3next::dequantize`), then F.linear.
 
 With the native kernels, a few fp32 rows run through `qwen3next::linear` for int8 and int4 alike ("native_linear" in
 `ops.dispatch`): no bf16 cast of the activations (int4: quantized per group to int8 inside the kernel).
@@ -74,7 +75,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     K, N = x.shape[-1], q.shape[0]
     if native_rows(x, K, kernels.FMT_INT8):
         return kernels.linear(x, q, scale, kernels.FMT_INT8)
-    if native_kernels(x):  # more rows (prefill): the weight dequantized natively, block by block, then GEMMs
+    if x.numel() > threshold("int8_kernel") * K and native_kernels(x):  # prefill: dequantized natively, then GEMMs
         return _blockwise_linear(x, N, K, lambda a, b: kernels.dequantize(q[a:b], scale[a:b], kernels.FMT_INT8),
                                  lambda y, a, b: y)
     x2 = x.reshape(-1, K)
