@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+# `--quantize` / `quantize=` values -> bits (bf16: bf16-stored weights, fp32 compute), for checkpoint.quantize_bits
+QUANTIZE_BITS = {"int8": 8, "int4": 4, "bf16": 16}
+QUANTIZE_CHOICES = tuple(QUANTIZE_BITS)
+
 
 def _number(s: str, cast, what: str):
     try:

@@ -29,6 +29,7 @@ from typing import BinaryIO
 import torch
 from safetensors.torch import save_file
 
+from .argtypes import QUANTIZE_BITS
 from .config import Qwen3NextConfig
 from .model.qwen3_next import Qwen3NextForCausalLM
 
@@ -294,15 +295,12 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     return model
 
 
-QUANTIZE_CHOICES = ("int8", "int4", "bf16")
-
-
 def quantize_bits(quantize: str | None) -> int | None:
     """Bits of a `quantize` option: None (no quantization), "int8", "int4" or "bf16" (16: bf16-stored weights, fp32
     compute); anything else is a ValueError."""
-    if quantize not in (None, *QUANTIZE_CHOICES):
+    if quantize is not None and quantize not in QUANTIZE_BITS:
         raise ValueError(f"quantize: expected None, 'int8', 'int4' or 'bf16', got {quantize!r}")
-    return None if quantize is None else int(quantize[-2:]) if quantize == "bf16" else int(quantize[3:])
+    return None if quantize is None else QUANTIZE_BITS[quantize]
 
 
 # ---- quantized checkpoints (quant/): hooks ---------------------------------------------------------------------------

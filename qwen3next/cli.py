@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import DEFAULT_MODEL
+from .argtypes import QUANTIZE_CHOICES
 from .argtypes import non_negative_float as _non_negative_float
 from .argtypes import positive_int as _positive_int
 
@@ -204,7 +205,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", default=None, help="cache budget, e.g. 2GiB (default: 1/4 of free RAM, <= 8 GiB)")
     p.add_argument("--max-model-len", type=_positive_int, default=None)
     p.add_argument("--max-num-seqs", type=_positive_int, default=16)
-    p.add_argument("--quantize", choices=["int8", "int4", "bf16"], default=None,
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (faster steps; ~1 min of compiling at start; needs a C++ "

@@ -3,7 +3,7 @@
 Decode with a few tokens is a stream of weight reads: every step reads each active weight once. torch has no CPU
 kernel that streams bf16-stored, int8 or int4 weights at memory bandwidth on machines without bf16 units (its int8
 and int4 kernels want bf16 activations, a cast per call, and cost more per call than the bytes they save), so this
-package adds two ops, registered with torch as `torch.ops.qwen3next.*` (opaque to torch.compile):
+package adds three ops, registered with torch as `torch.ops.qwen3next.*` (opaque to torch.compile):
 
 - `linear(x, w, aux, fmt, group_size)`: y = x · Wᵀ for x fp32 [M, K] (few rows) and W stored as fp32 (`fmt` 32),
   bf16 (16), int8 with a bf16 scale per output row (8; `aux` = scales [N]) or int4 (4; `aux` = scale_zero
@@ -22,9 +22,9 @@ fp32 weight (quant/linear.py).
 
 Build: `torch.utils.cpp_extension.load` with the system C++ compiler (and ninja), once per source and torch version,
 cached under torch's extension directory (TORCH_EXTENSIONS_DIR): 15-20 s of compiler time the first time, a line on
-stderr says so; a fraction of a second after. AVX2 + FMA is chosen at run time,
-with a scalar fallback (`set_isa("scalar")` forces it for tests). `QWEN3NEXT_KERNELS=0` turns the ops off; without
-a compiler (or if the build fails) `available()` is False after one warning and the torch paths run.
+stderr says so; a fraction of a second after. AVX2 + FMA is chosen at run time, with a scalar fallback
+(`set_isa("scalar")` forces it for tests). `QWEN3NEXT_KERNELS=0` turns the ops off; without a compiler (or if the
+build fails) `available()` is False after one warning and the torch paths run.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 KERNELS_ENV = "QWEN3NEXT_KERNELS"
 FMT_F32, FMT_BF16, FMT_INT8, FMT_INT4 = 32, 16, 8, 4
 FORMATS = (FMT_F32, FMT_BF16, FMT_INT8, FMT_INT4)
+FLOAT_FORMATS = {torch.float32: FMT_F32, torch.bfloat16: FMT_BF16}  # the unquantized weight dtypes the ops take
 _SOURCE = Path(__file__).with_name("decode_kernels.cpp")
 
 _enabled = os.environ.get(KERNELS_ENV, "1") != "0"
@@ -172,23 +173,19 @@ def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     return codes.reshape(M, K), d, g.sum(-1)
 
 
-def _weight_f64(w: torch.Tensor, aux: torch.Tensor | None, fmt: int) -> torch.Tensor:
-    if fmt in (FMT_F32, FMT_BF16):
-        return w.double()
-    if fmt == FMT_INT8:
-        return w.double() * aux.double()[:, None]
-    raise ValueError(f"fmt: expected 32, 16 or 8 here, got {fmt!r}")
-
-
 def linear_reference(x: torch.Tensor, w: torch.Tensor, aux: torch.Tensor | None, fmt: int,
                      group_size: int = 0) -> torch.Tensor:
     """The math of `linear` in torch (fp64), for the parity tests."""
+    from ..quant.linear import dequantize_int8, unpack_int4  # (quant.linear imports this module)
+
     x2 = x.reshape(-1, x.shape[-1]).float()
-    if fmt != FMT_INT4:
-        y = x2.double() @ _weight_f64(w, aux, fmt).T
+    if fmt in (FMT_F32, FMT_BF16):
+        y = x2.double() @ w.double().T
+    elif fmt == FMT_INT8:  # q · scale is exact in fp32 (8-bit by 8-bit significands)
+        y = x2.double() @ dequantize_int8(w, aux, torch.float64).T
     else:
         N, K = w.shape[0], w.shape[1] * 2
-        codes = torch.stack((w & 15, w >> 4), dim=-1).reshape(N, K).double()  # [N, K] in 0..15
+        codes = unpack_int4(w).double()  # [N, K] in 0..15
         c, d, xsum = quantize_activations(x2, group_size)
         ng = K // group_size
         s, z = aux[..., 0].T.double(), aux[..., 1].T.double()  # [N, K/G]

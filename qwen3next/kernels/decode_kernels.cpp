@@ -60,27 +60,33 @@ struct Weights {
   int64_t fmt, N, K, G;
   const void* data;
   const uint16_t* aux;  // int8: bf16 scales [N]; int4: bf16 scale_zero [K/G, N, 2]; else null
+
+  // int4: the code (0..15) of column k of row `row`, and the scale and zero of group g of row n
+  static int32_t code(const uint8_t* row, int64_t k) { return (k & 1) ? (row[k >> 1] >> 4) : (row[k >> 1] & 15); }
+  float scale(int64_t g, int64_t n) const { return bf16_to_f32(aux[(g * N + n) * 2]); }
+  float zero(int64_t g, int64_t n) const { return bf16_to_f32(aux[(g * N + n) * 2 + 1]); }
 };
 
-// Activation rows [M, K] (fp32, row stride ldx) and, for int4 weights, their per-group int8 codes.
+// Activation rows [M, K] (fp32, contiguous) and, for int4 weights, their per-group int8 codes.
 struct Acts {
   const float* x;
-  int64_t M, K, ldx, G = 0;
+  int64_t M, K;
   bool permuted = false;   // codes stored per 64-column chunk as (even columns, odd columns): the AVX2 layout
   std::vector<int8_t> q;   // [M, K]
   std::vector<float> d;    // [M, K/G]: code scale (amax / 127)
   std::vector<float> xsum; // [M, K/G]: Σ x over the group, exact fp32
+
+  Acts(const float* x_, int64_t M_, int64_t K_) : x(x_), M(M_), K(K_) {}
 };
 
 static void quantize_acts(Acts& a, int64_t G, bool permuted) {
   const int64_t M = a.M, K = a.K, ng = K / G;
-  a.G = G;
   a.permuted = permuted;
   a.q.assign(M * K, 0);
   a.d.assign(M * ng, 0.f);
   a.xsum.assign(M * ng, 0.f);
   for (int64_t m = 0; m < M; ++m) {
-    const float* x = a.x + m * a.ldx;
+    const float* x = a.x + m * a.K;
     for (int64_t g = 0; g < ng; ++g) {
       float amax = 0.f, s = 0.f;
       for (int64_t k = g * G; k < (g + 1) * G; ++k) {
@@ -112,7 +118,7 @@ static void rows_scalar(const T* w, const Acts& a, int64_t m0, int64_t M, int64_
     const T* wr = w + n * K;
     const float s = scales ? bf16_to_f32(scales[n]) : 1.f;
     for (int64_t m = m0; m < m0 + M; ++m) {
-      const float* x = a.x + m * a.ldx;
+      const float* x = a.x + m * a.K;
       float acc = 0.f;
       for (int64_t k = 0; k < K; ++k) acc += to_f32(wr[k]) * x[k];
       y[(m - m0) * ldy + n] = scales ? acc * s : acc;
@@ -120,9 +126,10 @@ static void rows_scalar(const T* w, const Acts& a, int64_t m0, int64_t M, int64_
   }
 }
 
+// Codes in the natural column order: prepare() permutes them only for the AVX2 path.
 static void rows_i4_scalar(const Weights& w, const Acts& a, int64_t m0, int64_t M, int64_t n0, int64_t n1, float* y,
                            int64_t ldy) {
-  const int64_t K = w.K, G = w.G, ng = K / G, N = w.N;
+  const int64_t K = w.K, G = w.G, ng = K / G;
   const uint8_t* base = static_cast<const uint8_t*>(w.data);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = base + n * (K / 2);
@@ -130,17 +137,9 @@ static void rows_i4_scalar(const Weights& w, const Acts& a, int64_t m0, int64_t 
       const int8_t* q = a.q.data() + m * K;
       float acc = 0.f;
       for (int64_t g = 0; g < ng; ++g) {
-        const float s = bf16_to_f32(w.aux[(g * N + n) * 2]), z = bf16_to_f32(w.aux[(g * N + n) * 2 + 1]);
+        const float s = w.scale(g, n), z = w.zero(g, n);
         int32_t dot = 0;
-        for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-          const int32_t code = (k & 1) ? (wr[k >> 1] >> 4) : (wr[k >> 1] & 15);
-          int64_t pos = k;
-          if (a.permuted) {
-            const int64_t b = k & ~int64_t(63), j = k & 63;
-            pos = b + (j & 1) * 32 + (j >> 1);
-          }
-          dot += code * int32_t(q[pos]);
-        }
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) dot += Weights::code(wr, k) * int32_t(q[k]);
         acc += float(dot) * (s * a.d[m * ng + g]) + (z - 8.f * s) * a.xsum[m * ng + g];
       }
       y[(m - m0) * ldy + n] = acc;
@@ -201,20 +200,20 @@ QK_AVX2 static void rows_avx2(const T* w, const Acts& a, int64_t m0, int64_t M, 
     const T* wr = w + n * K;
     const float s = scales ? bf16_to_f32(scales[n]) : 1.f;
     for (int64_t m = m0; m < m0 + M;) {  // blocks of 4 activation rows share each converted weight vector
-      const float* x = a.x + m * a.ldx;
+      const float* x = a.x + m * a.K;
       float* o = y + (m - m0) * ldy + n;
       const int64_t left = m0 + M - m;
       if (left >= 4) {
-        dot_row<T, 4, 2>(wr, x, a.ldx, K, o, ldy, s);
+        dot_row<T, 4, 2>(wr, x, a.K, K, o, ldy, s);
         m += 4;
       } else if (left == 3) {
-        dot_row<T, 3, 2>(wr, x, a.ldx, K, o, ldy, s);
+        dot_row<T, 3, 2>(wr, x, a.K, K, o, ldy, s);
         m += 3;
       } else if (left == 2) {
-        dot_row<T, 2, 2>(wr, x, a.ldx, K, o, ldy, s);
+        dot_row<T, 2, 2>(wr, x, a.K, K, o, ldy, s);
         m += 2;
       } else {
-        dot_row<T, 1, 4>(wr, x, a.ldx, K, o, ldy, s);
+        dot_row<T, 1, 4>(wr, x, a.K, K, o, ldy, s);
         m += 1;
       }
     }
@@ -225,7 +224,7 @@ QK_AVX2 static void rows_avx2(const T* w, const Acts& a, int64_t m0, int64_t M, 
 // layout): each 64-column chunk of a weight row is unpacked once and used MB times.
 template <int R, int MB>
 QK_AVX2 static void tile_i4(const Weights& w, int64_t n, const Acts& a, int64_t m, float* out, int64_t ldo) {
-  const int64_t K = w.K, G = w.G, ng = K / G, N = w.N;
+  const int64_t K = w.K, G = w.G, ng = K / G;
   const uint8_t* wr = static_cast<const uint8_t*>(w.data) + n * (K / 2);
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[R][MB];
@@ -257,7 +256,7 @@ QK_AVX2 static void tile_i4(const Weights& w, int64_t n, const Acts& a, int64_t 
       }
     }
     for (int r = 0; r < R; ++r) {
-      const float s = bf16_to_f32(w.aux[(g * N + n + r) * 2]), z = bf16_to_f32(w.aux[(g * N + n + r) * 2 + 1]);
+      const float s = w.scale(g, n + r), z = w.zero(g, n + r);
       for (int i = 0; i < MB; ++i) {
         acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][i]), _mm256_set1_ps(s * a.d[(m + i) * ng + g]),
                                     acc[r][i]);
@@ -407,11 +406,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   const int64_t M = xc.size(0), N = wv.N;
   at::Tensor y = at::empty({M, N}, xc.options());
   if (M == 0 || N == 0) return y;
-  Acts a;
-  a.x = xc.const_data_ptr<float>();
-  a.M = M;
-  a.K = wv.K;
-  a.ldx = wv.K;
+  Acts a(xc.const_data_ptr<float>(), M, wv.K);
   prepare(a, wv);
   float* out = y.data_ptr<float>();
   const int64_t rb = row_block(N), blocks = (N + rb - 1) / rb;
@@ -445,7 +440,8 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& weights, const at::Tensor&
   at::Tensor out = at::zeros({T, D}, xc.options());
   if (P == 0) return out;
   const int64_t* id = idc.const_data_ptr<int64_t>();
-  for (int64_t p = 0; p < P; ++p) TORCH_CHECK(id[p] >= 0 && id[p] < E, "qwen3next::moe: expert id ", id[p], " out of range");
+  for (int64_t p = 0; p < P; ++p)
+    TORCH_CHECK(id[p] >= 0 && id[p] < E, "qwen3next::moe: expert id ", id[p], " out of range");
 
   // pairs sorted by expert (counting sort, stable)
   std::vector<int64_t> count(E + 1, 0), order(P);
@@ -466,11 +462,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& weights, const at::Tensor&
 
   auto run = [&](const at::Tensor& wt, const c10::optional<at::Tensor>& aux, const float* in, int64_t K, float* o,
                  int64_t N) {
-    Acts a;
-    a.x = in;
-    a.M = P;
-    a.K = K;
-    a.ldx = K;
+    Acts a(in, P, K);
     const Weights w0 = view_of(wt, aux, fmt, group_size, 0, 1);
     prepare(a, w0);
     const int64_t rb = row_block(N), per = (N + rb - 1) / rb;
@@ -518,11 +510,8 @@ at::Tensor dequantize(const at::Tensor& w, const c10::optional<at::Tensor>& aux,
       } else {
         const uint8_t* q = static_cast<const uint8_t*>(wv.data) + n * (K / 2);
         for (int64_t g = 0; g < K / wv.G; ++g) {
-          const float s = bf16_to_f32(wv.aux[(g * N + n) * 2]), z = bf16_to_f32(wv.aux[(g * N + n) * 2 + 1]);
-          for (int64_t k = g * wv.G; k < (g + 1) * wv.G; ++k) {
-            const int32_t code = (k & 1) ? (q[k >> 1] >> 4) : (q[k >> 1] & 15);
-            row[k] = float(code - 8) * s + z;
-          }
+          const float s = wv.scale(g, n), z = wv.zero(g, n);
+          for (int64_t k = g * wv.G; k < (g + 1) * wv.G; ++k) row[k] = float(Weights::code(q, k) - 8) * s + z;
         }
       }
     }

@@ -58,13 +58,8 @@ def native_rows(x: torch.Tensor, K: int, fmt: int) -> bool:
 
 def uses_native(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The "native_linear" fast path: a few fp32 rows against a big fp32 or a bf16-stored weight (ops.dispatch)."""
-    if weight.dtype == torch.float32:
-        if weight.numel() < NATIVE_FP32_MIN_ELEMENTS:
-            return False
-        fmt = kernels.FMT_F32
-    elif weight.dtype == torch.bfloat16:
-        fmt = kernels.FMT_BF16
-    else:
+    fmt = kernels.FLOAT_FORMATS.get(weight.dtype)
+    if fmt is None or (fmt == kernels.FMT_F32 and weight.numel() < NATIVE_FP32_MIN_ELEMENTS):
         return False
     return (weight.dim() == 2 and weight.is_contiguous() and weight.device.type == "cpu"
             and x.shape[-1] == weight.shape[1] and native_rows(x, x.shape[-1], fmt))
@@ -74,7 +69,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear(x, weight, bias)`, through the native kernel or oneDNN where that is measured faster (see module
     docstring). A bf16-stored weight with fp32 activations computes in fp32."""
     if bias is None and uses_native(x, weight):
-        return kernels.linear(x, weight, None, kernels.FMT_F32 if weight.dtype == torch.float32 else kernels.FMT_BF16)
+        return kernels.linear(x, weight, None, kernels.FLOAT_FORMATS[weight.dtype])
     if weight.dtype != x.dtype and weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
         weight = weight.float()  # bf16 storage, fp32 compute (prefill sizes, or no native kernels)
     if bias is None and uses_onednn(x, weight):

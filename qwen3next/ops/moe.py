@@ -62,15 +62,13 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
     a few pairs gather their experts' weights into one bmm (`_experts_gathered`), more go through torch's grouped GEMM
     (`_experts_grouped_mm`). Their entries in `ops.dispatch` ("experts_gathered", "experts_grouped_mm") hold the
     threshold and the measurements."""
-    if fast_decode() and x.shape[0] <= threshold("native_moe") and gate_up_proj.dtype in _NATIVE_DTYPES \
+    if fast_decode() and x.shape[0] <= threshold("native_moe") and gate_up_proj.dtype in kernels.FLOAT_FORMATS \
             and gate_up_proj.is_contiguous() and down_proj.is_contiguous() and native_kernels(x):
-        fmt = kernels.FMT_F32 if gate_up_proj.dtype == torch.float32 else kernels.FMT_BF16
+        fmt = kernels.FLOAT_FORMATS[gate_up_proj.dtype]
         return kernels.moe(x, weights, ids, gate_up_proj, None, down_proj, None, fmt)
     if gate_up_proj.dtype != x.dtype:  # bf16-stored experts, fp32 compute: convert only the experts that are hit
-        if torch.compiler.is_compiling():  # sync-free: each pair's matrices gathered, then converted
-            flat_ids = ids.reshape(-1)
-            return swiglu_per_pair(x, weights, gate_up_proj.index_select(0, flat_ids).to(x.dtype).transpose(1, 2),
-                                   down_proj.index_select(0, flat_ids).to(x.dtype).transpose(1, 2))
+        if torch.compiler.is_compiling():  # sync-free: each pair's matrices gathered (and converted)
+            return _experts_gathered(x, weights, ids, gate_up_proj, down_proj)
         return grouped_swiglu(x, weights, ids, gate_up_proj.shape[0],
                               lambda s, e: F.linear(s, gate_up_proj[e].to(x.dtype)),
                               lambda h, e: F.linear(h, down_proj[e].to(x.dtype)))
@@ -85,17 +83,16 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
 
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _experts_gathered(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
                       down_proj: torch.Tensor) -> torch.Tensor:
     """Decode form: copy each pair's expert matrices together (`index_select` streams them at full memory
     bandwidth, where one small GEMV per expert does not) and run ONE batched matmul per projection. ~10 ops, no
-    host sync. x [N, D] -> [N, D]."""
+    host sync. Experts stored in another dtype (bf16 storage) are converted after the gather. x [N, D] -> [N, D]."""
     flat_ids = ids.reshape(-1)
-    return swiglu_per_pair(x, weights, gate_up_proj.index_select(0, flat_ids).transpose(1, 2),
-                           down_proj.index_select(0, flat_ids).transpose(1, 2))
+    return swiglu_per_pair(x, weights, gate_up_proj.index_select(0, flat_ids).to(x.dtype).transpose(1, 2),
+                           down_proj.index_select(0, flat_ids).to(x.dtype).transpose(1, 2))
 
 
 def swiglu_per_pair(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

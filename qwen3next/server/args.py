@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import DEFAULT_MODEL
+from ..argtypes import QUANTIZE_CHOICES
 from ..argtypes import port as _port
 from ..argtypes import positive_int as _positive_int
 
@@ -31,7 +32,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="context length (prompt + completion); default: the model's, at most 8192")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--quantize", choices=["int8", "int4", "bf16"], default=None,
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                              help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step before serving (faster steps; about a minute of "
