@@ -227,7 +227,8 @@ def test_bf16_storage_of_a_bf16_checkpoint_is_lossless():
 
 
 def test_bf16_storage_rejects_non_fp32_models():
-    with pytest.raises(ValueError, match="bf16 storage: expected a float32 model"):
+    with pytest.raises(ValueError, match=r"quantize: bf16 storage computes in fp32 and needs a float32 model "
+                                         r"\(--dtype float32\), got torch.bfloat16"):
         quantize_model(make_model("base", dtype=torch.bfloat16), 16)
 
 

@@ -117,7 +117,8 @@ def store_bf16(model: Qwen3NextForCausalLM) -> Qwen3NextForCausalLM:
     if model.config.quantization_config is not None:
         raise ValueError(f"model: already quantized ({model.config.quantization_config})")
     if model.dtype != torch.float32:
-        raise ValueError(f"bf16 storage: expected a float32 model (fp32 compute), got {model.dtype}")
+        raise ValueError(f"quantize: bf16 storage computes in fp32 and needs a float32 model (--dtype float32), "
+                         f"got {model.dtype}")
     keep = [p for p in HIGH_PRECISION if p != "lm_head" or model.config.tie_word_embeddings]
 
     def to_bf16(module: nn.Module, name: str) -> None:
