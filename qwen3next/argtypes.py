@@ -35,3 +35,21 @@ def port(s: str) -> int:
     if not 0 <= v <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {v}")
     return v
+
+
+def speculative_config(s: str):
+    """`--speculative-config JSON` (vLLM's flag) -> SpeculativeConfig."""
+    from .engine.speculative import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.parse(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_speculative_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                        help='speculative decoding with the model\'s MTP head, e.g. \'{"method": "mtp", '
+                             '"num_speculative_tokens": 2}\' (1-4 drafts per step; "adaptive": false keeps the '
+                             'draft length fixed instead of tuning it to the measured speed); exact: the output is '
+                             'distributed as without it, token for token for greedy and seeded requests')

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import DEFAULT_MODEL
-from .argtypes import QUANTIZE_CHOICES
+from .argtypes import QUANTIZE_CHOICES, add_speculative_arg
 from .argtypes import non_negative_float as _non_negative_float
 from .argtypes import positive_int as _positive_int
 
@@ -68,7 +68,8 @@ def _engine(args: argparse.Namespace):
 
     torch.set_num_threads(args.threads)
     return Engine(args.model, dtype=args.dtype, max_memory=args.max_memory, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, quantize=args.quantize, compile_decode=args.compile)
+                  max_num_seqs=args.max_num_seqs, quantize=args.quantize, compile_decode=args.compile,
+                  speculative_config=args.speculative_config)
 
 
 def _sampling(args: argparse.Namespace):
@@ -210,6 +211,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (faster steps; ~1 min of compiling at start; needs a C++ "
                         "compiler)")
+    add_speculative_arg(p)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

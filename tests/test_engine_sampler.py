@@ -197,10 +197,13 @@ def test_penalties_match_hand_computed_values():
     assert torch.allclose(out[0], torch.tensor([1.0, -3.0, 0.5, 0.75, -2.0]))
     assert torch.equal(out[1], logits[1])  # a row without penalties is untouched
     greedy = sample(logits[:1], SamplingBatch([SamplingParams(temperature=0, repetition_penalty=2.0,
-                                                              presence_penalty=0.5, frequency_penalty=0.25)],
+                                                              presence_penalty=0.5, frequency_penalty=0.25,
+                                                              logprobs=0)],
                                               None, [[0]], [[1, 1, 3]]))
     assert int(greedy.token_ids[0]) == 0  # 3 without penalties
     assert math.isclose(float(greedy.logprobs[0]), float(torch.log_softmax(logits[0], -1)[0]), rel_tol=1e-6)
+    # without a row asking for logprobs, none are computed
+    assert sample(logits[:1], SamplingBatch([SamplingParams(temperature=0)])).logprobs is None
 
 
 def test_negative_presence_penalty_encourages_and_prompt_does_not_count():
@@ -231,8 +234,8 @@ def test_allowed_mask_restricts_every_kind_of_row_and_logprobs_stay_raw():
     allowed[0, [3, 17]] = True
     allowed[1, 40:] = True
     allowed[2, logits[2].argmin()] = True  # the least likely token, forced
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.5, top_p=0.95),
-              SamplingParams(temperature=0.7, presence_penalty=1.0)]
+    params = [SamplingParams(temperature=0, logprobs=0), SamplingParams(temperature=1.5, top_p=0.95, logprobs=0),
+              SamplingParams(temperature=0.7, presence_penalty=1.0, logprobs=0)]
     raw = torch.log_softmax(logits, -1)
     for seed in range(30):
         gens = [torch.Generator().manual_seed(seed + 100 * i) for i in range(3)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -27,6 +28,7 @@ from .runner import ModelRunner, cache_geometry
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import FinishReason, Sequence
+from .speculative import DraftLengthPolicy, SpecStats, SpeculativeConfig
 
 __all__ = ["LLM", "CompletionOutput", "Engine", "RequestHandle", "RequestOutput", "StreamEvent"]
 
@@ -58,29 +60,40 @@ class Engine:
                  dtype: str | torch.dtype | None = "float32", device: str = "cpu", max_memory: int | str | None = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  chunked_prefill: bool = True, prefill_chunk_size: int = 512, block_size: int = 64,
-                 quantize: str | None = None, compile_decode: bool = False):
+                 quantize: str | None = None, compile_decode: bool = False,
+                 speculative_config: SpeculativeConfig | dict | str | None = None):
         """`compile_decode`: run decode steps through torch.compile (see engine/compiled.py);
-        the graphs are compiled here, before the engine takes requests (about a minute for small models)."""
+        the graphs are compiled here, before the engine takes requests (about a minute for small models).
+        `speculative_config`: `{"method": "mtp", "num_speculative_tokens": k}` drafts up to k tokens per step with
+        the model's MTP head and verifies them in one forward (engine/speculative.py); exact, adaptive by default."""
+        self.speculative = SpeculativeConfig.parse(speculative_config)
         self.model, self.tokenizer = _model_and_tokenizer(model, tokenizer, dtype, device, quantize)
         config = self.model.config
+        if self.speculative is not None and self.model.mtp is None:
+            raise ValueError("speculative_config: method 'mtp' needs the model's MTP head, but this model has no "
+                             "mtp.* weights (num_nextn_predict_layers = 0)")
         max_model_len = max_model_len or min(config.max_position_embeddings, 8192)
         if max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len: {max_model_len} exceeds the model's max_position_embeddings "
                              f"({config.max_position_embeddings})")
-        self.plan: CachePlan = engine_cache_plan(cache_geometry(self.model, block_size), max_memory,
-                                                 self.model.device, max_num_seqs, max_model_len)
+        spec_k = self.speculative.num_speculative_tokens if self.speculative is not None else 0
+        self.plan: CachePlan = engine_cache_plan(cache_geometry(self.model, block_size, include_mtp=spec_k > 0),
+                                                 max_memory, self.model.device, max_num_seqs, max_model_len)
         sched_config = SchedulerConfig(max_num_seqs=min(max_num_seqs, self.plan.num_slots),
                                        max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
                                        max_model_len=max_model_len, chunked_prefill=chunked_prefill,
                                        prefill_chunk_size=prefill_chunk_size,
-                                       eos_token_ids=tuple(self.tokenizer.eos_token_ids))
+                                       eos_token_ids=tuple(self.tokenizer.eos_token_ids),
+                                       num_speculative_tokens=spec_k)
         self.block_manager = BlockManager.from_plan(self.plan)
-        self.scheduler = Scheduler(sched_config, self.block_manager)
-        self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode)
+        policy = DraftLengthPolicy(spec_k, self.speculative.adaptive) if spec_k else None
+        self.scheduler = Scheduler(sched_config, self.block_manager, policy)
+        self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode, speculative=spec_k > 0)
         self.requests: dict[str, RequestState] = {}
         self._seq_to_sample: dict[int, tuple[RequestState, SampleState]] = {}
         self._ids = itertools.count()
         self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "preemptions": 0}
+        self.spec_stats = SpecStats()
 
     @property
     def max_model_len(self) -> int:
@@ -142,26 +155,38 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return False
+        started = time.perf_counter()
         out = self.runner.execute(batch)
         sampled = batch.sampled_seqs
-        tokens = out.token_ids.tolist() if out is not None else []
-        self.scheduler.update(batch, tokens)
+        before = [seq.num_output_tokens for seq in sampled]
+        self.scheduler.update(batch, out.tokens if out is not None else [])
+        policy = self.scheduler.draft_policy
+        if policy is not None and (batch.is_decode_only or batch.has_drafts):
+            policy.record_step(len(batch), batch.num_drafts, time.perf_counter() - started)
         self.stats["steps"] += 1
         self.stats["preemptions"] = self.scheduler.num_preemptions
         for j, seq in enumerate(sampled):
+            if out.num_drafts[j]:
+                self.spec_stats.record(out.num_drafts[j], out.num_accepted[j])
+                policy.record_acceptance(out.num_drafts[j], out.num_accepted[j])
+            if out.drafts and not seq.is_finished:
+                seq.draft_token_ids = out.drafts[j]
             entry = self._seq_to_sample.get(id(seq))
             if entry is None:
                 continue
             req, s = entry
-            if s.out.finish_reason is not None:
-                continue  # aborted meanwhile
-            self._accept_token(req, s, tokens[j], out, j)
+            s.record_verification(out.num_drafts[j], out.num_accepted[j])
+            # the tokens the scheduler appended (a stop rule may have cut the run)
+            for token, row in zip(seq.output_token_ids[before[j]:], out.rows[j]):
+                if s.out.finish_reason is not None:
+                    break  # aborted meanwhile, or a stop string ended it
+                self._accept_token(req, s, token, out.sampled, row)
         return True
 
-    def _accept_token(self, req: RequestState, s: SampleState, token: int, out, j: int) -> None:
+    def _accept_token(self, req: RequestState, s: SampleState, token: int, sampled, row: int) -> None:
         self.stats["generation_tokens"] += 1
         top_n = s.seq.params.logprobs
-        reason = s.add_token(token, logprob_entry(out, j, token, top_n) if top_n is not None else None)
+        reason = s.add_token(token, logprob_entry(sampled, row, token, top_n) if top_n is not None else None)
         if reason is None:
             req.emit(s)
             return
@@ -301,9 +326,17 @@ class LLM:
         """Counters and pool usage (read without stopping the engine; values may be one step apart)."""
         engine = self.engine
         bm = engine.block_manager
-        return {**engine.stats, "running": engine.scheduler.num_running, "waiting": engine.scheduler.num_waiting,
-                "free_blocks": bm.num_free_blocks, "total_blocks": engine.plan.num_blocks,
-                "free_slots": bm.num_free_slots, "total_slots": engine.plan.num_slots}
+        out = {**engine.stats, "running": engine.scheduler.num_running, "waiting": engine.scheduler.num_waiting,
+               "free_blocks": bm.num_free_blocks, "total_blocks": engine.plan.num_blocks,
+               "free_slots": bm.num_free_slots, "total_slots": engine.plan.num_slots}
+        if engine.speculative is not None:
+            spec, policy = engine.spec_stats, engine.scheduler.draft_policy
+            out.update(spec_drafts=spec.num_drafts, spec_draft_tokens=spec.num_draft_tokens,
+                       spec_accepted_tokens=spec.num_accepted_tokens, spec_emitted_tokens=spec.num_emitted_tokens,
+                       spec_mean_accepted_length=spec.mean_accepted_length,
+                       spec_accepted_per_position=list(spec.accepted_per_position[:policy.max_k]),
+                       spec_draft_length=policy.last_choice)
+        return out
 
 
 class RequestHandle:

@@ -25,6 +25,13 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[dict] | None = None  # per token: {"token_id", "logprob", "top": [(id, logprob), ...]}
     stop_reason: str | int | None = None  # the stop string or token that ended it
+    num_draft_tokens: int = 0  # speculative decoding: MTP drafts verified for this sample
+    num_accepted_tokens: int = 0  # ... and accepted
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted tokens (None without speculative decoding)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
 
 
 @dataclass
@@ -45,6 +52,12 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Speculative decoding: accepted / drafted tokens over all samples (None when nothing was drafted)."""
+        drafted = sum(o.num_draft_tokens for o in self.outputs)
+        return sum(o.num_accepted_tokens for o in self.outputs) / drafted if drafted else None
 
     @property
     def usage(self) -> dict[str, int]:
@@ -87,17 +100,23 @@ class SampleState:
         self.emitted = 0  # characters of out.text already streamed
         self.emitted_tokens = 0
 
+    def record_verification(self, num_drafts: int, num_accepted: int) -> None:
+        self.out.num_draft_tokens += num_drafts
+        self.out.num_accepted_tokens += num_accepted
+
     def add_token(self, token: int, logprob: dict | None) -> str | None:
-        """Add the token the scheduler has just appended to the sequence (with its logprobs record when the
+        """Add the next of the tokens the scheduler has appended to the sequence (with its logprobs record when the
         request asked for logprobs). Returns the finish reason when the sample ends here, else None."""
         seq, out = self.seq, self.out
-        finished_by_token = seq.is_finished and seq.finish_reason == FinishReason.STOP
         out.token_ids.append(token)
+        # A speculative step appends several tokens; only the sequence's last one can have finished it.
+        ended = seq.is_finished and len(out.token_ids) == seq.num_output_tokens
+        finished_by_token = ended and seq.finish_reason == FinishReason.STOP
         if out.logprobs is not None:
             out.logprobs.append(logprob)
         if not finished_by_token:  # the text of an EOS / stop token is not part of the output
             self.full_text += self.detok.push(token)
-        if seq.is_finished:
+        if ended:
             self.full_text += self.detok.flush()
         stop_at = StopRules.by_text(self.full_text, seq.params.stop, len(out.text))
         if stop_at is not None:
@@ -105,7 +124,7 @@ class SampleState:
             out.text = self.full_text[:pos]
             return FinishReason.STOP.value
         out.text = self.full_text
-        if not seq.is_finished:
+        if not ended:
             return None
         if finished_by_token:
             out.stop_reason = token

@@ -1,34 +1,59 @@
 """The one place the engine touches tensors: owns the model, the hybrid cache and the compiled decoder, and runs
-a scheduled batch: slot operations, one forward, one sampling batch."""
+a scheduled batch: slot operations, one forward, one sampling batch; with speculative decoding also the
+verification of the drafts, the commit of the accepted states and the MTP head's next drafts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from ..model.batch import BatchInfo
+from ..model.batch import BatchInfo, ForwardContext
 from ..model.cache import HybridCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from .memory import CacheGeometry, CachePlan
 from .sampler import SampleOutput, SamplingBatch, sample
 from .scheduler import ScheduledBatch
+from .speculative import accepted_run
 
 
-def cache_geometry(model: Qwen3NextForCausalLM, block_size: int) -> CacheGeometry:
-    """Bytes per KV token and per DeltaNet state slot, as `HybridCache` will allocate them for this model."""
-    layout = model.cache_layout(include_mtp=False)
+def cache_geometry(model: Qwen3NextForCausalLM, block_size: int, include_mtp: bool = False) -> CacheGeometry:
+    """Bytes per KV token and per DeltaNet state slot, as `HybridCache` will allocate them for this model (with the
+    MTP layer's K/V when `include_mtp`)."""
+    layout = model.cache_layout(include_mtp=include_mtp)
     elem = torch.empty((), dtype=model.dtype).element_size()
     return CacheGeometry(kv_bytes_per_token=layout.kv_bytes_per_token(elem),
                          state_bytes_per_slot=layout.state_bytes_per_slot(elem, 4), block_size=block_size)
 
 
+@dataclass
+class StepOutput:
+    """What one step produced for each entry of `batch.sample_indices`, in that order.
+
+    tokens[j]: the tokens to append (one, or a verification's accepted drafts plus one); rows[j]: the row of
+    `sampled` each of them was sampled at (for logprobs); num_drafts[j] / num_accepted[j]: the verification's
+    drafts and how many were accepted; drafts[j]: the MTP head's proposals for the next step (empty without
+    speculative decoding)."""
+
+    sampled: SampleOutput
+    tokens: list[list[int]]
+    rows: list[list[int]]
+    num_drafts: list[int]
+    num_accepted: list[int]
+    drafts: list[list[int]] = field(default_factory=list)
+
+
 class ModelRunner:
-    def __init__(self, model: Qwen3NextForCausalLM, plan: CachePlan, compile_decode: bool = False):
+    def __init__(self, model: Qwen3NextForCausalLM, plan: CachePlan, compile_decode: bool = False,
+                 speculative: bool = False):
         """`compile_decode`: run decode steps through a torch.compile'd decoder (see engine/compiled.py), compiled
-        here on this cache before any request (raises CompileDecodeError when this machine cannot compile)."""
+        here on this cache before any request (raises CompileDecodeError when this machine cannot compile).
+        `speculative`: MTP speculative decoding (the cache then holds the MTP layer's K/V too)."""
         self.model = model
+        self.speculative = speculative
         self.cache = HybridCache(model.config, num_slots=plan.num_slots, num_blocks=plan.num_blocks,
                                  block_size=plan.block_size, dtype=model.dtype, device=model.device,
-                                 layout=model.cache_layout(include_mtp=False))
+                                 layout=model.cache_layout(include_mtp=speculative))
         self.compiled = None
         if compile_decode:
             from .compiled import CompiledDecoder
@@ -38,20 +63,101 @@ class ModelRunner:
             self.compiled = compiled
 
     @torch.no_grad()
-    def execute(self, batch: ScheduledBatch) -> SampleOutput | None:
-        """One forward over the scheduled tokens; samples a token for every entry that needs one."""
+    def execute(self, batch: ScheduledBatch) -> StepOutput | None:
+        """One forward over the scheduled tokens; samples a token for every entry that needs one (or verifies its
+        drafts), then, with speculative decoding, runs the MTP head over the step's tokens and drafts."""
         model = self.model
         for op in batch.slot_ops:
             op.apply(self.cache)
         info = BatchInfo(batch.num_new_tokens, batch.context_lens, batch.slots, batch.block_tables,
-                         positions=batch.positions, kv_write_rows=batch.kv_write_indices)
+                         positions=batch.positions, kv_write_rows=batch.kv_write_indices,
+                         capture_states=batch.has_drafts)
         tokens = torch.tensor(batch.input_ids, dtype=torch.long, device=model.device)
+        ctx = None
         if self.compiled is not None and self.compiled.handles(info):
             hidden = self.compiled.hidden_states(tokens, info, self.cache)
         else:
-            hidden = model.hidden_states(tokens, model.context(info, self.cache))
-        if not batch.logits_indices:
-            return None
+            ctx = model.context(info, self.cache)
+            hidden = model.hidden_states(tokens, ctx)
+        out = self._sample(batch, hidden) if batch.logits_indices else None
+        if ctx is not None and ctx.captures_states:
+            accepted = iter(out.num_accepted)
+            ctx.commit_captured([1 + next(accepted) if e.needs_sample else e.num_new_tokens for e in batch.entries])
+        if self.speculative and (batch.num_lookahead > 0 or not batch.is_decode_only):
+            drafts = self._mtp(batch, info, ctx, tokens, hidden, out)
+            if out is not None:
+                out.drafts = drafts
+        return out
+
+    def _sample(self, batch: ScheduledBatch, hidden: torch.Tensor) -> StepOutput:
+        """Target logits at every sampled row; the sampled token of plain entries, the accepted run of entries
+        with drafts (each position sampled as plain decoding would, assuming the drafts before it accepted)."""
+        model = self.model
         idx = torch.tensor(batch.logits_indices, dtype=torch.long, device=model.device)
         logits = model.lm_head(hidden.index_select(0, idx)).float()
-        return sample(logits, SamplingBatch.for_sequences(batch.sampled_seqs, logits.device))
+        seqs, drafts = batch.sampled_seqs, [batch.entries[i].draft_token_ids for i in batch.sample_indices]
+        if not batch.has_drafts:
+            sampled = sample(logits, SamplingBatch.for_sequences(seqs, logits.device))
+            tokens = sampled.token_ids.tolist()
+            return StepOutput(sampled, [[t] for t in tokens], [[j] for j in range(len(tokens))], [0] * len(tokens),
+                              [0] * len(tokens))
+        sampled = sample(logits, SamplingBatch.for_verification(seqs, drafts, logits.device))
+        targets = sampled.token_ids.tolist()
+        runs, rows, start = [], [], 0
+        for d in drafts:
+            run = accepted_run(d, targets[start:start + len(d) + 1])
+            runs.append(run)
+            rows.append(list(range(start, start + len(run))))
+            start += len(d) + 1
+        return StepOutput(sampled, runs, rows, [len(d) for d in drafts], [len(r) - 1 for r in runs])
+
+    def _mtp(self, batch: ScheduledBatch, info: BatchInfo, ctx: ForwardContext | None, tokens: torch.Tensor,
+             hidden: torch.Tensor, out: StepOutput | None) -> list[list[int]]:
+        """The MTP head over this step's positions (main hidden state at t, the token at t + 1: the next fed
+        token, the next known prompt token, or the token this step emitted), writing its own K/V there; then, for
+        every sampled entry, `num_lookahead` greedy drafts from its last kept position."""
+        model = self.model
+        nxt = list(batch.input_ids[1:]) + [0]
+        last_kept, runs = [], iter(out.tokens if out is not None else ())
+        for b, e in enumerate(batch.entries):
+            start = batch.query_start_loc[b]
+            if e.needs_sample:
+                run = next(runs)
+                kept = start + e.num_new_tokens - e.num_drafts + len(run) - 2  # flat index of the last kept token
+                nxt[kept] = run[-1]
+                last_kept.append(kept)
+            else:
+                nxt[start + e.num_new_tokens - 1] = batch.next_token_ids[b]
+        if ctx is None:  # the compiled step built its own context
+            ctx = model.context(info, self.cache)
+        h = model.mtp_hidden(hidden, torch.tensor(nxt, dtype=torch.long, device=hidden.device), ctx)
+        K = batch.num_lookahead
+        if K == 0 or not last_kept:
+            return [[] for _ in last_kept]
+        h = h.index_select(0, torch.tensor(last_kept, dtype=torch.long, device=h.device))
+        draft = model.lm_head(h).argmax(-1)
+        drafts = [[t] for t in draft.tolist()]
+        # Recursive drafting: the head's own hidden state and its last draft, one position further each time, as
+        # long as the sequence's blocks hold the position (the scheduler allocates them ahead when it can; once a
+        # position is past them, so are the later ones).
+        entries = [batch.entries[i] for i in batch.sample_indices]
+        pos = [batch.positions[k] for k in last_kept]
+        bs = self.cache.block_size
+        for j in range(1, K):
+            live = [i for i, e in enumerate(entries) if pos[i] + j < len(e.seq.block_table) * bs]
+            if not live:
+                break
+            sel = torch.tensor(live, dtype=torch.long, device=h.device)
+            step = BatchInfo([1] * len(live), [pos[i] + j for i in live], [entries[i].seq.slot for i in live],
+                             [list(entries[i].seq.block_table) for i in live])
+            full = len(live) == len(entries)
+            h_live = model.mtp_hidden(h if full else h[sel], draft if full else draft[sel],
+                                      model.context(step, self.cache))
+            d_live = model.lm_head(h_live).argmax(-1)
+            if full:
+                h, draft = h_live, d_live
+            else:
+                h, draft = h.index_copy(0, sel, h_live), draft.index_copy(0, sel, d_live)
+            for i, t in zip(live, d_live.tolist()):
+                drafts[i].append(t)
+        return drafts

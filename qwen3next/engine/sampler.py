@@ -23,12 +23,13 @@ from .sequence import Sequence
 
 @dataclass
 class SampleOutput:
-    """token_ids [B] int64; logprobs [B] float32 of the chosen tokens; top_token_ids / top_logprobs [B, N]
+    """token_ids [B] int64; logprobs [B] float32 of the chosen tokens (None when no row asked for logprobs);
+    top_token_ids / top_logprobs [B, N]
     with N = the largest `logprobs` asked for in the batch (None when no row asked; rows asking for fewer
     use a prefix)."""
 
     token_ids: torch.Tensor
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor | None
     top_token_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
 
@@ -64,6 +65,29 @@ class SamplingBatch:
         return cls(params, generators, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs])
 
 
+    @classmethod
+    def for_verification(cls, seqs: SequenceLike[Sequence], drafts: SequenceLike[SequenceLike[int]],
+                         device: torch.device | str) -> SamplingBatch:
+        """The batch of a speculative verification: sequence i owns 1 + len(drafts[i]) consecutive rows, row j
+        sampling the token j positions ahead exactly as plain decoding would once drafts[i][:j] were emitted (its
+        seed for that position; its output history extended by those drafts for the penalties)."""
+        params, generators, prompts, outputs = [], [], [], []
+        for s, d in zip(seqs, drafts):
+            for j in range(len(d) + 1):
+                seed = s.sampling_seed(j)
+                generators.append(None if seed is None else torch.Generator(device=device).manual_seed(seed))
+                params.append(s.params)
+                if s.params.has_penalties:
+                    prompts.append(s.prompt_token_ids)
+                    outputs.append(s.output_token_ids + list(d[:j]))
+                else:
+                    prompts.append(())
+                    outputs.append(())
+        if not any(p.has_penalties for p in params):
+            return cls(params, generators)
+        return cls(params, generators, prompts, outputs)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     """Pick one token per row of `logits` [B, V]."""
     if logits.dim() != 2:
@@ -75,8 +99,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
         raise ValueError(f"got {len(params)} SamplingParams for {B} logits rows")
     if generators is not None and len(generators) != B:
         raise ValueError(f"got {len(generators)} generators for {B} logits rows")
-    logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    logits = batch_logits = logits.float()
     if batch.allowed is not None:
         logits = apply_allowed(logits, batch.allowed)
 
@@ -100,6 +123,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
         sub_gens = None if generators is None else [generators[i] for i in random_rows]
         token_ids[rows] = draw(probs, sub_gens)
 
+    if all(p.logprobs is None for p in params):  # nobody reads them: skip the log_softmax over the vocabulary
+        return SampleOutput(token_ids, None)
+    raw_logprobs = torch.log_softmax(batch_logits, dim=-1)  # [B, V]
     chosen = raw_logprobs.gather(1, token_ids[:, None])[:, 0]
     num_top = min(V, max((p.logprobs or 0) for p in params))
     if num_top == 0:

@@ -8,18 +8,24 @@ Every step is one forward over a flat batch that mixes decodes (1 token each) an
 3. waiting sequences are admitted in order while tokens, blocks, slots and `max_num_seqs` allow.
 The oldest running sequence is preempted only when it is the last one; since `add` refuses requests bigger
 than the whole pool, it then always fits, so every step makes progress.
+
+With speculative decoding (speculative.py), a step in which every entry is a decode gets drafts afterwards: each
+sequence feeds its last token plus up to k drafts (k from the `DraftLengthPolicy`), with blocks allocated for the
+positions the MTP head drafts at (`num_lookahead`). Drafts only use blocks and budget left after the plain
+schedule, so they never preempt or delay anyone; steps with a prefill chunk decode without drafts.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence as SequenceLike
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..model.layout import paged_row
 from .block_manager import BlockManager
 from .sequence import FinishReason, Sequence, SequenceStatus
 from .slot_ops import SlotOp, ZeroSlots
+from .speculative import DraftLengthPolicy
 from .stopping import StopRules
 
 
@@ -34,6 +40,7 @@ class SchedulerConfig:
     chunked_prefill: bool = True
     prefill_chunk_size: int = 512
     eos_token_ids: tuple[int, ...] = ()
+    num_speculative_tokens: int = 0  # most drafts per sequence and step (0: no speculative decoding)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "prefill_chunk_size"):
@@ -57,6 +64,11 @@ class ScheduledEntry:
     context_len: int  # tokens already cached before this step
     is_fresh_slot: bool  # the slot was just assigned: the batch's slot_ops zero its DeltaNet state first
     needs_sample: bool  # the last fed token is the last known token, so its logits give the next token
+    draft_token_ids: tuple[int, ...] = ()  # fed after the last known token, verified against the target's samples
+
+    @property
+    def num_drafts(self) -> int:
+        return len(self.draft_token_ids)
 
 
 class ScheduledBatch:
@@ -66,11 +78,15 @@ class ScheduledBatch:
     `[num_blocks * block_size]` that the token's K/V goes to); the runner's `BatchInfo` takes positions and rows
     from here. Per sequence (B = len(entries)): `num_new_tokens`, `context_lens`, `slots`, `block_tables`
     (snapshots taken at schedule time), `query_start_loc` ([B + 1] offsets into the flat tokens). Sampling:
-    `sample_indices` (entry positions that need a token, in order) and `logits_indices` (flat index of each of their
-    last tokens). `slot_ops`: operations on whole state slots that the runner applies, in order, before the forward.
+    `sample_indices` (entry positions that need a token, in order), `logits_indices` (flat index of each of their
+    last tokens, or of every fed token of an entry with drafts) and `num_logits` (how many of those rows each
+    sampled entry owns: 1 + its drafts). `next_token_ids` (per entry): the known token after its last fed one (a
+    prompt chunk that is not the last), None where that token is sampled in this step. `num_lookahead`: how many
+    drafts the MTP head proposes for the next step (0: none). `slot_ops`: operations on whole state slots that the
+    runner applies, in order, before the forward.
     """
 
-    def __init__(self, entries: list[ScheduledEntry], block_size: int):
+    def __init__(self, entries: list[ScheduledEntry], block_size: int, num_lookahead: int = 0):
         self.entries = entries
         self.block_size = block_size
         self.input_ids: list[int] = []
@@ -79,18 +95,24 @@ class ScheduledBatch:
         self.query_start_loc: list[int] = [0]
         self.sample_indices: list[int] = []
         self.logits_indices: list[int] = []
+        self.num_logits: list[int] = []
         self.block_tables: list[list[int]] = []
+        self.next_token_ids: list[int | None] = []
+        self.num_lookahead = num_lookahead
         for i, e in enumerate(entries):
             start, stop = e.context_len, e.context_len + e.num_new_tokens
             table = list(e.seq.block_table)
             self.block_tables.append(table)
-            self.input_ids += e.seq.token_ids_between(start, stop)
+            known = stop - e.num_drafts
+            self.input_ids += e.seq.token_ids_between(start, known) + list(e.draft_token_ids)
             self.positions += range(start, stop)
             self.kv_write_indices += [paged_row(table, p, block_size) for p in range(start, stop)]
             self.query_start_loc.append(self.query_start_loc[-1] + e.num_new_tokens)
+            self.next_token_ids.append(None if e.needs_sample else e.seq.token_ids_between(stop, stop + 1)[0])
             if e.needs_sample:
                 self.sample_indices.append(i)
-                self.logits_indices.append(self.query_start_loc[-1] - 1)
+                self.num_logits.append(1 + e.num_drafts)
+                self.logits_indices += range(self.query_start_loc[-1] - 1 - e.num_drafts, self.query_start_loc[-1])
         self.num_new_tokens = [e.num_new_tokens for e in entries]
         self.context_lens = [e.context_len for e in entries]
         self.slots: list[int] = [e.seq.slot for e in entries]
@@ -121,11 +143,23 @@ class ScheduledBatch:
     def is_decode_only(self) -> bool:
         return all(n == 1 for n in self.num_new_tokens)
 
+    @property
+    def has_drafts(self) -> bool:
+        return any(e.draft_token_ids for e in self.entries)
+
+    @property
+    def num_drafts(self) -> int:
+        """The most drafts of any entry (the step's draft length)."""
+        return max((e.num_drafts for e in self.entries), default=0)
+
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 draft_policy: DraftLengthPolicy | None = None):
         self.config = config
         self.block_manager = block_manager
+        k = config.num_speculative_tokens
+        self.draft_policy = draft_policy or (DraftLengthPolicy(k) if k else None)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order, oldest first
         self._live: dict[str, Sequence] = {}
@@ -204,7 +238,35 @@ class Scheduler:
         if not entries:
             assert not self.has_unfinished(), "scheduler made no progress with work queued"
             return None
-        return ScheduledBatch(entries, self.block_manager.block_size)
+        lookahead = 0
+        if self.draft_policy is not None:
+            lookahead = self.draft_policy.choose(len(entries))
+            if lookahead and all(e.num_new_tokens == 1 and e.needs_sample for e in entries):
+                entries = self._add_drafts(entries, lookahead, cfg.max_num_batched_tokens)
+        return ScheduledBatch(entries, self.block_manager.block_size, lookahead)
+
+    def _add_drafts(self, entries: list[ScheduledEntry], k: int, budget: int) -> list[ScheduledEntry]:
+        """Give decode entries up to `k` of their sequence's drafts, within the token budget and the free blocks
+        (for the verified positions and the k - 1 the MTP head drafts at after them), never past max_tokens or
+        max_model_len."""
+        bm, max_len = self.block_manager, self.config.max_model_len
+        budget -= len(entries)
+        out = []
+        for e in entries:
+            seq = e.seq
+            room = min(seq.params.max_tokens - seq.num_output_tokens, max_len - seq.num_tokens) - 1
+            n = min(k, len(seq.draft_token_ids), room, budget)
+            if n > 0:
+                # blocks for the verified positions, then as many lookahead positions as fit (max_model_len)
+                ahead = min(k - 1, max_len - 1 - (seq.num_computed_tokens + 1 + n))
+                for extra in (max(ahead, 0), 0):
+                    if bm.can_allocate(seq, 1 + n + extra):
+                        bm.allocate(seq, 1 + n + extra)
+                        e = replace(e, num_new_tokens=1 + n, draft_token_ids=tuple(seq.draft_token_ids[:n]))
+                        budget -= n
+                        break
+            out.append(e)
+        return out
 
     def _schedule_running(self, budget: int, chunk_cap: int) -> tuple[list[ScheduledEntry], int, bool]:
         """Entries for the running sequences, oldest first, preempting the newest when blocks run out.
@@ -265,28 +327,38 @@ class Scheduler:
         """Account for a finished forward: advance cached counts, append the sampled tokens, finish sequences
         that a token rule of `StopRules` ends (EOS / stop token, max_tokens / max_model_len).
 
-        `sampled_token_ids` holds one token per entry in `batch.sample_indices`, in that order. Sequences
-        finished meanwhile (aborted, stop string) are skipped. Returns the sequences that finished in this call.
+        `sampled_token_ids` holds, per entry in `batch.sample_indices` (in that order), the token sampled for it,
+        or the list of tokens its verification emitted (its accepted drafts, then one sampled token: 1 to
+        1 + num_drafts tokens). The tokens are appended one by one; a stop rule ends the sequence at once and the rest
+        of its run is dropped. The rejected drafts' positions are uncomputed again. Sequences finished meanwhile
+        (aborted, stop string) are skipped. Returns the sequences that finished in this call.
         """
         if len(sampled_token_ids) != len(batch.sample_indices):
             raise ValueError(f"expected {len(batch.sample_indices)} sampled tokens (one per entry that needs a "
                              f"sample), got {len(sampled_token_ids)}")
-        tokens = iter(sampled_token_ids)
+        runs = iter(sampled_token_ids)
         finished: list[Sequence] = []
         for e in batch.entries:
-            token = int(next(tokens)) if e.needs_sample else None
+            run = next(runs) if e.needs_sample else None
+            if run is not None:
+                run = [int(t) for t in run] if isinstance(run, (list, tuple)) else [int(run)]
+                if not 1 <= len(run) <= 1 + e.num_drafts:
+                    raise ValueError(f"{e.seq.request_id}: expected 1 to {1 + e.num_drafts} tokens, got {len(run)}")
             seq = e.seq
             if seq.is_finished:
                 continue
             assert seq.num_computed_tokens == e.context_len, "batch applied twice or out of order"
-            seq.num_computed_tokens += e.num_new_tokens
-            if token is None:
+            kept = e.num_new_tokens if run is None else e.num_new_tokens - e.num_drafts + len(run) - 1
+            seq.num_computed_tokens += kept
+            if run is None:
                 continue
-            seq.output_token_ids.append(token)
-            reason = self.stop_rules.by_token(seq)
-            if reason is not None:
-                self.finish(seq, reason)
-                finished.append(seq)
+            for token in run:
+                seq.output_token_ids.append(token)
+                reason = self.stop_rules.by_token(seq)
+                if reason is not None:
+                    self.finish(seq, reason)
+                    finished.append(seq)
+                    break
         return finished
 
     # ---- helpers ----------------------------------------------------------------------------------------------
@@ -300,6 +372,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.PREEMPTED
         seq.num_preemptions += 1
         self.num_preemptions += 1

@@ -46,6 +46,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.slot: int | None = None
+        self.draft_token_ids: list[int] = []  # proposed by the MTP head for the next step (speculative decoding)
         self.arrival = -1  # order of add() in the scheduler
         self.num_preemptions = 0
         # Base of the per-token seeds; the n samples of one request must not draw the same numbers.
@@ -98,16 +99,18 @@ class Sequence:
             return self.output_token_ids[start - p:stop - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[:stop - p]
 
-    def sampling_seed(self) -> int | None:
-        """Seed for the generator that draws the next token; None when the request is unseeded.
+    def sampling_seed(self, ahead: int = 0) -> int | None:
+        """Seed for the generator that draws the next token (or, with `ahead`, the token that many positions after
+        it: speculative verification samples several positions at once); None when the request is unseeded.
 
-        It depends only on (params.seed, sample_index, number of tokens generated so far), so a seeded
-        sequence samples the same tokens whatever it is batched with and even after preemption.
+        It depends only on (params.seed, sample_index, number of tokens generated before it), so a seeded
+        sequence samples the same tokens whatever it is batched with, after preemption, and with or without
+        speculative decoding.
         """
         if self.base_seed is None:
             return None
         # Keep it in [0, 2**63) so torch.Generator.manual_seed accepts it on every backend.
-        return _mix64(self.base_seed + self.num_output_tokens) >> 1
+        return _mix64(self.base_seed + self.num_output_tokens + ahead) >> 1
 
 
 def _mix64(x: int) -> int:

@@ -8,6 +8,11 @@ The model always runs on a flat "varlen" batch: B sequences, sequence i contribu
 - `tokens` (`TokenLayout`): positions, the padded layout, and the mask of a batch without cache;
 - `state` (`SlotAccess`): the DeltaNet state slots, read and committed through `StateRows`;
 - `kv` (`KVAccess`): the paged K/V rows written and read by the attention layers.
+
+Speculative verification (`BatchInfo.capture_states`): the DeltaNet layers then keep their state after EVERY new
+token instead of committing the last one (`ForwardContext.captured`), and the caller commits, per sequence, the
+state after the last token it keeps (`ForwardContext.commit_captured`): exact rollback of rejected drafts without
+re-running anything.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class BatchInfo:
     block_tables: list[list[int]] | None = None
     positions: list[int] | None = None
     kv_write_rows: list[int] | None = None
+    capture_states: bool = False  # keep every token's DeltaNet state; commit later with commit_captured()
     # ---- derived by prepare() ----
     tokens: TokenLayout = field(default=None, repr=False)
     state: SlotAccess | None = field(default=None, repr=False)
@@ -88,12 +94,34 @@ class ForwardContext:
     sin: torch.Tensor
     cache: HybridCache | None = None
     router_logits: list[torch.Tensor] | None = None  # filled by MoE layers when not None (training aux loss)
+    # (layer key, pool name) -> [B, T, *state shape]: the state after each new token (batch.capture_states)
+    captured: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
     def state(self, key: str, name: str) -> StateRows | None:
         """The batch's rows of layer `key`'s state pool `name` (None without a cache)."""
         if self.cache is None:
             return None
         return self.batch.state.rows(self.cache.state[key][name])
+
+    @property
+    def captures_states(self) -> bool:
+        return self.cache is not None and self.batch.capture_states
+
+    def commit_captured(self, keep: list[int]) -> None:
+        """After a forward with `capture_states`: store, for each sequence b, its state after its first `keep[b]`
+        new tokens (1 <= keep[b] <= seq_lens[b]) in its slot of every DeltaNet pool."""
+        if not self.captures_states:
+            raise RuntimeError("commit_captured(): the forward did not capture states (BatchInfo.capture_states)")
+        lens = self.batch.seq_lens
+        if len(keep) != len(lens) or any(not 1 <= n <= m for n, m in zip(keep, lens)):
+            raise ValueError(f"keep: expected 1 <= keep[b] <= seq_lens[b] for {lens}, got {keep}")
+        if not self.captured:
+            return
+        any_states = next(iter(self.captured.values()))
+        rows = torch.arange(len(keep), device=any_states.device)
+        last = torch.tensor(keep, dtype=torch.long, device=any_states.device) - 1
+        for (key, name), states in self.captured.items():
+            self.state(key, name).commit(states[rows, last])
 
 
 class TokenLayout:

@@ -28,6 +28,14 @@ from .linear import Linear
 from .norm import GatedRMSNorm
 
 
+def conv_states_per_token(state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The conv state after each of T new input frames: state [B, C, W-1] (oldest first), x [B, T, C] ->
+    [B, T, C, W-1], entry t holding the last W-1 frames of [state, x[:, :t + 1]] in the state's dtype."""
+    width = state.shape[-1]
+    frames = torch.cat([state, x.to(state.dtype).transpose(1, 2)], dim=-1)  # [B, C, W-1+T]
+    return frames.unfold(-1, width, 1)[:, :, 1:].permute(0, 2, 1, 3).contiguous()
+
+
 class GatedDeltaNet(nn.Module):
     def __init__(self, config: Qwen3NextConfig, cache_key: str):
         super().__init__()
@@ -67,7 +75,8 @@ class GatedDeltaNet(nn.Module):
         conv_rows, rec_rows = ctx.state(self.cache_key, "conv"), ctx.state(self.cache_key, "recurrent")
         # The decode step updates the recurrent state in place, so it needs the state stored in the dtype it computes
         # in (fp32, or wider activations); any other combination takes the general path below.
-        if (rec_rows is not None and tokens.is_decode and fast_decode()
+        capture = ctx.captures_states
+        if (rec_rows is not None and tokens.is_decode and fast_decode() and not capture
                 and rec_rows.pool.dtype == torch.promote_types(x.dtype, torch.float32)):
             return self._decode_step(x, conv_rows, rec_rows)
         N = x.shape[0]
@@ -77,13 +86,16 @@ class GatedDeltaNet(nn.Module):
         b, a = self.in_proj_ba(x).chunk(2, dim=-1)  # [N, HV] each
         weight = self.conv1d.weight.squeeze(1)  # [C, W]
 
-        if conv_rows is not None and tokens.is_decode:
+        if conv_rows is not None and tokens.is_decode and not capture:
             qkv = causal_conv1d_update(qkv, weight, conv_rows.read()).unsqueeze(1)  # [B, 1, C]
             conv_rows.commit()
         else:
             init = conv_rows.read() if conv_rows is not None else None
-            qkv, new_state = causal_conv1d(tokens.pad(qkv), weight, init, lengths=tokens.seq_lens)  # [B, T, C]
-            if conv_rows is not None:
+            qkv_in = tokens.pad(qkv)
+            qkv, new_state = causal_conv1d(qkv_in, weight, init, lengths=tokens.seq_lens)  # [B, T, C]
+            if capture:
+                ctx.captured[(self.cache_key, "conv")] = conv_states_per_token(init, qkv_in)
+            elif conv_rows is not None:
                 conv_rows.commit(new_state)
 
         Bsz, T = qkv.shape[:2]
@@ -95,11 +107,15 @@ class GatedDeltaNet(nn.Module):
         g = tokens.pad(-torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float()))
 
         init = rec_rows.read() if rec_rows is not None else None
-        if T <= threshold("delta_rule_token_loop"):  # the token loop beats the chunked form for short inputs
+        if capture:  # the state after every token, for speculative verification (short inputs only)
+            states = torch.empty(Bsz, T, HV, K, V, dtype=rec_rows.pool.dtype, device=x.device)
+            o, _ = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init, states_out=states)
+            ctx.captured[(self.cache_key, "recurrent")] = states
+        elif T <= threshold("delta_rule_token_loop"):  # the token loop beats the chunked form for short inputs
             o, final = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init)
         else:
             o, final = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=init)
-        if rec_rows is not None:
+        if rec_rows is not None and not capture:
             rec_rows.commit(final)
 
         o = tokens.unpad(o)  # [N, HV, V] fp32

@@ -147,11 +147,15 @@ def recurrent_gated_delta_rule(
     g: Tensor,
     beta: Tensor,
     initial_state: Tensor | None = None,
+    states_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Token-by-token gated delta rule, vectorised over batch and heads; for decode steps.
 
     Shapes and dtypes as in `chunk_gated_delta_rule`: q, k [B, T, H, K]; v [B, T, HV, V]; g, beta [B, T, HV];
     initial_state [B, HV, K, V] or None. Returns o [B, T, HV, V] and final_state [B, HV, K, V].
+
+    `states_out` [B, T, HV, K, V] (no autograd): also store the state after EVERY token there (speculative
+    verification keeps the one after the last accepted token).
     """
     _check_inputs(q, k, v, g, beta, initial_state)
     dtype = _compute_dtype(q, k, v, g, beta, initial_state)
@@ -164,6 +168,9 @@ def recurrent_gated_delta_rule(
     # Without autograd the state is updated in place after the first (copying) step: fresh multi-MiB state tensors
     # per token were measured several times slower at decode batch sizes.
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, s))
+    if states_out is not None and (needs_grad or states_out.shape != (b, t, hv, dk, dv)):
+        raise ValueError(f"states_out: expected a [B, T, HV, K, V] = {(b, t, hv, dk, dv)} tensor and no autograd, got "
+                         f"{tuple(states_out.shape)}")
     q, k = q.to(dtype), k.to(dtype)
     kq = torch.stack([k, q], dim=3).unsqueeze(3)  # [B, T, H, 1, 2, K]: read S with k and q in one matmul
     qk_dot = (q * k).sum(-1)[..., None, None]  # [B, T, H, 1, 1]
@@ -185,6 +192,8 @@ def recurrent_gated_delta_rule(
             s = (s * a.unsqueeze(-1)).addcmul_(k_col, u.unsqueeze(-2))  # the first step copies: inputs stay untouched
         else:
             s.mul_(a.unsqueeze(-1)).addcmul_(k_col, u.unsqueeze(-2))
+        if states_out is not None:
+            states_out[:, i].copy_(s.reshape(b, hv, dk, dv))
     return torch.stack(outs, dim=1).reshape(b, t, hv, dv), s.reshape(b, hv, dk, dv)
 
 

@@ -861,6 +861,24 @@ class OpenAIServer:
         family("qwen3next_state_slots_total", "gauge", "DeltaNet state slots in the pool.", s["total_slots"])
         family("qwen3next_state_slots_used", "gauge", "DeltaNet state slots in use.",
                s["total_slots"] - s["free_slots"])
+        if "spec_drafts" in s:  # speculative decoding (vLLM's names: spec_decode_num_*)
+            family("qwen3next_spec_decode_num_drafts_total", "counter",
+                   "Verifications of MTP drafts (sequences x steps with at least one draft).", s["spec_drafts"])
+            family("qwen3next_spec_decode_num_draft_tokens_total", "counter", "MTP draft tokens verified.",
+                   s["spec_draft_tokens"])
+            family("qwen3next_spec_decode_num_accepted_tokens_total", "counter", "MTP draft tokens accepted.",
+                   s["spec_accepted_tokens"])
+            family("qwen3next_spec_decode_num_emitted_tokens_total", "counter",
+                   "Tokens emitted by verifications (accepted drafts + one sampled token each).",
+                   s["spec_emitted_tokens"])
+            family("qwen3next_spec_decode_mean_accepted_length", "gauge",
+                   "Mean tokens emitted per verification (1 + accepted drafts).", s["spec_mean_accepted_length"])
+            family("qwen3next_spec_decode_draft_length", "gauge", "Drafts per sequence chosen for the next step.",
+                   s["spec_draft_length"])
+            parts.append(render_family(
+                "qwen3next_spec_decode_num_accepted_tokens_per_pos", "counter",
+                "MTP draft tokens accepted, by draft position (0 = first draft).",
+                [("", (("position", str(j)),), n) for j, n in enumerate(s["spec_accepted_per_position"])]))
         parts += [self.ttft.render(), self.itl.render(), self.e2e.render()]
         return "".join(parts)
 
@@ -951,7 +969,7 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or model_dir.resolve().name
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_memory=args.max_memory,
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, quantize=args.quantize,
-              compile_decode=args.compile)
+              compile_decode=args.compile, speculative_config=args.speculative_config)
     try:
         app = create_app(llm, name, api_key, args.max_body_bytes)
         engine = llm.engine
@@ -959,6 +977,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"qwen3next serve: model '{name}' from {model_dir} ({args.dtype} on {args.device}), max_model_len "
               f"{engine.max_model_len}, max_num_seqs {engine.scheduler.config.max_num_seqs}")
         print(engine.plan.describe())
+        if engine.speculative is not None:
+            spec = engine.speculative
+            print(f"speculative decoding: MTP, up to {spec.num_speculative_tokens} drafts per step"
+                  f"{' (adaptive)' if spec.adaptive else ''}")
         print("auth: API key required on /v1/*" if api_key else
               "auth: none (anyone who can reach the port can use it; set --api-key or QWEN3NEXT_API_KEY)")
         print(f"serving the OpenAI API on http://{host}:{args.port}/v1  (health: /health, metrics: /metrics)",

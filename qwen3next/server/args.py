@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import DEFAULT_MODEL
-from ..argtypes import QUANTIZE_CHOICES
+from ..argtypes import QUANTIZE_CHOICES, add_speculative_arg
 from ..argtypes import port as _port
 from ..argtypes import positive_int as _positive_int
 
@@ -37,6 +37,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step before serving (faster steps; about a minute of "
                              "compiling at start; needs a C++ compiler)")
+    add_speculative_arg(parser)
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest accepted request body")

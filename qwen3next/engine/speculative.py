@@ -1,0 +1,202 @@
+"""Speculative decoding with the model's own MTP head: the configuration, the acceptance rule and the adaptive draft
+length. Plain Python, no torch (the tensor work is in runner.py).
+
+One engine step of a decoding sequence with drafts d_1..d_k (proposed by the MTP head at the previous step):
+1. the main model runs over [x, d_1, ..., d_k] (x = the last emitted token) in ONE forward, keeping every DeltaNet
+   state (model/batch.py `capture_states`);
+2. the target token at each of the k + 1 positions is SAMPLED exactly as plain decoding would sample it there
+   (same penalties, temperature, top-k/p, min-p, and for seeded requests the same per-token random stream), with
+   the drafts before it assumed accepted;
+3. `accepted_run`: the longest prefix of drafts equal to those samples is accepted, and the sample at the first
+   mismatch (or after the last draft) is emitted too: 1..k+1 tokens per step;
+4. the state after the last kept token is committed; K/V of the rejected positions are overwritten later;
+5. the MTP head runs over the same positions (main hidden state at t, the token emitted at t + 1) and drafts the
+   next k tokens greedily (recursively, from its own hidden state).
+
+Why this is exact: the token emitted at every position is the target's own sample given the emitted prefix, so the
+output is distributed exactly as plain decoding (for greedy and seeded requests it is the very same tokens). It is
+speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023) with a deterministic draft: the draft d is
+accepted with probability p(d), and on rejection the token comes from p without d, renormalised (the residual
+max(0, p - q) of a one-hot q).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import deque
+from collections.abc import Sequence as SequenceLike
+from dataclasses import dataclass
+
+METHODS = ("mtp", "qwen3_next_mtp")  # ours, and vLLM's name for the same thing
+MAX_SPECULATIVE_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """`{"method": "mtp", "num_speculative_tokens": k}` (vLLM's keys), plus `"adaptive"` (default true): let the
+    engine pick the draft length per step (0..k) from measured step times and acceptance."""
+
+    method: str = "mtp"
+    num_speculative_tokens: int = 2
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"speculative_config: method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_config: num_speculative_tokens must be an int in "
+                             f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"speculative_config: adaptive must be true or false, got {self.adaptive!r}")
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict | str | None) -> SpeculativeConfig | None:
+        """From a dict, a JSON object string (the CLI's `--speculative-config`) or None (off)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config: not valid JSON ({e.msg} at character {e.pos}): "
+                                 f"{value!r}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config: expected a JSON object such as "
+                             f'{{"method": "mtp", "num_speculative_tokens": 2}}, got {value!r}')
+        unknown = sorted(set(value) - {"method", "num_speculative_tokens", "adaptive"})
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key {unknown[0]!r} (known: method, num_speculative_tokens, "
+                             f"adaptive)")
+        if "method" not in value:
+            raise ValueError('speculative_config: "method" is required ("mtp")')
+        return cls(**value)
+
+
+def accepted_run(drafts: SequenceLike[int], targets: SequenceLike[int]) -> list[int]:
+    """The tokens a verification step emits: drafts while each equals the target sampled at its position, then the
+    target at the first mismatch (or after the last draft). `targets` has len(drafts) + 1 entries."""
+    if len(targets) != len(drafts) + 1:
+        raise ValueError(f"targets: expected {len(drafts) + 1} (one per draft, plus one), got {len(targets)}")
+    out = []
+    for d, t in zip(drafts, targets):
+        out.append(t)
+        if d != t:
+            return out
+    out.append(targets[-1])
+    return out
+
+
+def _bucket(batch_size: int) -> int:
+    """Batch sizes 1, 2, 3-4, 5-8, ... share their timing statistics."""
+    b = 1
+    while b < batch_size:
+        b *= 2
+    return b
+
+
+class DraftLengthPolicy:
+    """How many tokens to draft per sequence at the next step, chosen to maximise emitted tokens per second.
+
+    Per draft position j it keeps the acceptance rate a_j = P(draft j accepted | drafts before it accepted) over
+    the last `window` chances; per batch-size bucket (1, 2, 3-4, 5-8, ...) and draft length k the last `window`
+    step times. Expected tokens per sequence per step with k drafts: 1 + a_1 + a_1 a_2 + ... (k terms); the length
+    with the best tokens / median step time wins. Lengths not yet timed in a bucket are tried first (longest
+    first), and every `explore_every` steps the neighbours of the current best are timed again, so a change of
+    workload (acceptance, batch size) is followed. With `adaptive=False` it always returns `max_k`.
+    """
+
+    def __init__(self, max_k: int, adaptive: bool = True, window: int = 16, explore_every: int = 32,
+                 min_samples: int = 3):
+        self.max_k, self.adaptive = max_k, adaptive
+        self.window, self.explore_every, self.min_samples = window, explore_every, min_samples
+        self._chances = [deque(maxlen=4 * window) for _ in range(max_k)]  # per position: 1 accepted / 0 rejected
+        self._times: dict[tuple[int, int], deque[float]] = {}
+        self._steps: dict[int, int] = {}
+        self._best: dict[int, int] = {}
+        self.last_choice = max_k
+
+    def acceptance(self) -> list[float]:
+        """a_j per draft position j = 1..max_k (optimistic 1.0 before any measurement)."""
+        return [sum(c) / len(c) if c else 1.0 for c in self._chances]
+
+    def expected_tokens(self, k: int) -> float:
+        total, run = 1.0, 1.0
+        for a in self.acceptance()[:k]:
+            run *= a
+            total += run
+        return total
+
+    def choose(self, batch_size: int) -> int:
+        """Draft length for a decode step of `batch_size` sequences."""
+        self.last_choice = self._choose(batch_size)
+        return self.last_choice
+
+    def _choose(self, batch_size: int) -> int:
+        if not self.adaptive:
+            return self.max_k
+        bucket = _bucket(batch_size)
+        for k in range(self.max_k, -1, -1):  # untimed lengths first
+            if len(self._times.get((bucket, k), ())) < self.min_samples:
+                return k
+        best = self._rank(bucket)
+        self._best[bucket] = best
+        step = self._steps.get(bucket, 0)
+        if step % self.explore_every == self.explore_every - 1:  # re-time a neighbour now and then
+            return max(0, best - 1) if (step // self.explore_every) % 2 else min(self.max_k, best + 1)
+        return best
+
+    def _rank(self, bucket: int) -> int:
+        def rate(k: int) -> float:
+            return self.expected_tokens(k) / max(statistics.median(self._times[(bucket, k)]), 1e-9)
+
+        return max(range(self.max_k + 1), key=rate)
+
+    def record_step(self, batch_size: int, k: int, seconds: float) -> None:
+        """The wall time of a decode step of `batch_size` sequences that drafted `k` tokens per sequence."""
+        bucket = _bucket(batch_size)
+        self._times.setdefault((bucket, k), deque(maxlen=self.window)).append(seconds)
+        self._steps[bucket] = self._steps.get(bucket, 0) + 1
+
+    def record_acceptance(self, num_drafts: int, num_accepted: int) -> None:
+        """One sequence's verification: `num_accepted` of its `num_drafts` drafts were accepted."""
+        for j in range(min(num_drafts, num_accepted + 1)):
+            self._chances[j].append(1 if j < num_accepted else 0)
+
+
+@dataclass
+class SpecStats:
+    """Counters of the engine's speculative decoding (for /metrics, the bench and RequestOutput)."""
+
+    num_drafts: int = 0  # verification chances: sequences x steps that had at least one draft
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_emitted_tokens: int = 0  # tokens emitted by those verifications (accepted + 1 each)
+
+    def __post_init__(self) -> None:
+        self.accepted_per_position = [0] * MAX_SPECULATIVE_TOKENS
+        self.drafted_per_position = [0] * MAX_SPECULATIVE_TOKENS
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        if num_drafts == 0:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        self.num_emitted_tokens += num_accepted + 1
+        for j in range(num_drafts):
+            self.drafted_per_position[j] += 1
+            self.accepted_per_position[j] += j < num_accepted
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verification (1 + accepted drafts); 0 before any."""
+        return self.num_emitted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    def acceptance_by_position(self) -> list[float | None]:
+        return [a / d if d else None for a, d in zip(self.accepted_per_position, self.drafted_per_position)]

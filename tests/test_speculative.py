@@ -1,0 +1,330 @@
+"""MTP speculative decoding through the engine: exact (greedy and seeded outputs token-identical to plain decoding,
+sampling distributed as the target), with chunked prefill, preemption, stop rules, logprobs, n > 1 and aborts; the
+draft-length policy; the configuration's errors."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from qwen3next.engine import runner as runner_module
+from qwen3next.engine.llm import LLM, Engine
+from qwen3next.engine.sampling import SamplingParams
+from qwen3next.engine.speculative import DraftLengthPolicy, SpecStats, SpeculativeConfig, accepted_run
+from qwen3next.tokenizer import Tokenizer
+from tiny_models import make_model, write_byte_tokenizer
+
+VOCAB = 261
+
+
+def spec(k: int, adaptive: bool = False) -> dict:
+    return {"method": "mtp", "num_speculative_tokens": k, "adaptive": adaptive}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_spec")
+    make_model("base", vocab_size=VOCAB, max_position_embeddings=1024).save_pretrained(d)
+    write_byte_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    from qwen3next.checkpoint import load_model
+
+    return load_model(model_dir, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return Tokenizer.from_dir(model_dir)
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def run(engine: Engine, prompts, params) -> list:
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    while engine.step():
+        pass
+    return [r.output() for r in reqs]
+
+
+def with_oracle_drafts(engine: Engine, oracle: dict[str, list[int]], corrupt: float, seed: int = 0) -> None:
+    """Replace the MTP head's proposals by the plain run's own continuation (request id -> output tokens), a
+    fraction `corrupt` of them changed: a random model's MTP head almost never guesses right, and the acceptance
+    paths (long accepted runs, a stop inside one, max_tokens) need drafts that are often right."""
+    rng = random.Random(seed)
+    execute = engine.runner.execute
+
+    def patched(batch):
+        out = execute(batch)
+        if out is not None and out.drafts:
+            for j, seq in enumerate(batch.sampled_seqs):
+                want = oracle.get(seq.request_id.split("#")[0], [])
+                done = seq.num_output_tokens + len(out.tokens[j])
+                drafts = want[done:done + len(out.drafts[j])]
+                out.drafts[j] = [t if rng.random() >= corrupt else (t + 1) % VOCAB for t in drafts]
+        return out
+
+    engine.runner.execute = patched
+
+
+# ---- exactness: greedy -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_greedy_with_mtp_is_token_identical_to_plain_decoding(model, tokenizer, k):
+    """Prompts of several lengths in one batch, chunked prefill (chunks of 16), the real MTP head's drafts."""
+    prompts = prompts_of([3, 70, 21, 1, 40], seed=k)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    opts = dict(max_memory="64MiB", max_num_seqs=4, max_model_len=256, prefill_chunk_size=16, block_size=16)
+    plain = run(Engine(model, tokenizer=tokenizer, **opts), prompts, params)
+    engine = Engine(model, tokenizer=tokenizer, speculative_config=spec(k), **opts)
+    got = run(engine, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert engine.spec_stats.num_draft_tokens > 0  # drafts were verified
+    assert engine.block_manager.num_free_blocks == engine.plan.num_blocks
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_greedy_with_mostly_right_drafts_stops_exactly_like_plain_decoding(model, tokenizer, k):
+    """Long accepted runs: max_tokens is never passed, a stop token inside an accepted run ends the output there,
+    stop strings and logprobs are those of plain decoding."""
+    prompts = prompts_of([9, 30, 17], seed=10)
+    base = SamplingParams(temperature=0, max_tokens=29, ignore_eos=True)
+    opts = dict(max_memory="64MiB", max_num_seqs=4, max_model_len=256, block_size=16)
+    plain = run(Engine(model, tokenizer=tokenizer, **opts), prompts, base)
+    outs = [o.token_ids for o in plain]
+    # stop at a token that plain decoding emits mid-way (a stop token), and at a decoded stop string
+    stop_token = outs[0][11]
+    text = tokenizer.decode(outs[2][:15])
+    stop_str = text[-3:] if text[-3:].strip() else None
+    params = [SamplingParams(temperature=0, max_tokens=29, ignore_eos=True, stop_token_ids=[stop_token]),
+              SamplingParams(temperature=0, max_tokens=13, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0, max_tokens=29, ignore_eos=True, stop=stop_str)]
+    want = run(Engine(model, tokenizer=tokenizer, **opts), prompts, params)
+    engine = Engine(model, tokenizer=tokenizer, speculative_config=spec(k), **opts)
+    with_oracle_drafts(engine, {f"req-{i}": o for i, o in enumerate(outs)}, corrupt=0.15)
+    got = run(engine, prompts, params)
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids and g.text == w.text and g.finish_reason == w.finish_reason
+        assert g.outputs[0].stop_reason == w.outputs[0].stop_reason
+    assert len(got[1].token_ids) == 13
+    for a, b in zip(got[1].outputs[0].logprobs, want[1].outputs[0].logprobs):
+        assert a["token_id"] == b["token_id"] and math.isclose(a["logprob"], b["logprob"], abs_tol=1e-4)
+        assert [t for t, _ in a["top"]] == [t for t, _ in b["top"]]
+    stats = engine.spec_stats
+    assert stats.acceptance_rate > 0.5 and stats.mean_accepted_length > 1.5  # the accepted-run paths ran
+    assert got[0].acceptance_rate is not None
+
+
+def test_greedy_with_mtp_survives_preemption(model, tokenizer):
+    prompts = prompts_of([60, 61, 62], seed=2)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    kv_token = model.config.kv_bytes_per_token(4, include_mtp=True)
+    state = model.config.state_bytes_per_sequence(4, 4)
+    opts = dict(max_memory=3 * state + 14 * 16 * kv_token, max_num_seqs=3, max_num_batched_tokens=256,
+                max_model_len=100, block_size=16)
+    plain = run(Engine(model, tokenizer=tokenizer, max_memory="64MiB", max_model_len=100), prompts, params)
+    engine = Engine(model, tokenizer=tokenizer, speculative_config=spec(3), **opts)
+    with_oracle_drafts(engine, {f"req-{i}": o.token_ids for i, o in enumerate(plain)}, corrupt=0.2)
+    got = run(engine, prompts, params)
+    assert engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert engine.block_manager.num_free_blocks == engine.plan.num_blocks
+
+
+# ---- exactness: sampling -----------------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_with_mtp_gives_the_same_tokens_as_plain_decoding(model, tokenizer):
+    """Each position is sampled with the stream plain decoding uses there, so seeded requests (penalties, top-k/p,
+    min-p, n > 1) produce the very same tokens, whatever is accepted."""
+    prompts = prompts_of([12, 33], seed=4)
+    params = [SamplingParams(temperature=0.9, top_p=0.9, top_k=40, max_tokens=20, seed=7, ignore_eos=True, n=2),
+              SamplingParams(temperature=1.3, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.5,
+                             frequency_penalty=0.3, max_tokens=20, seed=11, ignore_eos=True, logprobs=2)]
+    opts = dict(max_memory="64MiB", max_num_seqs=4, max_model_len=256)
+    plain = run(Engine(model, tokenizer=tokenizer, **opts), prompts, params)
+    for corrupt in (0.0, 0.5):
+        engine = Engine(model, tokenizer=tokenizer, speculative_config=spec(3), **opts)
+        oracle = {f"req-{i}": o.outputs[0].token_ids for i, o in enumerate(plain)}
+        with_oracle_drafts(engine, oracle, corrupt=corrupt)
+        got = run(engine, prompts, params)
+        for g, w in zip(got, plain):
+            assert [o.token_ids for o in g.outputs] == [o.token_ids for o in w.outputs]
+        assert engine.spec_stats.num_accepted_tokens > 0
+
+
+def _verified_tokens_test(model, tokenizer, rule, samples=1500):
+    """Chi-square p-value of the joint of the 2nd and 3rd sampled tokens (the first ones a verification decides;
+    unseeded sampling), among samples whose first token is the most likely one, against the exact target
+    distribution. The draft for the 2nd token is the target's most likely one, so it is accepted often."""
+    prompt = prompts_of([6], seed=21)[0]
+    temp = 0.15  # a random model's distributions are flat; sharpen them so that drafts are often right
+    params = SamplingParams(temperature=temp, max_tokens=3, ignore_eos=True)
+
+    def probs(ids):
+        return torch.softmax(model(torch.tensor([ids]))[0, -1].float() / temp, -1)
+
+    with torch.no_grad():
+        p1 = probs(prompt)
+        first = int(p1.argmax())
+        p2 = probs(prompt + [first])
+        joint = {}
+        for t in torch.topk(p2, 3).indices.tolist():
+            p3 = probs(prompt + [first, t])
+            for u in torch.topk(p3, 2).indices.tolist():
+                joint[(t, u)] = float(p2[t] * p3[u])
+        # the draft for the 2nd token: the target's most likely one after the 1st
+        draft_of = {t: int(probs(prompt + [t]).argmax()) for t in torch.topk(p1, 4).indices.tolist()}
+    engine = Engine(model, tokenizer=tokenizer, max_memory="64MiB", max_num_seqs=16, max_model_len=64,
+                    speculative_config=spec(1))
+    execute = engine.runner.execute
+
+    def patched(batch):
+        out = execute(batch)
+        if out is not None and out.drafts:
+            out.drafts = [[draft_of.get(toks[-1], 0)] for toks in out.tokens]
+        return out
+
+    engine.runner.execute = patched
+    saved = runner_module.accepted_run
+    runner_module.accepted_run = rule
+    try:
+        # in waves of max_num_seqs: a step that also prefills a new prompt decodes without drafts
+        outs = [o.token_ids for _ in range(samples // 15) for o in run(engine, [prompt] * 15, params)]
+    finally:
+        runner_module.accepted_run = saved
+    assert engine.spec_stats.num_drafts == samples and engine.spec_stats.num_accepted_tokens > samples // 10
+    kept = [tuple(o[1:]) for o in outs if o[0] == first]
+    assert len(kept) > samples // 10
+    counts = {key: 0 for key in joint}
+    other = 0
+    for key in kept:
+        if key in counts:
+            counts[key] += 1
+        else:
+            other += 1
+    n = len(kept)
+    cells = [(counts[key], n * pr) for key, pr in joint.items()] + [(other, n * (1 - sum(joint.values())))]
+    cells = [(obs, exp) for obs, exp in cells if exp > 0.5 or obs]
+    stat = sum((obs - exp) ** 2 / exp for obs, exp in cells)
+    return _chi2_sf(stat, len(cells) - 1)
+
+
+def _chi2_sf(x: float, k: int) -> float:
+    s, term, a = 0.0, 1.0 / (k / 2), k / 2
+    for n in range(1, 500):
+        s += term
+        term *= (x / 2) / (a + n)
+    lower = math.exp(-x / 2 + a * math.log(x / 2) - math.lgamma(a)) * s
+    return max(0.0, 1.0 - lower)
+
+
+def test_sampling_with_mtp_is_distributed_as_the_target_and_a_broken_rule_is_caught(model, tokenizer):
+    assert _verified_tokens_test(model, tokenizer, accepted_run) > 1e-3
+
+    def biased(drafts, targets):
+        """Broken on purpose: also accepts a draft that the target rejected, half of the time."""
+        out = []
+        for d, t in zip(drafts, targets):
+            if d != t and random.random() < 0.5:
+                out.append(d)
+                continue
+            out.append(t)
+            if d != t:
+                return out
+        return out + [targets[-1]]
+
+    random.seed(0)
+    assert _verified_tokens_test(model, tokenizer, biased) < 1e-3
+
+
+# ---- engine features -----------------------------------------------------------------------------------------------
+
+
+def test_abort_and_n_samples_with_mtp(model_dir):
+    with LLM(model_dir, max_memory="64MiB", max_model_len=256, speculative_config=spec(2)) as llm:
+        p = prompts_of([10], seed=5)[0]
+        h = llm.submit(p, SamplingParams(temperature=0.8, max_tokens=200, ignore_eos=True, n=3, seed=3))
+        events = h.events(timeout=60)
+        next(events)
+        assert h.abort()
+        out = h.result(timeout=60)
+        assert all(o.finish_reason == "abort" for o in out.outputs)
+        r = llm.generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=2))[0]
+        assert len(r.outputs) == 2 and r.outputs[0].token_ids == r.outputs[1].token_ids
+        stats = llm.stats()
+        assert stats["spec_draft_tokens"] >= stats["spec_accepted_tokens"] >= 0
+        assert stats["free_blocks"] == stats["total_blocks"]
+
+
+def test_speculative_config_errors(model, tokenizer):
+    no_mtp = make_model("base", mtp=False, vocab_size=VOCAB)
+    with pytest.raises(ValueError, match=r"mtp\.\* weights"):
+        Engine(no_mtp, tokenizer=tokenizer, speculative_config=spec(2))
+    for bad, match in [({"method": "eagle"}, "method must be one of"),
+                       ({"method": "mtp", "num_speculative_tokens": 5}, "num_speculative_tokens"),
+                       ({"method": "mtp", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+                       ({"method": "mtp", "draft": 1}, "unknown key 'draft'"),
+                       ({"num_speculative_tokens": 2}, '"method" is required'),
+                       ("{not json", "not valid JSON"), ("[1]", "expected a JSON object")]:
+        with pytest.raises(ValueError, match=match):
+            SpeculativeConfig.parse(bad)
+    cfg = SpeculativeConfig.parse('{"method": "qwen3_next_mtp", "num_speculative_tokens": 3}')
+    assert cfg.num_speculative_tokens == 3 and cfg.adaptive
+
+
+# ---- decisions (no model) ------------------------------------------------------------------------------------------
+
+
+def test_accepted_run():
+    assert accepted_run([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]
+    assert accepted_run([5, 6, 7], [5, 9, 7, 8]) == [5, 9]
+    assert accepted_run([5], [4, 1]) == [4]
+    assert accepted_run([], [3]) == [3]
+    with pytest.raises(ValueError, match="targets"):
+        accepted_run([1, 2], [1, 2])
+
+
+def test_draft_length_policy_picks_the_fastest_length_and_follows_changes():
+    policy = DraftLengthPolicy(3, window=8, explore_every=10, min_samples=2)
+    # untimed lengths are tried first, longest first
+    seen = []
+    for _ in range(8):
+        k = policy.choose(1)
+        seen.append(k)
+        policy.record_step(1, k, {0: 4.0, 1: 5.0, 2: 5.5, 3: 6.0}[k])
+    assert seen == [3, 3, 2, 2, 1, 1, 0, 0]
+    for _ in range(50):  # drafts accepted 90% of the time: 3 drafts pay (3.44 tokens per 6.0 vs 1 per 4.0)
+        policy.record_acceptance(3, 3 if random.random() < 0.9 else 1)
+    assert policy.choose(1) == 3
+    for _ in range(300):  # acceptance collapses: plain decoding is fastest
+        policy.record_acceptance(3, 0)
+    assert policy.choose(1) == 0
+    # a large batch has its own timings: drafting is slow there
+    for k, t in {0: 10.0, 1: 22.0, 2: 34.0, 3: 46.0}.items():
+        policy.record_step(8, k, t)
+        policy.record_step(8, k, t)
+    for _ in range(300):
+        policy.record_acceptance(3, 3)
+    assert policy.choose(8) == 0 and policy.choose(1) == 3
+    assert DraftLengthPolicy(2, adaptive=False).choose(64) == 2
+
+
+def test_spec_stats():
+    s = SpecStats()
+    s.record(3, 1)
+    s.record(2, 2)
+    s.record(0, 0)
+    assert (s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens, s.num_emitted_tokens) == (2, 5, 3, 5)
+    assert s.mean_accepted_length == 2.5 and s.acceptance_by_position()[:3] == [1.0, 0.5, 0.0]
