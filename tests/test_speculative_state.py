@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qwen3next.model.batch import BatchInfo
-from qwen3next.model.deltanet import conv_states_per_token
+from qwen3next.model.deltanet import GatedDeltaNet, conv_states_per_token
+from qwen3next.ops.dispatch import set_fast_decode
 from qwen3next.ops.gated_delta import naive_gated_delta_rule, recurrent_gated_delta_rule
 from tiny_models import make_model
 
@@ -38,14 +39,31 @@ def test_recurrent_states_out_match_the_naive_recurrence_token_by_token():
         recurrent_gated_delta_rule(q, k, v, g, beta, states_out=torch.empty(B, T + 1, HV, K, V))
 
 
-@pytest.mark.parametrize("name", ["base", "mlp_only"])
-def test_commit_after_rejected_drafts_equals_a_plain_run_over_the_kept_tokens(name):
+@pytest.mark.parametrize("name,fed_lens,fast", [("base", (4, 2, 3), True), ("mlp_only", (4, 2, 3), True),
+                                                 ("base", (3, 3, 3), True), ("base", (3, 3, 3), False)])
+def test_commit_after_rejected_drafts_equals_a_plain_run_over_the_kept_tokens(name, fed_lens, fast):
+    """Varlen verification (the general DeltaNet path) and equal lengths (the `deltanet_verify_step` fast path, and
+    its twin with the fast paths off)."""
     model = make_model(name)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 9, 3)]
-    fed = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (4, 2, 3)]  # last token + drafts
+    fed = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in fed_lens]  # last token + drafts
     keep = [2, 2, 1]
+    calls = []
+    fast_step = GatedDeltaNet._verify_step
+    previous = set_fast_decode(fast)
+    try:
+        GatedDeltaNet._verify_step = lambda self, *a: calls.append(1) or fast_step(self, *a)
+        _check_commit(model, prompts, fed, keep, g)
+    finally:
+        set_fast_decode(previous)
+        GatedDeltaNet._verify_step = fast_step
+    assert bool(calls) == (fast and len(set(fed_lens)) == 1)  # the fast path ran exactly where it should
+
+
+def _check_commit(model, prompts, fed, keep, g):
+    vocab = model.config.vocab_size
     with torch.no_grad():
         spec, plain = model.new_cache(3, 64), model.new_cache(3, 64)
         for cache in (spec, plain):
@@ -66,7 +84,7 @@ def test_commit_after_rejected_drafts_equals_a_plain_run_over_the_kept_tokens(na
                 h_plain.append(model.hidden_states(torch.tensor([t]),
                                                    model.context(plain.batch([i], [1]), plain.hybrid)))
                 plain.advance([i], [1])
-        starts = [0, 4, 6]
+        starts = [sum(len(f) for f in fed[:i]) for i in range(len(fed))]
         kept_rows = [s + j for s, n in zip(starts, keep) for j in range(n)]
         torch.testing.assert_close(h_spec[kept_rows], torch.cat(h_plain), rtol=1e-5, atol=1e-5)
         for key, pools in plain.hybrid.state.items():

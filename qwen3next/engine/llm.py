@@ -161,7 +161,9 @@ class Engine:
         before = [seq.num_output_tokens for seq in sampled]
         self.scheduler.update(batch, out.tokens if out is not None else [])
         policy = self.scheduler.draft_policy
-        if policy is not None and (batch.is_decode_only or batch.has_drafts):
+        # Time the steps that show what a draft length costs: decode steps without the MTP head (length 0) and
+        # verifications of that many drafts (not the first step after a change, which has none to verify yet).
+        if policy is not None and batch.num_drafts == batch.num_lookahead and (batch.is_decode_only or batch.has_drafts):
             policy.record_step(len(batch), batch.num_drafts, time.perf_counter() - started)
         self.stats["steps"] += 1
         self.stats["preemptions"] = self.scheduler.num_preemptions
@@ -169,8 +171,8 @@ class Engine:
             if out.num_drafts[j]:
                 self.spec_stats.record(out.num_drafts[j], out.num_accepted[j])
                 policy.record_acceptance(out.num_drafts[j], out.num_accepted[j])
-            if out.drafts and not seq.is_finished:
-                seq.draft_token_ids = out.drafts[j]
+            if not seq.is_finished:
+                seq.draft_token_ids = out.drafts[j] if out.drafts else []
             entry = self._seq_to_sample.get(id(seq))
             if entry is None:
                 continue

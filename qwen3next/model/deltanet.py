@@ -76,9 +76,11 @@ class GatedDeltaNet(nn.Module):
         # The decode step updates the recurrent state in place, so it needs the state stored in the dtype it computes
         # in (fp32, or wider activations); any other combination takes the general path below.
         capture = ctx.captures_states
-        if (rec_rows is not None and tokens.is_decode and fast_decode() and not capture
-                and rec_rows.pool.dtype == torch.promote_types(x.dtype, torch.float32)):
+        fast_state = rec_rows is not None and rec_rows.pool.dtype == torch.promote_types(x.dtype, torch.float32)
+        if fast_state and tokens.is_decode and fast_decode() and not capture:
             return self._decode_step(x, conv_rows, rec_rows)
+        if fast_state and capture and tokens.pad_index is None and fast_decode():
+            return self._verify_step(x, conv_rows, rec_rows, ctx)
         N = x.shape[0]
         H, HV, K, V = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
         qkvz = self.in_proj_qkvz(x)
@@ -142,3 +144,38 @@ class GatedDeltaNet(nn.Module):
         rec_rows.commit()
         z = qkvz[:, self.conv_dim:].reshape(B, HV, V)
         return self.out_proj(self.norm(o, z).reshape(B, HV * V))
+
+    def _verify_step(self, x: torch.Tensor, conv_rows: StateRows, rec_rows: StateRows,
+                     ctx: ForwardContext) -> torch.Tensor:
+        """Fast path for a speculative verification: T (a few) new tokens per sequence, the same T for all, every
+        token's conv and recurrent state kept in `ctx.captured` and nothing committed (the caller commits the
+        accepted one). The decode step's math, T times, on a copy of the state; its twin is `forward`'s general
+        path with `capture_states`."""
+        B, T = ctx.batch.tokens.batch_size, ctx.batch.tokens.padded_len
+        H, HV, K, V, C = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim, self.conv_dim
+        qkvz = self.in_proj_qkvz(x)
+        b, a = self.in_proj_ba(x).chunk(2, dim=-1)  # [N, HV] each
+        conv_state = conv_rows.read()  # [B, C, W-1]
+        width = conv_state.shape[-1] + 1
+        dtype = rec_rows.pool.dtype
+        frames = torch.cat([conv_state, qkvz[:, :C].view(B, T, C).transpose(1, 2).to(conv_state.dtype)], dim=-1)
+        weight = self.conv1d.weight.view(C, width).to(dtype)
+        qkv = F.silu((frames.to(dtype).unfold(-1, width, 1) * weight[:, None, :]).sum(-1)).transpose(1, 2)  # [B,T,C]
+        ctx.captured[(self.cache_key, "conv")] = frames.unfold(-1, width - 1, 1)[:, :, 1:].transpose(1, 2)
+        qk = l2_normalize(qkv[..., : 2 * self.key_dim].reshape(B, T, 2 * H, K))
+        q, k = qk[:, :, :H] * K ** -0.5, qk[:, :, H:]
+        v = qkv[..., 2 * self.key_dim:].reshape(B, T, HV, V)
+        beta = torch.sigmoid(b.to(dtype)).view(B, T, HV)
+        g = F.softplus(a.to(dtype) + self.dt_bias.to(dtype)).mul_(torch.exp(self.A_log.to(dtype)).neg_()).view(B, T, HV)
+        states = torch.empty(T, B, HV, K, V, dtype=dtype, device=x.device)  # token-major: each step's is contiguous
+        states[0].copy_(rec_rows.read())
+        outs = []
+        for t in range(T):
+            if t:
+                states[t].copy_(states[t - 1])
+            outs.append(gated_delta_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], states[t]))
+        ctx.captured[(self.cache_key, "recurrent")] = states.transpose(0, 1)
+        o = torch.stack(outs, dim=1).view(B * T, HV, V)
+        z = qkvz[:, C:].reshape(B * T, HV, V)
+        return self.out_proj(self.norm(o, z).reshape(B * T, HV * V))
+
