@@ -163,7 +163,8 @@ class Engine:
         policy = self.scheduler.draft_policy
         # Time the steps that show what a draft length costs: decode steps without the MTP head (length 0) and
         # verifications of that many drafts (not the first step after a change, which has none to verify yet).
-        if policy is not None and batch.num_drafts == batch.num_lookahead and (batch.is_decode_only or batch.has_drafts):
+        representative = batch.num_drafts == batch.num_lookahead and (batch.is_decode_only or batch.has_drafts)
+        if policy is not None and representative:
             policy.record_step(len(batch), batch.num_drafts, time.perf_counter() - started)
         self.stats["steps"] += 1
         self.stats["preemptions"] = self.scheduler.num_preemptions
