@@ -478,3 +478,83 @@ def test_bench_against_real_llama_cpp(tmp_path):
     for row in f["rows"]:
         assert all(_positive(x) for x in row["llama_cpp"]["rounds"]) and len(row["eager"]["ratios"]) == 2
         assert row["eager"]["ratio_min"] <= row["eager"]["ratio_median"]
+
+
+# ---- --speculative-config: plain vs MTP speculative decoding ---------------------------------------------------------
+SPEC_K2 = {"method": "mtp", "num_speculative_tokens": 2, "adaptive": False}
+
+
+def test_bench_speculative_section_on_the_tiny_preset():
+    """Paired plain / speculative rounds per batch size: speeds, speedups, acceptance, and greedy outputs identical
+    (fixed draft length, so every timed step verifies drafts even though a random MTP head rarely guesses right)."""
+    report = bench(BenchOptions(preset="tiny", threads=1, batches=[1, 2], prompt_len=12, decode_tokens=6,
+                                prefill_lens=[8], repeat=1, bandwidth_mib=8, speculative_config=SPEC_K2))
+    sp = report["speculative"]
+    assert sp["config"] == SPEC_K2 and report["options"]["speculative_config"] == SPEC_K2
+    assert sp["prompts"] == "random" and sp["prompt_lens"] == [12, 12] and "random" in sp["prompt_description"]
+    assert sp["decode_tokens"] == 6 and sp["rounds"] == 1 and sp["identical"] is True
+    assert [(r["mode"], r["batch"]) for r in sp["rows"]] == [("eager", 1), ("eager", 2)]
+    for r in sp["rows"]:
+        assert r["identical"] is True and r["mismatches"] == []
+        assert len(r["plain_rounds"]) == len(r["spec_rounds"]) == len(r["speedups"]) == 1
+        assert all(_positive(x) for x in (*r["plain_rounds"], *r["spec_rounds"]))
+        assert r["speedups"][0] == pytest.approx(r["spec_rounds"][0] / r["plain_rounds"][0])
+        assert r["speedup_median"] == r["speedup_min"] == r["speedups"][0]
+        assert r["plain_tokens_per_s"] == r["plain_rounds"][0] and r["spec_tokens_per_s"] == r["spec_rounds"][0]
+        # 5 decode tokens per request after the prefill's first: every spec step verifies k = 2 drafts
+        assert r["plain_steps"] == 5 and 2 <= r["spec_steps"] <= 5 and r["draft_length_last"] == 2
+        # (the last step drafts fewer when fewer tokens are left to generate)
+        assert r["batch"] * (r["spec_steps"] - 1) <= r["verifications"] <= r["batch"] * r["spec_steps"]
+        assert r["verifications"] < r["draft_tokens"] <= 2 * r["verifications"]
+        assert 0 <= r["acceptance_rate"] <= 1 and r["acceptance_rate"] == r["accepted_tokens"] / r["draft_tokens"]
+        assert r["mean_accepted_length"] == pytest.approx(1 + r["accepted_tokens"] / r["verifications"])
+        first, second = r["acceptance_by_position"]
+        assert 0 <= first <= 1 and (second is None or 0 <= second <= 1)
+    text = format_report(report)
+    assert "speculative decoding (mtp, num_speculative_tokens 2, fixed draft length 2)" in text
+    for r in sp["rows"]:
+        assert f"{r['speedup_median']:.2f}x / {r['speedup_min']:.2f}x" in text
+    assert "random token-id prompts" in text and "BUG" not in text
+    json.dumps(report)  # JSON-ready
+
+
+def test_speculative_prompts_from_text():
+    """With a tokenizer: Pride and Prejudice passages alternating with held-out synthetic chats, cycled for a batch."""
+    from qwen3next.bench import speculative
+    from qwen3next.tokenizer import Tokenizer
+
+    passages = speculative.austen_passages()
+    assert len(passages) == 8 and all(40 <= len(p.split()) <= 120 for p in passages)
+    assert passages[0].startswith("It is a truth universally acknowledged")
+    tok = Tokenizer.from_dir(DEFAULT_MODEL)
+    ps = speculative.prompt_set(tok, 8256, 4, 16, 0)
+    assert ps.source == "text" and len(ps.prompts) == 16 and "Pride and Prejudice" in ps.description
+    assert tok.decode(ps.prompts[0]).startswith("It is a truth")
+    chats = [tok.decode(p) for p in ps.prompts[1::2]]
+    assert all(c.startswith("<|im_start|>") and c.endswith("<|im_start|>user\n" + c.split("<|im_start|>user\n")[-1])
+               for c in chats)
+    assert all(c.endswith("<|im_end|>\n<|im_start|>assistant\n") for c in chats)
+    assert any("<tools>" in c for c in chats) and any("<tools>" not in c for c in chats)
+    assert ps.batch(3) == ps.prompts[:3] and ps.batch(18) == ps.prompts + ps.prompts[:2]
+
+
+def test_speculative_config_errors(tmp_path, capsys):
+    from qwen3next.cli import main
+    from tiny_models import make_model, write_byte_tokenizer
+
+    for value, needle in (('{"method": "x"}', "method must be one of"),
+                          ('{"method": "mtp", "draft": 2}', "unknown key 'draft'")):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "--speculative-config", value])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--speculative-config" in err and needle in err and "Traceback" not in err
+    # a model without an MTP head: the engine's error, before any measurement runs
+    no_mtp = tmp_path / "no-mtp"
+    make_model("base", vocab_size=261, mtp=False).save_pretrained(no_mtp)
+    write_byte_tokenizer(no_mtp)
+    assert main(["bench", "--model", str(no_mtp), "--threads", "1", "--prompt-len", "16", "--prefill-lens", "16",
+                 "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}']) == 1
+    err = capsys.readouterr().err
+    assert "qwen3next bench: error: speculative_config: method 'mtp' needs the model's MTP head" in err
+    assert "bandwidth" not in err and "Traceback" not in err

@@ -297,7 +297,7 @@ def test_accepted_run():
 
 
 def test_draft_length_policy_picks_the_fastest_length_and_follows_changes():
-    policy = DraftLengthPolicy(3, window=8, explore_every=10, min_samples=2)
+    policy = DraftLengthPolicy(3, window=8, explore_every=10, min_samples=2, margin=0.0)
     # untimed lengths are tried first, longest first
     seen = []
     for _ in range(8):
@@ -319,6 +319,23 @@ def test_draft_length_policy_picks_the_fastest_length_and_follows_changes():
         policy.record_acceptance(3, 3)
     assert policy.choose(8) == 0 and policy.choose(1) == 3
     assert DraftLengthPolicy(2, adaptive=False).choose(64) == 2
+
+
+def test_draft_length_policy_compares_lengths_over_the_same_period_and_explores_them():
+    """The machine gets twice as slow after the first timings: old fast samples of the best length must not make
+    it look better than the other lengths timed meanwhile; every other length keeps being timed."""
+    policy = DraftLengthPolicy(2, window=8, explore_every=4, min_samples=2, margin=0.0)
+    for _ in range(200):
+        policy.record_acceptance(2, 2)  # always accepted: k=2 gives 3 tokens per step
+    cost = {0: 1.0, 1: 1.7, 2: 2.2}  # k=2 best (3 / 2.2 > 2 / 1.7 > 1 / 1.0)
+    chosen = []
+    for step in range(400):
+        k = policy.choose(1)
+        chosen.append(k)
+        slow = 2.0 if step > 100 else 1.0
+        policy.record_step(1, k, cost[k] * slow)
+    tail = chosen[200:]
+    assert tail.count(2) > 0.7 * len(tail) and {0, 1} <= set(tail)  # mostly the best, the others still timed
 
 
 def test_spec_stats():

@@ -1,6 +1,9 @@
 """`qwen3next bench`: prefill and decode speed of our model, our engine and (optionally) transformers or llama.cpp on
 the same weights, plus the machine's memory bandwidth and the batch-1 decode roofline it implies.
 
+`--speculative-config JSON` also measures plain vs MTP speculative decoding of the same model through the engine, in
+paired rounds (speculative.py).
+
 `--compare llama.cpp` runs `llama-bench` on GGUF files converted from the same `--model` directory, per precision
 (GGUF F32 / BF16 / Q8_0 / Q4_K_M against our float32 model / variants bf16 / int8 / int4) in `--repeat` paired
 rounds: each round one timed llama.cpp run, then one of ours, so that a change in machine load hits both.
@@ -25,14 +28,16 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import positive_int
+from ..argtypes import positive_int, speculative_config
 from ..checkpoint import load_model, parse_dtype
 from ..config import Qwen3NextConfig
 from ..engine.compiled import CompiledDecoder
+from ..engine.speculative import SpeculativeConfig
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer
 from ..train.presets import PRESETS, preset_config
 from . import llamacpp, measure
+from . import speculative as spec_bench
 
 IMPLS = ("ours", "engine", "compiled", "transformers")  # compiled: ours through engine.compiled (--compile)
 # bf16: weights stored bf16, activations fp32 (quantize_model(bits=16)); a variant this build cannot make is reported
@@ -60,6 +65,8 @@ class BenchOptions:
     llama_bench: str | None = None  # compare="llama.cpp": the llama-bench executable (None: llama-bench on PATH)
     gguf: dict[str, str] = field(default_factory=dict)  # compare="llama.cpp": GGUF format -> file converted from model
     llama_timeout: float = 600.0  # seconds per llama-bench run
+    # also plain vs MTP speculative decoding through the engine (a dict or JSON string is parsed by validate)
+    speculative_config: SpeculativeConfig | None = None
 
     def validate(self) -> None:
         for name in ("prompt_len", "decode_tokens", "repeat"):
@@ -73,6 +80,7 @@ class BenchOptions:
             raise ValueError(f"threads: expected a positive integer, got {self.threads}")
         if self.compare not in (None, *COMPARE):
             raise ValueError(f"compare: expected one of {list(COMPARE)}, got {self.compare!r}")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         bad = [q for q in self.quantize if q not in QUANT_VARIANTS]
         if bad:
             raise ValueError(f"quantize: expected some of {sorted(QUANT_VARIANTS)}, got {bad}")
@@ -416,6 +424,7 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
     model, tokenizer, has_tokenizer, source = _load(opts, dtype)
     config = model.config
     opts.check_positions(config.max_position_embeddings)
+    spec_plan = spec_bench.prepare(opts, model, tokenizer, has_tokenizer) if opts.speculative_config else None
     peer = None
     if opts.compare == "llama.cpp":
         for fmt, path in opts.gguf.items():
@@ -441,6 +450,7 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         s.time_decodes("compiled", model, decoder)
     if peer is not None and None in gguf_of:
         llama[gguf_of[None]] = _compare_llama(s, peer, gguf_of[None], model, decoder, weight_bytes, read_gb_s)
+    speculative = spec_bench.measure_speculative(opts, model, tokenizer, spec_plan, log) if spec_plan else None
 
     quantized: dict[str, dict[str, object]] = {}
     prompts = drift_prompts(tokenizer if has_tokenizer else None, config.vocab_size, opts.seed)
@@ -472,6 +482,8 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         "quantized": quantized,
         "drift_prompts": "text" if has_tokenizer else "random",
     }
+    if speculative is not None:
+        report["speculative"] = speculative
     if peer is not None:
         report["llama_cpp"] = {
             "binary": peer.binary, "threads": threads, "rounds": opts.repeat, "context": opts.prompt_len,
@@ -605,6 +617,8 @@ def format_report(report: dict[str, object]) -> str:
             roof_pct = f", {r['roofline_pct']:.1f}% of ideal" if r["roofline_pct"] is not None else ""
             lines.append(f"  decode B={r['batch']} {r['mode']:<8}: {r['ms']:.2f} ms/step, {r['tokens_per_s']:.1f} "
                          f"tokens/s = {vs}{roof_pct}")
+    if "speculative" in report:
+        lines += ["", *spec_bench.format_section(report["speculative"], _aligned)]
     if "llama_cpp" in report:
         lines += ["", *_format_llama(report)]
     return "\n".join(lines)
@@ -697,6 +711,11 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                              "--quantize are added)")
     parser.add_argument("--llama-timeout", type=float, default=d.llama_timeout, metavar="SECONDS",
                         help=f"--compare llama.cpp: limit per llama-bench run (default {d.llama_timeout:.0f})")
+    parser.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                        help='also measure plain vs MTP speculative decoding of the same model through the engine, '
+                             'e.g. \'{"method": "mtp", "num_speculative_tokens": 2}\' (greedy, --decode-tokens per '
+                             'request, real text prompts when the model has a tokenizer; --repeat paired rounds per '
+                             'batch size; eager, and compiled with --compile)')
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the full report as JSON")
 
 
@@ -706,7 +725,8 @@ def run_bench(args: argparse.Namespace) -> int:
                         prefill_lens=list(args.prefill_lens), compare=args.compare, repeat=args.repeat,
                         seed=args.seed, bandwidth_mib=args.bandwidth_mib, quantize=list(args.quantize),
                         compile=args.compile, llama_bench=args.llama_bench,
-                        gguf=llamacpp.parse_gguf_args(args.gguf), llama_timeout=args.llama_timeout)
+                        gguf=llamacpp.parse_gguf_args(args.gguf), llama_timeout=args.llama_timeout,
+                        speculative_config=args.speculative_config)
     report = bench(opts, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     print(format_report(report))
     if args.json:

@@ -99,22 +99,26 @@ def _bucket(batch_size: int) -> int:
 class DraftLengthPolicy:
     """How many tokens to draft per sequence at the next step, chosen to maximise emitted tokens per second.
 
-    Per draft position j it keeps the acceptance rate a_j = P(draft j accepted | drafts before it accepted) over
-    the last `window` chances; per batch-size bucket (1, 2, 3-4, 5-8, ...) and draft length k the last `window`
-    step times. Expected tokens per sequence per step with k drafts: 1 + a_1 + a_1 a_2 + ... (k terms); the length
-    with the best tokens / median step time wins. Lengths not yet timed in a bucket are tried first (longest
-    first), and every `explore_every` steps the neighbours of the current best are timed again, so a change of
-    workload (acceptance, batch size) is followed. With `adaptive=False` it always returns `max_k`.
+    Per draft position j it keeps the acceptance rate a_j = P(draft j accepted | drafts before it accepted) over its
+    last `4 * window` chances. Expected tokens per sequence per step with k drafts: 1 + a_1 + a_1 a_2 + ... (k
+    terms). Per batch-size bucket (1, 2, 3-4, 5-8, ...) and draft length k it keeps the last `window` step times,
+    and picks the k with the best tokens / median step time. A busy machine makes step times drift, so the
+    lengths are compared on samples of the same period: every `explore_every` steps one other length is timed
+    (round robin), and only samples from the last `horizon` steps count while there are `min_samples` of them.
+    Lengths not yet timed in a bucket are tried first (longest first); the current choice is kept unless another
+    is more than `margin` faster (no flapping on noise). With `adaptive=False` it always returns `max_k`.
     """
 
-    def __init__(self, max_k: int, adaptive: bool = True, window: int = 16, explore_every: int = 32,
-                 min_samples: int = 3):
+    def __init__(self, max_k: int, adaptive: bool = True, window: int = 16, explore_every: int = 8,
+                 min_samples: int = 3, margin: float = 0.05):
         self.max_k, self.adaptive = max_k, adaptive
-        self.window, self.explore_every, self.min_samples = window, explore_every, min_samples
+        self.window, self.explore_every, self.min_samples, self.margin = window, explore_every, min_samples, margin
+        self.horizon = 2 * window * explore_every * max(1, max_k)  # every other length gets ~2 * window samples
         self._chances = [deque(maxlen=4 * window) for _ in range(max_k)]  # per position: 1 accepted / 0 rejected
-        self._times: dict[tuple[int, int], deque[float]] = {}
+        self._times: dict[tuple[int, int], deque[tuple[int, float]]] = {}  # (bucket, k) -> (step, seconds)
         self._steps: dict[int, int] = {}
         self._best: dict[int, int] = {}
+        self._explored: dict[int, int] = {}
         self.last_choice = max_k
 
     def acceptance(self) -> list[float]:
@@ -141,23 +145,36 @@ class DraftLengthPolicy:
             if len(self._times.get((bucket, k), ())) < self.min_samples:
                 return k
         best = self._rank(bucket)
-        self._best[bucket] = best
         step = self._steps.get(bucket, 0)
-        if step % self.explore_every == self.explore_every - 1:  # re-time a neighbour now and then
-            return max(0, best - 1) if (step // self.explore_every) % 2 else min(self.max_k, best + 1)
+        if step % self.explore_every == self.explore_every - 1:  # time another length now and then
+            others = [k for k in range(self.max_k + 1) if k != best]
+            n = self._explored.get(bucket, 0)
+            self._explored[bucket] = n + 1
+            return others[n % len(others)]
         return best
 
     def _rank(self, bucket: int) -> int:
-        def rate(k: int) -> float:
-            return self.expected_tokens(k) / max(statistics.median(self._times[(bucket, k)]), 1e-9)
+        now = self._steps.get(bucket, 0)
 
-        return max(range(self.max_k + 1), key=rate)
+        def seconds(k: int) -> float:
+            samples = self._times[(bucket, k)]
+            recent = [t for step, t in samples if step >= now - self.horizon]
+            return statistics.median(recent if len(recent) >= self.min_samples else [t for _, t in samples])
+
+        rate = {k: self.expected_tokens(k) / max(seconds(k), 1e-12) for k in range(self.max_k + 1)}
+        best = max(rate, key=rate.get)
+        current = self._best.get(bucket)
+        if current is not None and rate[current] * (1 + self.margin) >= rate[best]:
+            best = current
+        self._best[bucket] = best
+        return best
 
     def record_step(self, batch_size: int, k: int, seconds: float) -> None:
         """The wall time of a decode step of `batch_size` sequences that drafted `k` tokens per sequence."""
         bucket = _bucket(batch_size)
-        self._times.setdefault((bucket, k), deque(maxlen=self.window)).append(seconds)
-        self._steps[bucket] = self._steps.get(bucket, 0) + 1
+        step = self._steps.get(bucket, 0)
+        self._times.setdefault((bucket, k), deque(maxlen=self.window)).append((step, seconds))
+        self._steps[bucket] = step + 1
 
     def record_acceptance(self, num_drafts: int, num_accepted: int) -> None:
         """One sequence's verification: `num_accepted` of its `num_drafts` drafts were accepted."""
