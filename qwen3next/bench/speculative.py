@@ -13,8 +13,8 @@ Greedy speculative decoding is exact: its token ids must equal plain decoding's,
 
 Prompts: with a model tokenizer, real text (`austen_passages.txt`: passages from the opening chapters of *Pride and
 Prejudice*, alternating with held-out synthetic chats of `train.synthetic` rendered with the model's chat template up
-to their last user turn); without one, random token ids of `--prompt-len` tokens. Batch B takes the first B prompts
-of that list (cycled when B is larger).
+to their last user turn); without one, random token ids of `--prompt-len` tokens. A round at batch size B decodes
+every prompt once, B at a time (the first B, cycled, when there are fewer than B).
 """
 
 from __future__ import annotations
@@ -76,6 +76,12 @@ class PromptSet:
 
     def batch(self, size: int) -> list[list[int]]:
         return list(itertools.islice(itertools.cycle(self.prompts), size))
+
+    def groups(self, size: int) -> list[list[list[int]]]:
+        """Every prompt once, in batches of `size` (one batch of the first `size`, cycled, when there are fewer)."""
+        if size >= len(self.prompts):
+            return [self.batch(size)]
+        return [self.prompts[i:i + size] for i in range(0, len(self.prompts) - size + 1, size)]
 
 
 def prompt_set(tokenizer: Tokenizer | None, vocab_size: int, count: int, prompt_len: int, seed: int) -> PromptSet:
@@ -183,6 +189,17 @@ def run_batch(engine: Engine, prompts: list[list[int]], max_tokens: int) -> _Run
     return _Run(seconds, generated() - start_tokens, ids, _delta(_snapshot(engine), before))
 
 
+def run_groups(engine: Engine, groups: list[list[list[int]]], max_tokens: int) -> _Run:
+    """`run_batch` over each group in turn; times, tokens and counters added up."""
+    runs = [run_batch(engine, g, max_tokens) for g in groups]
+    counters = runs[0].counters
+    for r in runs[1:]:
+        counters = {k: ([a + b for a, b in zip(v, r.counters[k])] if isinstance(v, list) else v + r.counters[k])
+                    for k, v in counters.items()}
+    return _Run(sum(r.seconds for r in runs), sum(r.tokens for r in runs), [t for r in runs for t in r.token_ids],
+                counters)
+
+
 def _first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
@@ -230,11 +247,11 @@ def measure_speculative(opts, model: Qwen3NextForCausalLM, tokenizer: Tokenizer,
         engines = {"plain": _engine(model, tokenizer, plan, speculative=False, compiled=compiled),
                    "spec": _engine(model, tokenizer, plan, speculative=True, compiled=compiled)}
         for batch in opts.batches:
-            prompts = plan.prompts.batch(batch)
+            groups = plan.prompts.groups(batch)
             runs: dict[str, list[_Run]] = {"plain": [], "spec": []}
             mismatches: list[dict[str, object]] = []
             for r in range(opts.repeat + 1):  # round 0: warmup (not timed; the adaptive draft length settles)
-                got = {name: run_batch(engine, prompts, opts.decode_tokens) for name, engine in engines.items()}
+                got = {name: run_groups(engine, groups, opts.decode_tokens) for name, engine in engines.items()}
                 for i, (a, b) in enumerate(zip(got["plain"].token_ids, got["spec"].token_ids)):
                     at = _first_difference(a, b)
                     if at is not None:
@@ -279,7 +296,7 @@ def format_section(section: dict[str, object], aligned: Callable[[list[list[str]
     adaptive = "adaptive draft length 0.." + str(k) if c["adaptive"] else f"fixed draft length {k}"
     lines = [f"speculative decoding ({c['method']}, num_speculative_tokens {k}, {adaptive}) vs plain, same model, "
              "through the engine", *aligned(table, 2), "",
-             f"prompts: {section['prompt_description']}; batch B = the first B prompts",
+             f"prompts: {section['prompt_description']}; every round decodes each prompt once, in batches of B",
              f"greedy, {section['decode_tokens']} tokens per request (EOS ignored); decode only (the clock starts once "
              f"every request has its first token); {section['rounds']} paired rounds after {section['warmup_rounds']} "
              "warmup (plain, then spec, same prompts); tok/s = median over rounds, speedup = spec / plain of the same "

@@ -152,20 +152,15 @@ class Engine:
     # ---- one step -----------------------------------------------------------------------------------------------
     def step(self) -> bool:
         """Run one forward; returns False when there was nothing to do."""
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:
             return False
-        started = time.perf_counter()
         out = self.runner.execute(batch)
         sampled = batch.sampled_seqs
         before = [seq.num_output_tokens for seq in sampled]
         self.scheduler.update(batch, out.tokens if out is not None else [])
         policy = self.scheduler.draft_policy
-        # Time the steps that show what a draft length costs: decode steps without the MTP head (length 0) and
-        # verifications of that many drafts (not the first step after a change, which has none to verify yet).
-        representative = batch.num_drafts == batch.num_lookahead and (batch.is_decode_only or batch.has_drafts)
-        if policy is not None and representative:
-            policy.record_step(len(batch), batch.num_drafts, time.perf_counter() - started)
         self.stats["steps"] += 1
         self.stats["preemptions"] = self.scheduler.num_preemptions
         for j, seq in enumerate(sampled):
@@ -184,6 +179,12 @@ class Engine:
                 if s.out.finish_reason is not None:
                     break  # aborted meanwhile, or a stop string ended it
                 self._accept_token(req, s, token, out.sampled, row)
+        # Time the whole step (detokenizing more tokens is part of what drafting costs) when it shows what a draft
+        # length costs: decode steps without the MTP head (length 0) and verifications of that many drafts (not
+        # the first step after a change, which has none to verify yet).
+        if policy is not None and batch.num_drafts == batch.num_lookahead and (batch.is_decode_only
+                                                                               or batch.has_drafts):
+            policy.record_step(len(batch), batch.num_drafts, time.perf_counter() - started)
         return True
 
     def _accept_token(self, req: RequestState, s: SampleState, token: int, sampled, row: int) -> None:

@@ -102,23 +102,27 @@ class DraftLengthPolicy:
     Per draft position j it keeps the acceptance rate a_j = P(draft j accepted | drafts before it accepted) over its
     last `4 * window` chances. Expected tokens per sequence per step with k drafts: 1 + a_1 + a_1 a_2 + ... (k
     terms). Per batch-size bucket (1, 2, 3-4, 5-8, ...) and draft length k it keeps the last `window` step times,
-    and picks the k with the best tokens / median step time. A busy machine makes step times drift, so the
-    lengths are compared on samples of the same period: every `explore_every` steps one other length is timed
-    (round robin), and only samples from the last `horizon` steps count while there are `min_samples` of them.
-    Lengths not yet timed in a bucket are tried first (longest first); the current choice is kept unless another
-    is more than `margin` faster (no flapping on noise). With `adaptive=False` it always returns `max_k`.
+    and picks the k with the best tokens / median step time. Lengths not yet timed in a bucket are tried first
+    (longest first); the current choice is kept unless another is more than `margin` faster (no flapping on
+    noise; 3x that to turn drafting on or off, which costs a step more). A busy machine makes step times drift, so the neighbouring lengths (best - 1, best + 1) are timed
+    again, one at a time: every `explore_every` steps while the best is within 30% of the runner-up, 4x less often while it
+    leads by more, 16x less often while it leads by more than 2x (exploring costs: a step at a worse length, two
+    for a longer one, which has no drafts to verify at its first step, and after a step without drafts, one more
+    whose drafts are still missing). Only samples from the last `horizon`
+    steps count while there are `min_samples` of them. With `adaptive=False` it always returns `max_k`.
     """
 
-    def __init__(self, max_k: int, adaptive: bool = True, window: int = 16, explore_every: int = 8,
+    def __init__(self, max_k: int, adaptive: bool = True, window: int = 16, explore_every: int = 32,
                  min_samples: int = 3, margin: float = 0.05):
         self.max_k, self.adaptive = max_k, adaptive
         self.window, self.explore_every, self.min_samples, self.margin = window, explore_every, min_samples, margin
-        self.horizon = 2 * window * explore_every * max(1, max_k)  # every other length gets ~2 * window samples
+        self.horizon = 16 * explore_every * max(1, max_k) * min_samples  # the sparsest exploration still counts
         self._chances = [deque(maxlen=4 * window) for _ in range(max_k)]  # per position: 1 accepted / 0 rejected
         self._times: dict[tuple[int, int], deque[tuple[int, float]]] = {}  # (bucket, k) -> (step, seconds)
         self._steps: dict[int, int] = {}
         self._best: dict[int, int] = {}
         self._explored: dict[int, int] = {}
+        self._episode: dict[int, tuple[int, int]] = {}  # bucket -> (length being explored, steps left)
         self.last_choice = max_k
 
     def acceptance(self) -> list[float]:
@@ -144,16 +148,25 @@ class DraftLengthPolicy:
         for k in range(self.max_k, -1, -1):  # untimed lengths first
             if len(self._times.get((bucket, k), ())) < self.min_samples:
                 return k
-        best = self._rank(bucket)
+        k, left = self._episode.get(bucket, (0, 0))
+        if left:  # an exploration in progress
+            self._episode[bucket] = (k, left - 1)
+            return k
+        best, lead = self._rank(bucket)
         step = self._steps.get(bucket, 0)
-        if step % self.explore_every == self.explore_every - 1:  # time another length now and then
-            others = [k for k in range(self.max_k + 1) if k != best]
+        every = self.explore_every * (1 if lead < 1.3 else 4 if lead < 2.0 else 16)
+        if step % every == every - 1:  # time another length now and then
+            others = [k for k in (best - 1, best + 1) if 0 <= k <= self.max_k]
             n = self._explored.get(bucket, 0)
             self._explored[bucket] = n + 1
-            return others[n % len(others)]
+            k = others[n % len(others)]
+            # a longer length than the drafts at hand is timed only at its second step (the first drafts it)
+            self._episode[bucket] = (k, 1 if k > best else 0)
+            return k
         return best
 
-    def _rank(self, bucket: int) -> int:
+    def _rank(self, bucket: int) -> tuple[int, float]:
+        """The best length and how much faster it is than the runner-up (a ratio >= 1)."""
         now = self._steps.get(bucket, 0)
 
         def seconds(k: int) -> float:
@@ -164,10 +177,14 @@ class DraftLengthPolicy:
         rate = {k: self.expected_tokens(k) / max(seconds(k), 1e-12) for k in range(self.max_k + 1)}
         best = max(rate, key=rate.get)
         current = self._best.get(bucket)
-        if current is not None and rate[current] * (1 + self.margin) >= rate[best]:
+        # Turning drafting on or off costs a step more (the MTP head's drafts are missing, or wasted): a larger
+        # margin for that switch.
+        margin = self.margin if current is None or (current == 0) == (best == 0) else 3 * self.margin
+        if current is not None and rate[current] * (1 + margin) >= rate[best]:
             best = current
         self._best[bucket] = best
-        return best
+        rest = [r for k, r in rate.items() if k != best]
+        return best, rate[best] / max(max(rest), 1e-12) if rest else float("inf")
 
     def record_step(self, batch_size: int, k: int, seconds: float) -> None:
         """The wall time of a decode step of `batch_size` sequences that drafted `k` tokens per sequence."""
