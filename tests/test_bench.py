@@ -501,10 +501,13 @@ def test_bench_speculative_section_on_the_tiny_preset():
         assert r["speedups"][0] == pytest.approx(r["spec_rounds"][0] / r["plain_rounds"][0])
         assert r["speedup_median"] == r["speedup_min"] == r["speedups"][0]
         assert r["plain_tokens_per_s"] == r["plain_rounds"][0] and r["spec_tokens_per_s"] == r["spec_rounds"][0]
-        # 5 decode tokens per request after the prefill's first: every spec step verifies k = 2 drafts
-        assert r["plain_steps"] == 5 and 2 <= r["spec_steps"] <= 5 and r["draft_length_last"] == 2
-        # (the last step drafts fewer when fewer tokens are left to generate)
-        assert r["batch"] * (r["spec_steps"] - 1) <= r["verifications"] <= r["batch"] * r["spec_steps"]
+        # 5 decode tokens per request after the prefill's first, each of the 2 prompts once per round (batch 1: two
+        # groups): every spec step verifies k = 2 drafts
+        groups = 2 // r["batch"]
+        assert r["plain_steps"] == 5 * groups and 2 * groups <= r["spec_steps"] <= 5 * groups
+        assert r["draft_length_last"] == 2
+        # (the last step of a group drafts fewer when fewer tokens are left to generate)
+        assert r["batch"] * (r["spec_steps"] - groups) <= r["verifications"] <= r["batch"] * r["spec_steps"]
         assert r["verifications"] < r["draft_tokens"] <= 2 * r["verifications"]
         assert 0 <= r["acceptance_rate"] <= 1 and r["acceptance_rate"] == r["accepted_tokens"] / r["draft_tokens"]
         assert r["mean_accepted_length"] == pytest.approx(1 + r["accepted_tokens"] / r["verifications"])

@@ -104,12 +104,13 @@ class DraftLengthPolicy:
     terms). Per batch-size bucket (1, 2, 3-4, 5-8, ...) and draft length k it keeps the last `window` step times,
     and picks the k with the best tokens / median step time. Lengths not yet timed in a bucket are tried first
     (longest first); the current choice is kept unless another is more than `margin` faster (no flapping on
-    noise; 3x that to turn drafting on or off, which costs a step more). A busy machine makes step times drift, so the neighbouring lengths (best - 1, best + 1) are timed
-    again, one at a time: every `explore_every` steps while the best is within 30% of the runner-up, 4x less often while it
-    leads by more, 16x less often while it leads by more than 2x (exploring costs: a step at a worse length, two
-    for a longer one, which has no drafts to verify at its first step, and after a step without drafts, one more
-    whose drafts are still missing). Only samples from the last `horizon`
-    steps count while there are `min_samples` of them. With `adaptive=False` it always returns `max_k`.
+    noise; 3x that to turn drafting on or off, which costs a step more). A busy machine makes step times drift, so
+    the neighbouring lengths (best - 1, best + 1) are timed again, one at a time: every `explore_every` steps while
+    the best is within 30% of the runner-up, 4x less often while it leads by more, 16x less often while it leads
+    by more than 2x (exploring costs: a step at a worse length, two for a longer one, which has no drafts to verify
+    at its first step, and after a step without drafts, one more whose drafts are still missing). Only samples
+    from the last `horizon` steps count while there are `min_samples` of them. With `adaptive=False` it always
+    returns `max_k`.
     """
 
     def __init__(self, max_k: int, adaptive: bool = True, window: int = 16, explore_every: int = 32,
