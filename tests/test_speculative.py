@@ -80,9 +80,13 @@ def with_oracle_drafts(engine: Engine, oracle: dict[str, list[int]], corrupt: fl
 # ---- exactness: greedy -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_greedy_with_mtp_is_token_identical_to_plain_decoding(model, tokenizer, k):
-    """Prompts of several lengths in one batch, chunked prefill (chunks of 16), the real MTP head's drafts."""
+@pytest.mark.parametrize("name,k", [("base", 1), ("base", 2), ("base", 3), ("base", 4), ("mlp_only", 3),
+                                    ("yarn", 2)])
+def test_greedy_with_mtp_is_token_identical_to_plain_decoding(model, tokenizer, name, k):
+    """Prompts of several lengths in one batch, chunked prefill (chunks of 16), the real MTP head's drafts; odd
+    configs (dense layers, head counts that are not powers of two, YaRN past the original context)."""
+    if name != "base":
+        model = make_model(name, vocab_size=VOCAB, max_position_embeddings=256)
     prompts = prompts_of([3, 70, 21, 1, 40], seed=k)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     opts = dict(max_memory="64MiB", max_num_seqs=4, max_model_len=256, prefill_chunk_size=16, block_size=16)
@@ -345,3 +349,37 @@ def test_spec_stats():
     s.record(0, 0)
     assert (s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens, s.num_emitted_tokens) == (2, 5, 3, 5)
     assert s.mean_accepted_length == 2.5 and s.acceptance_by_position()[:3] == [1.0, 0.5, 0.0]
+
+
+def test_demo_model_greedy_with_mtp_is_identical_and_accepts_drafts():
+    """The trained demo model: its MTP head's drafts are mostly right, and greedy output is unchanged."""
+    from qwen3next import DEFAULT_MODEL
+
+    prompts = ["It is a truth universally acknowledged, that a single man in possession of a good fortune",
+               "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = Engine(DEFAULT_MODEL, max_memory="64MiB", max_model_len=256)
+    spec_engine = Engine(plain.model, tokenizer=plain.tokenizer, max_memory="64MiB", max_model_len=256,
+                         speculative_config=spec(3))
+    want, got = run(plain, prompts, params), run(spec_engine, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert spec_engine.spec_stats.acceptance_rate > 0.5 and spec_engine.spec_stats.mean_accepted_length > 2
+
+
+def test_compiled_decode_with_mtp_is_token_identical(model, tokenizer):
+    """compile_decode: plain decode steps (no drafts) run the compiled graph, verifications run eagerly."""
+    from test_compiled_decode import needs_compiler
+
+    if needs_compiler.args[0]:
+        pytest.skip(needs_compiler.kwargs["reason"])
+    prompts = prompts_of([5, 30, 12], seed=8)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    opts = dict(max_memory="32MiB", max_num_seqs=3, max_model_len=128, block_size=16)
+    plain = run(Engine(model, tokenizer=tokenizer, **opts), prompts, params)
+    engine = Engine(model, tokenizer=tokenizer, compile_decode=True, speculative_config=spec(2, adaptive=True),
+                    **opts)
+    with_oracle_drafts(engine, {f"req-{i}": o.token_ids for i, o in enumerate(plain)}, corrupt=0.3)
+    got = run(engine, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    assert engine.spec_stats.num_accepted_tokens > 0
+

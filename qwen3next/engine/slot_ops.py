@@ -3,8 +3,8 @@
 A step's `ScheduledBatch.slot_ops` lists them in order; the runner applies each to the hybrid cache before the
 forward, without knowing why it was asked (`op.apply(cache)` calls the cache method of the same meaning). Today the
 scheduler emits `ZeroSlots` for sequences that just got a slot. `CopySlot` is the primitive that prefix caching's
-snapshot/restore (sequence slot <-> snapshot slot) and speculative decoding's "keep the state of the accepted
-position" build on.
+snapshot/restore (sequence slot <-> snapshot slot) builds on. (Speculative decoding keeps the state of the accepted
+position inside its step instead: `ForwardContext.commit_captured`, since only sampling knows which one it is.)
 """
 
 from __future__ import annotations

@@ -106,8 +106,8 @@ class DraftLengthPolicy:
     (longest first); the current choice is kept unless another is more than `margin` faster (no flapping on
     noise; 3x that to turn drafting on or off, which costs a step more). A busy machine makes step times drift, so
     the neighbouring lengths (best - 1, best + 1) are timed again, one at a time: every `explore_every` steps while
-    the best is within 30% of the runner-up, 4x less often while it leads by more, 16x less often while it leads
-    by more than 2x (exploring costs: a step at a worse length, two for a longer one, which has no drafts to verify
+    the best is within 10% of the runner-up, 4x less often while it leads by less than 50%, 16x less often beyond
+    (exploring costs: a step at a worse length, two for a longer one, which has no drafts to verify
     at its first step, and after a step without drafts, one more whose drafts are still missing). Only samples
     from the last `horizon` steps count while there are `min_samples` of them. With `adaptive=False` it always
     returns `max_k`.
@@ -155,7 +155,7 @@ class DraftLengthPolicy:
             return k
         best, lead = self._rank(bucket)
         step = self._steps.get(bucket, 0)
-        every = self.explore_every * (1 if lead < 1.3 else 4 if lead < 2.0 else 16)
+        every = self.explore_every * (1 if lead < 1.1 else 4 if lead < 1.5 else 16)
         if step % every == every - 1:  # time another length now and then
             others = [k for k in (best - 1, best + 1) if 0 <= k <= self.max_k]
             n = self._explored.get(bucket, 0)
