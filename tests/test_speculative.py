@@ -367,19 +367,25 @@ def test_demo_model_greedy_with_mtp_is_identical_and_accepts_drafts():
 
 
 def test_compiled_decode_with_mtp_is_token_identical(model, tokenizer):
-    """compile_decode: plain decode steps (no drafts) run the compiled graph, verifications run eagerly."""
+    """compile_decode: plain decode steps and batch-1 verifications of k drafts (and the MTP head's forwards there)
+    run compiled graphs, other verifications eagerly; nothing compiles while serving."""
     from test_compiled_decode import needs_compiler
 
     if needs_compiler.args[0]:
         pytest.skip(needs_compiler.kwargs["reason"])
     prompts = prompts_of([5, 30, 12], seed=8)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (4, 24, 9)]
     opts = dict(max_memory="32MiB", max_num_seqs=3, max_model_len=128, block_size=16)
     plain = run(Engine(model, tokenizer=tokenizer, **opts), prompts, params)
-    engine = Engine(model, tokenizer=tokenizer, compile_decode=True, speculative_config=spec(2, adaptive=True),
-                    **opts)
+    engine = Engine(model, tokenizer=tokenizer, compile_decode=True, speculative_config=spec(2), **opts)
     with_oracle_drafts(engine, {f"req-{i}": o.token_ids for i, o in enumerate(plain)}, corrupt=0.3)
+    compiled, calls = engine.runner.compiled, []
+    forward = compiled.forward
+    compiled.forward = lambda *a: calls.append(a[1].capture_states) or forward(*a)
+    graphs = dict(torch._dynamo.utils.counters["stats"])
     got = run(engine, prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in plain]
     assert engine.spec_stats.num_accepted_tokens > 0
+    assert any(calls)  # batch-1 verifications ran the compiled graph (the last sequence decodes alone)
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs  # the warm-up compiled everything served
 

@@ -8,6 +8,11 @@ on an AVX2 EPYC, 2 threads: `small` decode steps 1.7x (batch 1) and 1.9x (batch 
 
 The compiled graph reads the cache through index tensors only (`BatchInfo.prepare(views=False)`), so slot and block
 layouts do not multiply the graphs. `warm_up(cache)` compiles before serving.
+
+With speculative decoding (`verify_tokens` = 1 + the most drafts), the verification of a single sequence feeding
+exactly that many tokens and the MTP head's forwards over those positions and over one drafted position are
+compiled too (batch 1 only: more graphs per batch size would double the warm-up, and at larger batches drafting
+rarely pays; the adaptive draft length sees what the eager verification of other shapes costs).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..model.batch import BatchInfo
+from ..model.batch import BatchInfo, ForwardContext
 from ..model.cache import HybridCache, SequenceCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..ops.dispatch import fast_decode
@@ -26,25 +31,49 @@ class CompileDecodeError(RuntimeError):
 
 
 class CompiledDecoder:
-    def __init__(self, model: Qwen3NextForCausalLM):
+    def __init__(self, model: Qwen3NextForCausalLM, verify_tokens: int = 0):
         import torch._dynamo.config
 
         # Graphs are cached per code object, shared by every model in the process (a float model and its quantized
         # copy, several batch sizes...); past the default limit of 8, dynamo silently runs eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.model = model
+        self.verify_tokens = verify_tokens if model.mtp is not None else 0
         kernels.available()  # build / load the native kernels now: the traced step can then call them
         self._stack = torch.compile(model.model.forward)
+        self._mtp = torch.compile(model.mtp.forward) if self.verify_tokens else None
 
     @staticmethod
     def handles(batch: BatchInfo) -> bool:
         """Whether a forward over `batch` (with a cache) takes the compiled step: a decode step, fast paths on."""
-        return fast_decode() and all(n == 1 for n in batch.seq_lens)
+        return fast_decode() and all(n == 1 for n in batch.seq_lens) and not batch.capture_states
+
+    def handles_verify(self, batch: BatchInfo) -> bool:
+        """Whether a speculative verification over `batch` takes the compiled graph (see the module docstring)."""
+        return (fast_decode() and self.verify_tokens > 1 and batch.capture_states
+                and batch.seq_lens == [self.verify_tokens])
+
+    def handles_mtp(self, ctx: ForwardContext) -> bool:
+        """Whether the MTP head's forward over `ctx`'s batch takes a compiled graph: one sequence, one drafted
+        position or a compiled verification's positions, a context built without views."""
+        lens = ctx.batch.seq_lens
+        return (self._mtp is not None and fast_decode() and ctx.batch.kv is not None and ctx.batch.kv.view is None
+                and lens in ([1], [self.verify_tokens]))
 
     def hidden_states(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache) -> torch.Tensor:
         """Flat tokens [B] of a decode step -> final normed hidden states [B, D]."""
+        return self.forward(tokens, batch, cache)[0]
+
+    def forward(self, tokens: torch.Tensor, batch: BatchInfo,
+                cache: HybridCache) -> tuple[torch.Tensor, ForwardContext]:
+        """Flat tokens of a decode step or a compiled verification -> (final normed hidden states, the context,
+        holding a verification's captured states)."""
         ctx = self.model.context(batch, cache, views=False)
-        return self._stack(self.model.model.embed_tokens(tokens), ctx)
+        return self._stack(self.model.model.embed_tokens(tokens), ctx), ctx
+
+    def mtp_hidden(self, hidden: torch.Tensor, next_tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """`model.mtp_hidden` through the compiled graph (when `handles_mtp(ctx)`)."""
+        return self._mtp(hidden, self.model.model.embed_tokens(next_tokens), ctx)
 
     @torch.no_grad()
     def decode_logits(self, input_ids: torch.Tensor, cache: SequenceCache) -> torch.Tensor:
@@ -61,7 +90,8 @@ class CompiledDecoder:
         graph): batch 1 at two context lengths, then batches 2 and 3 (a size that changes from 1 stays specialised,
         so it takes a second change before the batch size becomes dynamic), then 9 if the cache has room (the CPU
         attention kernel adds a guard at 8). Uses the first slots and blocks and zeroes those slots' DeltaNet state
-        afterwards. Raises CompileDecodeError naming the cause if torch.compile fails."""
+        afterwards. With `verify_tokens`, also a verification of that many tokens and the MTP head's forwards (batch 1,
+two context lengths). Raises CompileDecodeError naming the cause if torch.compile fails."""
         if cache.num_slots < 2 or cache.num_blocks < 2 or cache.block_size < 4:
             raise ValueError("CompiledDecoder.warm_up: the cache needs at least 2 slots and 2 blocks of >= 4 tokens")
         room = min(cache.num_slots, cache.num_blocks)
@@ -73,6 +103,15 @@ class CompiledDecoder:
                                   [[i] for i in range(batch_size)])
                 tokens = torch.zeros(batch_size, dtype=torch.long, device=self.model.device)
                 self.hidden_states(tokens, batch, cache)
+            T = self.verify_tokens
+            for context in ((1, 2) if T > 1 else ()):
+                blocks = [0, 1] if context + T > cache.block_size else [0]
+                batch = BatchInfo([T], [context], [0], [blocks], capture_states=True)
+                tokens = torch.zeros(T, dtype=torch.long, device=self.model.device)
+                hidden, ctx = self.forward(tokens, batch, cache)
+                self.mtp_hidden(hidden, tokens, ctx)
+                step = self.model.context(BatchInfo([1], [context + 1], [0], [blocks]), cache, views=False)
+                self.mtp_hidden(hidden[:1], tokens[:1], step)
         except Exception as e:  # inductor raises many types; any of them means "compiled decode unavailable here"
             first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
             raise CompileDecodeError(f"compile_decode: torch.compile failed on this machine ({type(e).__name__}: "

@@ -88,7 +88,8 @@ class Engine:
         self.block_manager = BlockManager.from_plan(self.plan)
         policy = DraftLengthPolicy(spec_k, self.speculative.adaptive) if spec_k else None
         self.scheduler = Scheduler(sched_config, self.block_manager, policy)
-        self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode, speculative=spec_k > 0)
+        self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode, speculative=spec_k > 0,
+                                  num_speculative_tokens=spec_k)
         self.requests: dict[str, RequestState] = {}
         self._seq_to_sample: dict[int, tuple[RequestState, SampleState]] = {}
         self._ids = itertools.count()

@@ -45,10 +45,11 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: Qwen3NextForCausalLM, plan: CachePlan, compile_decode: bool = False,
-                 speculative: bool = False):
+                 speculative: bool = False, num_speculative_tokens: int = 0):
         """`compile_decode`: run decode steps through a torch.compile'd decoder (see engine/compiled.py), compiled
         here on this cache before any request (raises CompileDecodeError when this machine cannot compile).
-        `speculative`: MTP speculative decoding (the cache then holds the MTP layer's K/V too)."""
+        `speculative`: MTP speculative decoding (the cache then holds the MTP layer's K/V too); with compile_decode,
+        verifications of `num_speculative_tokens` drafts are compiled too."""
         self.model = model
         self.speculative = speculative
         self.cache = HybridCache(model.config, num_slots=plan.num_slots, num_blocks=plan.num_blocks,
@@ -58,7 +59,7 @@ class ModelRunner:
         if compile_decode:
             from .compiled import CompiledDecoder
 
-            compiled = CompiledDecoder(model)
+            compiled = CompiledDecoder(model, verify_tokens=1 + num_speculative_tokens if speculative else 0)
             compiled.warm_up(self.cache)
             self.compiled = compiled
 
@@ -73,9 +74,12 @@ class ModelRunner:
                          positions=batch.positions, kv_write_rows=batch.kv_write_indices,
                          capture_states=batch.has_drafts)
         tokens = torch.tensor(batch.input_ids, dtype=torch.long, device=model.device)
-        ctx = None
+        ctx, compiled_verify = None, False
         if self.compiled is not None and self.compiled.handles(info):
             hidden = self.compiled.hidden_states(tokens, info, self.cache)
+        elif self.compiled is not None and self.compiled.handles_verify(info):
+            hidden, ctx = self.compiled.forward(tokens, info, self.cache)
+            compiled_verify = True
         else:
             ctx = model.context(info, self.cache)
             hidden = model.hidden_states(tokens, ctx)
@@ -84,7 +88,7 @@ class ModelRunner:
             accepted = iter(out.num_accepted)
             ctx.commit_captured([1 + next(accepted) if e.needs_sample else e.num_new_tokens for e in batch.entries])
         if self.speculative and (batch.num_lookahead > 0 or not batch.is_decode_only):
-            drafts = self._mtp(batch, info, ctx, tokens, hidden, out)
+            drafts = self._mtp(batch, info, ctx, tokens, hidden, out, compiled_verify)
             if out is not None:
                 out.drafts = drafts
         return out
@@ -112,10 +116,11 @@ class ModelRunner:
         return StepOutput(sampled, runs, rows, [len(d) for d in drafts], [len(r) - 1 for r in runs])
 
     def _mtp(self, batch: ScheduledBatch, info: BatchInfo, ctx: ForwardContext | None, tokens: torch.Tensor,
-             hidden: torch.Tensor, out: StepOutput | None) -> list[list[int]]:
+             hidden: torch.Tensor, out: StepOutput | None, compiled_verify: bool = False) -> list[list[int]]:
         """The MTP head over this step's positions (main hidden state at t, the token at t + 1: the next fed
         token, the next known prompt token, or the token this step emitted), writing its own K/V there; then, for
-        every sampled entry, `num_lookahead` greedy drafts from its last kept position."""
+        every sampled entry, `num_lookahead` greedy drafts from its last kept position. After a compiled
+        verification, the head's forwards of a single sequence are compiled too."""
         model = self.model
         nxt = list(batch.input_ids[1:]) + [0]
         last_kept, runs = [], iter(out.tokens if out is not None else ())
@@ -130,7 +135,8 @@ class ModelRunner:
                 nxt[start + e.num_new_tokens - 1] = batch.next_token_ids[b]
         if ctx is None:  # the compiled step built its own context
             ctx = model.context(info, self.cache)
-        h = model.mtp_hidden(hidden, torch.tensor(nxt, dtype=torch.long, device=hidden.device), ctx)
+        h = self._mtp_hidden(hidden, torch.tensor(nxt, dtype=torch.long, device=hidden.device), ctx,
+                             compiled_verify)
         K = batch.num_lookahead
         if K == 0 or not last_kept:
             return [[] for _ in last_kept]
@@ -151,8 +157,8 @@ class ModelRunner:
             step = BatchInfo([1] * len(live), [pos[i] + j for i in live], [entries[i].seq.slot for i in live],
                              [list(entries[i].seq.block_table) for i in live])
             full = len(live) == len(entries)
-            h_live = model.mtp_hidden(h if full else h[sel], draft if full else draft[sel],
-                                      model.context(step, self.cache))
+            h_live = self._mtp_hidden(h if full else h[sel], draft if full else draft[sel],
+                                      model.context(step, self.cache, views=not compiled_verify), compiled_verify)
             d_live = model.lm_head(h_live).argmax(-1)
             if full:
                 h, draft = h_live, d_live
@@ -161,3 +167,10 @@ class ModelRunner:
             for i, t in zip(live, d_live.tolist()):
                 drafts[i].append(t)
         return drafts
+
+    def _mtp_hidden(self, hidden: torch.Tensor, next_tokens: torch.Tensor, ctx: ForwardContext,
+                    compiled: bool) -> torch.Tensor:
+        if compiled and self.compiled.handles_mtp(ctx):
+            return self.compiled.mtp_hidden(hidden, next_tokens, ctx)
+        return self.model.mtp_hidden(hidden, next_tokens, ctx)
+
