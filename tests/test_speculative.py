@@ -1,3 +1,4 @@
+# ruff: noqa: F811 -- the tiny engine model's fixtures come from test_engine_llm and are used as arguments
 """MTP speculative decoding through the engine: exact (greedy and seeded outputs token-identical to plain decoding,
 sampling distributed as the target), with chunked prefill, preemption, stop rules, logprobs, n > 1 and aborts; the
 draft-length policy; the configuration's errors."""
@@ -9,44 +10,17 @@ import random
 
 import pytest
 import torch
+from test_engine_llm import VOCAB, model, model_dir, prompts_of, tokenizer  # noqa: F401 (shared fixtures)
 
 from qwen3next.engine import runner as runner_module
 from qwen3next.engine.llm import LLM, Engine
 from qwen3next.engine.sampling import SamplingParams
 from qwen3next.engine.speculative import DraftLengthPolicy, SpecStats, SpeculativeConfig, accepted_run
-from qwen3next.tokenizer import Tokenizer
-from tiny_models import make_model, write_byte_tokenizer
-
-VOCAB = 261
+from tiny_models import make_model
 
 
 def spec(k: int, adaptive: bool = False) -> dict:
     return {"method": "mtp", "num_speculative_tokens": k, "adaptive": adaptive}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_spec")
-    make_model("base", vocab_size=VOCAB, max_position_embeddings=1024).save_pretrained(d)
-    write_byte_tokenizer(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    from qwen3next.checkpoint import load_model
-
-    return load_model(model_dir, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return Tokenizer.from_dir(model_dir)
-
-
-def prompts_of(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
 
 
 def run(engine: Engine, prompts, params) -> list:

@@ -88,7 +88,7 @@ class ModelRunner:
             accepted = iter(out.num_accepted)
             ctx.commit_captured([1 + next(accepted) if e.needs_sample else e.num_new_tokens for e in batch.entries])
         if self.speculative and (batch.num_lookahead > 0 or not batch.is_decode_only):
-            drafts = self._mtp(batch, info, ctx, tokens, hidden, out, compiled_verify)
+            drafts = self._mtp(batch, info, ctx, hidden, out, compiled_verify)
             if out is not None:
                 out.drafts = drafts
         return out
@@ -115,8 +115,8 @@ class ModelRunner:
             start += len(d) + 1
         return StepOutput(sampled, runs, rows, [len(d) for d in drafts], [len(r) - 1 for r in runs])
 
-    def _mtp(self, batch: ScheduledBatch, info: BatchInfo, ctx: ForwardContext | None, tokens: torch.Tensor,
-             hidden: torch.Tensor, out: StepOutput | None, compiled_verify: bool = False) -> list[list[int]]:
+    def _mtp(self, batch: ScheduledBatch, info: BatchInfo, ctx: ForwardContext | None, hidden: torch.Tensor,
+             out: StepOutput | None, compiled_verify: bool = False) -> list[list[int]]:
         """The MTP head over this step's positions (main hidden state at t, the token at t + 1: the next fed
         token, the next known prompt token, or the token this step emitted), writing its own K/V there; then, for
         every sampled entry, `num_lookahead` greedy drafts from its last kept position. After a compiled
