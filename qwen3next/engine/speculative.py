@@ -105,12 +105,12 @@ class DraftLengthPolicy:
     and picks the k with the best tokens / median step time. Lengths not yet timed in a bucket are tried first
     (longest first); the current choice is kept unless another is more than `margin` faster (no flapping on
     noise; 3x that to turn drafting on or off, which costs a step more). A busy machine makes step times drift, so
-    the neighbouring lengths (best - 1, best + 1) are timed again, one at a time: every `explore_every` steps while
-    the best is within 10% of the runner-up, 4x less often while it leads by less than 50%, 16x less often beyond
-    (exploring costs: a step at a worse length, two for a longer one, which has no drafts to verify
-    at its first step, and after a step without drafts, one more whose drafts are still missing). Only samples
-    from the last `horizon` steps count while there are `min_samples` of them. With `adaptive=False` it always
-    returns `max_k`.
+    the neighbouring lengths (best - 1, best + 1) and no drafting (0) are timed again, one at a time: every
+    `explore_every` steps while the best is within 10% of the runner-up, 4x less often while it leads by less than
+    50%, 16x less often beyond (exploring costs: a step at a worse length, two for a longer one, which has no
+    drafts to verify at its first step, and after a step without drafts, one more whose drafts are still missing).
+    Only samples from the last `horizon` steps count while there are `min_samples` of them. With `adaptive=False`
+    it always returns `max_k`.
     """
 
     def __init__(self, max_k: int, adaptive: bool = True, window: int = 16, explore_every: int = 32,
@@ -157,7 +157,7 @@ class DraftLengthPolicy:
         step = self._steps.get(bucket, 0)
         every = self.explore_every * (1 if lead < 1.1 else 4 if lead < 1.5 else 16)
         if step % every == every - 1:  # time another length now and then
-            others = [k for k in (best - 1, best + 1) if 0 <= k <= self.max_k]
+            others = sorted({k for k in (best - 1, best + 1, 0) if 0 <= k <= self.max_k} - {best})
             n = self._explored.get(bucket, 0)
             self._explored[bucket] = n + 1
             k = others[n % len(others)]
