@@ -120,6 +120,37 @@ def test_greedy_with_mtp_survives_preemption(model, tokenizer):
     assert engine.block_manager.num_free_blocks == engine.plan.num_blocks
 
 
+def test_drafts_are_verified_while_other_requests_prefill(model, tokenizer):
+    """Continuous batching: requests arrive while others decode, their prompts prefill in chunks of 8 in the same
+    steps as the verifications (run as two forwards); outputs equal plain decoding's."""
+    prompts = prompts_of([6, 11, 45, 37, 3], seed=12)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    opts = dict(max_memory="64MiB", max_num_seqs=5, max_model_len=256, prefill_chunk_size=8, block_size=16)
+    want = run(Engine(model, tokenizer=tokenizer, **opts), prompts, params)
+    engine = Engine(model, tokenizer=tokenizer, speculative_config=spec(2), **opts)
+    with_oracle_drafts(engine, {f"req-{i}": o.token_ids for i, o in enumerate(want)}, corrupt=0.2)
+    mixed = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        if batch is not None and batch.has_drafts and not batch.is_decode_step:
+            mixed.append(batch)
+        return batch
+
+    engine.scheduler.schedule = spy
+    reqs = [engine.add_request(p, params, request_id=f"req-{i}") for i, p in enumerate(prompts[:2])]
+    for i, p in enumerate(prompts[2:], start=2):  # each arrival after a few decode steps of the others
+        for _ in range(3):
+            engine.step()
+        reqs.append(engine.add_request(p, params, request_id=f"req-{i}"))
+    while engine.step():
+        pass
+    assert [r.output().token_ids for r in reqs] == [o.token_ids for o in want]
+    assert mixed  # verifications did share steps with prefill chunks
+    assert engine.spec_stats.num_accepted_tokens > 0
+
+
 # ---- exactness: sampling -----------------------------------------------------------------------------------------
 
 
@@ -178,7 +209,7 @@ def _verified_tokens_test(model, tokenizer, rule, samples=1500):
     saved = runner_module.accepted_run
     runner_module.accepted_run = rule
     try:
-        # in waves of max_num_seqs: a step that also prefills a new prompt decodes without drafts
+        # in waves of max_num_seqs: every request's 2nd token is decided by exactly one verification
         outs = [o.token_ids for _ in range(samples // 15) for o in run(engine, [prompt] * 15, params)]
     finally:
         runner_module.accepted_run = saved

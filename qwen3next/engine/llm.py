@@ -183,8 +183,7 @@ class Engine:
         # Time the whole step (detokenizing more tokens is part of what drafting costs) when it shows what a draft
         # length costs: decode steps without the MTP head (length 0) and verifications of that many drafts (not
         # the first step after a change, which has none to verify yet).
-        if policy is not None and batch.num_drafts == batch.num_lookahead and (batch.is_decode_only
-                                                                               or batch.has_drafts):
+        if policy is not None and batch.num_drafts == batch.num_lookahead and batch.is_decode_step:
             policy.record_step(len(batch), batch.num_drafts, time.perf_counter() - started)
         return True
 

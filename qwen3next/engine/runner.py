@@ -74,24 +74,51 @@ class ModelRunner:
                          positions=batch.positions, kv_write_rows=batch.kv_write_indices,
                          capture_states=batch.has_drafts)
         tokens = torch.tensor(batch.input_ids, dtype=torch.long, device=model.device)
-        ctx, compiled_verify = None, False
+        ctx, compiled_verify, verified = None, False, list(range(len(batch.entries)))
         if self.compiled is not None and self.compiled.handles(info):
             hidden = self.compiled.hidden_states(tokens, info, self.cache)
         elif self.compiled is not None and self.compiled.handles_verify(info):
             hidden, ctx = self.compiled.forward(tokens, info, self.cache)
             compiled_verify = True
+        elif batch.has_drafts and not batch.is_decode_step:
+            hidden, ctx, verified = self._split_forward(batch, tokens)
         else:
             ctx = model.context(info, self.cache)
             hidden = model.hidden_states(tokens, ctx)
         out = self._sample(batch, hidden) if batch.logits_indices else None
         if ctx is not None and ctx.captures_states:
-            accepted = iter(out.num_accepted)
-            ctx.commit_captured([1 + next(accepted) if e.needs_sample else e.num_new_tokens for e in batch.entries])
+            sample_of = {b: j for j, b in enumerate(batch.sample_indices)}
+            ctx.commit_captured([1 + out.num_accepted[sample_of[b]] for b in verified])
         if self.speculative and (batch.num_lookahead > 0 or not batch.is_decode_only):
-            drafts = self._mtp(batch, info, ctx, hidden, out, compiled_verify)
+            mtp_ctx = ctx if len(verified) == len(batch.entries) else None  # a split step: one context for all
+            drafts = self._mtp(batch, info, mtp_ctx, hidden, out, compiled_verify)
             if out is not None:
                 out.drafts = drafts
         return out
+
+    def _split_forward(self, batch: ScheduledBatch,
+                       tokens: torch.Tensor) -> tuple[torch.Tensor, ForwardContext, list[int]]:
+        """A step with prefill chunks and verifications: the state capture is for a few tokens per sequence, so the
+        prefill chunks run as one forward and the decode entries (with their drafts) as another. Returns the
+        hidden states in the batch's token order, the verification's context and its entries."""
+        model, qsl = self.model, batch.query_start_loc
+        decodes = batch.decode_entries
+        prefills = [b for b in range(len(batch.entries)) if b not in set(decodes)]
+        hidden, verify_ctx = None, None
+        for group, capture in ((prefills, False), (decodes, True)):
+            rows = [i for b in group for i in range(qsl[b], qsl[b + 1])]
+            sub = BatchInfo([batch.num_new_tokens[b] for b in group], [batch.context_lens[b] for b in group],
+                            [batch.slots[b] for b in group], [batch.block_tables[b] for b in group],
+                            positions=[batch.positions[i] for i in rows],
+                            kv_write_rows=[batch.kv_write_indices[i] for i in rows], capture_states=capture)
+            idx = torch.tensor(rows, dtype=torch.long, device=tokens.device)
+            ctx = model.context(sub, self.cache)
+            h = model.hidden_states(tokens.index_select(0, idx), ctx)
+            if hidden is None:
+                hidden = h.new_empty(len(batch.input_ids), h.shape[-1])
+            hidden.index_copy_(0, idx, h)
+            verify_ctx = ctx if capture else verify_ctx
+        return hidden, verify_ctx, decodes
 
     def _sample(self, batch: ScheduledBatch, hidden: torch.Tensor) -> StepOutput:
         """Target logits at every sampled row; the sampled token of plain entries, the accepted run of entries

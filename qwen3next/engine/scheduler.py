@@ -9,10 +9,10 @@ Every step is one forward over a flat batch that mixes decodes (1 token each) an
 The oldest running sequence is preempted only when it is the last one; since `add` refuses requests bigger
 than the whole pool, it then always fits, so every step makes progress.
 
-With speculative decoding (speculative.py), a step in which every entry is a decode gets drafts afterwards: each
-sequence feeds its last token plus up to k drafts (k from the `DraftLengthPolicy`), with blocks allocated for the
-positions the MTP head drafts at (`num_lookahead`). Drafts only use blocks and budget left after the plain
-schedule, so they never preempt or delay anyone; steps with a prefill chunk decode without drafts.
+With speculative decoding (speculative.py), the decode entries of a step get drafts afterwards: each sequence feeds
+its last token plus up to k drafts (k from the `DraftLengthPolicy`), with blocks allocated for the positions the MTP
+head drafts at (`num_lookahead`). Drafts only use blocks and budget left after the plain schedule, so they never
+preempt or delay anyone (prefill chunks in the same step are verified apart by the runner).
 """
 
 from __future__ import annotations
@@ -144,6 +144,16 @@ class ScheduledBatch:
         return all(n == 1 for n in self.num_new_tokens)
 
     @property
+    def decode_entries(self) -> list[int]:
+        """Entries that feed their last token (and drafts) only; the others are prefill chunks."""
+        return [b for b, e in enumerate(self.entries) if e.needs_sample and e.num_new_tokens == 1 + e.num_drafts]
+
+    @property
+    def is_decode_step(self) -> bool:
+        """Every entry decodes (with or without drafts)."""
+        return len(self.decode_entries) == len(self.entries)
+
+    @property
     def has_drafts(self) -> bool:
         return any(e.draft_token_ids for e in self.entries)
 
@@ -240,20 +250,24 @@ class Scheduler:
             return None
         lookahead = 0
         if self.draft_policy is not None:
-            lookahead = self.draft_policy.choose(len(entries))
-            if lookahead and all(e.num_new_tokens == 1 and e.needs_sample for e in entries):
-                entries = self._add_drafts(entries, lookahead, cfg.max_num_batched_tokens)
+            sampled = sum(1 for e in entries if e.needs_sample)  # the sequences that decode at the next step
+            lookahead = self.draft_policy.choose(sampled) if sampled else 0
+            if lookahead:
+                budget = cfg.max_num_batched_tokens - sum(e.num_new_tokens for e in entries)
+                entries = self._add_drafts(entries, lookahead, budget)
         return ScheduledBatch(entries, self.block_manager.block_size, lookahead)
 
     def _add_drafts(self, entries: list[ScheduledEntry], k: int, budget: int) -> list[ScheduledEntry]:
-        """Give decode entries up to `k` of their sequence's drafts, within the token budget and the free blocks
-        (for the verified positions and the k - 1 the MTP head drafts at after them), never past max_tokens or
-        max_model_len."""
+        """Give decode entries up to `k` of their sequence's drafts, within the tokens left in the step's `budget`
+        and the free blocks (for the verified positions and the k - 1 the MTP head drafts at after them), never past
+        max_tokens or max_model_len. Prefill chunks in the same step keep what they were given."""
         bm, max_len = self.block_manager, self.config.max_model_len
-        budget -= len(entries)
         out = []
         for e in entries:
             seq = e.seq
+            if e.num_new_tokens != 1 or not e.needs_sample:
+                out.append(e)
+                continue
             room = min(seq.params.max_tokens - seq.num_output_tokens, max_len - seq.num_tokens) - 1
             n = min(k, len(seq.draft_token_ids), room, budget)
             if n > 0:
