@@ -394,3 +394,19 @@ def test_compiled_decode_with_mtp_is_token_identical(model, tokenizer):
     assert any(calls)  # batch-1 verifications ran the compiled graph (the last sequence decodes alone)
     assert dict(torch._dynamo.utils.counters["stats"]) == graphs  # the warm-up compiled everything served
 
+
+
+def test_drafts_stop_at_max_model_len(model, tokenizer):
+    """Sequences that end exactly at max_model_len, with the longest drafts: never a token or a K/V row past the
+    limit (the lookahead blocks too), and the output of plain decoding."""
+    prompts = prompts_of([50, 57, 44], seed=13)
+    params = [SamplingParams(temperature=0, max_tokens=64 - len(p), ignore_eos=True) for p in prompts]
+    opts = dict(max_memory="64MiB", max_num_seqs=3, max_model_len=64, block_size=16)
+    want = run(Engine(model, tokenizer=tokenizer, **opts), prompts, params)
+    engine = Engine(model, tokenizer=tokenizer, speculative_config=spec(4), **opts)
+    with_oracle_drafts(engine, {f"req-{i}": o.token_ids for i, o in enumerate(want)}, corrupt=0.1)
+    got = run(engine, prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [len(p) + len(o.token_ids) for p, o in zip(prompts, got)] == [64, 64, 64]
+    assert engine.spec_stats.num_accepted_tokens > 0
+    assert engine.block_manager.num_free_blocks == engine.plan.num_blocks
