@@ -90,8 +90,8 @@ class CompiledDecoder:
         graph): batch 1 at two context lengths, then batches 2 and 3 (a size that changes from 1 stays specialised,
         so it takes a second change before the batch size becomes dynamic), then 9 if the cache has room (the CPU
         attention kernel adds a guard at 8). Uses the first slots and blocks and zeroes those slots' DeltaNet state
-        afterwards. With `verify_tokens`, also a verification of that many tokens and the MTP head's forwards (batch 1,
-two context lengths). Raises CompileDecodeError naming the cause if torch.compile fails."""
+        afterwards. With `verify_tokens`, also a verification of that many tokens and the MTP head's forwards
+        (batch 1, two context lengths). Raises CompileDecodeError naming the cause if torch.compile fails."""
         if cache.num_slots < 2 or cache.num_blocks < 2 or cache.block_size < 4:
             raise ValueError("CompiledDecoder.warm_up: the cache needs at least 2 slots and 2 blocks of >= 4 tokens")
         room = min(cache.num_slots, cache.num_blocks)

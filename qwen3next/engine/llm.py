@@ -83,13 +83,11 @@ class Engine:
                                        max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
                                        max_model_len=max_model_len, chunked_prefill=chunked_prefill,
                                        prefill_chunk_size=prefill_chunk_size,
-                                       eos_token_ids=tuple(self.tokenizer.eos_token_ids),
-                                       num_speculative_tokens=spec_k)
+                                       eos_token_ids=tuple(self.tokenizer.eos_token_ids))
         self.block_manager = BlockManager.from_plan(self.plan)
         policy = DraftLengthPolicy(spec_k, self.speculative.adaptive) if spec_k else None
         self.scheduler = Scheduler(sched_config, self.block_manager, policy)
-        self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode, speculative=spec_k > 0,
-                                  num_speculative_tokens=spec_k)
+        self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode, num_speculative_tokens=spec_k)
         self.requests: dict[str, RequestState] = {}
         self._seq_to_sample: dict[int, tuple[RequestState, SampleState]] = {}
         self._ids = itertools.count()

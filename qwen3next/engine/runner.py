@@ -45,13 +45,13 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: Qwen3NextForCausalLM, plan: CachePlan, compile_decode: bool = False,
-                 speculative: bool = False, num_speculative_tokens: int = 0):
+                 num_speculative_tokens: int = 0):
         """`compile_decode`: run decode steps through a torch.compile'd decoder (see engine/compiled.py), compiled
         here on this cache before any request (raises CompileDecodeError when this machine cannot compile).
-        `speculative`: MTP speculative decoding (the cache then holds the MTP layer's K/V too); with compile_decode,
-        verifications of `num_speculative_tokens` drafts are compiled too."""
+        `num_speculative_tokens` > 0: MTP speculative decoding with up to that many drafts (the cache then holds
+        the MTP layer's K/V too); with compile_decode, verifications of that many drafts are compiled too."""
         self.model = model
-        self.speculative = speculative
+        self.speculative = speculative = num_speculative_tokens > 0
         self.cache = HybridCache(model.config, num_slots=plan.num_slots, num_blocks=plan.num_blocks,
                                  block_size=plan.block_size, dtype=model.dtype, device=model.device,
                                  layout=model.cache_layout(include_mtp=speculative))
@@ -89,7 +89,8 @@ class ModelRunner:
         if ctx is not None and ctx.captures_states:
             sample_of = {b: j for j, b in enumerate(batch.sample_indices)}
             ctx.commit_captured([1 + out.num_accepted[sample_of[b]] for b in verified])
-        if self.speculative and (batch.num_lookahead > 0 or not batch.is_decode_only):
+        # Prefill chunks always run the MTP head (its K/V must cover the prompt); decodes only when drafting.
+        if self.speculative and (batch.num_lookahead > 0 or not batch.is_decode_step):
             mtp_ctx = ctx if len(verified) == len(batch.entries) else None  # a split step: one context for all
             drafts = self._mtp(batch, info, mtp_ctx, hidden, out, compiled_verify)
             if out is not None:
@@ -126,13 +127,8 @@ class ModelRunner:
         model = self.model
         idx = torch.tensor(batch.logits_indices, dtype=torch.long, device=model.device)
         logits = model.lm_head(hidden.index_select(0, idx)).float()
-        seqs, drafts = batch.sampled_seqs, [batch.entries[i].draft_token_ids for i in batch.sample_indices]
-        if not batch.has_drafts:
-            sampled = sample(logits, SamplingBatch.for_sequences(seqs, logits.device))
-            tokens = sampled.token_ids.tolist()
-            return StepOutput(sampled, [[t] for t in tokens], [[j] for j in range(len(tokens))], [0] * len(tokens),
-                              [0] * len(tokens))
-        sampled = sample(logits, SamplingBatch.for_verification(seqs, drafts, logits.device))
+        drafts = [batch.entries[i].draft_token_ids for i in batch.sample_indices]
+        sampled = sample(logits, SamplingBatch.for_sequences(batch.sampled_seqs, logits.device, drafts))
         targets = sampled.token_ids.tolist()
         runs, rows, start = [], [], 0
         for d in drafts:

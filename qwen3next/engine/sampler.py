@@ -51,38 +51,24 @@ class SamplingBatch:
     allowed: torch.Tensor | None = None
 
     @classmethod
-    def for_sequences(cls, seqs: SequenceLike[Sequence], device: torch.device | str) -> SamplingBatch:
+    def for_sequences(cls, seqs: SequenceLike[Sequence], device: torch.device | str,
+                      drafts: SequenceLike[SequenceLike[int]] | None = None) -> SamplingBatch:
         """The batch of these sequences' next tokens: their params, a generator per seeded sequence (seeded by the
         sequence's own token count, so a draw does not depend on the rest of the batch) and, when some sequence
-        has a penalty, the token histories."""
-        generators = []
-        for s in seqs:
-            seed = s.sampling_seed()
-            generators.append(None if seed is None else torch.Generator(device=device).manual_seed(seed))
-        params = [s.params for s in seqs]
-        if not any(p.has_penalties for p in params):
-            return cls(params, generators)
-        return cls(params, generators, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs])
+        has a penalty, the token histories.
 
-
-    @classmethod
-    def for_verification(cls, seqs: SequenceLike[Sequence], drafts: SequenceLike[SequenceLike[int]],
-                         device: torch.device | str) -> SamplingBatch:
-        """The batch of a speculative verification: sequence i owns 1 + len(drafts[i]) consecutive rows, row j
+        With `drafts` (a speculative verification), sequence i owns 1 + len(drafts[i]) consecutive rows, row j
         sampling the token j positions ahead exactly as plain decoding would once drafts[i][:j] were emitted (its
         seed for that position; its output history extended by those drafts for the penalties)."""
+        drafts = drafts if drafts is not None else [()] * len(seqs)
         params, generators, prompts, outputs = [], [], [], []
         for s, d in zip(seqs, drafts):
             for j in range(len(d) + 1):
                 seed = s.sampling_seed(j)
                 generators.append(None if seed is None else torch.Generator(device=device).manual_seed(seed))
                 params.append(s.params)
-                if s.params.has_penalties:
-                    prompts.append(s.prompt_token_ids)
-                    outputs.append(s.output_token_ids + list(d[:j]))
-                else:
-                    prompts.append(())
-                    outputs.append(())
+                prompts.append(s.prompt_token_ids)
+                outputs.append(s.output_token_ids + list(d[:j]) if j else s.output_token_ids)
         if not any(p.has_penalties for p in params):
             return cls(params, generators)
         return cls(params, generators, prompts, outputs)

@@ -40,7 +40,6 @@ class SchedulerConfig:
     chunked_prefill: bool = True
     prefill_chunk_size: int = 512
     eos_token_ids: tuple[int, ...] = ()
-    num_speculative_tokens: int = 0  # most drafts per sequence and step (0: no speculative decoding)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "prefill_chunk_size"):
@@ -78,12 +77,11 @@ class ScheduledBatch:
     `[num_blocks * block_size]` that the token's K/V goes to); the runner's `BatchInfo` takes positions and rows
     from here. Per sequence (B = len(entries)): `num_new_tokens`, `context_lens`, `slots`, `block_tables`
     (snapshots taken at schedule time), `query_start_loc` ([B + 1] offsets into the flat tokens). Sampling:
-    `sample_indices` (entry positions that need a token, in order), `logits_indices` (flat index of each of their
-    last tokens, or of every fed token of an entry with drafts) and `num_logits` (how many of those rows each
-    sampled entry owns: 1 + its drafts). `next_token_ids` (per entry): the known token after its last fed one (a
-    prompt chunk that is not the last), None where that token is sampled in this step. `num_lookahead`: how many
-    drafts the MTP head proposes for the next step (0: none). `slot_ops`: operations on whole state slots that the
-    runner applies, in order, before the forward.
+    `sample_indices` (entry positions that need a token, in order) and `logits_indices` (flat index of each of
+    their last tokens, or of every fed token of an entry with drafts: 1 + its drafts rows). `next_token_ids` (per
+    entry): the known token after its last fed one (a prompt chunk that is not the last), None where that token is
+    sampled in this step. `num_lookahead`: how many drafts the MTP head proposes for the next step (0: none).
+    `slot_ops`: operations on whole state slots that the runner applies, in order, before the forward.
     """
 
     def __init__(self, entries: list[ScheduledEntry], block_size: int, num_lookahead: int = 0):
@@ -95,7 +93,6 @@ class ScheduledBatch:
         self.query_start_loc: list[int] = [0]
         self.sample_indices: list[int] = []
         self.logits_indices: list[int] = []
-        self.num_logits: list[int] = []
         self.block_tables: list[list[int]] = []
         self.next_token_ids: list[int | None] = []
         self.num_lookahead = num_lookahead
@@ -111,7 +108,6 @@ class ScheduledBatch:
             self.next_token_ids.append(None if e.needs_sample else e.seq.token_ids_between(stop, stop + 1)[0])
             if e.needs_sample:
                 self.sample_indices.append(i)
-                self.num_logits.append(1 + e.num_drafts)
                 self.logits_indices += range(self.query_start_loc[-1] - 1 - e.num_drafts, self.query_start_loc[-1])
         self.num_new_tokens = [e.num_new_tokens for e in entries]
         self.context_lens = [e.context_len for e in entries]
@@ -140,10 +136,6 @@ class ScheduledBatch:
         return [self.entries[i].seq for i in self.sample_indices]
 
     @property
-    def is_decode_only(self) -> bool:
-        return all(n == 1 for n in self.num_new_tokens)
-
-    @property
     def decode_entries(self) -> list[int]:
         """Entries that feed their last token (and drafts) only; the others are prefill chunks."""
         return [b for b, e in enumerate(self.entries) if e.needs_sample and e.num_new_tokens == 1 + e.num_drafts]
@@ -168,8 +160,7 @@ class Scheduler:
                  draft_policy: DraftLengthPolicy | None = None):
         self.config = config
         self.block_manager = block_manager
-        k = config.num_speculative_tokens
-        self.draft_policy = draft_policy or (DraftLengthPolicy(k) if k else None)
+        self.draft_policy = draft_policy  # speculative decoding: how many drafts per step (None: off)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order, oldest first
         self._live: dict[str, Sequence] = {}

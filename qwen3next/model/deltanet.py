@@ -31,9 +31,17 @@ from .norm import GatedRMSNorm
 def conv_states_per_token(state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The conv state after each of T new input frames: state [B, C, W-1] (oldest first), x [B, T, C] ->
     [B, T, C, W-1], entry t holding the last W-1 frames of [state, x[:, :t + 1]] in the state's dtype."""
-    width = state.shape[-1]
-    frames = torch.cat([state, x.to(state.dtype).transpose(1, 2)], dim=-1)  # [B, C, W-1+T]
-    return frames.unfold(-1, width, 1)[:, :, 1:].permute(0, 2, 1, 3).contiguous()
+    return _conv_windows(_conv_frames(state, x), state.shape[-1], x.shape[1])
+
+
+def _conv_frames(state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[state, x] along time: [B, C, W-1+T] in the state's dtype."""
+    return torch.cat([state, x.to(state.dtype).transpose(1, 2)], dim=-1)
+
+
+def _conv_windows(frames: torch.Tensor, length: int, T: int) -> torch.Tensor:
+    """The `length` frames ending at each of the last T frames: frames [B, C, F] -> [B, T, C, length] (a view)."""
+    return frames.unfold(-1, length, 1)[:, :, -T:].transpose(1, 2)
 
 
 class GatedDeltaNet(nn.Module):
@@ -158,10 +166,10 @@ class GatedDeltaNet(nn.Module):
         conv_state = conv_rows.read()  # [B, C, W-1]
         width = conv_state.shape[-1] + 1
         dtype = rec_rows.pool.dtype
-        frames = torch.cat([conv_state, qkvz[:, :C].view(B, T, C).transpose(1, 2).to(conv_state.dtype)], dim=-1)
+        frames = _conv_frames(conv_state, qkvz[:, :C].view(B, T, C))
         weight = self.conv1d.weight.view(C, width).to(dtype)
-        qkv = F.silu((frames.to(dtype).unfold(-1, width, 1) * weight[:, None, :]).sum(-1)).transpose(1, 2)  # [B,T,C]
-        ctx.captured[(self.cache_key, "conv")] = frames.unfold(-1, width - 1, 1)[:, :, 1:].transpose(1, 2)
+        qkv = F.silu((_conv_windows(frames.to(dtype), width, T) * weight).sum(-1))  # [B, T, C]
+        ctx.captured[(self.cache_key, "conv")] = _conv_windows(frames, width - 1, T)
         qk = l2_normalize(qkv[..., : 2 * self.key_dim].reshape(B, T, 2 * H, K))
         q, k = qk[:, :, :H] * K ** -0.5, qk[:, :, H:]
         v = qkv[..., 2 * self.key_dim:].reshape(B, T, HV, V)
@@ -178,4 +186,3 @@ class GatedDeltaNet(nn.Module):
         o = torch.stack(outs, dim=1).view(B * T, HV, V)
         z = qkvz[:, C:].reshape(B * T, HV, V)
         return self.out_proj(self.norm(o, z).reshape(B * T, HV * V))
-
