@@ -147,11 +147,21 @@ def _snapshot(engine: Engine) -> dict[str, object]:
             "drafted_per_position": list(s.drafted_per_position)}
 
 
+def _combine(x: dict[str, object], y: dict[str, object], sign: int) -> dict[str, object]:
+    """Counter snapshots added (sign 1) or subtracted (-1), key by key (lists element-wise)."""
+    return {k: [a + sign * b for a, b in zip(v, y[k])] if isinstance(v, list) else v + sign * y[k]
+            for k, v in x.items()}
+
+
 def _delta(after: dict[str, object], before: dict[str, object]) -> dict[str, object]:
-    out = {}
-    for k, v in after.items():
-        out[k] = [a - b for a, b in zip(v, before[k])] if isinstance(v, list) else v - before[k]
-    return out
+    return _combine(after, before, -1)
+
+
+def _total(counters: list[dict[str, object]]) -> dict[str, object]:
+    total = counters[0]
+    for c in counters[1:]:
+        total = _combine(total, c, 1)
+    return total
 
 
 @dataclass
@@ -192,12 +202,8 @@ def run_batch(engine: Engine, prompts: list[list[int]], max_tokens: int) -> _Run
 def run_groups(engine: Engine, groups: list[list[list[int]]], max_tokens: int) -> _Run:
     """`run_batch` over each group in turn; times, tokens and counters added up."""
     runs = [run_batch(engine, g, max_tokens) for g in groups]
-    counters = runs[0].counters
-    for r in runs[1:]:
-        counters = {k: ([a + b for a, b in zip(v, r.counters[k])] if isinstance(v, list) else v + r.counters[k])
-                    for k, v in counters.items()}
     return _Run(sum(r.seconds for r in runs), sum(r.tokens for r in runs), [t for r in runs for t in r.token_ids],
-                counters)
+                _total([r.counters for r in runs]))
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:
@@ -208,10 +214,7 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 def _row(mode: str, batch: int, plain: list[_Run], spec: list[_Run], k: int, engine: Engine,
          mismatches: list[dict[str, object]]) -> dict[str, object]:
     """The report row of one (mode, batch): timed rounds, speedups, the acceptance over the timed rounds."""
-    total: dict[str, object] = {}
-    for r in spec:
-        total = r.counters if not total else {key: ([a + b for a, b in zip(v, r.counters[key])] if isinstance(v, list)
-                                                    else v + r.counters[key]) for key, v in total.items()}
+    total = _total([r.counters for r in spec])
     drafts, drafted = total["num_drafts"], total["drafted_per_position"][:k]
     by_position = [a / d if d else None for a, d in zip(total["accepted_per_position"][:k], drafted)]
     plain_steps = sum(r.counters["steps"] for r in plain)
