@@ -43,7 +43,7 @@ KERNELS_ENV = "QWEN3NEXT_KERNELS"
 FMT_F32, FMT_BF16, FMT_INT8, FMT_INT4 = 32, 16, 8, 4
 FORMATS = (FMT_F32, FMT_BF16, FMT_INT8, FMT_INT4)
 FLOAT_FORMATS = {torch.float32: FMT_F32, torch.bfloat16: FMT_BF16}  # the unquantized weight dtypes the ops take
-_SOURCE = Path(__file__).with_name("decode_kernels.cpp")
+_SOURCES = (Path(__file__).with_name("decode_kernels.cpp"), Path(__file__).with_name("delta_rule.cpp"))
 
 _enabled = os.environ.get(KERNELS_ENV, "1") != "0"
 _loaded: bool | None = None  # None: not tried yet
@@ -86,7 +86,8 @@ def _load() -> bool:
         try:
             from torch.utils import cpp_extension
 
-            digest = hashlib.sha1(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+            sources = b"".join(p.read_bytes() for p in _SOURCES)
+            digest = hashlib.sha1(sources + torch.__version__.encode()).hexdigest()[:12]
             name = f"qwen3next_kernels_{digest}"
             build_dir = getattr(cpp_extension, "_get_build_directory", None)  # torch's own cache location
             built = Path(build_dir(name, verbose=False)) / f"{name}.so" if build_dir else None
@@ -95,7 +96,7 @@ def _load() -> bool:
             else:
                 print("qwen3next: building the native CPU kernels (once per version, ~20-40 s; QWEN3NEXT_KERNELS=0 "
                       "skips them)", file=sys.stderr, flush=True)
-                cpp_extension.load(name=name, sources=[str(_SOURCE)],
+                cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES],
                                    extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
                                    is_python_module=False, verbose=False)
             _register_fakes()
@@ -122,6 +123,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("qwen3next::moe")
     def _moe_fake(x, weights, ids, gate_up, gate_up_aux, down, down_aux, fmt, group_size):
         return x.new_empty(x.shape)
+
+    @torch.library.register_fake("qwen3next::gated_delta_rule")
+    def _delta_fake(q, k, v, g, beta, state):
+        return v.new_empty(v.shape), state.new_empty(state.shape)
 
 
 def set_isa(name: str) -> str:
@@ -160,6 +165,17 @@ def dequantize(w: torch.Tensor, aux: torch.Tensor, fmt: int, group_size: int = 0
     prefill-sized products, which then run as one fp32 GEMM (twin: `quant.linear.dequantize_int8 / _int4`)."""
     _require()
     return torch.ops.qwen3next.dequantize(w, aux, fmt, group_size)
+
+
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule over T tokens, token by token, in C++ (delta_rule.cpp): fp32 q, k [B, T, H, K] (q/k
+    normalised, q scaled, as for ops.gated_delta), v [B, T, HV, V], g, beta [B, T, HV], state [B, HV, K, V] or None
+    (zeros; not modified). Returns o [B, T, HV, V] and the final state, fp32. Twin: `recurrent_gated_delta_rule`."""
+    _require()
+    if state is None:
+        state = q.new_zeros(q.shape[0], v.shape[2], q.shape[3], v.shape[3])
+    return torch.ops.qwen3next.gated_delta_rule(q, k, v, g, beta, state)
 
 
 # ---- pure-torch twins ----------------------------------------------------------------------------------------------

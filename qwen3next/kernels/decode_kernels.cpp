@@ -34,7 +34,7 @@ enum Fmt : int64_t { I4 = 4, I8 = 8, BF16 = 16, F32 = 32 };
 
 static int g_isa = -1;  // -1: not decided yet; 0: scalar; 1: AVX2 + FMA
 
-static bool use_avx2() {
+bool use_avx2() {  // also used by delta_rule.cpp
   if (g_isa < 0) {
 #if QK_X86
     g_isa = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;

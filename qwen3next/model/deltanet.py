@@ -19,7 +19,8 @@ from torch import nn
 
 from ..config import Qwen3NextConfig
 from ..ops.conv import causal_conv1d, causal_conv1d_update
-from ..ops.dispatch import fast_decode, threshold
+from .. import kernels
+from ..ops.dispatch import fast_decode, native_kernels, threshold
 from ..ops.gated_delta import chunk_gated_delta_rule, gated_delta_step, recurrent_gated_delta_rule
 from ..ops.norm import l2_normalize
 from .batch import ForwardContext, StateRows
@@ -121,6 +122,8 @@ class GatedDeltaNet(nn.Module):
             states = torch.empty(Bsz, T, HV, K, V, dtype=rec_rows.pool.dtype, device=x.device)
             o, _ = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init, states_out=states)
             ctx.captured[(self.cache_key, "recurrent")] = states
+        elif native_kernels(q) and (init is None or init.dtype == torch.float32):
+            o, final = kernels.gated_delta_rule(q, k, v, g, beta, init)
         elif T <= threshold("delta_rule_token_loop"):  # the token loop beats the chunked form for short inputs
             o, final = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init)
         else:

@@ -1,0 +1,126 @@
+"""The native prefill delta rule (`qwen3next::gated_delta_rule`, kernels/delta_rule.cpp): parity with the literal
+recurrence in float64 (AVX2 and scalar code, odd head sizes, grouped heads, an initial state, strided inputs, padded
+steps), its use in the DeltaNet layer, and the switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3next import kernels
+from qwen3next.ops.gated_delta import chunk_gated_delta_rule, naive_gated_delta_rule
+from tiny_models import make_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels unavailable: {kernels.load_error()}")
+
+
+@pytest.fixture(params=["avx2", "scalar"])
+def isa(request):
+    old = kernels.set_isa(request.param)
+    if kernels.set_isa(request.param) != request.param:
+        pytest.skip("this CPU has no AVX2 + FMA")
+    yield request.param
+    kernels.set_isa(old)
+
+
+def _inputs(B, T, H, HV, K, V, seed=0, state=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g, dtype=torch.float64), dim=-1) * K ** -0.5
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, T, HV, V, generator=g, dtype=torch.float64)
+    gate = -torch.rand(B, T, HV, generator=g, dtype=torch.float64) * 2  # decays from e^-2 to 1
+    beta = torch.rand(B, T, HV, generator=g, dtype=torch.float64)
+    s0 = torch.randn(B, HV, K, V, generator=g, dtype=torch.float64) if state else None
+    return q, k, v, gate, beta, s0
+
+
+@pytest.mark.parametrize("shape", [
+    (1, 37, 1, 1, 16, 32),   # one full 32-column block
+    (2, 45, 2, 4, 8, 64),    # grouped heads (two value heads per q/k head), two blocks
+    (1, 20, 1, 2, 12, 48),   # a 32-column block and a 16-column one
+    (2, 9, 1, 3, 5, 24),     # a 24-column tail: the scalar code under AVX2
+    (1, 33, 2, 2, 64, 8),    # an 8-column block
+])
+def test_matches_the_literal_recurrence(isa, shape):
+    q, k, v, g, beta, s0 = _inputs(*shape)
+    o_ref, s_ref = naive_gated_delta_rule(q, k, v, g, beta, s0)
+    o, s = kernels.gated_delta_rule(q.float(), k.float(), v.float(), g.float(), beta.float(), s0.float())
+    assert o.dtype == s.dtype == torch.float32
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(s.double(), s_ref, atol=2e-5, rtol=1e-5)
+
+
+def test_zero_state_default_and_state_left_untouched(isa):
+    q, k, v, g, beta, s0 = (x.float() for x in _inputs(1, 11, 1, 2, 16, 16))
+    o, s = kernels.gated_delta_rule(q, k, v, g, beta)
+    o_ref, s_ref = naive_gated_delta_rule(q.double(), k.double(), v.double(), g.double(), beta.double())
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-5)
+    before = s0.clone()
+    kernels.gated_delta_rule(q, k, v, g, beta, s0)
+    assert torch.equal(s0, before)
+
+
+def test_strided_inputs_and_padded_steps(isa):
+    """v as a slice of a wider tensor (what the layer passes: a split of the conv output), q/k views; steps with
+    g = 0 and beta = 0 (right padding) leave the state as it was."""
+    q, k, v, g, beta, s0 = (x.float() for x in _inputs(2, 19, 2, 4, 16, 32, seed=3))
+    wide = torch.randn(2, 19, 4, 48)
+    wide[..., 8:40] = v
+    v_view = wide[..., 8:40]
+    assert not v_view.is_contiguous()
+    g[1, 12:] = 0
+    beta[1, 12:] = 0
+    o, s = kernels.gated_delta_rule(q, k, v_view, g, beta, s0)
+    o_ref, s_ref = naive_gated_delta_rule(q.double(), k.double(), v.double(), g.double(), beta.double(), s0.double())
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(s.double(), s_ref, atol=2e-5, rtol=1e-5)
+    _, s_short = naive_gated_delta_rule(*(x[1:, :12].double() for x in (q, k, v, g, beta)), s0[1:].double())
+    torch.testing.assert_close(s[1:].double(), s_short, atol=2e-5, rtol=1e-5)
+
+
+def test_long_input_agrees_with_the_chunked_form():
+    """A few thousand tokens at the `small` preset's head sizes: both fp32 forms stay within fp32 rounding of the
+    float64 chunked result."""
+    q, k, v, g, beta, s0 = _inputs(1, 3000, 2, 4, 64, 64, seed=5)
+    g = g / 20  # slow decay: a long memory, where rounding would accumulate
+    o_ref, s_ref = chunk_gated_delta_rule(q, k, v, g, beta, s0)
+    o, s = kernels.gated_delta_rule(q.float(), k.float(), v.float(), g.float(), beta.float(), s0.float())
+    torch.testing.assert_close(o.double(), o_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s.double(), s_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_arguments_are_clear_errors():
+    q, k, v, g, beta, s0 = (x.float() for x in _inputs(1, 4, 1, 2, 8, 8))
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.gated_delta_rule(q.double(), k, v, g, beta, s0)
+    with pytest.raises(RuntimeError, match="state must be"):
+        kernels.gated_delta_rule(q, k, v, g, beta, s0[:, :1])
+    with pytest.raises(RuntimeError, match="g and beta"):
+        kernels.gated_delta_rule(q, k, v, g[:, :2], beta, s0)
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_the_layer_takes_the_native_path_and_matches_the_torch_path(use_cache, monkeypatch):
+    """A whole model's prefill (a prompt in two chunks through the cache, or one forward without one) with the
+    kernels on equals the torch path (chunked delta rule) to fp32 rounding, and the kernel really ran."""
+    model = make_model(seed=4).float().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 70), generator=torch.Generator().manual_seed(1))
+
+    def run(native: bool) -> torch.Tensor:
+        previous = kernels.set_enabled(native)
+        try:
+            with torch.no_grad():
+                if not use_cache:
+                    return model(ids)
+                cache = model.new_cache(2, 70)
+                return torch.cat([model(ids[:, a:b], cache) for a, b in ((0, 40), (40, 70))], dim=1)
+        finally:
+            kernels.set_enabled(previous)
+
+    torch_out = run(False)
+    calls = []
+    real = kernels.gated_delta_rule
+    monkeypatch.setattr(kernels, "gated_delta_rule", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    native_out = run(True)
+    assert len(calls) == (2 if use_cache else 1) * len(model.config.linear_layers)
+    torch.testing.assert_close(native_out, torch_out, atol=2e-4, rtol=1e-4)
