@@ -27,7 +27,8 @@ def test_every_entry_names_real_code_for_both_twins():
 def test_default_thresholds():
     assert {p.name: p.threshold for p in dispatch.FAST_PATHS if p.threshold is not None} == {
         "onednn_linear": 1 << 18, "delta_rule_token_loop": 16, "experts_gathered": 16, "int8_kernel": 32,
-        "quant_experts_few_tokens": 16, "native_linear": 8, "native_moe": 16}
+        "quant_experts_few_tokens": 16, "native_linear": 8, "native_moe": 16,
+        "attention_context_split": 1 << 20}
     assert dispatch.threshold("delta_rule_token_loop") == 16
 
 

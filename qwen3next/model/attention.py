@@ -8,12 +8,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Qwen3NextConfig
+from ..ops.dispatch import enabled, threshold
 from ..ops.norm import rms_norm_zero_centered
 from ..ops.rope import apply_partial_rope
 from .batch import ForwardContext
 from .layout import KVSpec
 from .linear import Linear
 from .norm import RMSNorm
+
+
+def context_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
+                            context_lens: list[int]) -> torch.Tensor:
+    """Causal attention of new tokens over their sequence's cached context and themselves, without a mask.
+
+    q [B, H, T, Dh] (sequence b's n_b = seq_lens[b] queries first, padding after), k, v [B, HKV, L, Dh] (its
+    c_b = context_lens[b] cached keys, then its n_b new ones). Per sequence two flash-attention calls: the queries
+    over the context keys (all visible) and over the new keys (SDPA's causal form), each returning its log-sum-exp,
+    merged exactly: o = (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2). Memory O(T x Dh) per head besides K/V: no
+    [T, L] mask or score matrix, whatever the context length. Twin: SDPA with the explicit [B, 1, T, L] mask.
+    Padded query rows come back zero."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out = q.new_zeros(q.shape)
+    for b, (n, c) in enumerate(zip(seq_lens, context_lens)):
+        qb = q[b:b + 1, :, :n]
+        o_new, lse_new = flash(qb, k[b:b + 1, :, c:c + n], v[b:b + 1, :, c:c + n], is_causal=True)
+        if c == 0:
+            out[b, :, :n] = o_new[0]
+            continue
+        o_ctx, lse_ctx = flash(qb, k[b:b + 1, :, :c], v[b:b + 1, :, :c])
+        top = torch.maximum(lse_ctx, lse_new)
+        w_ctx, w_new = (lse_ctx - top).exp_().unsqueeze(-1), (lse_new - top).exp_().unsqueeze(-1)  # [1, H, n, 1]
+        merged = (o_ctx.float() * w_ctx).addcmul_(o_new.float(), w_new).div_(w_ctx + w_new)
+        out[b, :, :n] = merged[0].to(q.dtype)
+    return out
 
 
 class GatedAttention(nn.Module):
@@ -60,12 +87,18 @@ class GatedAttention(nn.Module):
             kv.write(v_pool, v)
             kp = kv.read(k_pool).transpose(1, 2).to(q.dtype)  # [B, HKV, L, Dh]
             vp = kv.read(v_pool).transpose(1, 2).to(q.dtype)
-            mask, sees_all_keys = kv.mask, kv.sees_all_keys
+            sees_all_keys = kv.sees_all_keys
+            split = (not sees_all_keys and not tokens.is_uniform and not tokens.is_decode and qp.device.type == "cpu"
+                     and enabled("attention_context_split")
+                     and kv.batch_size * tokens.padded_len * kv.kv_len >= threshold("attention_context_split"))
+            mask = None if sees_all_keys or tokens.is_uniform or split else kv.mask
         else:
             kp, vp = tokens.pad(k).transpose(1, 2), tokens.pad(v).transpose(1, 2)
-            mask, sees_all_keys = tokens.mask, False
+            mask, sees_all_keys, split = tokens.mask, False, False
         if sees_all_keys:
             o = F.scaled_dot_product_attention(qp, kp, vp, enable_gqa=H != HKV)
+        elif split:
+            o = context_split_attention(qp, kp, vp, kv.seq_lens, kv.context_lens)
         elif mask is None or tokens.is_uniform:  # fresh equal-length prompts: SDPA's causal mask is exact
             o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=H != HKV)
         else:

@@ -232,7 +232,9 @@ class KVAccess:
         # (first row, row stride) when sequence b's L keys are pool rows first + b * stride ...: read as a view
         self.view = _strided_kv_view(block_tables, totals, L, block_size, num_blocks) if views else None
         self.read_index: torch.Tensor | None = None  # [B, L] pool rows, when K/V are gathered
-        self.mask: torch.Tensor | None = None  # [B, 1, T, L] bool, True = attend
+        self.seq_lens, self.context_lens = list(seq_lens), list(context_lens)  # per sequence, as Python ints
+        self._mask: torch.Tensor | None = None  # [B, 1, T, L] bool, True = attend; built when first read
+        self._mask_args: tuple[torch.Tensor, torch.Tensor] | None = None
         if write_rows is None and self.view is not None and self.sees_all_keys:  # the common decode step
             write_rows = [paged_row(t, c, block_size) for t, c in zip(block_tables, context_lens)]
         self.write_index = None if write_rows is None else torch.tensor(write_rows, dtype=torch.long, device=device)
@@ -250,7 +252,18 @@ class KVAccess:
             self.write_index = rows[b_of, tokens.positions]  # [N]
         q_pos = torch.arange(tokens.padded_len, device=device)[None, :] + torch.tensor(context_lens, device=device)[
             :, None]  # [B, T]
-        self.mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]
+        self._mask_args = (key_pos, q_pos)
+        if not views:  # the compiled decoder's inputs: built here, outside its graph
+            self._mask = self.mask
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """[B, 1, T, L] bool (True = attend), or None when no read needs one. Built on first use: prefill chunks
+        over a long context take the mask-free path (attention.py) and never pay for its B x T x L booleans."""
+        if self._mask is None and self._mask_args is not None:
+            key_pos, q_pos = self._mask_args
+            self._mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]
+        return self._mask
 
     def write(self, pool: torch.Tensor, x: torch.Tensor) -> None:
         """Store the new tokens' keys (or values) x [N, ...] at their rows."""

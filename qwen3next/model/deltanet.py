@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import Qwen3NextConfig
 from ..ops.conv import causal_conv1d, causal_conv1d_update
-from .. import kernels
 from ..ops.dispatch import fast_decode, native_kernels, threshold
 from ..ops.gated_delta import chunk_gated_delta_rule, gated_delta_step, recurrent_gated_delta_rule
 from ..ops.norm import l2_normalize

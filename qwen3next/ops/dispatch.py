@@ -161,6 +161,16 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "`prepare(views=True)`, one token per sequence and every sequence holding L keys; or a uniform fresh batch",
         "qwen3next.model.attention:GatedAttention.forward", "torch.nn.functional:scaled_dot_product_attention"),
     FastPath(
+        "attention_context_split",
+        "prefill chunks that continue a cached context: per sequence, flash attention over the context keys (no mask) "
+        "and over the new keys (causal), merged exactly by their log-sum-exps; no [B, 1, T, L] mask, so memory stays "
+        "O(chunk) whatever the context (a 512-token chunk at 256K context: a 128 MiB boolean mask, which SDPA turns "
+        "into 512 MiB of floats, avoided)",
+        "CPU; several new tokens per sequence, some with cached context (not a fresh uniform batch, not decode); "
+        "B x T x L of at least threshold (smaller masks cost less than the extra calls)",
+        "qwen3next.model.attention:context_split_attention", "torch.nn.functional:scaled_dot_product_attention",
+        threshold=1 << 20, switch=FAST_DECODE_ENV),
+    FastPath(
         "compiled_decode",
         "the decoder stack of a decode step through torch.compile, reading the cache through index tensors only "
         "(opt-in: `--compile`, `LLM(..., compile_decode=True)`; needs a C++ compiler)",
