@@ -2,6 +2,8 @@
 
 `SampleState.add_token` builds one sample's output (detokenizing, cutting at stop strings, logprobs);
 `RequestState` streams the new part of it as `StreamEvent`s and marks the request done when all its samples are.
+Prompt logprobs (vLLM's format: None for the first prompt token, then per token a dict token id -> `Logprob`) are
+gathered per request as the prefill chunks compute them and ride on the first event of sample 0.
 Stop strings are held back from the stream until they can no longer complete, so a client never sees one.
 """
 
@@ -15,6 +17,18 @@ from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from ..tool_calls import parse_tool_calls
 from .sequence import FinishReason, Sequence
 from .stopping import StopRules
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One token's entry in a prompt-logprobs dict (vLLM's `Logprob`): rank 1 = the most likely token."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -40,6 +54,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs (see the module docstring)
 
     @property
     def text(self) -> str:
@@ -79,6 +94,7 @@ class StreamEvent:
     token_ids: list[int]
     logprobs: list[dict] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # on the first event of sample 0, when the request asked
 
 
 def logprob_entry(sampled, j: int, token: int, top_n: int | None) -> dict:
@@ -87,6 +103,20 @@ def logprob_entry(sampled, j: int, token: int, top_n: int | None) -> dict:
     if top_n and sampled.top_token_ids is not None:
         entry["top"] = list(zip(sampled.top_token_ids[j, :top_n].tolist(), sampled.top_logprobs[j, :top_n].tolist()))
     return entry
+
+
+def prompt_logprob_dicts(chunk, decode) -> list[dict[int, Logprob]]:
+    """vLLM's per-token dicts from a runner's `PromptLogprobs` (one span of positions): the prompt token first,
+    then the top N in rank order; `decode(token_id)` gives a token's text."""
+    out = []
+    for token, lp, rank, ids, lps in zip(chunk.token_ids, chunk.logprobs, chunk.ranks, chunk.top_token_ids,
+                                         chunk.top_logprobs):
+        d = {token: Logprob(lp, rank, decode(token))}
+        for r, (t, v) in enumerate(zip(ids, lps), 1):
+            if t not in d:
+                d[t] = Logprob(v, r, decode(t))
+        out.append(d)
+    return out
 
 
 class SampleState:
@@ -152,20 +182,36 @@ class RequestState:
         self.samples = samples
         self.events: queue.Queue[StreamEvent | None] = queue.Queue()
         self.done = threading.Event()
+        asked = bool(samples) and samples[0].seq.params.prompt_logprobs is not None
+        self.prompt_logprobs: PromptLogprobs | None = [None] if asked else None
+        self._prompt_logprobs_sent = False
 
     def output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt_ids, [s.out for s in self.samples], self.done.is_set())
+        return RequestOutput(self.request_id, self.prompt_ids, [s.out for s in self.samples], self.done.is_set(),
+                             self.prompt_logprobs)
+
+    def add_prompt_logprobs(self, first: int, entries: list[dict[int, Logprob]]) -> None:
+        """The logprobs of the prompt tokens after positions first, first + 1, ... (computed in order)."""
+        assert len(self.prompt_logprobs) == first + 1, "prompt logprobs computed twice or out of order"
+        self.prompt_logprobs += entries
+
+    def _put(self, s: SampleState, ev: StreamEvent) -> None:
+        # Sample 0 computes the prompt logprobs: by its first event its prompt is all prefilled.
+        if self.prompt_logprobs is not None and not self._prompt_logprobs_sent and s.seq.sample_index == 0:
+            ev.prompt_logprobs = self.prompt_logprobs
+            self._prompt_logprobs_sent = True
+        self.events.put(ev)
 
     def emit(self, s: SampleState) -> None:
         """Stream what `s` has produced, except what a stop string may still claim."""
         ev = s.take_event(holdback=StopRules.holdback(s.seq.params.stop))
         if ev is not None:
-            self.events.put(ev)
+            self._put(s, ev)
 
     def finish_sample(self, s: SampleState, reason: str) -> bool:
         """Close `s` with `reason` and stream its rest; returns True when that was the request's last sample."""
         s.out.finish_reason = reason
-        self.events.put(s.take_event(0, reason))
+        self._put(s, s.take_event(0, reason))
         if any(x.out.finish_reason is None for x in self.samples):
             return False
         self.done.set()

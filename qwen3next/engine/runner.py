@@ -1,6 +1,7 @@
 """The one place the engine touches tensors: owns the model, the hybrid cache and the compiled decoder, and runs
-a scheduled batch: slot operations, one forward, one sampling batch; with speculative decoding also the
-verification of the drafts, the commit of the accepted states and the MTP head's next drafts."""
+a scheduled batch: slot operations, one forward, one sampling batch, the prompt logprobs of the prefill chunks
+that ask for them; with speculative decoding also the verification of the drafts, the commit of the accepted states
+and the MTP head's next drafts."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from .sampler import SampleOutput, SamplingBatch, sample
 from .scheduler import ScheduledBatch
 from .speculative import accepted_run
 
+# lm_head rows per piece when computing prompt logprobs: bounds the [rows, vocab] logits a long chunk needs at once.
+PROMPT_LOGPROBS_ROWS = 256
+
 
 def cache_geometry(model: Qwen3NextForCausalLM, block_size: int, include_mtp: bool = False) -> CacheGeometry:
     """Bytes per KV token and per DeltaNet state slot, as `HybridCache` will allocate them for this model (with the
@@ -27,20 +31,35 @@ def cache_geometry(model: Qwen3NextForCausalLM, block_size: int, include_mtp: bo
 
 
 @dataclass
+class PromptLogprobs:
+    """The prompt logprobs of one span of prompt positions, per position: the next prompt token (`token_ids`), its
+    logprob and rank (1 = the most likely; tokens as likely count as ahead), and the request's N most likely tokens
+    with their logprobs (`top_token_ids` / `top_logprobs`, empty lists for N = 0)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    top_token_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass
 class StepOutput:
-    """What one step produced for each entry of `batch.sample_indices`, in that order.
+    """What one step produced for each entry of `batch.sample_indices`, in that order (`sampled` is None when no
+    entry sampled), and one `PromptLogprobs` per span of `batch.prompt_logprob_spans`.
 
     tokens[j]: the tokens to append (one, or a verification's accepted drafts plus one); rows[j]: the row of
     `sampled` each of them was sampled at (for logprobs); num_drafts[j] / num_accepted[j]: the verification's
     drafts and how many were accepted; drafts[j]: the MTP head's proposals for the next step (empty without
     speculative decoding)."""
 
-    sampled: SampleOutput
+    sampled: SampleOutput | None
     tokens: list[list[int]]
     rows: list[list[int]]
     num_drafts: list[int]
     num_accepted: list[int]
     drafts: list[list[int]] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -64,9 +83,10 @@ class ModelRunner:
             self.compiled = compiled
 
     @torch.no_grad()
-    def execute(self, batch: ScheduledBatch) -> StepOutput | None:
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
         """One forward over the scheduled tokens; samples a token for every entry that needs one (or verifies its
-        drafts), then, with speculative decoding, runs the MTP head over the step's tokens and drafts."""
+        drafts), computes the prompt logprobs the batch asks for, then, with speculative decoding, runs the MTP head
+        over the step's tokens and drafts."""
         model = self.model
         for op in batch.slot_ops:
             op.apply(self.cache)
@@ -85,16 +105,16 @@ class ModelRunner:
         else:
             ctx = model.context(info, self.cache)
             hidden = model.hidden_states(tokens, ctx)
-        out = self._sample(batch, hidden) if batch.logits_indices else None
+        out = self._sample(batch, hidden) if batch.logits_indices else StepOutput(None, [], [], [], [])
+        if batch.prompt_logprob_spans:
+            out.prompt_logprobs = self._prompt_logprobs(batch, hidden)
         if ctx is not None and ctx.captures_states:
             sample_of = {b: j for j, b in enumerate(batch.sample_indices)}
             ctx.commit_captured([1 + out.num_accepted[sample_of[b]] for b in verified])
         # Prefill chunks always run the MTP head (its K/V must cover the prompt); decodes only when drafting.
         if self.speculative and (batch.num_lookahead > 0 or not batch.is_decode_step):
             mtp_ctx = ctx if len(verified) == len(batch.entries) else None  # a split step: one context for all
-            drafts = self._mtp(batch, info, mtp_ctx, hidden, out, compiled_verify)
-            if out is not None:
-                out.drafts = drafts
+            out.drafts = self._mtp(batch, info, mtp_ctx, hidden, out, compiled_verify)
         return out
 
     def _split_forward(self, batch: ScheduledBatch,
@@ -138,15 +158,45 @@ class ModelRunner:
             start += len(d) + 1
         return StepOutput(sampled, runs, rows, [len(d) for d in drafts], [len(r) - 1 for r in runs])
 
+    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> list[PromptLogprobs]:
+        """lm_head over the prompt positions of `batch.prompt_logprob_spans` (in pieces of PROMPT_LOGPROBS_ROWS
+        rows), log-softmax, and of each position only the next prompt token's logprob and rank and the top N."""
+        spans, dev = batch.prompt_logprob_spans, hidden.device
+        rows = torch.tensor(batch.prompt_logprob_rows, dtype=torch.long, device=dev)
+        targets = torch.tensor(batch.prompt_logprob_targets, dtype=torch.long, device=dev)
+        top_n = min(max(batch.entries[b].seq.params.prompt_logprobs for b, _, _ in spans),
+                    self.model.config.vocab_size)
+        chosen, ranks, top_lp, top_ids = [], [], [], []
+        for a in range(0, len(rows), PROMPT_LOGPROBS_ROWS):
+            logits = self.model.lm_head(hidden.index_select(0, rows[a:a + PROMPT_LOGPROBS_ROWS])).float()
+            lp = torch.log_softmax(logits, dim=-1)  # [R, V]
+            c = lp.gather(1, targets[a:a + PROMPT_LOGPROBS_ROWS, None])  # [R, 1]
+            chosen.append(c[:, 0])
+            ranks.append((lp >= c).sum(dim=-1))
+            if top_n:
+                v, i = lp.topk(top_n, dim=-1)
+                top_lp.append(v)
+                top_ids.append(i)
+        chosen, ranks = torch.cat(chosen).tolist(), torch.cat(ranks).tolist()
+        top_lp = torch.cat(top_lp).tolist() if top_n else [[]] * len(chosen)
+        top_ids = torch.cat(top_ids).tolist() if top_n else [[]] * len(chosen)
+        out, at, targets = [], 0, batch.prompt_logprob_targets
+        for b, first, last in spans:
+            n, k = last - first, batch.entries[b].seq.params.prompt_logprobs
+            out.append(PromptLogprobs(targets[at:at + n], chosen[at:at + n], ranks[at:at + n],
+                                      [t[:k] for t in top_ids[at:at + n]], [t[:k] for t in top_lp[at:at + n]]))
+            at += n
+        return out
+
     def _mtp(self, batch: ScheduledBatch, info: BatchInfo, ctx: ForwardContext | None, hidden: torch.Tensor,
-             out: StepOutput | None, compiled_verify: bool = False) -> list[list[int]]:
+             out: StepOutput, compiled_verify: bool = False) -> list[list[int]]:
         """The MTP head over this step's positions (main hidden state at t, the token at t + 1: the next fed
         token, the next known prompt token, or the token this step emitted), writing its own K/V there; then, for
         every sampled entry, `num_lookahead` greedy drafts from its last kept position. After a compiled
         verification, the head's forwards of a single sequence are compiled too."""
         model = self.model
         nxt = list(batch.input_ids[1:]) + [0]
-        last_kept, runs = [], iter(out.tokens if out is not None else ())
+        last_kept, runs = [], iter(out.tokens)
         for b, e in enumerate(batch.entries):
             start = batch.query_start_loc[b]
             if e.needs_sample:
@@ -154,7 +204,7 @@ class ModelRunner:
                 kept = start + e.num_new_tokens - e.num_drafts + len(run) - 2  # flat index of the last kept token
                 nxt[kept] = run[-1]
                 last_kept.append(kept)
-            else:
+            elif batch.next_token_ids[b] is not None:  # None: a finished prompt that generates nothing
                 nxt[start + e.num_new_tokens - 1] = batch.next_token_ids[b]
         if ctx is None:  # the compiled step built its own context
             ctx = model.context(info, self.cache)

@@ -19,6 +19,9 @@ class SamplingParams:
     (seen prompt+output tokens: positive logits divided, negative multiplied); presence/frequency penalties
     follow OpenAI (output tokens only). `stop` strings are matched by the detokenizing caller; `stop` is
     normalised to a list. `logprobs` N asks for the N most likely alternatives per token (raw model logprobs).
+    `prompt_logprobs` N (vLLM's name) asks for the logprob of every prompt token given the tokens before it, with
+    its rank and the N most likely alternatives (0: the prompt token alone); computed in the prefill chunks.
+    `max_tokens` 0 prefills the prompt and generates nothing (finish reason "length"): prompt logprobs only.
     """
 
     n: int = 1
@@ -35,6 +38,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -48,9 +52,11 @@ class SamplingParams:
         _check_float("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0, expected="in [-2, 2]")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        _check_int("max_tokens", self.max_tokens, low=1)
+        _check_int("max_tokens", self.max_tokens, low=0, expected=">= 0 (0: prefill the prompt only)")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):

@@ -49,6 +49,9 @@ class Sequence:
         self.draft_token_ids: list[int] = []  # proposed by the MTP head for the next step (speculative decoding)
         self.arrival = -1  # order of add() in the scheduler
         self.num_preemptions = 0
+        # Prompt logprobs: positions [0, this) already have their next prompt token's logprob (the results live
+        # in the engine's output stage; a recompute after preemption must not produce them again).
+        self.num_prompt_logprobs = 0
         # Base of the per-token seeds; the n samples of one request must not draw the same numbers.
         self.base_seed = None if self.params.seed is None else _mix64(_mix64(self.params.seed) ^ sample_index)
 
@@ -84,6 +87,11 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """The request asked for prompt logprobs and this is its first sample (the n samples share one prompt)."""
+        return self.params.prompt_logprobs is not None and self.sample_index == 0
 
     @property
     def is_prefilling(self) -> bool:

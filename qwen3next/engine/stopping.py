@@ -4,6 +4,7 @@
 |--------|---------------------------------------------------------------------------|------------------------------|
 | stop   | the sampled token is an EOS token (unless `ignore_eos`) or in `stop_token_ids` | `Scheduler.update`      |
 | length | `max_tokens` tokens generated, or prompt + output reached `max_model_len` | `Scheduler.update`           |
+| length | `max_tokens` is 0 (prompt logprobs only) and the whole prompt is cached   | `Scheduler.update`           |
 | stop   | the decoded text holds one of the `stop` strings (the text ends before it) | the engine's output stage   |
 | abort  | the client gave up (`Engine.abort`)                                       | -                            |
 

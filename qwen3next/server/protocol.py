@@ -150,7 +150,8 @@ class ChatCompletionRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
+    echo: bool = False  # with logprobs: the prompt's tokens and their logprobs come first
+    max_tokens: int | None = Field(None, ge=0)  # 0: nothing generated (echo + logprobs scores a prompt)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
 
@@ -281,11 +282,12 @@ class ChatCompletionChunk(_Response):
 
 
 class CompletionLogprobs(_Response):
-    """Legacy completions logprobs: parallel lists, one entry per generated token."""
+    """Legacy completions logprobs: parallel lists, one entry per token: with echo, the prompt's tokens (the first
+    one without logprobs: null), then the generated ones."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
