@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 # `--quantize` / `quantize=` values -> bits (bf16: bf16-stored weights, fp32 compute), for checkpoint.quantize_bits
 QUANTIZE_BITS = {"int8": 8, "int4": 4, "bf16": 16}
@@ -53,3 +54,34 @@ def add_speculative_arg(parser: argparse.ArgumentParser) -> None:
                              '"num_speculative_tokens": 2}\' (1-4 drafts per step; "adaptive": false keeps the '
                              'draft length fixed instead of tuning it to the measured speed); exact: the output is '
                              'distributed as without it, token for token for greedy and seeded requests')
+
+
+def hf_overrides(s: str) -> dict:
+    """`--hf-overrides JSON` (vLLM's flag) -> a dict of config.json keys, checked against the keys the config knows."""
+    from .config import check_hf_overrides
+
+    try:
+        value = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos}): {s!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of config.json keys, e.g. "
+                                         f"'{HF_OVERRIDES_EXAMPLE}', got {s!r}")
+    try:
+        check_hf_overrides(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("hf_overrides: ")) from None
+    return value
+
+
+HF_OVERRIDES_EXAMPLE = ('{"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": '
+                        '262144}}')
+
+
+def add_hf_overrides_arg(parser: argparse.ArgumentParser) -> None:
+    """`--hf-overrides JSON`: `args.hf_overrides` is the parsed object, or None."""
+    parser.add_argument("--hf-overrides", type=hf_overrides, default=None, metavar="JSON",
+                        help="change config.json values at load (vLLM's flag; nested objects merge), e.g. YaRN for "
+                             f"contexts beyond the native length: '{HF_OVERRIDES_EXAMPLE}' (either rope spelling, "
+                             "rope_scaling or rope_parameters; --max-model-len may then go up to "
+                             "original_max_position_embeddings x factor)")

@@ -267,7 +267,8 @@ def _plan(params: dict[str, torch.Tensor], available: set[str]) -> dict[str, lis
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-               strict: bool = True, quantize: str | None = None) -> Qwen3NextForCausalLM:
+               strict: bool = True, quantize: str | None = None,
+               hf_overrides: dict | None = None) -> Qwen3NextForCausalLM:
     """Load an HF Qwen3-Next directory (single or sharded safetensors, either expert layout, with `mtp.*`).
 
     Parameters are allocated once in `dtype` (default: the config's `torch_dtype`) and filled tensor by tensor, so
@@ -275,14 +276,15 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     loads without the MTP head. With `strict`, tensors the model does not use are an error.
     A directory written by `qwen3next quantize` loads into the quantized modules (quant/); `quantize` ("int8" or
     "int4", group size 64) quantizes a float checkpoint after loading; "bf16" keeps the big weights in bf16 storage
-    with fp32 compute (`quant.quantize.store_bf16`; needs dtype float32).
+    with fp32 compute (`quant.quantize.store_bf16`; needs dtype float32). `hf_overrides` changes config.json's values
+    before the model is built (`Qwen3NextConfig.from_pretrained`), e.g. YaRN rope scaling for long contexts.
     """
     bits = quantize_bits(quantize)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected an HF model directory with config.json)")
     try:
-        config = Qwen3NextConfig.from_pretrained(path)
+        config = Qwen3NextConfig.from_pretrained(path, hf_overrides)
     except (OSError, ValueError) as e:
         raise CheckpointError(str(e)) from None
     index = _TensorIndex(path)

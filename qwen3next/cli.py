@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import DEFAULT_MODEL
-from .argtypes import QUANTIZE_CHOICES, add_speculative_arg
+from .argtypes import QUANTIZE_CHOICES, add_hf_overrides_arg, add_speculative_arg
 from .argtypes import non_negative_float as _non_negative_float
 from .argtypes import positive_int as _positive_int
 
@@ -30,12 +30,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .config import Qwen3NextConfig
     from .engine.memory import fmt_bytes
 
-    config = Qwen3NextConfig.from_pretrained(args.model)
+    config = Qwen3NextConfig.from_pretrained(args.model, args.hf_overrides)
     counts = config.parameter_counts()
     pattern = "".join("A" if t == "full_attention" else "L" for t in config.layer_types)
     moe = "".join("M" if config.is_moe_layer(i) else "D" for i in range(config.num_hidden_layers))
-    kv = config.kv_bytes_per_token(2)
-    state = config.state_bytes_per_sequence(2, 4)
+    dtype = args.dtype or (config.torch_dtype if config.torch_dtype in ("float32", "bfloat16") else "bfloat16")
+    elem = 4 if dtype == "float32" else 2
+    kv = config.kv_bytes_per_token(elem)
+    state = config.state_bytes_per_sequence(elem, 4)
+    rope = config.rope
+    context = f"{config.max_context_len:,} tokens"
+    if rope.rope_type == "yarn":
+        original = rope.original_max_position_embeddings or config.max_position_embeddings
+        context += f"  (YaRN: {original:,} x factor {rope.factor:g})"
     rows = [
         ("model", args.model),
         ("parameters (total, main model)", _fmt_count(counts["total"])),
@@ -49,16 +56,53 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("deltanet", f"{config.linear_num_key_heads} qk / {config.linear_num_value_heads} v heads, "
                      f"dims {config.linear_key_head_dim}/{config.linear_value_head_dim}, "
                      f"conv {config.linear_conv_kernel_dim}"),
-        ("KV cache per token (bf16)", fmt_bytes(kv) + f"  ({len(config.attention_layers)} attention layers)"),
-        ("DeltaNet state per sequence", fmt_bytes(state) + "  (bf16 conv + fp32 recurrent, any length)"),
-        ("one sequence at full context", fmt_bytes(state + kv * config.max_position_embeddings)
-         + f"  ({config.max_position_embeddings:,} tokens)"),
+        ("context", context),
+        (f"KV cache per token ({dtype})", fmt_bytes(kv) + f"  ({len(config.attention_layers)} attention layers)"),
+        ("DeltaNet state per sequence", fmt_bytes(state) + f"  ({dtype} conv + float32 recurrent, any length)"),
+        ("one sequence at full context", fmt_bytes(state + kv * config.max_context_len)
+         + f"  ({config.max_context_len:,} tokens)"),
         ("vocab", f"{config.vocab_size:,}"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    if args.context is not None:
+        print()
+        print(_memory_table(config, args.context, args.batch, dtype, args.prefill_chunk_size))
     return 0
+
+
+def _memory_table(config, context: int, batch: int, dtype: str, chunk: int) -> str:
+    """`info --context`: what `batch` sequences of `context` tokens need (engine/memory.py's estimate)."""
+    from .engine.memory import estimate_memory, fmt_bytes
+
+    elem = 4 if dtype == "float32" else 2
+    e = estimate_memory(config, context, batch, elem, chunk=chunk)
+    block = e.block_size
+    blocks = -(-context // block)
+    per_seq = "" if batch == 1 else f" x {batch} sequences"
+    parts = {k: v for k, v in e.parts.items() if k not in ("resident", "sampling", "total")}
+    peak = max(parts, key=parts.get) if parts else "none"
+    rows = [
+        ("KV cache", e.kv_bytes, f"{fmt_bytes(config.kv_bytes_per_token(elem))}/token x "
+                                 f"{blocks * block:,} tokens ({blocks:,} blocks of {block}){per_seq}"),
+        ("DeltaNet state", e.state_bytes, f"{len(config.linear_layers)} layers, fp32 recurrent state, any length"
+                                          f"{per_seq}"),
+        ("cache", e.cache_bytes, f"KV + state: what --max-memory must hold for --max-model-len {context} "
+                                 f"--max-num-seqs {batch}"),
+        ("prefill workspace", e.workspace_bytes, f"peak activations of one {min(chunk, context)}-token chunk at the "
+                                                 f"end of the context (largest: {peak} layer, "
+                                                 f"{fmt_bytes(parts.get(peak, 0))}; delta rule "
+                                                 f"{'in C++' if e.paths.native_delta_rule else 'chunked'}, attention "
+                                                 f"{'split' if e.paths.context_split else 'masked'})"),
+        ("total", e.total_bytes, "cache + workspace; weights not included"),
+    ]
+    lines = [f"memory for {context:,} tokens of context x batch {batch} ({dtype} activations):"]
+    lines += [f"  {name:<18} {fmt_bytes(n):>10}  {n:>16,} B  {note}" for name, n, note in rows]
+    if context > config.max_context_len:
+        lines.append(f"  note: beyond the model's context of {config.max_context_len:,} tokens: the engine refuses "
+                     f"such a --max-model-len; extend the context with YaRN (--hf-overrides)")
+    return "\n".join(lines)
 
 
 def _engine(args: argparse.Namespace):
@@ -69,7 +113,7 @@ def _engine(args: argparse.Namespace):
     torch.set_num_threads(args.threads)
     return Engine(args.model, dtype=args.dtype, max_memory=args.max_memory, max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, quantize=args.quantize, compile_decode=args.compile,
-                  speculative_config=args.speculative_config)
+                  speculative_config=args.speculative_config, hf_overrides=args.hf_overrides)
 
 
 def _sampling(args: argparse.Namespace):
@@ -204,7 +248,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=_positive_int, default=2)
     p.add_argument("--max-memory", default=None, help="cache budget, e.g. 2GiB (default: 1/4 of free RAM, <= 8 GiB)")
-    p.add_argument("--max-model-len", type=_positive_int, default=None)
+    p.add_argument("--max-model-len", type=_positive_int, default=None,
+                   help="context length (prompt + completion); default: the model's, at most 8192; up to "
+                        "original_max_position_embeddings x factor with YaRN (--hf-overrides)")
     p.add_argument("--max-num-seqs", type=_positive_int, default=16)
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute)")
@@ -212,6 +258,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step (faster steps; ~1 min of compiling at start; needs a C++ "
                         "compiler)")
     add_speculative_arg(p)
+    add_hf_overrides_arg(p)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -222,6 +269,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameter counts, layer pattern and memory needs, from config.json alone")
     _model_arg(p)
+    p.add_argument("--context", type=_positive_int, default=None, metavar="N",
+                   help="also plan the memory of N tokens of context: KV cache, DeltaNet state, prefill workspace")
+    p.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="--context: sequences held at once")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="activation and KV dtype (default: the checkpoint's torch_dtype)")
+    p.add_argument("--prefill-chunk-size", type=_positive_int, default=512, metavar="T",
+                   help="--context: tokens of the prefill chunk whose workspace is estimated (the engine's default)")
+    add_hf_overrides_arg(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
@@ -272,6 +327,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         add_quantize_args(p)
     p.set_defaults(func=_run_quantize)
+
+    p = sub.add_parser("eval", help="long-context evaluation: loss by position (ppl), passkey retrieval (passkey)")
+    if command == "eval":  # options of `eval ppl` / `eval passkey` (their modules import torch when they run)
+        from .eval.args import add_eval_args
+
+        add_eval_args(p)
 
     from .server.args import add_serve_args
 

@@ -3,10 +3,18 @@
 Accepts both rope spellings (v4: `rope_theta` + `partial_rotary_factor` + `rope_scaling`; v5: `rope_parameters`)
 and both layer-pattern spellings (`layer_types` or `full_attention_interval`). Unknown keys are ignored; impossible
 values raise `ValueError` naming the field.
+
+`hf_overrides` (vLLM's option) changes the file's values at load: nested objects merge key by key, other values
+replace; the rope keys of either spelling merge into one set of rope parameters, so an override wins whichever
+spelling the file uses (e.g. `{"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+"original_max_position_embeddings": 262144}}` on a file with v5 `rope_parameters`). Unlike the file, an override may
+only name keys this config reads, or HF keys of this architecture it deliberately ignores (`IGNORED_HF_KEYS`): a typo
+is an error, not a silent no-op.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -15,6 +23,17 @@ from pathlib import Path
 from typing import Any
 
 LAYER_TYPES = ("linear_attention", "full_attention")
+# Top-level keys that carry rope settings (v4 spelling, v5 `rope_parameters`, Phi-3's top-level original length).
+ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor",
+             "original_max_position_embeddings")
+# Keys of a `rope_parameters` / `rope_scaling` object that this config reads (for default and yarn rope).
+ROPE_PARAMETER_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor",
+                       "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                       "attention_factor", "truncate")
+# HF config keys of this architecture that the model does not use: an override may name them and changes nothing.
+IGNORED_HF_KEYS = frozenset({"architectures", "attention_dropout", "use_cache", "use_sliding_window", "sliding_window",
+                             "max_window_layers", "transformers_version", "_name_or_path", "output_attentions",
+                             "output_hidden_states", "return_dict"})
 
 
 @dataclass
@@ -78,9 +97,12 @@ class Qwen3NextConfig:
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Qwen3NextConfig:
+    def from_dict(cls, d: dict[str, Any], hf_overrides: dict[str, Any] | None = None) -> Qwen3NextConfig:
+        """The config of an HF `config.json` dict, with `hf_overrides` applied first (see `apply_hf_overrides`)."""
         if not isinstance(d, dict):
             raise ValueError(f"config must be a JSON object, got {type(d).__name__}")  # noqa: TRY004 (bad input)
+        if hf_overrides is not None:
+            d = apply_hf_overrides(d, hf_overrides)
         model_type = d.get("model_type", "qwen3_next")
         if model_type != "qwen3_next":
             raise ValueError(f"model_type: expected 'qwen3_next', got {model_type!r}")
@@ -109,7 +131,8 @@ class Qwen3NextConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> Qwen3NextConfig:
+    def from_pretrained(cls, path: str | Path, hf_overrides: dict[str, Any] | None = None) -> Qwen3NextConfig:
+        """The config of an HF model directory (or a config.json path), with `hf_overrides` applied."""
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
         if not file.exists():
@@ -119,9 +142,11 @@ class Qwen3NextConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}: not valid JSON ({e})") from None
         try:
-            return cls.from_dict(d)
+            return cls.from_dict(d, hf_overrides)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{file}: {e}") from None
+            msg = str(e)  # a value the overrides made impossible is named with them
+            where = f"{file} with hf_overrides" if hf_overrides is not None and not msg.startswith("hf_") else file
+            raise ValueError(f"{where}: {msg}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The HF `config.json` form (v4 rope spelling plus `rope_parameters`, both understood by transformers)."""
@@ -209,6 +234,16 @@ class Qwen3NextConfig:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rope.partial_rotary_factor)
 
+    @property
+    def max_context_len(self) -> int:
+        """The longest context this config supports: with YaRN, original_max_position_embeddings x factor (vLLM's
+        rule; the original length defaults to max_position_embeddings, as in the rope math), never less than
+        max_position_embeddings; without, max_position_embeddings."""
+        if self.rope.rope_type != "yarn":
+            return self.max_position_embeddings
+        original = self.rope.original_max_position_embeddings or self.max_position_embeddings
+        return max(self.max_position_embeddings, int(original * self.rope.factor))
+
     def is_moe_layer(self, i: int) -> bool:
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
 
@@ -269,6 +304,75 @@ class Qwen3NextConfig:
                 "total_with_mtp": total + mtp}
 
 
+def apply_hf_overrides(d: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`d` (a config.json dict) with `overrides` applied, as vLLM's `hf_overrides`: nested objects merge key by key,
+    other values (lists included) replace. Rope keys of either spelling (`ROPE_KEYS`) first fold into one
+    `rope_parameters` object on each side, so the override wins whichever spelling the file uses;
+    `"rope_scaling": null` (or `"rope_parameters": null`) turns scaling off (default rope, same theta).
+
+    Keys must be ones this config reads or `IGNORED_HF_KEYS` (accepted, no effect); anything else, at the top level
+    or inside a rope object, is a ValueError naming it (`check_hf_overrides`). Neither argument is modified."""
+    check_hf_overrides(overrides)
+    merged = _merge(d, {k: v for k, v in overrides.items() if k not in ROPE_KEYS})
+    if any(k in overrides for k in ROPE_KEYS):
+        rope = _merge(_rope_parameters(d), _rope_parameters(overrides))
+        for k in ROPE_KEYS:
+            merged.pop(k, None)
+        merged["rope_parameters"] = rope
+    return merged
+
+
+def check_hf_overrides(overrides: Any) -> None:
+    """ValueError (starting 'hf_overrides:') unless `overrides` is a dict whose keys this config reads or ignores
+    knowingly, with rope objects (or null) of known rope parameters. Values are checked when the config is built."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"hf_overrides: expected a JSON object of config.json keys, got {overrides!r}")  # noqa: TRY004
+    known = {f.name for f in dataclasses.fields(Qwen3NextConfig)} - {"rope"}
+    known |= {*ROPE_KEYS, "full_attention_interval", "dtype", "model_type", *IGNORED_HF_KEYS}
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise ValueError(f"hf_overrides: unknown config key {unknown[0]!r} (a Qwen3-Next config.json key is expected, "
+                         f"e.g. rope_scaling, rope_parameters, max_position_embeddings)")
+    for key in ("rope_parameters", "rope_scaling"):
+        value = overrides.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"hf_overrides: {key}: expected an object or null, got {value!r}")
+        bad = sorted(k for k in (value or {}) if k not in ROPE_PARAMETER_KEYS)
+        if bad:
+            raise ValueError(f"hf_overrides: {key}.{bad[0]}: unknown rope parameter (known: "
+                             f"{', '.join(ROPE_PARAMETER_KEYS)})")
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _rope_parameters(d: dict[str, Any]) -> dict[str, Any]:
+    """The rope keys of a config (or override) dict as ONE v5 `rope_parameters` object, with the precedence
+    `_parse_rope` gives them: `rope_parameters`, then the v4 keys; a top-level original_max_position_embeddings wins
+    over both. A null `rope_scaling` / `rope_parameters` means the default rope type unless the other names one."""
+    params, scaling = d.get("rope_parameters"), d.get("rope_scaling")
+    src: dict[str, Any] = dict(params) if isinstance(params, dict) else {}
+    for k in ("rope_theta", "partial_rotary_factor"):
+        if d.get(k) is not None:
+            src.setdefault(k, d[k])
+    if isinstance(scaling, dict):
+        for k, v in scaling.items():
+            src.setdefault(k, v)
+        if "type" in scaling and "rope_type" not in scaling:
+            src["rope_type"] = scaling["type"]
+    if "type" in src:  # v4's name of rope_type
+        src.setdefault("rope_type", src.pop("type"))
+    if ("rope_parameters" in d and params is None) or ("rope_scaling" in d and scaling is None):
+        src.setdefault("rope_type", "default")
+    if d.get("original_max_position_embeddings") is not None:
+        src["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+    return src
+
+
 def _parse_rope(d: dict[str, Any], max_position_embeddings: int) -> RopeConfig:
     params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
@@ -287,24 +391,35 @@ def _parse_rope(d: dict[str, Any], max_position_embeddings: int) -> RopeConfig:
             src["rope_type"] = scaling["type"]
     elif scaling is not None:
         raise ValueError(f"rope_scaling: expected an object or null, got {scaling!r}")
-    rope.theta = float(src.get("rope_theta", rope.theta))
-    rope.partial_rotary_factor = float(src.get("partial_rotary_factor", rope.partial_rotary_factor))
+    rope.theta = _rope_number(src, "rope_theta", rope.theta)
+    rope.partial_rotary_factor = _rope_number(src, "partial_rotary_factor", rope.partial_rotary_factor)
     rope.rope_type = str(src.get("rope_type", src.get("type", "default")))
     if rope.rope_type == "yarn":
         # a top-level original_max_position_embeddings (Phi-3 style) wins over the rope dict's, as in transformers
-        original = d.get("original_max_position_embeddings") or src.get("original_max_position_embeddings")
+        original = _rope_number(d, "original_max_position_embeddings", None) or \
+            _rope_number(src, "original_max_position_embeddings", None)
         if original is not None:
+            if original < 1 or original != int(original):
+                raise ValueError(f"original_max_position_embeddings: expected a positive integer, got {original:g}")
             rope.original_max_position_embeddings = int(original)
-        factor = src.get("factor")
+        factor = _rope_number(src, "factor", None)
         if factor is None:  # transformers derives it from the two context lengths
             factor = max_position_embeddings / original if original else 1.0
-        rope.factor = float(factor)
-        rope.beta_fast = float(src.get("beta_fast") or 32.0)
-        rope.beta_slow = float(src.get("beta_slow") or 1.0)
+        rope.factor = factor
+        rope.beta_fast = _rope_number(src, "beta_fast", None) or 32.0
+        rope.beta_slow = _rope_number(src, "beta_slow", None) or 1.0
         for k in ("mscale", "mscale_all_dim", "attention_factor"):
-            if src.get(k) is not None:
-                setattr(rope, k, float(src[k]))
+            setattr(rope, k, _rope_number(src, k, None))
         rope.truncate = bool(src.get("truncate", True))
     if not math.isfinite(rope.theta) or rope.theta <= 0:
         raise ValueError(f"rope_theta: expected a positive number, got {rope.theta}")
     return rope
+
+
+def _rope_number(src: dict[str, Any], key: str, default: float | None) -> float | None:
+    v = src.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"rope_parameters.{key}: expected a number, got {v!r}")
+    return float(v)

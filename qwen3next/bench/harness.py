@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import positive_int, speculative_config
+from ..argtypes import add_hf_overrides_arg, positive_int, speculative_config
 from ..checkpoint import load_model, parse_dtype
 from ..config import Qwen3NextConfig
 from ..engine.compiled import CompiledDecoder
@@ -36,7 +36,7 @@ from ..engine.speculative import SpeculativeConfig
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer
 from ..train.presets import PRESETS, preset_config
-from . import llamacpp, measure
+from . import ablation, llamacpp, measure
 from . import speculative as spec_bench
 
 IMPLS = ("ours", "engine", "compiled", "transformers")  # compiled: ours through engine.compiled (--compile)
@@ -67,6 +67,7 @@ class BenchOptions:
     llama_timeout: float = 600.0  # seconds per llama-bench run
     # also plain vs MTP speculative decoding through the engine (a dict or JSON string is parsed by validate)
     speculative_config: SpeculativeConfig | None = None
+    hf_overrides: dict | None = None  # config.json values to change (vLLM's flag), for --model and --preset models
 
     def validate(self) -> None:
         for name in ("prompt_len", "decode_tokens", "repeat"):
@@ -111,14 +112,15 @@ class BenchOptions:
         plans = [measure.DecodePlan(b, self.prompt_len, self.decode_tokens, self.repeat) for b in self.batches]
         longest = max([*self.prefill_lens, *(p.engine_max_len for p in plans)])
         if longest > max_positions:
-            raise ValueError(f"prefill_lens / prompt_len: {longest} positions exceed the model's "
-                             f"max_position_embeddings ({max_positions})")
+            raise ValueError(f"prefill_lens / prompt_len: {longest} positions exceed the model's context "
+                             f"({max_positions}: max_position_embeddings, or the YaRN length with --hf-overrides)")
 
 
 # ---- model setup -----------------------------------------------------------------------------------------------------
-def random_model(preset: str, dtype: torch.dtype, seed: int) -> Qwen3NextForCausalLM:
-    """A preset's architecture with seeded random weights (the init of `Qwen3NextForCausalLM.init_weights`)."""
-    model = Qwen3NextForCausalLM(preset_config(preset))
+def random_model(preset: str, dtype: torch.dtype, seed: int, hf_overrides: dict | None = None) -> Qwen3NextForCausalLM:
+    """A preset's architecture (with `hf_overrides` applied) with seeded random weights (the init of
+    `Qwen3NextForCausalLM.init_weights`)."""
+    model = Qwen3NextForCausalLM(preset_config(preset, hf_overrides=hf_overrides))
     model.init_weights(torch.Generator().manual_seed(seed))
     return model.to(dtype).eval()
 
@@ -304,13 +306,13 @@ def _load(opts: BenchOptions, dtype: torch.dtype) -> tuple[Qwen3NextForCausalLM,
     if opts.model is not None:
         if not Path(opts.model).is_dir():
             raise ValueError(f"model: {opts.model} is not a model directory")
-        model = load_model(opts.model, dtype=dtype)
+        model = load_model(opts.model, dtype=dtype, hf_overrides=opts.hf_overrides)
         has_tokenizer = (Path(opts.model) / "tokenizer.json").is_file()
         tokenizer = Tokenizer.from_dir(opts.model) if has_tokenizer else synthetic_tokenizer(model.config.vocab_size)
         return model, tokenizer, has_tokenizer, opts.model
     if opts.preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {opts.preset!r}")
-    model = random_model(opts.preset, dtype, opts.seed)
+    model = random_model(opts.preset, dtype, opts.seed, opts.hf_overrides)
     return (model, synthetic_tokenizer(model.config.vocab_size), False,
             f"preset {opts.preset} (random weights, seed {opts.seed})")
 
@@ -319,7 +321,8 @@ def _measure_float(s: _Session) -> None:
     """Prefill and decode rows of the float model: raw forwards, the engine, and transformers if compared. Ours and
     theirs back to back per measurement, so that a change in machine load hits both alike."""
     opts, model = s.opts, s.model
-    hf = load_transformers(model, opts.model, model.dtype) if opts.compare == "transformers" else None
+    model_dir = opts.model if opts.hf_overrides is None else None  # else from a save, which has the overrides
+    hf = load_transformers(model, model_dir, model.dtype) if opts.compare == "transformers" else None
     for n, ids in s.prefill_ids.items():
         s.record("ours", "prefill", 1, n, measure.time_prefill_ours(model, ids, 1, opts.repeat))
         if hf is not None:
@@ -423,7 +426,7 @@ def bench(opts: BenchOptions, log: Callable[[str], None] = lambda msg: None) -> 
         log(busy)
     model, tokenizer, has_tokenizer, source = _load(opts, dtype)
     config = model.config
-    opts.check_positions(config.max_position_embeddings)
+    opts.check_positions(config.max_context_len)
     spec_plan = spec_bench.prepare(opts, model, tokenizer, has_tokenizer) if opts.speculative_config else None
     peer = None
     if opts.compare == "llama.cpp":
@@ -716,17 +719,50 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                              'e.g. \'{"method": "mtp", "num_speculative_tokens": 2}\' (greedy, --decode-tokens per '
                              'request, real text prompts when the model has a tokenizer; --repeat paired rounds per '
                              'batch size; eager, and compiled with --compile)')
+    add_hf_overrides_arg(parser)
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the full report as JSON")
+    parser.add_argument("--ablation", choices=ablation.ABLATIONS, default=None,
+                        help="instead of the usual measurements: 'attention' runs --preset, its full-attention twin "
+                             "and a dense twin at each of --contexts (prefill, decode at batch 1 and 4, cache bytes; "
+                             "bench/ablation.py)")
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=None, metavar="TOKENS",
+                        help="--ablation: context lengths (default 1024 4096 8192 16384 32768)")
+    parser.add_argument("--ablation-models", nargs="+", choices=ablation.MODELS, default=list(ablation.MODELS),
+                        metavar="MODEL", help="--ablation: which of the twins to run besides the hybrid (default all)")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="--ablation: also plot throughput vs context (needs matplotlib: the [plot] extra)")
+
+
+def _run_ablation(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        raise ValueError("ablation: --ablation builds its three models from --preset (random weights), not --model")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = ablation.AblationOptions(preset=args.preset, dtype=args.dtype, repeat=args.repeat, seed=args.seed,
+                                    decode_steps=min(args.decode_tokens, 8), models=tuple(args.ablation_models))
+    if args.contexts:
+        opts.contexts = list(args.contexts)
+    report = ablation.run_ablation(opts, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    print(ablation.format_ablation(report))
+    if args.json:
+        ablation.save_json(report, args.json)
+    if args.plot:
+        ablation.plot_ablation(report, args.plot)
+    return 0
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.ablation is not None:
+        return _run_ablation(args)
+    if args.contexts is not None or args.plot is not None:
+        raise ValueError("contexts / plot: --contexts and --plot go with --ablation")
     opts = BenchOptions(model=args.model, preset=args.preset, dtype=args.dtype, threads=args.threads,
                         batches=list(args.batches), prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                         prefill_lens=list(args.prefill_lens), compare=args.compare, repeat=args.repeat,
                         seed=args.seed, bandwidth_mib=args.bandwidth_mib, quantize=list(args.quantize),
                         compile=args.compile, llama_bench=args.llama_bench,
                         gguf=llamacpp.parse_gguf_args(args.gguf), llama_timeout=args.llama_timeout,
-                        speculative_config=args.speculative_config)
+                        speculative_config=args.speculative_config, hf_overrides=args.hf_overrides)
     report = bench(opts, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     print(format_report(report))
     if args.json:

@@ -116,10 +116,10 @@ def prepare(opts, model: Qwen3NextForCausalLM, tokenizer: Tokenizer, has_tokeniz
                          opts.prompt_len, opts.seed)
     # room for a verification's drafts past max_tokens (the scheduler cuts the run, the cache still holds it)
     max_model_len = max(len(p) for p in prompts.prompts) + opts.decode_tokens + MAX_SPECULATIVE_TOKENS + 2
-    if max_model_len > model.config.max_position_embeddings:
+    if max_model_len > model.config.max_context_len:
         raise ValueError(f"speculative_config: the longest prompt ({max(len(p) for p in prompts.prompts)} tokens) "
                          f"plus {opts.decode_tokens} decode tokens and the drafts exceed the model's "
-                         f"max_position_embeddings ({model.config.max_position_embeddings})")
+                         f"context ({model.config.max_context_len}: max_position_embeddings, or the YaRN length)")
     return _Plan(spec, prompts, max_model_len, max(opts.batches))
 
 

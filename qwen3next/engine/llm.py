@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -19,28 +21,42 @@ import torch
 
 from .. import DEFAULT_MODEL
 from ..checkpoint import load_model, parse_dtype, quantize_bits
+from ..config import Qwen3NextConfig
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .memory import CachePlan, engine_cache_plan
-from .output import CompletionOutput, RequestOutput, RequestState, SampleState, StreamEvent, logprob_entry
+from .output import (
+    CompletionOutput,
+    Logprob,
+    RequestOutput,
+    RequestState,
+    SampleState,
+    StreamEvent,
+    logprob_entry,
+    prompt_logprob_dicts,
+)
 from .runner import ModelRunner, cache_geometry
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import FinishReason, Sequence
 from .speculative import DraftLengthPolicy, SpecStats, SpeculativeConfig
 
-__all__ = ["LLM", "CompletionOutput", "Engine", "RequestHandle", "RequestOutput", "StreamEvent"]
+__all__ = ["LLM", "CompletionOutput", "Engine", "Logprob", "RequestHandle", "RequestOutput", "StreamEvent"]
 
 
 def _model_and_tokenizer(model: str | Path | Qwen3NextForCausalLM, tokenizer: Tokenizer | None,
-                         dtype: str | torch.dtype | None, device: str,
-                         quantize: str | None) -> tuple[Qwen3NextForCausalLM, Tokenizer]:
-    """The model (loaded from a directory, or the given object, quantized in place when asked) and its tokenizer."""
+                         dtype: str | torch.dtype | None, device: str, quantize: str | None,
+                         hf_overrides: dict | None = None) -> tuple[Qwen3NextForCausalLM, Tokenizer]:
+    """The model (loaded from a directory with `hf_overrides` applied to its config, or the given object, quantized
+    in place when asked) and its tokenizer."""
     bits = quantize_bits(quantize)
     if isinstance(model, Qwen3NextForCausalLM):
         if tokenizer is None:
             raise ValueError("tokenizer: required when passing a model object")
+        if hf_overrides is not None:
+            raise ValueError("hf_overrides: applies when loading a model directory; a model object is already built "
+                             "(pass Qwen3NextConfig.from_dict(..., hf_overrides=...) when building it)")
         if bits is not None:
             from ..quant import quantize_model
 
@@ -49,8 +65,24 @@ def _model_and_tokenizer(model: str | Path | Qwen3NextForCausalLM, tokenizer: To
     path = Path(model)
     if not path.is_dir():
         raise ValueError(f"model: {path} is not a model directory")
-    loaded = load_model(path, dtype=parse_dtype(dtype), device=device, quantize=quantize)
+    loaded = load_model(path, dtype=parse_dtype(dtype), device=device, quantize=quantize, hf_overrides=hf_overrides)
     return loaded, tokenizer or Tokenizer.from_dir(path)
+
+
+def _context_error(config: Qwen3NextConfig, max_model_len: int) -> str:
+    """Why `max_model_len` is refused: the model's longest context, where it comes from, and how to extend it."""
+    limit, rope = config.max_context_len, config.rope
+    if rope.rope_type == "yarn":
+        original = rope.original_max_position_embeddings or config.max_position_embeddings
+        source = (f"YaRN: original_max_position_embeddings {original:,} x factor {rope.factor:g}, "
+                  f"max_position_embeddings {config.max_position_embeddings:,}")
+    else:
+        original, source = config.max_position_embeddings, "max_position_embeddings, no rope scaling"
+    factor = math.ceil(max_model_len / original * 10) / 10
+    hint = json.dumps({"rope_scaling": {"rope_type": "yarn", "factor": factor,
+                                        "original_max_position_embeddings": original}})
+    return (f"max_model_len: {max_model_len:,} exceeds the model's context of {limit:,} tokens ({source}); lower "
+            f"max_model_len (--max-model-len), or extend the context with YaRN: hf_overrides={hint} (--hf-overrides)")
 
 
 class Engine:
@@ -61,21 +93,23 @@ class Engine:
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  chunked_prefill: bool = True, prefill_chunk_size: int = 512, block_size: int = 64,
                  quantize: str | None = None, compile_decode: bool = False,
-                 speculative_config: SpeculativeConfig | dict | str | None = None):
+                 speculative_config: SpeculativeConfig | dict | str | None = None, hf_overrides: dict | None = None):
         """`compile_decode`: run decode steps through torch.compile (see engine/compiled.py);
         the graphs are compiled here, before the engine takes requests (about a minute for small models).
         `speculative_config`: `{"method": "mtp", "num_speculative_tokens": k}` drafts up to k tokens per step with
-        the model's MTP head and verifies them in one forward (engine/speculative.py); exact, adaptive by default."""
+        the model's MTP head and verifies them in one forward (engine/speculative.py); exact, adaptive by default.
+        `hf_overrides`: config.json values to change at load (vLLM's option), e.g. `{"rope_scaling": {"rope_type":
+        "yarn", "factor": 4.0, "original_max_position_embeddings": 262144}}`; `max_model_len` may then go up to
+        `config.max_context_len` (original_max_position_embeddings x factor)."""
         self.speculative = SpeculativeConfig.parse(speculative_config)
-        self.model, self.tokenizer = _model_and_tokenizer(model, tokenizer, dtype, device, quantize)
+        self.model, self.tokenizer = _model_and_tokenizer(model, tokenizer, dtype, device, quantize, hf_overrides)
         config = self.model.config
         if self.speculative is not None and self.model.mtp is None:
             raise ValueError("speculative_config: method 'mtp' needs the model's MTP head, but this model has no "
                              "mtp.* weights (num_nextn_predict_layers = 0)")
-        max_model_len = max_model_len or min(config.max_position_embeddings, 8192)
-        if max_model_len > config.max_position_embeddings:
-            raise ValueError(f"max_model_len: {max_model_len} exceeds the model's max_position_embeddings "
-                             f"({config.max_position_embeddings})")
+        max_model_len = max_model_len or min(config.max_context_len, 8192)
+        if max_model_len > config.max_context_len:
+            raise ValueError(_context_error(config, max_model_len))
         spec_k = self.speculative.num_speculative_tokens if self.speculative is not None else 0
         self.plan: CachePlan = engine_cache_plan(cache_geometry(self.model, block_size, include_mtp=spec_k > 0),
                                                  max_memory, self.model.device, max_num_seqs, max_model_len)
@@ -91,6 +125,7 @@ class Engine:
         self.requests: dict[str, RequestState] = {}
         self._seq_to_sample: dict[int, tuple[RequestState, SampleState]] = {}
         self._ids = itertools.count()
+        self._token_texts: dict[int, str] = {}  # decoded single tokens, for prompt logprobs
         self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "preemptions": 0}
         self.spec_stats = SpecStats()
 
@@ -118,7 +153,7 @@ class Engine:
                     request_id: str | None = None) -> RequestState:
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
-        if len(ids) >= self.max_model_len:
+        if len(ids) > self.max_model_len or (len(ids) == self.max_model_len and params.max_tokens > 0):
             raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within max_model_len "
                              f"{self.max_model_len}")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -158,10 +193,18 @@ class Engine:
         out = self.runner.execute(batch)
         sampled = batch.sampled_seqs
         before = [seq.num_output_tokens for seq in sampled]
-        self.scheduler.update(batch, out.tokens if out is not None else [])
+        finished = self.scheduler.update(batch, out.tokens)
         policy = self.scheduler.draft_policy
         self.stats["steps"] += 1
         self.stats["preemptions"] = self.scheduler.num_preemptions
+        for (b, first, _), chunk in zip(batch.prompt_logprob_spans, out.prompt_logprobs):
+            entry = self._seq_to_sample.get(id(batch.entries[b].seq))
+            if entry is not None:  # else aborted meanwhile
+                entry[0].add_prompt_logprobs(first, prompt_logprob_dicts(chunk, self._token_text))
+        for seq in finished:  # a prompt that generates nothing (max_tokens 0) ends without a sampled token
+            entry = self._seq_to_sample.get(id(seq)) if seq.params.max_tokens == 0 else None
+            if entry is not None:
+                self._finish_sample(*entry, seq.finish_reason.value)
         for j, seq in enumerate(sampled):
             if out.num_drafts[j]:
                 self.spec_stats.record(out.num_drafts[j], out.num_accepted[j])
@@ -184,6 +227,12 @@ class Engine:
         if policy is not None and batch.num_drafts == batch.num_lookahead and batch.is_decode_step:
             policy.record_step(len(batch), batch.num_drafts, time.perf_counter() - started)
         return True
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _accept_token(self, req: RequestState, s: SampleState, token: int, sampled, row: int) -> None:
         self.stats["generation_tokens"] += 1

@@ -29,6 +29,13 @@ from .speculative import DraftLengthPolicy
 from .stopping import StopRules
 
 
+def _room(max_tokens: int, limit: str) -> str:
+    """What the request could ask for instead: at most `max_tokens` new tokens, or a shorter prompt."""
+    if max_tokens >= 1:
+        return f"max_tokens can be at most {max_tokens} with this prompt"
+    return f"the prompt alone does not fit {limit}: shorten it"
+
+
 @dataclass
 class SchedulerConfig:
     """max_num_batched_tokens: tokens per forward. prefill_chunk_size: most prompt tokens one sequence feeds
@@ -82,6 +89,10 @@ class ScheduledBatch:
     entry): the known token after its last fed one (a prompt chunk that is not the last), None where that token is
     sampled in this step. `num_lookahead`: how many drafts the MTP head proposes for the next step (0: none).
     `slot_ops`: operations on whole state slots that the runner applies, in order, before the forward.
+    Prompt logprobs: `prompt_logprob_spans` (entry, first, stop): the entry's prompt positions [first, stop) whose
+    next prompt token's logprob this step computes (those of its chunk not done before a preemption, never the
+    last prompt position, which predicts the first output token); `prompt_logprob_rows` / `_targets`: per such
+    position, its flat token index and the prompt token after it.
     """
 
     def __init__(self, entries: list[ScheduledEntry], block_size: int, num_lookahead: int = 0):
@@ -96,6 +107,9 @@ class ScheduledBatch:
         self.block_tables: list[list[int]] = []
         self.next_token_ids: list[int | None] = []
         self.num_lookahead = num_lookahead
+        self.prompt_logprob_spans: list[tuple[int, int, int]] = []
+        self.prompt_logprob_rows: list[int] = []
+        self.prompt_logprob_targets: list[int] = []
         for i, e in enumerate(entries):
             start, stop = e.context_len, e.context_len + e.num_new_tokens
             table = list(e.seq.block_table)
@@ -105,7 +119,15 @@ class ScheduledBatch:
             self.positions += range(start, stop)
             self.kv_write_indices += [paged_row(table, p, block_size) for p in range(start, stop)]
             self.query_start_loc.append(self.query_start_loc[-1] + e.num_new_tokens)
-            self.next_token_ids.append(None if e.needs_sample else e.seq.token_ids_between(stop, stop + 1)[0])
+            nxt = e.seq.token_ids_between(stop, stop + 1)  # empty after a whole prompt with max_tokens 0
+            self.next_token_ids.append(nxt[0] if nxt and not e.needs_sample else None)
+            if e.seq.wants_prompt_logprobs:
+                first, last = max(start, e.seq.num_prompt_logprobs), min(known, e.seq.num_prompt_tokens - 1)
+                if first < last:
+                    row = self.query_start_loc[-2] - start
+                    self.prompt_logprob_spans.append((i, first, last))
+                    self.prompt_logprob_rows += range(row + first, row + last)
+                    self.prompt_logprob_targets += e.seq.token_ids_between(first + 1, last + 1)
             if e.needs_sample:
                 self.sample_indices.append(i)
                 self.logits_indices += range(self.query_start_loc[-1] - 1 - e.num_drafts, self.query_start_loc[-1])
@@ -180,13 +202,20 @@ class Scheduler:
         total = seq.num_prompt_tokens + seq.params.max_tokens
         if total > max_len:
             raise ValueError(f"request {seq.request_id!r}: prompt ({seq.num_prompt_tokens} tokens) + max_tokens "
-                             f"({seq.params.max_tokens}) = {total} exceeds max_model_len={max_len}")
-        # The last generated token is never fed back, so at most total - 1 tokens are ever cached.
+                             f"({seq.params.max_tokens}) = {total} exceeds max_model_len={max_len}; "
+                             f"{_room(max_len - seq.num_prompt_tokens, 'max_model_len')}, or raise "
+                             f"max_model_len (--max-model-len)")
+        # The last generated token is never fed back, so at most total - 1 tokens are ever cached (all of a prompt
+        # that generates nothing).
         bm = self.block_manager
-        need = bm.num_blocks_for(total - 1)
+        cached = total - 1 if seq.params.max_tokens else total
+        need = bm.num_blocks_for(cached)
         if need > bm.num_blocks:
-            raise ValueError(f"request {seq.request_id!r}: {total - 1} cached tokens need {need} KV blocks of "
-                             f"{bm.block_size} but the pool only has {bm.num_blocks}")
+            pool = bm.num_blocks * bm.block_size
+            raise ValueError(f"request {seq.request_id!r}: {cached} cached tokens need {need} KV blocks of "
+                             f"{bm.block_size} but the pool only has {bm.num_blocks} ({pool} tokens); "
+                             f"{_room(pool + 1 - seq.num_prompt_tokens, 'the pool')}, or raise max_memory "
+                             f"(--max-memory)")
         seq.arrival = self._arrivals
         self._arrivals += 1
         self._live[seq.request_id] = seq
@@ -330,7 +359,8 @@ class Scheduler:
 
     def update(self, batch: ScheduledBatch, sampled_token_ids: SequenceLike[int]) -> list[Sequence]:
         """Account for a finished forward: advance cached counts, append the sampled tokens, finish sequences
-        that a token rule of `StopRules` ends (EOS / stop token, max_tokens / max_model_len).
+        that a token rule of `StopRules` ends (EOS / stop token, max_tokens / max_model_len) and those with
+        max_tokens 0 whose prompt is now cached; count the prompt logprobs computed.
 
         `sampled_token_ids` holds, per entry in `batch.sample_indices` (in that order), the token sampled for it,
         or the list of tokens its verification emitted (its accepted drafts, then one sampled token: 1 to
@@ -355,7 +385,13 @@ class Scheduler:
             assert seq.num_computed_tokens == e.context_len, "batch applied twice or out of order"
             kept = e.num_new_tokens if run is None else e.num_new_tokens - e.num_drafts + len(run) - 1
             seq.num_computed_tokens += kept
+            if seq.wants_prompt_logprobs:
+                done = min(seq.num_computed_tokens, seq.num_prompt_tokens - 1)
+                seq.num_prompt_logprobs = max(seq.num_prompt_logprobs, done)
             if run is None:
+                if seq.num_computed_tokens == seq.num_tokens and seq.params.max_tokens == 0:
+                    self.finish(seq, FinishReason.LENGTH)  # prefill only: the prompt is all there is to do
+                    finished.append(seq)
                 continue
             for token in run:
                 seq.output_token_ids.append(token)
@@ -370,7 +406,7 @@ class Scheduler:
 
     def _take(self, seq: Sequence, n: int, fresh: bool) -> ScheduledEntry:
         ctx = seq.num_computed_tokens
-        return ScheduledEntry(seq, n, ctx, fresh, needs_sample=ctx + n == seq.num_tokens)
+        return ScheduledEntry(seq, n, ctx, fresh, needs_sample=ctx + n == seq.num_tokens and seq.params.max_tokens > 0)
 
     def _preempt(self, seq: Sequence) -> None:
         """Drop the cache of a running sequence; it will recompute prompt + output from the front of the queue."""

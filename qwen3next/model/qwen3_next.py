@@ -106,10 +106,10 @@ class Qwen3NextForCausalLM(nn.Module):
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str = "cpu") -> Qwen3NextForCausalLM:
+                        device: torch.device | str = "cpu", hf_overrides: dict | None = None) -> Qwen3NextForCausalLM:
         from ..checkpoint import load_model
 
-        return load_model(path, dtype=dtype, device=device)
+        return load_model(path, dtype=dtype, device=device, hf_overrides=hf_overrides)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
         from ..checkpoint import save_model

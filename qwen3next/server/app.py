@@ -415,6 +415,7 @@ class _Sample:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list | None = None  # sample 0 of a request that asked (echo with logprobs)
 
 
 @dataclass
@@ -473,6 +474,8 @@ class OpenAIServer:
         without a request, all the room the context leaves."""
         limit = self.max_model_len
         what = "messages" if prompt_param == "messages" else "prompt"
+        if requested == 0 and prompt_len <= limit:
+            return 0  # the prompt alone (echo): it only has to fit
         if prompt_len >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt ({what}) "
                                 f"has {prompt_len} tokens, which leaves no room for a completion. Please shorten the "
@@ -487,8 +490,8 @@ class OpenAIServer:
         return requested
 
     @staticmethod
-    def _sampling(req: P.SamplingRequest, max_tokens: int, logprobs: int | None, renames: dict[str, str]
-                  ) -> SamplingParams:
+    def _sampling(req: P.SamplingRequest, max_tokens: int, logprobs: int | None, renames: dict[str, str],
+                  prompt_logprobs: int | None = None) -> SamplingParams:
         def pick(value, default):
             return default if value is None else value
 
@@ -501,7 +504,8 @@ class OpenAIServer:
                 min_p=pick(req.min_p, 0.0), repetition_penalty=pick(req.repetition_penalty, 1.0),
                 presence_penalty=pick(req.presence_penalty, 0.0), frequency_penalty=pick(req.frequency_penalty, 0.0),
                 seed=req.seed, max_tokens=max_tokens, stop=req.stop, stop_token_ids=list(req.stop_token_ids or []),
-                ignore_eos=req.ignore_eos, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+                ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=req.skip_special_tokens)
         except ValueError as e:
             name = _leading_name(str(e))
             raise APIError(400, str(e), renames.get(name, name)) from None
@@ -542,6 +546,8 @@ class OpenAIServer:
                 s.text += ev.text
                 s.token_ids += ev.token_ids
                 s.logprobs += ev.logprobs or []
+                if ev.prompt_logprobs is not None:
+                    s.prompt_logprobs = ev.prompt_logprobs
                 if ev.finish_reason is not None:
                     s.finish_reason = ev.finish_reason
         finally:
@@ -590,6 +596,26 @@ class OpenAIServer:
             lp.token_logprobs.append(_finite(e["logprob"]))
             lp.top_logprobs.append(top)
             lp.text_offset.append(offsets.advance(e["token_id"], raw))
+        return lp
+
+    def _echo_logprobs(self, ids: list[int], prompt_logprobs: list) -> P.CompletionLogprobs:
+        """The echoed prompt's part of legacy completions logprobs: each prompt token with its logprob given the
+        tokens before it (null for the first) and its top alternatives, offsets from the start of the text."""
+        lp = P.CompletionLogprobs()
+        offsets = _TextOffsets(0, set())
+        for token, entry in zip(ids, prompt_logprobs):
+            text, raw = self.token_text(token)
+            lp.tokens.append(text)
+            lp.text_offset.append(offsets.advance(token, raw))
+            if entry is None:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+                continue
+            lp.token_logprobs.append(_finite(entry[token].logprob))
+            top: dict[str, float] = {}
+            for tid, v in entry.items():  # the prompt token first, then the top N
+                top.setdefault(self.token_text(tid)[0], _finite(v.logprob))
+            lp.top_logprobs.append(top)
         return lp
 
     # -- chat ---------------------------------------------------------------------------------------------------
@@ -757,8 +783,6 @@ class OpenAIServer:
             raise APIError(400, "suffix is not supported", "suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of must equal n (completions are not ranked server-side)", "best_of")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo together with logprobs is not supported", "echo")
         prompts = req.prompts()
         ids_list: list[list[int]] = []
         for p in prompts:
@@ -767,9 +791,10 @@ class OpenAIServer:
                 raise APIError(400, "prompt must not be empty", "prompt")
             ids_list.append(ids)
         jobs = []
+        prompt_logprobs = req.logprobs if req.echo else None  # the echoed prompt's logprobs (vLLM's way)
         for ids in ids_list:
             max_tokens = self._budget(len(ids), req.max_tokens, "max_tokens", "prompt")
-            jobs.append((ids, self._sampling(req, max_tokens, req.logprobs, {})))
+            jobs.append((ids, self._sampling(req, max_tokens, req.logprobs, {}, prompt_logprobs)))
         echoes = [""] * len(prompts)
         if req.echo:
             echoes = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
@@ -778,8 +803,7 @@ class OpenAIServer:
         await self._start(gen, "prompt")
         prompt_tokens = sum(len(ids) for ids in ids_list)
         if req.stream:
-            return self._stream_response(gen, request, self._completion_stream(gen, req, rid, prompt_tokens,
-                                                                               echoes, t0))
+            return self._stream_response(gen, request, self._completion_stream(gen, req, rid, ids_list, echoes, t0))
         samples = await self._collect(gen, request, len(prompts), req.n, t0)
         choices = []
         for i, row in enumerate(samples):
@@ -787,6 +811,8 @@ class OpenAIServer:
                 lp = None
                 if req.logprobs is not None:
                     lp = self._completion_logprobs(s.logprobs, self._offsets(len(echoes[i]), req))
+                    if prompt_logprobs is not None:
+                        lp = self._joined(self._echo_logprobs(ids_list[i], row[0].prompt_logprobs or [None]), lp)
                 choices.append(P.CompletionChoice(index=i * req.n + k, text=echoes[i] + s.text, logprobs=lp,
                                                   finish_reason=s.finish_reason))
         completion = sum(len(s.token_ids) for row in samples for s in row)
@@ -795,9 +821,16 @@ class OpenAIServer:
         return JSONResponse(P.CompletionResponse(id=rid, model=self.model_name, choices=choices,
                                                  usage=usage).model_dump())
 
-    async def _completion_stream(self, gen: _Generation, req: P.CompletionRequest, rid: str, prompt_tokens: int,
-                                 echoes: list[str], t0: float) -> AsyncIterator[str]:
+    @staticmethod
+    def _joined(a: P.CompletionLogprobs, b: P.CompletionLogprobs) -> P.CompletionLogprobs:
+        return P.CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                                    top_logprobs=a.top_logprobs + b.top_logprobs,
+                                    text_offset=a.text_offset + b.text_offset)
+
+    async def _completion_stream(self, gen: _Generation, req: P.CompletionRequest, rid: str,
+                                 ids_list: list[list[int]], echoes: list[str], t0: float) -> AsyncIterator[str]:
         created = int(time.time())
+        prompt_tokens = sum(len(ids) for ids in ids_list)
 
         def chunk(choices: list[P.CompletionChoice], usage: P.Usage | None = None) -> str:
             c = P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
@@ -805,26 +838,39 @@ class OpenAIServer:
 
         n = req.n
         offsets = {(i, k): self._offsets(len(e), req) for i, e in enumerate(echoes) for k in range(n)}
+        # With echo and logprobs, a prompt's echo carries its logprobs, which come with the first event of its
+        # sample 0: events of the prompt's other samples wait for it (they may finish their prefill first).
+        held: dict[int, list] = {i: [] for i in range(len(echoes))} if req.echo and req.logprobs is not None else {}
         for i, e in enumerate(echoes):
             for k in range(n):
-                if e:
+                if e and i not in held:
                     yield chunk([P.CompletionChoice(index=i * n + k, text=e, finish_reason=None)])
         completion = 0
         first: dict = {}
         last: dict = {}
         async for i, ev, t in gen.events():
-            self._observe(t0, first, last, i, ev, t)
-            completion += len(ev.token_ids)
-            if ev.finish_reason == "abort":
-                yield _sse(_error_body(500, "the request was aborted by the engine", code="engine_error"))
-                yield _sse("[DONE]")
-                return
-            lp = None
-            if req.logprobs is not None and ev.logprobs:
-                lp = self._completion_logprobs(ev.logprobs, offsets[(i, ev.index)])
-            if ev.text or lp is not None or ev.finish_reason is not None:
-                yield chunk([P.CompletionChoice(index=i * n + ev.index, text=ev.text, logprobs=lp,
-                                                finish_reason=ev.finish_reason)])
+            ready = [(ev, t)]
+            if i in held:
+                held[i].append((ev, t))
+                if ev.prompt_logprobs is None:
+                    continue
+                ready = held.pop(i)
+                lp = self._echo_logprobs(ids_list[i], ev.prompt_logprobs)
+                for k in range(n):
+                    yield chunk([P.CompletionChoice(index=i * n + k, text=echoes[i], logprobs=lp, finish_reason=None)])
+            for ev, t in ready:
+                self._observe(t0, first, last, i, ev, t)
+                completion += len(ev.token_ids)
+                if ev.finish_reason == "abort":
+                    yield _sse(_error_body(500, "the request was aborted by the engine", code="engine_error"))
+                    yield _sse("[DONE]")
+                    return
+                lp = None
+                if req.logprobs is not None and ev.logprobs:
+                    lp = self._completion_logprobs(ev.logprobs, offsets[(i, ev.index)])
+                if ev.text or lp is not None or ev.finish_reason is not None:
+                    yield chunk([P.CompletionChoice(index=i * n + ev.index, text=ev.text, logprobs=lp,
+                                                    finish_reason=ev.finish_reason)])
         self.e2e.observe(time.perf_counter() - t0)
         if req.stream_options is not None and req.stream_options.include_usage:
             yield chunk([], P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
@@ -969,7 +1015,7 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or model_dir.resolve().name
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_memory=args.max_memory,
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, quantize=args.quantize,
-              compile_decode=args.compile, speculative_config=args.speculative_config)
+              compile_decode=args.compile, speculative_config=args.speculative_config, hf_overrides=args.hf_overrides)
     try:
         app = create_app(llm, name, api_key, args.max_body_bytes)
         engine = llm.engine

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import DEFAULT_MODEL
-from ..argtypes import QUANTIZE_CHOICES, add_speculative_arg
+from ..argtypes import QUANTIZE_CHOICES, add_hf_overrides_arg, add_speculative_arg
 from ..argtypes import port as _port
 from ..argtypes import positive_int as _positive_int
 
@@ -29,7 +29,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                              "available memory, at most 8 GiB")
     parser.add_argument("--max-num-seqs", type=_positive_int, default=16, help="sequences decoded together")
     parser.add_argument("--max-model-len", type=_positive_int, default=None,
-                        help="context length (prompt + completion); default: the model's, at most 8192")
+                        help="context length (prompt + completion); default: the model's, at most 8192; up to "
+                             "original_max_position_embeddings x factor with YaRN (--hf-overrides)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
@@ -38,6 +39,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the decode step before serving (faster steps; about a minute of "
                              "compiling at start; needs a C++ compiler)")
     add_speculative_arg(parser)
+    add_hf_overrides_arg(parser)
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest accepted request body")

@@ -115,12 +115,14 @@ def preset_dict(name: str) -> dict[str, Any]:
 
 
 def preset_config(name: str, vocab_size: int | None = None, bos_token_id: int | None = None,
-                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> Qwen3NextConfig:
-    """The preset as a config; `vocab_size` and the special-token ids, when given, replace the nominal ones."""
+                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                  hf_overrides: dict[str, Any] | None = None) -> Qwen3NextConfig:
+    """The preset as a config; `vocab_size` and the special-token ids, when given, replace the nominal ones;
+    `hf_overrides` then changes config.json values (`Qwen3NextConfig.from_dict`)."""
     d = preset_dict(name)
     if vocab_size is not None:
         d["vocab_size"] = vocab_size
-    config = Qwen3NextConfig.from_dict(d)
+    config = Qwen3NextConfig.from_dict(d, hf_overrides)
     # set after parsing: from_dict treats None as "absent" and would fall back to the 80B model's ids
     config.bos_token_id, config.eos_token_id, config.pad_token_id = bos_token_id, eos_token_id, pad_token_id
     return config
