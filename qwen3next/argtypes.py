@@ -57,7 +57,8 @@ def add_speculative_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def hf_overrides(s: str) -> dict:
-    """`--hf-overrides JSON` (vLLM's flag) -> a dict of config.json keys, checked against the keys the config knows."""
+    """`--hf-overrides JSON` (vLLM's flag name; merge rule: `config.apply_hf_overrides`) -> a dict of config.json
+    keys, checked against the keys the config knows."""
     from .config import check_hf_overrides
 
     try:
@@ -81,7 +82,19 @@ HF_OVERRIDES_EXAMPLE = ('{"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "
 def add_hf_overrides_arg(parser: argparse.ArgumentParser) -> None:
     """`--hf-overrides JSON`: `args.hf_overrides` is the parsed object, or None."""
     parser.add_argument("--hf-overrides", type=hf_overrides, default=None, metavar="JSON",
-                        help="change config.json values at load (vLLM's flag; nested objects merge), e.g. YaRN for "
+                        help="change config.json values at load (vLLM's flag name; our rule: objects merge key by "
+                             "key, where vLLM replaces a top-level object such as rope_scaling whole), e.g. YaRN for "
                              f"contexts beyond the native length: '{HF_OVERRIDES_EXAMPLE}' (either rope spelling, "
                              "rope_scaling or rope_parameters; --max-model-len may then go up to "
                              "original_max_position_embeddings x factor)")
+
+
+def check_output_paths(args: argparse.Namespace, *flags: str) -> None:
+    """Fail before a long run, not after it, when an output file of these flags (e.g. "--json", "--plot") cannot be
+    written: its directory must exist."""
+    from pathlib import Path
+
+    for flag in flags:
+        path = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise ValueError(f"{flag}: the directory of {path} does not exist")

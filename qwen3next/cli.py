@@ -30,19 +30,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .config import Qwen3NextConfig
     from .engine.memory import fmt_bytes
 
+    if args.context is None:  # these only shape the --context plan: given alone they would be silently ignored
+        given = [flag for flag, v in (("--batch", args.batch), ("--prefill-chunk-size", args.prefill_chunk_size))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{given[0]}: plans the memory of --context N tokens; give --context too")
     config = Qwen3NextConfig.from_pretrained(args.model, args.hf_overrides)
     counts = config.parameter_counts()
     pattern = "".join("A" if t == "full_attention" else "L" for t in config.layer_types)
     moe = "".join("M" if config.is_moe_layer(i) else "D" for i in range(config.num_hidden_layers))
-    dtype = args.dtype or (config.torch_dtype if config.torch_dtype in ("float32", "bfloat16") else "bfloat16")
+    dtype = args.dtype
     elem = 4 if dtype == "float32" else 2
     kv = config.kv_bytes_per_token(elem)
     state = config.state_bytes_per_sequence(elem, 4)
-    rope = config.rope
     context = f"{config.max_context_len:,} tokens"
-    if rope.rope_type == "yarn":
-        original = rope.original_max_position_embeddings or config.max_position_embeddings
-        context += f"  (YaRN: {original:,} x factor {rope.factor:g})"
+    if config.rope.rope_type == "yarn":
+        context += f"  ({config.rope_description()})"
     rows = [
         ("model", args.model),
         ("parameters (total, main model)", _fmt_count(counts["total"])),
@@ -57,6 +60,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                      f"dims {config.linear_key_head_dim}/{config.linear_value_head_dim}, "
                      f"conv {config.linear_conv_kernel_dim}"),
         ("context", context),
+        ("dtype assumed", f"{dtype}  (KV cache and activations below; --dtype, default float32 as in "
+                          f"generate/chat/serve)"),
         (f"KV cache per token ({dtype})", fmt_bytes(kv) + f"  ({len(config.attention_layers)} attention layers)"),
         ("DeltaNet state per sequence", fmt_bytes(state) + f"  ({dtype} conv + float32 recurrent, any length)"),
         ("one sequence at full context", fmt_bytes(state + kv * config.max_context_len)
@@ -68,7 +73,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{k:<{width}}  {v}")
     if args.context is not None:
         print()
-        print(_memory_table(config, args.context, args.batch, dtype, args.prefill_chunk_size))
+        print(_memory_table(config, args.context, args.batch or 1, dtype, args.prefill_chunk_size or 512))
     return 0
 
 
@@ -271,11 +276,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _model_arg(p)
     p.add_argument("--context", type=_positive_int, default=None, metavar="N",
                    help="also plan the memory of N tokens of context: KV cache, DeltaNet state, prefill workspace")
-    p.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="--context: sequences held at once")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="activation and KV dtype (default: the checkpoint's torch_dtype)")
-    p.add_argument("--prefill-chunk-size", type=_positive_int, default=512, metavar="T",
-                   help="--context: tokens of the prefill chunk whose workspace is estimated (the engine's default)")
+    p.add_argument("--batch", type=_positive_int, default=None, metavar="B",
+                   help="with --context: sequences held at once (default 1)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="activation and KV dtype (default: float32, the engine's default for generate/chat/serve)")
+    p.add_argument("--prefill-chunk-size", type=_positive_int, default=None, metavar="T",
+                   help="with --context: tokens of the prefill chunk whose workspace is estimated (default 512, the "
+                        "engine's)")
     add_hf_overrides_arg(p)
     p.set_defaults(func=cmd_info)
 

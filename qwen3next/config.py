@@ -4,12 +4,14 @@ Accepts both rope spellings (v4: `rope_theta` + `partial_rotary_factor` + `rope_
 and both layer-pattern spellings (`layer_types` or `full_attention_interval`). Unknown keys are ignored; impossible
 values raise `ValueError` naming the field.
 
-`hf_overrides` (vLLM's option) changes the file's values at load: nested objects merge key by key, other values
-replace; the rope keys of either spelling merge into one set of rope parameters, so an override wins whichever
-spelling the file uses (e.g. `{"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
-"original_max_position_embeddings": 262144}}` on a file with v5 `rope_parameters`). Unlike the file, an override may
-only name keys this config reads, or HF keys of this architecture it deliberately ignores (`IGNORED_HF_KEYS`): a typo
-is an error, not a silent no-op.
+`hf_overrides` (named after vLLM's option) changes the file's values at load. Our rule: objects merge key by key,
+recursively, other values (lists included) replace; the rope keys of either spelling merge into one set of rope
+parameters, so an override wins whichever spelling the file uses (e.g. `{"rope_scaling": {"rope_type": "yarn",
+"factor": 4.0, "original_max_position_embeddings": 262144}}` on a file with v5 `rope_parameters` keeps its
+rope_theta). vLLM differs: it sets each top-level key with `setattr`, so a dict value such as `rope_scaling` replaces
+the file's whole object (it merges only into nested sub-configs); an override that spells out every key it needs
+means the same under both rules. Unlike the file, an override may only name keys this config reads, or HF keys of
+this architecture it deliberately ignores (`IGNORED_HF_KEYS`): a typo is an error, not a silent no-op.
 """
 
 from __future__ import annotations
@@ -235,14 +237,24 @@ class Qwen3NextConfig:
         return int(self.head_dim * self.rope.partial_rotary_factor)
 
     @property
+    def original_context_len(self) -> int:
+        """The context the rope was trained for: YaRN's original_max_position_embeddings, which defaults to
+        max_position_embeddings (as in the rope math); max_position_embeddings without scaling."""
+        return self.rope.original_max_position_embeddings or self.max_position_embeddings
+
+    @property
     def max_context_len(self) -> int:
-        """The longest context this config supports: with YaRN, original_max_position_embeddings x factor (vLLM's
-        rule; the original length defaults to max_position_embeddings, as in the rope math), never less than
-        max_position_embeddings; without, max_position_embeddings."""
+        """The longest context this config supports: with YaRN, `original_context_len` x factor (vLLM's rule), never
+        less than max_position_embeddings; without, max_position_embeddings."""
         if self.rope.rope_type != "yarn":
             return self.max_position_embeddings
-        original = self.rope.original_max_position_embeddings or self.max_position_embeddings
-        return max(self.max_position_embeddings, int(original * self.rope.factor))
+        return max(self.max_position_embeddings, int(self.original_context_len * self.rope.factor))
+
+    def rope_description(self) -> str:
+        """The rope setting in a few words for reports and errors: 'YaRN: 262,144 x factor 4' or 'no rope scaling'."""
+        if self.rope.rope_type == "yarn":
+            return f"YaRN: {self.original_context_len:,} x factor {self.rope.factor:g}"
+        return "no rope scaling" if self.rope.rope_type == "default" else f"rope {self.rope.rope_type}"
 
     def is_moe_layer(self, i: int) -> bool:
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
@@ -305,10 +317,11 @@ class Qwen3NextConfig:
 
 
 def apply_hf_overrides(d: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`d` (a config.json dict) with `overrides` applied, as vLLM's `hf_overrides`: nested objects merge key by key,
-    other values (lists included) replace. Rope keys of either spelling (`ROPE_KEYS`) first fold into one
-    `rope_parameters` object on each side, so the override wins whichever spelling the file uses;
-    `"rope_scaling": null` (or `"rope_parameters": null`) turns scaling off (default rope, same theta).
+    """`d` (a config.json dict) with `overrides` applied by our rule: objects merge key by key, recursively, other
+    values (lists included) replace. (vLLM's `hf_overrides` replaces a top-level dict value such as `rope_scaling`
+    whole and merges only into nested sub-configs; see the module docstring.) Rope keys of either spelling
+    (`ROPE_KEYS`) first fold into one `rope_parameters` object on each side, so the override wins whichever spelling
+    the file uses; `"rope_scaling": null` (or `"rope_parameters": null`) turns scaling off (default rope, same theta).
 
     Keys must be ones this config reads or `IGNORED_HF_KEYS` (accepted, no effect); anything else, at the top level
     or inside a rope object, is a ValueError naming it (`check_hf_overrides`). Neither argument is modified."""
@@ -351,9 +364,10 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rope_parameters(d: dict[str, Any]) -> dict[str, Any]:
-    """The rope keys of a config (or override) dict as ONE v5 `rope_parameters` object, with the precedence
-    `_parse_rope` gives them: `rope_parameters`, then the v4 keys; a top-level original_max_position_embeddings wins
-    over both. A null `rope_scaling` / `rope_parameters` means the default rope type unless the other names one."""
+    """The rope keys of a config (or override) dict as ONE v5 `rope_parameters` object (what `_parse_rope` reads),
+    with this precedence: `rope_parameters`, then the v4 keys; a top-level original_max_position_embeddings (Phi-3
+    style) wins over both, as in transformers. A null `rope_scaling` / `rope_parameters` means the default rope type
+    unless the other names one."""
     params, scaling = d.get("rope_parameters"), d.get("rope_scaling")
     src: dict[str, Any] = dict(params) if isinstance(params, dict) else {}
     for k in ("rope_theta", "partial_rotary_factor"):
@@ -374,30 +388,16 @@ def _rope_parameters(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parse_rope(d: dict[str, Any], max_position_embeddings: int) -> RopeConfig:
-    params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
-    rope = RopeConfig()
-    src: dict[str, Any] = {}
-    if isinstance(params, dict):
-        src.update(params)
-    if "rope_theta" in d and d["rope_theta"] is not None:
-        src.setdefault("rope_theta", d["rope_theta"])
-    if "partial_rotary_factor" in d and d["partial_rotary_factor"] is not None:
-        src.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
-    if isinstance(scaling, dict):
-        for k, v in scaling.items():
-            src.setdefault(k, v)
-        if "type" in scaling and "rope_type" not in scaling:
-            src["rope_type"] = scaling["type"]
-    elif scaling is not None:
+    if scaling is not None and not isinstance(scaling, dict):
         raise ValueError(f"rope_scaling: expected an object or null, got {scaling!r}")
+    src = _rope_parameters(d)  # one set of rope parameters, whichever spelling (see its precedence)
+    rope = RopeConfig()
     rope.theta = _rope_number(src, "rope_theta", rope.theta)
     rope.partial_rotary_factor = _rope_number(src, "partial_rotary_factor", rope.partial_rotary_factor)
-    rope.rope_type = str(src.get("rope_type", src.get("type", "default")))
+    rope.rope_type = str(src.get("rope_type", "default"))
     if rope.rope_type == "yarn":
-        # a top-level original_max_position_embeddings (Phi-3 style) wins over the rope dict's, as in transformers
-        original = _rope_number(d, "original_max_position_embeddings", None) or \
-            _rope_number(src, "original_max_position_embeddings", None)
+        original = _rope_number(src, "original_max_position_embeddings", None)
         if original is not None:
             if original < 1 or original != int(original):
                 raise ValueError(f"original_max_position_embeddings: expected a positive integer, got {original:g}")

@@ -9,9 +9,10 @@
 Each length runs in a child process (so that the peak RSS, `ru_maxrss`, is that run's own): the engine is built for
 one sequence of the prompt's length (`max_num_seqs=1`, `max_model_len` = length + 1), a prompt of random token ids
 is submitted with `max_tokens=1`, and the engine steps until it finishes (chunked prefill, `--chunk` tokens per
-step, the engine's default 512). Reported per length: prefill seconds and tokens/s, the KV + DeltaNet cache the
-engine planned, RSS after the engine is built (weights + cache pools as touched so far), and the peak RSS of the
-whole run; the difference is what the prefill itself needed on top (activations, and the cache pages written).
+step, the engine's default 512). Reported per length: prefill seconds and tokens/s, the sequence's cache as the
+engine allocates it (K/V blocks + DeltaNet state slot), RSS after the engine is built (weights + cache pools as
+touched so far), and the peak RSS of the whole run; the difference is what the prefill itself needed on top
+(activations, and the cache pages written).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import resource
 import subprocess
 import sys
 import time
+
+from qwen3next.argtypes import hf_overrides
 
 
 def _rss_mib() -> float:
@@ -38,12 +41,13 @@ def child(args: argparse.Namespace) -> dict:
 
     from qwen3next.bench.harness import synthetic_tokenizer
     from qwen3next.engine.llm import Engine
+    from qwen3next.engine.memory import config_geometry
     from qwen3next.engine.sampling import SamplingParams
     from qwen3next.model.qwen3_next import Qwen3NextForCausalLM
     from qwen3next.train.presets import preset_config
 
     torch.set_num_threads(args.threads)
-    overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
+    overrides = args.hf_overrides
     n = args.length
     if args.preset:
         config = preset_config(args.preset, hf_overrides=overrides)
@@ -67,8 +71,8 @@ def child(args: argparse.Namespace) -> dict:
     out = req.output()
     element = torch.tensor([], dtype=engine.model.dtype).element_size()
     return {"length": n, "prefill_s": seconds, "tok_s": n / seconds, "steps": steps,
-            "kv_bytes": config.kv_bytes_per_token(element) * n,
-            "state_bytes": config.state_bytes_per_sequence(element, 4),
+            "cache_bytes": config_geometry(config, element).sequence_bytes(n),  # what the engine allocates for it
+            "state_bytes": config_geometry(config, element).state_bytes_per_slot,
             "rss_built_mib": rss_built, "rss_peak_mib": _rss_mib(),
             "generated": out.outputs[0].token_ids if hasattr(out, "outputs") else None}
 
@@ -79,7 +83,7 @@ def main() -> int:
     src.add_argument("--model", help="model directory")
     src.add_argument("--preset", help="a random model of this preset (tiny, demo, small)")
     p.add_argument("--lengths", type=int, nargs="+", help="prompt lengths (tokens)")
-    p.add_argument("--hf-overrides", default=None, metavar="JSON")
+    p.add_argument("--hf-overrides", type=hf_overrides, default=None, metavar="JSON")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk (the engine's prefill_chunk_size)")
     p.add_argument("--json", default=None)
@@ -96,7 +100,7 @@ def main() -> int:
                str(args.chunk)]
         cmd += ["--model", args.model] if args.model else ["--preset", args.preset]
         if args.hf_overrides:
-            cmd += ["--hf-overrides", args.hf_overrides]
+            cmd += ["--hf-overrides", json.dumps(args.hf_overrides)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr[-2000:], file=sys.stderr)
@@ -104,7 +108,7 @@ def main() -> int:
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"{n:>9} tokens: prefill {row['prefill_s']:8.1f} s ({row['tok_s']:7.0f} tok/s, {row['steps']} steps)  "
-              f"KV {row['kv_bytes'] / 2**20:8.1f} MiB + state {row['state_bytes'] / 2**20:5.2f} MiB  "
+              f"cache {row['cache_bytes'] / 2**20:8.1f} MiB (state {row['state_bytes'] / 2**20:5.2f})  "
               f"RSS built {row['rss_built_mib']:7.0f} MiB, peak {row['rss_peak_mib']:7.0f} MiB", flush=True)
     if args.json:
         with open(args.json, "w") as f:

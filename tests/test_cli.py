@@ -35,6 +35,33 @@ def test_info_reports_counts_from_config(model_dir):
     assert "LLLA" in r.stdout
 
 
+def test_info_plans_memory_in_the_engines_default_dtype(model_dir, tmp_path):
+    """Without --dtype, info sizes the cache in float32 (what generate/chat/serve use by default), not in the
+    checkpoint's torch_dtype, and says so; --dtype bfloat16 gives the bf16 sizes."""
+    import json
+
+    from qwen3next.config import Qwen3NextConfig
+    from qwen3next.engine.memory import estimate_memory
+
+    d = json.loads((model_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**d, "torch_dtype": "bfloat16"}))  # info reads config.json only
+    config = Qwen3NextConfig.from_pretrained(tmp_path)
+    r = run("info", "--model", tmp_path, "--context", "256")
+    assert r.returncode == 0, r.stderr
+    assert "dtype assumed" in r.stdout and "(float32 activations)" in r.stdout
+    assert f"{estimate_memory(config, 256, 1, 4).cache_bytes:,} B" in r.stdout
+    r = run("info", "--model", tmp_path, "--context", "256", "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert f"{estimate_memory(config, 256, 1, 2).cache_bytes:,} B" in r.stdout
+
+
+@pytest.mark.parametrize("flag,value", [("--batch", "4"), ("--prefill-chunk-size", "256")])
+def test_info_plan_options_need_context(model_dir, flag, value):
+    r = run("info", "--model", model_dir, flag, value)
+    assert r.returncode == 1
+    assert flag in r.stderr and "--context" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_generate_matches_the_plain_loop(model_dir):
     import torch
 

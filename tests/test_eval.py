@@ -20,6 +20,7 @@ from qwen3next.cli import main as cli_main
 from qwen3next.eval.loss import PositionLoss, default_bucket_size, split_windows, token_nll, token_nll_full
 from qwen3next.eval.passkey import NEEDLE, PasskeyPrompts, is_correct
 from qwen3next.eval.ppl import windows_per_context
+from qwen3next.model import qwen3_next as model_module
 from qwen3next.tokenizer import Tokenizer
 from tiny_models import make_model, write_byte_tokenizer
 
@@ -49,7 +50,8 @@ def reference_nll(model, ids: torch.Tensor) -> torch.Tensor:
 
 # ---- loss ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("chunk_size", [7, 64, 129, 500])
-def test_chunked_loss_equals_one_full_forward(chunk_size):
+def test_chunked_loss_equals_one_full_forward(chunk_size, monkeypatch):
+    monkeypatch.setattr(model_module, "LOGPROB_ROWS", 50)  # LM-head pieces of 50 rows split the larger chunks
     model = make_model("base")
     ids = torch.randint(0, 97, (130,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -97,6 +99,18 @@ def test_position_buckets_by_hand():
     assert acc.windows == 2 and acc.mean_nll == pytest.approx((45 + 54) / 18)
     with pytest.raises(ValueError, match="nll"):
         acc.add(torch.zeros(10))
+
+
+def test_huge_losses_have_infinite_perplexity():
+    acc = PositionLoss(context=3, bucket_size=2)
+    acc.add(torch.tensor([800.0, 1.0]))  # exp(800) overflows a float
+    b = acc.buckets()
+    assert b[0]["ppl"] == math.inf and b[1]["ppl"] == pytest.approx(math.e)
+    assert acc.to_dict()["ppl"] == pytest.approx(math.exp(400.5))
+    acc = PositionLoss(context=3, bucket_size=2)
+    acc.add(torch.tensor([1500.0, 1500.0]))
+    assert acc.to_dict()["ppl"] == math.inf
+    assert math.isnan(PositionLoss(context=3, bucket_size=2).to_dict()["ppl"])  # nothing scored
 
 
 def test_default_bucket_size_and_windows():
@@ -239,11 +253,23 @@ def test_ppl_with_hf_overrides_and_baseline(capsys, tiny_dir, tmp_path):
     shipped, yarn = report["runs"]
     assert shipped["hf_overrides"] is None and yarn["hf_overrides"] == YARN
     assert shipped["max_context_len"] == 512 and yarn["max_context_len"] == 2048
-    assert "YaRN x4" in yarn["label"]
+    assert "YaRN: 512 x factor 4" in yarn["label"] and "no rope scaling" in shipped["label"]
     # positions before the original context differ only through YaRN's attention scaling; both runs are reported
     assert [b["nll"] for b in shipped["contexts"][0]["buckets"]] != [b["nll"] for b in yarn["contexts"][0]["buckets"]]
     assert "*" in out  # buckets past the trained context are marked
     assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ppl_with_yarn_that_omits_the_original_length(capsys, tiny_dir, tmp_path):
+    """original_max_position_embeddings defaults to max_position_embeddings (512): the label names it."""
+    overrides = {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}
+    rc, out, err = run_cli(capsys, "ppl", "--model", tiny_dir, "--text", PASSAGES, "--context", "128",
+                           "--max-windows", "1", "--threads", "1", "--hf-overrides", json.dumps(overrides),
+                           "--json", tmp_path / "ppl.json")
+    assert rc == 0, err
+    (run,) = json.loads((tmp_path / "ppl.json").read_text())["runs"]
+    assert "YaRN: 512 x factor 2" in run["label"] and run["max_context_len"] == 1024
+    assert "Traceback" not in err
 
 
 def test_passkey_command_runs_the_grid_through_the_engine(capsys, tiny_dir, tmp_path):
@@ -256,7 +282,7 @@ def test_passkey_command_runs_the_grid_through_the_engine(capsys, tiny_dir, tmp_
     assert rc == 0, err
     report = json.loads((tmp_path / "pk.json").read_text())
     assert report["lengths"] == [300, 600] and report["depths"] == [0.0, 1.0] and report["format"] == "plain"
-    assert report["hf_overrides"] == YARN and report["rope"] == "YaRN x4"
+    assert report["hf_overrides"] == YARN and report["rope"] == "YaRN: 512 x factor 4"
     assert len(report["results"]) == 2 * 2 * 2
     for r in report["results"]:
         assert r["correct"] == is_correct(r["answer"], r["key"]) and len(r["key"]) == 5
@@ -267,6 +293,23 @@ def test_passkey_command_runs_the_grid_through_the_engine(capsys, tiny_dir, tmp_
     assert len({r["key"] for r in report["results"]}) > 1
     assert "depth \\ length" in out
     assert (tmp_path / "pk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failing_austen_fetch_is_a_clear_error(capsys, tiny_dir, monkeypatch):
+    """apt-get or dpkg-deb failing (no network, a broken .deb) is an error naming --text, never a traceback."""
+    import qwen3next.train.corpus as corpus
+
+    def fake_run(cmd, cwd=None, **kwargs):
+        if cmd[:2] == ["apt-get", "download"]:  # "downloads" a broken .deb that dpkg-deb then refuses
+            (Path(cwd) / f"{cmd[2]}_1.0_all.deb").write_bytes(b"not a deb")
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        return subprocess.CompletedProcess(cmd, 2, "", "dpkg-deb: error: not a Debian format archive")
+
+    monkeypatch.setattr(corpus.subprocess, "run", fake_run)
+    rc, _, err = run_cli(capsys, "ppl", "--model", tiny_dir, "--text", "austen:emma", "--context", "64",
+                         "--threads", "1")
+    assert rc == 1 and "--text austen:emma: could not fetch" in err and "dpkg-deb -x" in err, err
+    assert "not a Debian format archive" in err and "Traceback" not in err
 
 
 def test_plot_without_matplotlib_says_how_to_install(capsys, tiny_dir, monkeypatch):

@@ -1,6 +1,6 @@
-"""`hf_overrides` (vLLM's option): config.json values changed at load, through the config, the loader, the engine and
-every command line that loads a model; YaRN through an override against transformers' YaRN at 2x the original
-context; `max_model_len` up to the YaRN-scaled length."""
+"""`hf_overrides` (vLLM's option name, our merge rule): config.json values changed at load, through the config, the
+loader, the engine and every command line that loads a model; YaRN through an override against transformers' YaRN at
+2x the original context; `max_model_len` up to the YaRN-scaled length."""
 
 from __future__ import annotations
 
@@ -72,7 +72,9 @@ def test_yarn_files_are_overridden_and_turned_off():
     assert c.max_context_len == 3 * 262144  # the original length defaults to max_position_embeddings
 
 
-def test_other_keys_merge_like_vllm():
+def test_other_keys_merge_recursively_lists_and_scalars_replace():
+    """Our rule, not vLLM's: an object value merges into the file's key by key (vLLM would replace the file's whole
+    quantization_config with {"bits": 4}); lists and scalars replace."""
     base = {"quantization_config": {"quant_method": "x", "bits": 8, "group_size": 64}, "mlp_only_layers": [1, 2],
             "max_position_embeddings": 100}
     before = json.dumps(base, sort_keys=True)

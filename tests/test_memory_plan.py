@@ -56,7 +56,7 @@ def official_dir(tmp_path):
 
 
 def test_info_prints_the_plan(official_dir, capsys):
-    assert cli_main(["info", "--model", str(official_dir), "--context", "262144"]) == 0
+    assert cli_main(["info", "--model", str(official_dir), "--context", "262144", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     e = estimate_memory(Qwen3NextConfig.from_dict(OFFICIAL), 262144)
     for n in (6 * GIB, STATE_80B, 6 * GIB + STATE_80B, e.workspace_bytes, e.total_bytes):
@@ -65,7 +65,7 @@ def test_info_prints_the_plan(official_dir, capsys):
 
     yarn = json.dumps({"rope_scaling": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 262144}})
     assert cli_main(["info", "--model", str(official_dir), "--context", "1048576", "--batch", "2",
-                     "--hf-overrides", yarn]) == 0
+                     "--dtype", "bfloat16", "--hf-overrides", yarn]) == 0
     out = capsys.readouterr().out
     assert "1,048,576 tokens  (YaRN: 262,144 x factor 4)" in out
     assert f"{2 * 1048576 * KV_PER_TOKEN_80B:,} B" in out and f"{2 * STATE_80B:,} B" in out and "note:" not in out
@@ -129,15 +129,15 @@ CASES = [  # (shape, dtype, native delta rule, attention split, prompt length), 
 
 
 @pytest.mark.parametrize("shape,dtype,native,split,prompt_len", CASES)
-def test_prefill_workspace_matches_the_measured_peak(shape, dtype, native, split, prompt_len, one_thread):
+def test_prefill_workspace_matches_the_measured_peak(shape, dtype, native, split, prompt_len, one_thread,
+                                                    monkeypatch):
     """The engine's last prefill chunk of a prompt (the one attending over the most keys; with a 220-token prompt, a
     fresh prompt in one chunk) against the estimate, with the delta rule in C++ or chunked torch, and attention with
     a mask or split (when this build has that path)."""
     from qwen3next import kernels
+    from qwen3next.model import attention
     from qwen3next.ops import dispatch
 
-    if split and "attention_context_split" not in {p.name for p in dispatch.FAST_PATHS}:
-        pytest.skip("no attention_context_split fast path in this build")
     if native and not kernels.available():
         pytest.skip(f"native kernels unavailable: {kernels.load_error()}")
     config = Qwen3NextConfig.from_dict(SHAPES[shape])
@@ -161,6 +161,9 @@ def test_prefill_workspace_matches_the_measured_peak(shape, dtype, native, split
     assert seq.num_computed_tokens == prompt_len - chunk  # the next step is the last chunk
     was_on = kernels.set_enabled(native)
     threshold = dispatch.set_threshold("attention_context_split", 0 if split else 1 << 62) if split else None
+    split_calls = []
+    real_split = attention.context_split_attention
+    monkeypatch.setattr(attention, "context_split_attention", lambda *a: (split_calls.append(1), real_split(*a))[1])
     try:
         paths = engine_prefill_paths(chunk, prompt_len)
         measured = peak_bytes(engine.step)
@@ -170,6 +173,7 @@ def test_prefill_workspace_matches_the_measured_peak(shape, dtype, native, split
             dispatch.set_threshold("attention_context_split", threshold)
     assert seq.num_computed_tokens == prompt_len and seq.block_table[-1] == 0  # scattered blocks: K/V were gathered
     assert paths == PrefillPaths(native_delta_rule=native, context_split=split)
+    assert len(split_calls) == (len(config.attention_layers) if split else 0)  # the forward took the path estimated
     e = estimate_memory(config, prompt_len, dtype_bytes=dtype.itemsize, chunk=chunk, paths=paths)
     assert e.parts[shape] == max(e.parts[k] for k in SHAPES)  # the case tests the layer it means to
     # measured on this project's machines: estimate / measured = 0.98 .. 1.07 over these cases

@@ -10,10 +10,10 @@ import torch
 from test_engine_llm import model, model_dir, prompts_of, reference, tokenizer  # noqa: F401 (shared fixtures)
 from test_engine_scheduler import check_invariants, make, random_requests
 
-from qwen3next.engine import runner as runner_module
 from qwen3next.engine.llm import LLM, Engine
 from qwen3next.engine.sampling import SamplingParams
 from qwen3next.engine.sequence import FinishReason, Sequence
+from qwen3next.model import qwen3_next as model_module
 
 TOL = 1e-4  # fp32 rounding: chunked prefill + paged cache vs one forward
 
@@ -65,7 +65,7 @@ def test_prompt_logprobs_equal_log_softmax_of_a_full_forward(model, tokenizer, m
     """Prompts of 1, 2, 37 and 70 tokens in one batch with a request that asks for none, chunks of 16 (a prompt
     spans several steps, the next chunk's first token scores the last position) or whole prompts; the lm_head
     pieces of 7 rows split chunks. Generation is untouched."""
-    monkeypatch.setattr(runner_module, "PROMPT_LOGPROBS_ROWS", piece)
+    monkeypatch.setattr(model_module, "LOGPROB_ROWS", piece)
     prompts = prompts_of([1, 2, 37, 70, 50], seed=4)
     params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=top_n)] * 4
     params.append(SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
@@ -93,6 +93,9 @@ def test_max_tokens_zero_prefills_the_prompt_only(model, tokenizer):
         engine.add_request(prompts[0], SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=-1)
+    # n > 1 would prefill the same prompt n times for nothing: refused, naming both parameters
+    with pytest.raises(ValueError, match=r"n must be 1 when max_tokens is 0 .*got n=3"):
+        SamplingParams(max_tokens=0, n=3, prompt_logprobs=1)
 
 
 def test_n_samples_compute_the_prompt_logprobs_once(model, tokenizer):

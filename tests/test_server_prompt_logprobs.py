@@ -110,6 +110,7 @@ def test_streamed_echo_with_logprobs_and_n_matches_the_whole_response(served):
     ({"prompt": TEXT, "echo": True, "logprobs": 21, "max_tokens": 0}, "logprobs"),
     ({"prompt": TEXT, "echo": True, "logprobs": -1, "max_tokens": 0}, "logprobs"),
     ({"prompt": TEXT, "echo": True, "logprobs": 1, "max_tokens": -1}, "max_tokens"),
+    ({"prompt": TEXT, "echo": True, "logprobs": 1, "max_tokens": 0, "n": 2}, "n"),  # n identical prefills
     ({"prompt": "x" * (MAX_LEN + 1), "echo": True, "logprobs": 1, "max_tokens": 0}, "prompt"),
     ({"prompt": "x" * MAX_LEN, "echo": True, "logprobs": 1, "max_tokens": 1}, "prompt"),
 ])
@@ -137,3 +138,20 @@ def test_whole_context_prompt_with_max_tokens_zero(served):
     ref = full_forward_logprobs(model, ids)
     assert lp.token_logprobs[1:] == pytest.approx([ref[p - 1, ids[p]].item() for p in range(1, MAX_LEN)], abs=TOL)
     assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+
+
+def test_echo_of_partial_prompt_logprobs_keeps_every_token(served):
+    """A request aborted mid-prefill has prompt logprobs for a prefix only: the echo keeps the whole prompt, the
+    positions without logprobs null."""
+    from qwen3next.engine.output import Logprob
+    from qwen3next.server.app import OpenAIServer
+
+    _, llm, _, _ = served
+    server = OpenAIServer(llm, MODEL)
+    ids = llm.tokenizer.encode("abcde")
+    partial = [None, {ids[1]: Logprob(-1.5, 3)}, {ids[2]: Logprob(-0.5, 1)}]  # positions 3, 4 never computed
+    lp = server._echo_logprobs(ids, partial)
+    assert lp.tokens == list("abcde") and lp.text_offset == [0, 1, 2, 3, 4]
+    assert lp.token_logprobs == [None, -1.5, -0.5, None, None]
+    assert lp.top_logprobs == [None, {"b": -1.5}, {"c": -0.5}, None, None]
+    assert server._echo_logprobs(ids, []).token_logprobs == [None] * 5  # none at all (aborted before any)

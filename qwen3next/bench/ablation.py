@@ -12,6 +12,7 @@ Three models with random weights run the same workload at each context length:
 Per context L: prefill of one L-token prompt in chunks of `chunk` tokens (as the engine prefills; the first chunk
 takes SDPA's causal form, later ones the mask-free context split), then decode steps at that context for batch 1
 and for batch 4 (the first sequence's cache copied into three more rows: same context, no three more prefills).
+The hybrid always runs (the ratios are against it); `models` picks the twins.
 Rounds are interleaved (each round measures every model once per context); medians are reported, with the
 ratios hybrid / full_attention and hybrid / dense.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..config import Qwen3NextConfig
+from ..engine.memory import config_geometry, fmt_bytes
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..train.presets import PRESETS, preset_config
 
@@ -147,7 +149,7 @@ def _copy_sequence(cache, src: int, dst: int) -> None:
 def measure_once(model: Qwen3NextForCausalLM, context: int, opts: AblationOptions, seed: int) -> dict[str, float]:
     """One prefill of `context` tokens (seconds) and decode step times at that context (seconds, median)."""
     B = max(opts.batches)
-    cache = model.new_cache(B, context + opts.decode_steps + 3)
+    cache = model.new_cache(B + 1, context + opts.decode_steps + 3)
     ids = torch.randint(0, model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
     logits = None
@@ -155,7 +157,10 @@ def measure_once(model: Qwen3NextForCausalLM, context: int, opts: AblationOption
         logits = _forward(model, cache, [0], ids[a:a + opts.chunk], min(opts.chunk, context - a))
     out = {"prefill_s": time.perf_counter() - t0}
     tok = logits.argmax(-1)
+    spare = B  # one more slot holds the prefilled DeltaNet state, restored before each batch size
+    cache.hybrid.copy_slot(0, spare)
     for b in opts.batches:
+        cache.hybrid.copy_slot(spare, 0)
         for dst in range(1, b):
             _copy_sequence(cache, 0, dst)
         rows = list(range(b))
@@ -167,14 +172,15 @@ def measure_once(model: Qwen3NextForCausalLM, context: int, opts: AblationOption
             if step >= 2:
                 times.append(time.perf_counter() - t0)
         out[f"decode_b{b}_s"] = statistics.median(times)
-        for row in rows:  # the next batch size decodes at the same context (its K/V rows are overwritten)
-            cache.lengths[row] = context
+        for row in rows:  # back to the prefilled sequence: its K/V rows past `context` are overwritten, its
+            cache.lengths[row] = context  # DeltaNet state restored from the spare slot above
     return out
 
 
 def cache_bytes(config: Qwen3NextConfig, context: int, element_size: int) -> int:
-    """Per-sequence cache at `context` tokens: K/V of the attention layers + DeltaNet conv and recurrent state."""
-    return config.kv_bytes_per_token(element_size) * context + config.state_bytes_per_sequence(element_size, 4)
+    """Per-sequence cache at `context` tokens as the engine allocates it (K/V blocks of the attention layers, the
+    DeltaNet conv and recurrent state slot)."""
+    return config_geometry(config, element_size).sequence_bytes(context)
 
 
 def run_ablation(opts: AblationOptions, log: Callable[[str], None] = lambda m: None) -> dict:
@@ -226,8 +232,6 @@ def run_ablation(opts: AblationOptions, log: Callable[[str], None] = lambda m: N
 
 # ---- report ----------------------------------------------------------------------------------------------------------
 def format_ablation(report: dict) -> str:
-    from ..engine.memory import fmt_bytes
-
     batches = report["options"]["batches"]
     lines = [f"ablation: attention layout ({report['options']['preset']} preset, random weights, "
              f"{report['options']['dtype']}, {report['threads']} threads, prefill chunks of "
@@ -237,31 +241,29 @@ def format_ablation(report: dict) -> str:
                      f"ffn {m['ffn']}  params {m['params_total'] / 1e6:.1f}M total ({m['total_ratio_to_hybrid']:.2f}x"
                      f" hybrid), {m['params_active_non_embedding'] / 1e6:.1f}M active non-embedding "
                      f"({m['active_ratio_to_hybrid']:.2f}x)")
-    head = f"{'context':>8}  {'model':<15}{'prefill tok/s':>14}" + "".join(
-        f"{f'decode b{b} tok/s':>17}" for b in batches) + f"{'cache / seq':>13}"
-    lines += ["", head, "-" * len(head)]
-    for r in report["rows"]:
-        lines.append(f"{r['context']:>8}  {r['model']:<15}{r['prefill_tok_s']:>14.1f}" + "".join(
-            f"{r[f'decode_b{b}_tok_s']:>17.2f}" for b in batches) + f"{fmt_bytes(r['cache_bytes_per_seq']):>13}")
+    def table(title: str, columns: list[tuple[str, int]], rows: list[list[str]]) -> list[str]:
+        head = f"{'context':>8}  {title:<15}" + "".join(f"{name:>{width}}" for name, width in columns)
+        return ["", head, "-" * len(head)] + [f"{r[0]:>8}  {r[1]:<15}" + "".join(
+            f"{cell:>{width}}" for cell, (_, width) in zip(r[2:], columns)) for r in rows]
+
+    lines += table("model", [("prefill tok/s", 14), *((f"decode b{b} tok/s", 17) for b in batches),
+                             ("cache / seq", 13)],
+                   [[r["context"], r["model"], f"{r['prefill_tok_s']:.1f}",
+                     *(f"{r[f'decode_b{b}_tok_s']:.2f}" for b in batches), fmt_bytes(r["cache_bytes_per_seq"])]
+                    for r in report["rows"]])
     if report["ratios"]:
-        head = f"{'context':>8}  {'hybrid / ...':<15}{'prefill':>10}" + "".join(
-            f"{f'decode b{b}':>12}" for b in batches) + f"{'cache':>9}"
-        lines += ["", head, "-" * len(head)]
-        for q in report["ratios"]:
-            lines.append(f"{q['context']:>8}  {q['vs']:<15}{q['prefill_tok_s']:>9.2f}x" + "".join(
-                f"{q[f'decode_b{b}_tok_s']:>11.2f}x" for b in batches) + f"{q['cache_bytes']:>8.2f}x")
+        lines += table("hybrid / ...", [("prefill", 10), *((f"decode b{b}", 12) for b in batches), ("cache", 9)],
+                       [[q["context"], q["vs"], f"{q['prefill_tok_s']:.2f}x",
+                         *(f"{q[f'decode_b{b}_tok_s']:.2f}x" for b in batches), f"{q['cache_bytes']:.2f}x"]
+                        for q in report["ratios"]])
     return "\n".join(lines)
 
 
 def plot_ablation(report: dict, path: str | Path) -> None:
     """Throughput vs context, one panel per metric, a line per model (matplotlib, the optional [plot] extra)."""
-    try:
-        import matplotlib
+    from ..eval.plots import require_matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install 'qwen3next[plot]'") from exc
+    plt = require_matplotlib("--plot")
     batches = report["options"]["batches"]
     metrics = [("prefill_tok_s", "prefill tok/s")] + [(f"decode_b{b}_tok_s", f"decode tok/s, batch {b}")
                                                       for b in batches]

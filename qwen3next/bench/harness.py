@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import add_hf_overrides_arg, positive_int, speculative_config
+from ..argtypes import add_hf_overrides_arg, check_output_paths, positive_int, speculative_config
 from ..checkpoint import load_model, parse_dtype
 from ..config import Qwen3NextConfig
 from ..engine.compiled import CompiledDecoder
@@ -736,10 +736,25 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 def _run_ablation(args: argparse.Namespace) -> int:
     if args.model is not None:
         raise ValueError("ablation: --ablation builds its three models from --preset (random weights), not --model")
+    d = BenchOptions()
+    ignored = [flag for flag, value, default in (
+        ("--compare", args.compare, None), ("--quantize", args.quantize, []), ("--compile", args.compile, False),
+        ("--speculative-config", args.speculative_config, None), ("--hf-overrides", args.hf_overrides, None),
+        ("--batch", args.batches, d.batches), ("--prompt-len", args.prompt_len, d.prompt_len),
+        ("--prefill-lens", args.prefill_lens, d.prefill_lens), ("--gguf", args.gguf, []),
+        ("--llama-bench", args.llama_bench, None), ("--bandwidth-mib", args.bandwidth_mib, None)) if value != default]
+    if ignored:
+        raise ValueError(f"ablation: {', '.join(ignored)} do not apply to --ablation (it runs --preset and its twins "
+                         f"at --contexts, decode at batch 1 and 4)")
+    check_output_paths(args, "--json", "--plot")
+    if args.plot:
+        from ..eval.plots import require_matplotlib
+
+        require_matplotlib("--plot")
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = ablation.AblationOptions(preset=args.preset, dtype=args.dtype, repeat=args.repeat, seed=args.seed,
-                                    decode_steps=min(args.decode_tokens, 8), models=tuple(args.ablation_models))
+                                    decode_steps=args.decode_tokens, models=tuple(args.ablation_models))
     if args.contexts:
         opts.contexts = list(args.contexts)
     report = ablation.run_ablation(opts, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
@@ -754,8 +769,8 @@ def _run_ablation(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     if args.ablation is not None:
         return _run_ablation(args)
-    if args.contexts is not None or args.plot is not None:
-        raise ValueError("contexts / plot: --contexts and --plot go with --ablation")
+    if args.contexts is not None or args.plot is not None or list(args.ablation_models) != list(ablation.MODELS):
+        raise ValueError("ablation: --contexts, --ablation-models and --plot go with --ablation")
     opts = BenchOptions(model=args.model, preset=args.preset, dtype=args.dtype, threads=args.threads,
                         batches=list(args.batches), prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                         prefill_lens=list(args.prefill_lens), compare=args.compare, repeat=args.repeat,

@@ -71,13 +71,8 @@ def _model_and_tokenizer(model: str | Path | Qwen3NextForCausalLM, tokenizer: To
 
 def _context_error(config: Qwen3NextConfig, max_model_len: int) -> str:
     """Why `max_model_len` is refused: the model's longest context, where it comes from, and how to extend it."""
-    limit, rope = config.max_context_len, config.rope
-    if rope.rope_type == "yarn":
-        original = rope.original_max_position_embeddings or config.max_position_embeddings
-        source = (f"YaRN: original_max_position_embeddings {original:,} x factor {rope.factor:g}, "
-                  f"max_position_embeddings {config.max_position_embeddings:,}")
-    else:
-        original, source = config.max_position_embeddings, "max_position_embeddings, no rope scaling"
+    limit, original = config.max_context_len, config.original_context_len
+    source = f"{config.rope_description()}, max_position_embeddings {config.max_position_embeddings:,}"
     factor = math.ceil(max_model_len / original * 10) / 10
     hint = json.dumps({"rope_scaling": {"rope_type": "yarn", "factor": factor,
                                         "original_max_position_embeddings": original}})
@@ -98,9 +93,10 @@ class Engine:
         the graphs are compiled here, before the engine takes requests (about a minute for small models).
         `speculative_config`: `{"method": "mtp", "num_speculative_tokens": k}` drafts up to k tokens per step with
         the model's MTP head and verifies them in one forward (engine/speculative.py); exact, adaptive by default.
-        `hf_overrides`: config.json values to change at load (vLLM's option), e.g. `{"rope_scaling": {"rope_type":
-        "yarn", "factor": 4.0, "original_max_position_embeddings": 262144}}`; `max_model_len` may then go up to
-        `config.max_context_len` (original_max_position_embeddings x factor)."""
+        `hf_overrides`: config.json values to change at load (vLLM's option name; merged by
+        `config.apply_hf_overrides`), e.g. `{"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 262144}}`; `max_model_len` may then go up to `config.max_context_len`
+        (original_max_position_embeddings x factor)."""
         self.speculative = SpeculativeConfig.parse(speculative_config)
         self.model, self.tokenizer = _model_and_tokenizer(model, tokenizer, dtype, device, quantize, hf_overrides)
         config = self.model.config

@@ -215,9 +215,7 @@ def engine_prefill_paths(chunk: int, context: int) -> PrefillPaths:
     from .. import kernels
     from ..ops import dispatch
 
-    names = {p.name for p in dispatch.FAST_PATHS}
-    split = ("attention_context_split" in names and dispatch.enabled("attention_context_split") and chunk > 1
-             and context > chunk and chunk * context >= dispatch.threshold("attention_context_split"))
+    split = context > chunk and dispatch.uses_context_split(1, chunk, context)  # context == chunk: a fresh prompt
     return PrefillPaths(native_delta_rule=kernels.enabled(), context_split=split)
 
 

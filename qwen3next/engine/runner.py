@@ -17,9 +17,6 @@ from .sampler import SampleOutput, SamplingBatch, sample
 from .scheduler import ScheduledBatch
 from .speculative import accepted_run
 
-# lm_head rows per piece when computing prompt logprobs: bounds the [rows, vocab] logits a long chunk needs at once.
-PROMPT_LOGPROBS_ROWS = 256
-
 
 def cache_geometry(model: Qwen3NextForCausalLM, block_size: int, include_mtp: bool = False) -> CacheGeometry:
     """Bytes per KV token and per DeltaNet state slot, as `HybridCache` will allocate them for this model (with the
@@ -159,27 +156,16 @@ class ModelRunner:
         return StepOutput(sampled, runs, rows, [len(d) for d in drafts], [len(r) - 1 for r in runs])
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> list[PromptLogprobs]:
-        """lm_head over the prompt positions of `batch.prompt_logprob_spans` (in pieces of PROMPT_LOGPROBS_ROWS
-        rows), log-softmax, and of each position only the next prompt token's logprob and rank and the top N."""
+        """Of each prompt position of `batch.prompt_logprob_spans`, the next prompt token's logprob and rank and the
+        top N (`model.token_logprobs`: the LM head a few rows at a time)."""
         spans, dev = batch.prompt_logprob_spans, hidden.device
         rows = torch.tensor(batch.prompt_logprob_rows, dtype=torch.long, device=dev)
         targets = torch.tensor(batch.prompt_logprob_targets, dtype=torch.long, device=dev)
         top_n = min(max(batch.entries[b].seq.params.prompt_logprobs for b, _, _ in spans),
                     self.model.config.vocab_size)
-        chosen, ranks, top_lp, top_ids = [], [], [], []
-        for a in range(0, len(rows), PROMPT_LOGPROBS_ROWS):
-            logits = self.model.lm_head(hidden.index_select(0, rows[a:a + PROMPT_LOGPROBS_ROWS])).float()
-            lp = torch.log_softmax(logits, dim=-1)  # [R, V]
-            c = lp.gather(1, targets[a:a + PROMPT_LOGPROBS_ROWS, None])  # [R, 1]
-            chosen.append(c[:, 0])
-            ranks.append((lp >= c).sum(dim=-1))
-            if top_n:
-                v, i = lp.topk(top_n, dim=-1)
-                top_lp.append(v)
-                top_ids.append(i)
-        chosen, ranks = torch.cat(chosen).tolist(), torch.cat(ranks).tolist()
-        top_lp = torch.cat(top_lp).tolist() if top_n else [[]] * len(chosen)
-        top_ids = torch.cat(top_ids).tolist() if top_n else [[]] * len(chosen)
+        lp = self.model.token_logprobs(hidden.index_select(0, rows), targets, top_n)
+        chosen, ranks = lp.logprobs.tolist(), lp.ranks.tolist()
+        top_lp, top_ids = lp.top_logprobs.tolist(), lp.top_ids.tolist()
         out, at, targets = [], 0, batch.prompt_logprob_targets
         for b, first, last in spans:
             n, k = last - first, batch.entries[b].seq.params.prompt_logprobs

@@ -21,7 +21,8 @@ class SamplingParams:
     normalised to a list. `logprobs` N asks for the N most likely alternatives per token (raw model logprobs).
     `prompt_logprobs` N (vLLM's name) asks for the logprob of every prompt token given the tokens before it, with
     its rank and the N most likely alternatives (0: the prompt token alone); computed in the prefill chunks.
-    `max_tokens` 0 prefills the prompt and generates nothing (finish reason "length"): prompt logprobs only.
+    `max_tokens` 0 prefills the prompt and generates nothing (finish reason "length"): prompt logprobs only; it
+    needs `n` 1.
     """
 
     n: int = 1
@@ -53,6 +54,9 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         _check_int("max_tokens", self.max_tokens, low=0, expected=">= 0 (0: prefill the prompt only)")
+        if self.max_tokens == 0 and self.n > 1:  # the n samples would be n identical prefills for nothing
+            raise ValueError(f"n must be 1 when max_tokens is 0 (nothing is generated, so every sample would be the "
+                             f"same prompt), got n={self.n}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         if self.prompt_logprobs is not None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .. import DEFAULT_MODEL
-from ..argtypes import add_hf_overrides_arg, positive_int
+from ..argtypes import add_hf_overrides_arg, check_output_paths, positive_int
 
 
 def fraction(s: str) -> float:
@@ -74,9 +73,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Fail before a long evaluation, not after it, when --json / --plot cannot be written."""
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise ValueError(f"{flag}: the directory of {path} does not exist")
+    check_output_paths(args, "--json", "--plot")
 
 
 def _run_ppl(args: argparse.Namespace) -> int:

@@ -16,8 +16,6 @@ import torch.nn.functional as F
 
 from ..model.qwen3_next import Qwen3NextForCausalLM
 
-HEAD_ROWS = 256  # rows of hidden states per LM-head matmul: [256, vocab] fp32 logits at a time
-
 
 def _as_ids(ids: list[int] | torch.Tensor) -> torch.Tensor:
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
@@ -43,11 +41,7 @@ def token_nll(model: Qwen3NextForCausalLM, ids: list[int] | torch.Tensor, chunk_
         ctx = model.context(cache.batch([0], [n]), cache.hybrid)
         hidden = model.hidden_states(ids[start:start + n].to(device), ctx)  # [n, D]
         cache.advance([0], [n])
-        for s in range(0, n, HEAD_ROWS):
-            logits = model.lm_head(hidden[s:s + HEAD_ROWS]).float()  # [rows, vocab]
-            rows = logits.shape[0]
-            nll[start + s:start + s + rows] = F.cross_entropy(
-                logits, targets[start + s:start + s + rows], reduction="none").cpu()
+        nll[start:start + n] = -model.token_logprobs(hidden, targets[start:start + n]).logprobs.cpu()
     return nll
 
 
@@ -57,6 +51,14 @@ def token_nll_full(model: Qwen3NextForCausalLM, ids: list[int] | torch.Tensor) -
     ids = _as_ids(ids).to(model.device)
     logits = model(ids[None])[0, :-1].float()  # [T - 1, vocab]
     return F.cross_entropy(logits, ids[1:], reduction="none").cpu()
+
+
+def perplexity(nll: float) -> float:
+    """exp(mean NLL); inf where that overflows a float (a loss above ~709 nats), nan for nan (nothing scored)."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
 
 
 def split_windows(ids: list[int], context: int, max_windows: int | None = None) -> list[list[int]]:
@@ -119,11 +121,11 @@ class PositionLoss:
         for b, (s, n) in enumerate(zip(self.sums, self.counts)):
             start, end = b * self.bucket_size, min((b + 1) * self.bucket_size, self.context)
             nll = s / n if n else math.nan
-            out.append({"start": start, "end": end, "tokens": n, "nll": nll, "ppl": math.exp(nll) if n else math.nan})
+            out.append({"start": start, "end": end, "tokens": n, "nll": nll, "ppl": perplexity(nll)})
         return out
 
     def to_dict(self) -> dict:
         mean = self.mean_nll
         return {"context": self.context, "windows": self.windows, "bucket_size": self.bucket_size,
-                "tokens": sum(self.counts), "nll": mean, "ppl": math.exp(mean) if self.windows else math.nan,
+                "tokens": sum(self.counts), "nll": mean, "ppl": perplexity(mean),
                 "buckets": self.buckets()}

@@ -26,6 +26,7 @@ from ..engine.llm import Engine
 from ..engine.sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .plots import plot_passkey_heatmap, require_matplotlib
+from .table import format_columns
 from .text import load_text
 
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
@@ -153,8 +154,7 @@ def format_table(grid: list[list[float]], rows: list[dict], lengths: list[int], 
     body = [[f"{d:.0%}", *(f"{round(a * trials)}/{trials}" for a in line)] for d, line in zip(depths, grid)]
     per_length = [[r["correct"] for r in rows if r["length"] == n] for n in lengths]
     body.append(["all", *(f"{sum(c)}/{len(c)} ({sum(c) / len(c):.0%})" for c in per_length)])
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in (header, *body))
+    return "\n".join(format_columns(header, body))
 
 
 def run_passkey(args: argparse.Namespace) -> int:
@@ -181,8 +181,7 @@ def run_passkey(args: argparse.Namespace) -> int:
     rows = run_grid(engine, prompts, lengths, args.depths, args.trials, args.seed, args.max_tokens)
     seconds = time.perf_counter() - start
     grid = accuracy_grid(rows, lengths, args.depths)
-    rope = model.config.rope
-    rope_text = f"YaRN x{rope.factor:g}" if rope.rope_type == "yarn" else f"rope {rope.rope_type}"
+    rope_text = model.config.rope_description()
     print(f"passkey retrieval: {args.model} on {source}, {fmt} format, {rope_text}, greedy, {args.trials} trial(s) per "
           f"cell, {seconds:.0f} s")
     print(format_table(grid, rows, lengths, args.depths, args.trials))

@@ -22,16 +22,10 @@ from ..config import Qwen3NextConfig
 from ..tokenizer import Tokenizer
 from .loss import PositionLoss, default_bucket_size, split_windows, token_nll
 from .plots import plot_position_loss, require_matplotlib
+from .table import format_columns
 from .text import load_text
 
 SHIPPED = "as shipped"
-
-
-def rope_label(config: Qwen3NextConfig) -> str:
-    rope = config.rope
-    if rope.rope_type == "yarn":
-        return f"YaRN x{rope.factor:g} (from {rope.original_max_position_embeddings:,})"
-    return f"rope {rope.rope_type}"
 
 
 def fmt_pos(n: int) -> str:
@@ -80,9 +74,7 @@ def format_table(runs: list[dict], native_context: int) -> str:
                          *cells])
         rows.append(["all", f"{ctx['tokens']:,}",
                      *(f"{r['contexts'][c]['nll']:.4f} ({r['contexts'][c]['ppl']:.2f})" for r in runs)])
-        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-        for row in (header, *rows):
-            lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+        lines += format_columns(header, rows)
         lines.append("")
     if any(b["end"] > native_context for ctx in runs[0]["contexts"] for b in ctx["buckets"]):
         lines.append(f"* the bucket reaches past position {native_context:,}, the model's max_position_embeddings as "
@@ -115,7 +107,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     runs = []
     for name, overrides in plan:
         model = load_model(args.model, dtype=args.dtype, hf_overrides=overrides)
-        label = f"{name}: {rope_label(model.config)}"
+        label = f"{name} ({model.config.rope_description()})"
         results = evaluate_contexts(model, ids, args.context, args.bucket_size, args.max_windows, args.max_tokens,
                                     args.chunk_size, label)
         runs.append({"label": label, "hf_overrides": overrides, "max_context_len": model.config.max_context_len,

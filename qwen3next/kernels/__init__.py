@@ -44,6 +44,7 @@ FMT_F32, FMT_BF16, FMT_INT8, FMT_INT4 = 32, 16, 8, 4
 FORMATS = (FMT_F32, FMT_BF16, FMT_INT8, FMT_INT4)
 FLOAT_FORMATS = {torch.float32: FMT_F32, torch.bfloat16: FMT_BF16}  # the unquantized weight dtypes the ops take
 _SOURCES = (Path(__file__).with_name("decode_kernels.cpp"), Path(__file__).with_name("delta_rule.cpp"))
+_HEADERS = (Path(__file__).with_name("isa.h"),)  # part of the build's identity, not compiled on their own
 
 _enabled = os.environ.get(KERNELS_ENV, "1") != "0"
 _loaded: bool | None = None  # None: not tried yet
@@ -86,7 +87,7 @@ def _load() -> bool:
         try:
             from torch.utils import cpp_extension
 
-            sources = b"".join(p.read_bytes() for p in _SOURCES)
+            sources = b"".join(p.read_bytes() for p in (*_SOURCES, *_HEADERS))
             digest = hashlib.sha1(sources + torch.__version__.encode()).hexdigest()[:12]
             name = f"qwen3next_kernels_{digest}"
             build_dir = getattr(cpp_extension, "_get_build_directory", None)  # torch's own cache location
@@ -171,7 +172,8 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
                      state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over T tokens, token by token, in C++ (delta_rule.cpp): fp32 q, k [B, T, H, K] (q/k
     normalised, q scaled, as for ops.gated_delta), v [B, T, HV, V], g, beta [B, T, HV], state [B, HV, K, V] or None
-    (zeros; not modified). Returns o [B, T, HV, V] and the final state, fp32. Twin: `recurrent_gated_delta_rule`."""
+    (zeros; not modified). Returns o [B, T, HV, V] and the final state, fp32. Same math as `recurrent_gated_delta_rule`
+    (the parity tests compare with the float64 recurrence); in the model it replaces `chunk_gated_delta_rule`."""
     _require()
     if state is None:
         state = q.new_zeros(q.shape[0], v.shape[2], q.shape[3], v.shape[3])

@@ -20,13 +20,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define QK_X86 1
-#define QK_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define QK_X86 0
-#endif
+#include "isa.h"
 
 namespace qk {
 

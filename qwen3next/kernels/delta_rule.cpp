@@ -3,7 +3,7 @@
 // Per value head j (q/k head j / (HV / H)), state S [K, V], for each token t:
 //     S̄ = a S (a = exp g_t);  u = beta_t (v_t - S̄ᵀ k_t);  S = S̄ + k_t uᵀ;  o_t = Sᵀ q_t = a Sᵀq_t + (q_t·k_t) u
 // Every value column evolves on its own (u's column c only reads S's column c), so the work splits into
-// (batch row, value head, block of 16 value columns) items run in parallel, each with its S block (K x 16 floats)
+// (batch row, value head, block of 32 value columns) items run in parallel, each with its S block (K x 32 floats)
 // in L1 for the whole prompt. One pass over the block per token: it writes the new rows of S and, from the same
 // registers, accumulates Sᵀk and Sᵀq for the NEXT token (3 multiply-adds and one store per element and token).
 //
@@ -24,18 +24,9 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define QK_X86 1
-#define QK_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define QK_X86 0
-#endif
+#include "isa.h"
 
 namespace qk {
-
-bool use_avx2();  // decode_kernels.cpp: the ISA chosen at run time (or forced by kernel_isa)
-
 namespace {
 
 constexpr int64_t kBlock = 32;  // value columns per work item (4 AVX2 vectors)
@@ -192,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor> gated_delta_rule(const at::Tensor& q, const a
   check(state, "state", 4);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), HV = v.size(2), V = v.size(3);
   TORCH_CHECK(k.sizes() == q.sizes(), "gated_delta_rule: k must have q's shape");
+  TORCH_CHECK(H > 0 && K > 0, "gated_delta_rule: q and k need at least one head of at least one dimension");
   TORCH_CHECK(v.size(0) == B && v.size(1) == T && HV % H == 0, "gated_delta_rule: v must be [B, T, HV, V], HV % H == 0");
   TORCH_CHECK(g.size(0) == B && g.size(1) == T && g.size(2) == HV && beta.sizes() == g.sizes(),
               "gated_delta_rule: g and beta must be [B, T, HV]");

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Qwen3NextConfig
-from ..ops.dispatch import enabled, threshold
+from ..ops.dispatch import uses_context_split
 from ..ops.norm import rms_norm_zero_centered
 from ..ops.rope import apply_partial_rope
 from .batch import ForwardContext
@@ -88,9 +88,8 @@ class GatedAttention(nn.Module):
             kp = kv.read(k_pool).transpose(1, 2).to(q.dtype)  # [B, HKV, L, Dh]
             vp = kv.read(v_pool).transpose(1, 2).to(q.dtype)
             sees_all_keys = kv.sees_all_keys
-            split = (not sees_all_keys and not tokens.is_uniform and not tokens.is_decode and qp.device.type == "cpu"
-                     and enabled("attention_context_split")
-                     and kv.batch_size * tokens.padded_len * kv.kv_len >= threshold("attention_context_split"))
+            split = (not sees_all_keys and not tokens.is_uniform and qp.device.type == "cpu"
+                     and uses_context_split(kv.batch_size, tokens.padded_len, kv.kv_len))
             mask = None if sees_all_keys or tokens.is_uniform or split else kv.mask
         else:
             kp, vp = tokens.pad(k).transpose(1, 2), tokens.pad(v).transpose(1, 2)

@@ -8,6 +8,7 @@ feeds the LM head and, for the MTP head, its extra decoder layer.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,6 +23,17 @@ from .layout import CacheLayout
 from .linear import Linear
 from .moe import MLP, SparseMoE
 from .norm import RMSNorm
+
+LOGPROB_ROWS = 256  # hidden rows per LM-head matmul in `token_logprobs`: [256, vocab] fp32 logits at a time
+
+
+class TokenLogprobs(NamedTuple):
+    """Of N positions: the target token's log-probability, its rank and the N most likely tokens."""
+
+    logprobs: torch.Tensor  # [N] fp32
+    ranks: torch.Tensor  # [N] long; 1 = the most likely token (tokens tied with the target count before it)
+    top_logprobs: torch.Tensor  # [N, top_n] fp32, descending
+    top_ids: torch.Tensor  # [N, top_n] long
 
 
 class DecoderLayer(nn.Module):
@@ -208,6 +220,24 @@ class Qwen3NextForCausalLM(nn.Module):
         out = logits.new_zeros(B, T, logits.shape[-1])
         out[valid] = logits
         return out
+
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, top_n: int = 0) -> TokenLogprobs:
+        """Log-softmax of the LM head at hidden states [N, D], kept only at `targets` [N] (with their ranks) and the
+        top `top_n`; the head runs LOGPROB_ROWS rows at a time, so [N, vocab] logits never exist at once."""
+        rows = LOGPROB_ROWS  # read per call (tests shrink it to split small inputs)
+        chosen, ranks, top_lp, top_ids = [], [], [], []
+        for a in range(0, hidden.shape[0], rows):
+            lp = torch.log_softmax(self.lm_head(hidden[a:a + rows]).float(), dim=-1)  # [R, vocab]
+            c = lp.gather(1, targets[a:a + rows, None])  # [R, 1]
+            chosen.append(c[:, 0])
+            ranks.append((lp >= c).sum(dim=-1))
+            v, i = lp.topk(top_n, dim=-1)  # [R, top_n]
+            top_lp.append(v)
+            top_ids.append(i)
+        if not chosen:
+            empty = hidden.new_empty(0, dtype=torch.float32)
+            return TokenLogprobs(empty, empty.long(), empty.view(0, top_n), empty.view(0, top_n).long())
+        return TokenLogprobs(torch.cat(chosen), torch.cat(ranks), torch.cat(top_lp), torch.cat(top_ids))
 
     def mtp_hidden(self, hidden: torch.Tensor, next_tokens: torch.Tensor, ctx: ForwardContext,
                    layer: int = 0) -> torch.Tensor:

@@ -166,8 +166,9 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "and over the new keys (causal), merged exactly by their log-sum-exps; no [B, 1, T, L] mask, so memory stays "
         "O(chunk) whatever the context (a 512-token chunk at 256K context: a 128 MiB boolean mask, which SDPA turns "
         "into 512 MiB of floats, avoided)",
-        "CPU; several new tokens per sequence, some with cached context (not a fresh uniform batch, not decode); "
-        "B x T x L of at least threshold (smaller masks cost less than the extra calls)",
+        "CPU; a cache; several new tokens per sequence (not decode) and not a fresh batch of equal-length prompts "
+        "(those take SDPA's causal form); B x T x L of at least threshold (smaller masks cost less than the extra "
+        "calls); `uses_context_split()` is the guard's size part, shared with the memory estimate",
         "qwen3next.model.attention:context_split_attention", "torch.nn.functional:scaled_dot_product_attention",
         threshold=1 << 20, switch=FAST_DECODE_ENV),
     FastPath(
@@ -207,6 +208,14 @@ def native_kernels(x: torch.Tensor) -> bool:
     graph being recorded (the ops have no backward)."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
             and kernels.available())
+
+
+def uses_context_split(batch_size: int, new_tokens: int, kv_len: int) -> bool:
+    """Whether attention over a step of `batch_size` sequences with (padded) `new_tokens` new tokens each and up to
+    `kv_len` keys takes the mask-free `attention_context_split` path, by its switch and threshold; the caller checks
+    the rest of its guard (CPU, not a fresh equal-length batch, a cache)."""
+    return (enabled("attention_context_split") and new_tokens > 1
+            and batch_size * new_tokens * kv_len >= threshold("attention_context_split"))
 
 
 def linear_backend() -> str:

@@ -600,10 +600,14 @@ class OpenAIServer:
 
     def _echo_logprobs(self, ids: list[int], prompt_logprobs: list) -> P.CompletionLogprobs:
         """The echoed prompt's part of legacy completions logprobs: each prompt token with its logprob given the
-        tokens before it (null for the first) and its top alternatives, offsets from the start of the text."""
+        tokens before it (null for the first) and its top alternatives, offsets from the start of the text.
+        A request aborted mid-prefill has logprobs for a prefix of the prompt only: the rest of its tokens are
+        echoed with null logprobs, never dropped."""
+        assert len(prompt_logprobs) <= len(ids), (len(prompt_logprobs), len(ids))
+        entries = [*prompt_logprobs, *[None] * (len(ids) - len(prompt_logprobs))]
         lp = P.CompletionLogprobs()
         offsets = _TextOffsets(0, set())
-        for token, entry in zip(ids, prompt_logprobs):
+        for token, entry in zip(ids, entries, strict=True):
             text, raw = self.token_text(token)
             lp.tokens.append(text)
             lp.text_offset.append(offsets.advance(token, raw))
@@ -812,7 +816,7 @@ class OpenAIServer:
                 if req.logprobs is not None:
                     lp = self._completion_logprobs(s.logprobs, self._offsets(len(echoes[i]), req))
                     if prompt_logprobs is not None:
-                        lp = self._joined(self._echo_logprobs(ids_list[i], row[0].prompt_logprobs or [None]), lp)
+                        lp = self._joined(self._echo_logprobs(ids_list[i], row[0].prompt_logprobs or []), lp)
                 choices.append(P.CompletionChoice(index=i * req.n + k, text=echoes[i] + s.text, logprobs=lp,
                                                   finish_reason=s.finish_reason))
         completion = sum(len(s.token_ids) for row in samples for s in row)

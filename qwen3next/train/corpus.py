@@ -87,13 +87,14 @@ def fetch_package(package: str, work_dir: Path, deb_dir: Path | None = None) -> 
     """Download (``apt-get download``) and unpack (``dpkg-deb -x``) a Debian package; returns (.deb, root).
 
     A matching ``{package}_*.deb`` already in ``deb_dir`` is used instead of downloading (offline rebuilds).
+    A failing command is a RuntimeError naming it with its stderr (a missing one: FileNotFoundError).
     """
     work_dir = Path(work_dir)
     debs = sorted(Path(deb_dir).glob(f"{package}_*.deb")) if deb_dir is not None else []
     if not debs:
         result = subprocess.run(["apt-get", "download", package], cwd=work_dir, capture_output=True, text=True)
         if result.returncode != 0 and "Unable to locate package" in result.stderr:
-            subprocess.run(["apt-get", "update"], check=True, capture_output=True)
+            _run_checked(["apt-get", "update"])
             result = subprocess.run(["apt-get", "download", package], cwd=work_dir, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"apt-get download {package} failed: {result.stderr.strip()}")
@@ -101,13 +102,20 @@ def fetch_package(package: str, work_dir: Path, deb_dir: Path | None = None) -> 
     if len(debs) != 1:
         raise RuntimeError(f"expected one {package}_*.deb, found {[d.name for d in debs]}")
     root = work_dir / f"{package}-root"
-    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(root)], check=True)
+    _run_checked(["dpkg-deb", "-x", str(debs[0]), str(root)])
     return debs[0], root
 
 
+def _run_checked(cmd: list[str]) -> str:
+    """stdout of `cmd`; RuntimeError with its exit status and stderr when it fails."""
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit status {result.returncode}): {result.stderr.strip()}")
+    return result.stdout
+
+
 def _deb_version(deb: Path) -> str:
-    result = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], check=True, capture_output=True, text=True)
-    return result.stdout.strip()
+    return _run_checked(["dpkg-deb", "-f", str(deb), "Version"]).strip()
 
 
 def _sha256(data: bytes) -> str:
