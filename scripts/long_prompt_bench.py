@@ -3,16 +3,16 @@
     YARN='{"rope_scaling": {"rope_type": "yarn", "factor": 2048, "original_max_position_embeddings": 512}}'
     python scripts/long_prompt_bench.py --preset tiny --lengths 32768 131072 262144 --threads 2 --hf-overrides "$YARN"
     YARN='{"rope_scaling": {"rope_type": "yarn", "factor": 64, "original_max_position_embeddings": 4096}}'
-    python scripts/long_prompt_bench.py --model qwen3next/data/demo --lengths 32768 131072 262144 --threads 2 \
+    python scripts/long_prompt_bench.py --model qwen3next/data/demo --lengths 32768 131072 262143 --threads 2 \
         --hf-overrides "$YARN"
 
 Each length runs in a child process (so that the peak RSS, `ru_maxrss`, is that run's own): the engine is built for
-one sequence of the prompt's length (`max_num_seqs=1`, `max_model_len` = length + 1), a prompt of random token ids
-is submitted with `max_tokens=1`, and the engine steps until it finishes (chunked prefill, `--chunk` tokens per
-step, the engine's default 512). Reported per length: prefill seconds and tokens/s, the sequence's cache as the
-engine allocates it (K/V blocks + DeltaNet state slot), RSS after the engine is built (weights + cache pools as
-touched so far), and the peak RSS of the whole run; the difference is what the prefill itself needed on top
-(activations, and the cache pages written).
+one sequence of the prompt's length (`max_num_seqs=1`, `max_model_len` = length + 1, so a prompt may be at most the
+model's context minus one token), a prompt of random token ids is submitted with `max_tokens=1`, and the engine
+steps until it finishes (chunked prefill, `--chunk` tokens per step, the engine's default 512). Reported per length:
+prefill seconds and tokens/s, the sequence's cache as the engine allocates it (K/V blocks + DeltaNet state slot), RSS
+after the engine is built (weights + cache pools as touched so far), and the peak RSS of the whole run; the
+difference is what the prefill itself needed on top (activations, and the cache pages written).
 """
 
 from __future__ import annotations
@@ -90,7 +90,11 @@ def main() -> int:
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.length is not None:
-        print(json.dumps(child(args)))
+        try:
+            print(json.dumps(child(args)))
+        except ValueError as e:  # e.g. the prompt plus its one generated token beyond the model's context
+            print(f"long_prompt_bench: {args.length} tokens: {e}", file=sys.stderr)
+            return 1
         return 0
     if not args.lengths or min(args.lengths) < 1:
         p.error("--lengths: expected one or more positive token counts")
