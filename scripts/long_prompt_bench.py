@@ -40,10 +40,10 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     from qwen3next.bench.harness import synthetic_tokenizer
+    from qwen3next.bench.measure import random_weights
     from qwen3next.engine.llm import Engine
     from qwen3next.engine.memory import config_geometry
     from qwen3next.engine.sampling import SamplingParams
-    from qwen3next.model.qwen3_next import Qwen3NextForCausalLM
     from qwen3next.train.presets import preset_config
 
     torch.set_num_threads(args.threads)
@@ -51,9 +51,7 @@ def child(args: argparse.Namespace) -> dict:
     n = args.length
     if args.preset:
         config = preset_config(args.preset, hf_overrides=overrides)
-        model = Qwen3NextForCausalLM(config)
-        model.init_weights(torch.Generator().manual_seed(0))
-        model = model.float().eval()
+        model = random_weights(config, torch.float32, 0)
         engine = Engine(model, tokenizer=synthetic_tokenizer(config.vocab_size), max_num_seqs=1, max_model_len=n + 1,
                         prefill_chunk_size=args.chunk, max_num_batched_tokens=args.chunk)
     else:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from qwen3next.bench import ablation
+from qwen3next.bench import ablation, measure
 from qwen3next.cli import main
 from qwen3next.train.presets import preset_config
 
@@ -35,7 +35,7 @@ def test_batch_rows_copied_from_the_prefilled_sequence_decode_like_it():
     """After `_copy_sequence`, row 1 holds sequence 0's K/V and DeltaNet state: a decode step of both rows with the
     same token gives the same logits, equal to sequence 0 decoding alone."""
     config = ablation.ablation_configs("tiny")["hybrid"]
-    model = ablation._random_model(config, torch.float32, 0)
+    model = measure.random_weights(config, torch.float32, 0)
     ids = torch.randint(0, config.vocab_size, (150,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cache = model.new_cache(2, 160, block_size=64)

@@ -33,6 +33,7 @@ from ..config import Qwen3NextConfig
 from ..engine.memory import config_geometry, fmt_bytes
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..train.presets import PRESETS, preset_config
+from . import measure
 
 ABLATIONS = ("attention",)
 MODELS = ("hybrid", "full_attention", "dense")
@@ -118,12 +119,6 @@ def describe_configs(configs: dict[str, Qwen3NextConfig]) -> dict[str, dict]:
 
 
 # ---- measurement -----------------------------------------------------------------------------------------------------
-def _random_model(config: Qwen3NextConfig, dtype: torch.dtype, seed: int) -> Qwen3NextForCausalLM:
-    model = Qwen3NextForCausalLM(config)
-    model.init_weights(torch.Generator().manual_seed(seed))
-    return model.to(dtype).eval()
-
-
 def _forward(model: Qwen3NextForCausalLM, cache, rows: list[int], ids: torch.Tensor, n: int) -> torch.Tensor:
     """Append n tokens to each of `rows` (ids flat [len(rows) * n]); the last token's logits per row."""
     info = cache.batch(rows, [n] * len(rows))
@@ -190,7 +185,7 @@ def run_ablation(opts: AblationOptions, log: Callable[[str], None] = lambda m: N
     longest = max(opts.contexts) + opts.decode_steps + 3
     for c in configs.values():  # random weights: positions past the trained context are just positions
         c.max_position_embeddings = max(c.max_position_embeddings, longest)
-    models = {name: _random_model(c, dtype, opts.seed) for name, c in configs.items()}
+    models = {name: measure.random_weights(c, dtype, opts.seed) for name, c in configs.items()}
     warm = dataclasses.replace(opts, decode_steps=1, chunk=64)
     for model in models.values():  # first calls (kernel build / load, allocator growth) are not timed
         measure_once(model, 128, warm, opts.seed)

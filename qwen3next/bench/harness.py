@@ -120,9 +120,7 @@ class BenchOptions:
 def random_model(preset: str, dtype: torch.dtype, seed: int, hf_overrides: dict | None = None) -> Qwen3NextForCausalLM:
     """A preset's architecture (with `hf_overrides` applied) with seeded random weights (the init of
     `Qwen3NextForCausalLM.init_weights`)."""
-    model = Qwen3NextForCausalLM(preset_config(preset, hf_overrides=hf_overrides))
-    model.init_weights(torch.Generator().manual_seed(seed))
-    return model.to(dtype).eval()
+    return measure.random_weights(preset_config(preset, hf_overrides=hf_overrides), dtype, seed)
 
 
 def synthetic_tokenizer(vocab_size: int) -> Tokenizer:

@@ -55,6 +55,13 @@ class DecodePlan:
         return self.prompt_len + self.engine_max_tokens
 
 
+def random_weights(config, dtype: torch.dtype, seed: int) -> Qwen3NextForCausalLM:
+    """A model of `config` with seeded random weights (`Qwen3NextForCausalLM.init_weights`), in `dtype`, eval mode."""
+    model = Qwen3NextForCausalLM(config)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model.to(dtype).eval()
+
+
 def random_prompts(vocab_size: int, batch: int, length: int, seed: int) -> torch.Tensor:
     """Token ids [B, T] drawn uniformly (seeded)."""
     return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
