@@ -46,7 +46,8 @@ class CompiledDecoder:
     @staticmethod
     def handles(batch: BatchInfo) -> bool:
         """Whether a forward over `batch` (with a cache) takes the compiled step: a decode step, fast paths on."""
-        return fast_decode() and all(n == 1 for n in batch.seq_lens) and not batch.capture_states
+        return (fast_decode() and all(n == 1 for n in batch.seq_lens) and not batch.capture_states
+                and not batch.snapshots)
 
     def handles_verify(self, batch: BatchInfo) -> bool:
         """Whether a speculative verification over `batch` takes the compiled graph (see the module docstring)."""

@@ -13,6 +13,10 @@ Speculative verification (`BatchInfo.capture_states`): the DeltaNet layers then 
 token instead of committing the last one (`ForwardContext.captured`), and the caller commits, per sequence, the
 state after the last token it keeps (`ForwardContext.commit_captured`): exact rollback of rejected drafts without
 re-running anything.
+
+Prefix-caching snapshots (`BatchInfo.snapshots`): `(b, m, slot)` asks the DeltaNet layers to also store sequence b's
+state after its first m new tokens (1 <= m <= seq_lens[b]) in state slot `slot`, besides committing the state after
+the last token as usual: a snapshot inside a prefill chunk costs no extra forward (see deltanet.py).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class BatchInfo:
     positions: list[int] | None = None
     kv_write_rows: list[int] | None = None
     capture_states: bool = False  # keep every token's DeltaNet state; commit later with commit_captured()
+    snapshots: list[tuple[int, int, int]] | None = None  # (b, m, slot): also store b's state after m new tokens
     # ---- derived by prepare() ----
     tokens: TokenLayout = field(default=None, repr=False)
     state: SlotAccess | None = field(default=None, repr=False)
@@ -65,6 +70,12 @@ class BatchInfo:
             raise ValueError(f"seq_lens: need at least one sequence with >= 1 token each, got {self.seq_lens}")
         ctx = self.context_lens if self.context_lens is not None else [0] * B
         N = self.num_tokens
+        for b, m, slot in self.snapshots or ():
+            if not (0 <= b < B and 1 <= m <= self.seq_lens[b]) or self.slots is None or slot in self.slots:
+                raise ValueError(f"snapshots: ({b}, {m}, {slot}) needs a sequence b of the batch, 1 <= m <= its "
+                                 f"new tokens and a slot outside the batch's own slots")
+        if self.snapshots and self.capture_states:
+            raise ValueError("snapshots: not with capture_states (a verification keeps every state already)")
         for name, given, want in (("context_lens", ctx, B), ("slots", self.slots, B),
                                   ("block_tables", self.block_tables, B), ("positions", self.positions, N),
                                   ("kv_write_rows", self.kv_write_rows, N)):

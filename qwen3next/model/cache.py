@@ -6,9 +6,9 @@
 - DeltaNet layers: one fixed STATE SLOT per sequence in each of the pools the layer declares (conv state
   `[num_slots, C, W-1]` in the activation dtype, recurrent state `[num_slots, HV, K, V]`, fp32 by default).
 
-Slot operations (`zero_slots`, `copy_slot`) are the only whole-slot changes; a forward reads and commits its slots'
-rows through `ForwardContext.state()` (see batch.py). The engine's block manager decides block tables and slots;
-`SequenceCache` is the simple owner used by `model(input_ids, cache=...)`.
+Slot operations (`zero_slots`, `copy_slot`; `copy_kv_rows` for blocks) are the only whole-slot changes; a forward
+reads and commits its slots' rows through `ForwardContext.state()` (see batch.py). The engine's block manager decides
+block tables and slots; `SequenceCache` is the simple owner used by `model(input_ids, cache=...)`.
 """
 
 from __future__ import annotations
@@ -92,6 +92,16 @@ class HybridCache:
         self._check_slots([src, dst])
         for pool in self._state_pools():
             pool[dst].copy_(pool[src])
+
+    def copy_kv_rows(self, src_block: int, dst_block: int, num_rows: int) -> None:
+        """Copy the first `num_rows` token rows of block `src_block` to block `dst_block` in every K/V pool (a
+        cached prefix's partial last block, which a resuming sequence continues in a block of its own)."""
+        bs = self.block_size
+        if not (0 <= src_block < self.num_blocks and 0 <= dst_block < self.num_blocks and 0 <= num_rows <= bs):
+            raise ValueError(f"copy_kv_rows: blocks {src_block}, {dst_block} and {num_rows} rows must lie in the "
+                             f"cache's {self.num_blocks} blocks of {bs} rows")
+        for pool in (*self.k.values(), *self.v.values()):
+            pool[dst_block * bs:dst_block * bs + num_rows].copy_(pool[src_block * bs:src_block * bs + num_rows])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values(), *self._state_pools()))

@@ -45,6 +45,64 @@ def _conv_windows(frames: torch.Tensor, length: int, T: int) -> torch.Tensor:
     return frames.unfold(-1, length, 1)[:, :, -T:].transpose(1, 2)
 
 
+def _delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule over padded [B, T, ...] inputs in its fastest available form: (outputs, final state)."""
+    if native_kernels(q) and (init is None or init.dtype == torch.float32):
+        return kernels.gated_delta_rule(q, k, v, g, beta, init)
+    if q.shape[1] <= threshold("delta_rule_token_loop"):  # the token loop beats the chunked form for short inputs
+        return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init)
+    return chunk_gated_delta_rule(q, k, v, g, beta, initial_state=init)
+
+
+def _delta_rule_with_snapshots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                               beta: torch.Tensor, init: torch.Tensor, seq_lens: list[int],
+                               snapshots: list[tuple[int, int, int]],
+                               pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_delta_rule`, also storing sequence b's state after its first m tokens in `pool[slot]` for every
+    `(b, m, slot)` of `snapshots` (prefix caching).
+
+    The rule runs in segments cut at the snapshot offsets: first every sequence up to its first cut (the tokens after
+    it get beta = 0 and g = 0, which leaves the state exactly as it is, as padding does), then, for the sequences with
+    cuts, each further segment gathered into a small padded batch starting from the state the previous one ended
+    at. Every token is fed once per segment it belongs to, so the outputs and final states are those of one pass."""
+    B, T = q.shape[:2]
+    cuts: dict[int, list[int]] = {}
+    for b, m, _ in snapshots:
+        cuts.setdefault(b, []).append(m)
+    bounds = {b: sorted(set(ms) | {seq_lens[b]}) for b, ms in cuts.items()}  # segment ends per cut sequence
+    first = torch.tensor([bounds[b][0] if b in bounds else T for b in range(B)], device=q.device)
+    live = (torch.arange(T, device=q.device)[None, :] < first[:, None]).unsqueeze(-1)  # [B, T, 1]
+    o, final = _delta_rule(q, k, v, g.where(live, 0), beta.where(live, 0), init)
+    state = {b: final[b].clone() for b in bounds}  # the state at each cut sequence's latest segment end
+    stored = {}  # (b, m) -> its state, for snapshots at equal offsets
+    for step in range(1, max(len(e) for e in bounds.values()) + 1):
+        for b in bounds:
+            if step - 1 < len(bounds[b]):
+                stored[(b, bounds[b][step - 1])] = state[b]
+        seg = [(b, bounds[b][step - 1], bounds[b][step]) for b in bounds if step < len(bounds[b])]
+        if not seg:
+            break
+        o_seg, f_seg = _delta_rule(*(_gather_segments(x, seg) for x in (q, k, v, g, beta)),
+                                   torch.stack([state[b] for b, _, _ in seg]))
+        for i, (b, s, e) in enumerate(seg):
+            o[b, s:e] = o_seg[i, :e - s]
+            state[b] = f_seg[i]
+            final[b] = f_seg[i]
+    for b, m, slot in snapshots:
+        pool[slot].copy_(stored[(b, m)])
+    return o, final
+
+
+def _gather_segments(x: torch.Tensor, seg: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Tokens [s, e) of sequence b for each (b, s, e) of `seg`, right-padded with zeros: [len(seg), max e - s, ...]
+    (zero beta and g past a segment's end leave the state untouched)."""
+    out = x.new_zeros(len(seg), max(e - s for _, s, e in seg), *x.shape[2:])
+    for i, (b, s, e) in enumerate(seg):
+        out[i, :e - s] = x[b, s:e]
+    return out
+
+
 class GatedDeltaNet(nn.Module):
     def __init__(self, config: Qwen3NextConfig, cache_key: str):
         super().__init__()
@@ -86,7 +144,8 @@ class GatedDeltaNet(nn.Module):
         # in (fp32, or wider activations); any other combination takes the general path below.
         capture = ctx.captures_states
         fast_state = rec_rows is not None and rec_rows.pool.dtype == torch.promote_types(x.dtype, torch.float32)
-        if fast_state and tokens.is_decode and fast_decode() and not capture:
+        snapshots = ctx.batch.snapshots if conv_rows is not None else None
+        if fast_state and tokens.is_decode and fast_decode() and not capture and not snapshots:
             return self._decode_step(x, conv_rows, rec_rows)
         if fast_state and capture and tokens.pad_index is None and fast_decode():
             return self._verify_step(x, conv_rows, rec_rows, ctx)
@@ -97,12 +156,16 @@ class GatedDeltaNet(nn.Module):
         b, a = self.in_proj_ba(x).chunk(2, dim=-1)  # [N, HV] each
         weight = self.conv1d.weight.squeeze(1)  # [C, W]
 
-        if conv_rows is not None and tokens.is_decode and not capture:
+        if conv_rows is not None and tokens.is_decode and not capture and not snapshots:
             qkv = causal_conv1d_update(qkv, weight, conv_rows.read()).unsqueeze(1)  # [B, 1, C]
             conv_rows.commit()
         else:
             init = conv_rows.read() if conv_rows is not None else None
             qkv_in = tokens.pad(qkv)
+            for i, m, slot in snapshots or ():  # the last W-1 conv inputs after m new tokens
+                w = init.shape[-1]
+                recent = qkv_in[i, max(0, m - w):m].transpose(0, 1)  # [C, min(m, W-1)]
+                conv_rows.pool[slot].copy_(recent if m >= w else torch.cat([init[i, :, m:], recent.to(init.dtype)], -1))
             qkv, new_state = causal_conv1d(qkv_in, weight, init, lengths=tokens.seq_lens)  # [B, T, C]
             if capture:
                 ctx.captured[(self.cache_key, "conv")] = conv_states_per_token(init, qkv_in)
@@ -122,12 +185,10 @@ class GatedDeltaNet(nn.Module):
             states = torch.empty(Bsz, T, HV, K, V, dtype=rec_rows.pool.dtype, device=x.device)
             o, _ = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init, states_out=states)
             ctx.captured[(self.cache_key, "recurrent")] = states
-        elif native_kernels(q) and (init is None or init.dtype == torch.float32):
-            o, final = kernels.gated_delta_rule(q, k, v, g, beta, init)
-        elif T <= threshold("delta_rule_token_loop"):  # the token loop beats the chunked form for short inputs
-            o, final = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init)
+        elif snapshots:
+            o, final = _delta_rule_with_snapshots(q, k, v, g, beta, init, ctx.batch.seq_lens, snapshots, rec_rows.pool)
         else:
-            o, final = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=init)
+            o, final = _delta_rule(q, k, v, g, beta, init)
         if rec_rows is not None and not capture:
             rec_rows.commit(final)
 
