@@ -36,6 +36,7 @@ from .output import (
     logprob_entry,
     prompt_logprob_dicts,
 )
+from .prefix_cache import SnapshotPolicy, default_snapshot_interval
 from .runner import ModelRunner, cache_geometry
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
@@ -88,7 +89,9 @@ class Engine:
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  chunked_prefill: bool = True, prefill_chunk_size: int = 512, block_size: int = 64,
                  quantize: str | None = None, compile_decode: bool = False,
-                 speculative_config: SpeculativeConfig | dict | str | None = None, hf_overrides: dict | None = None):
+                 speculative_config: SpeculativeConfig | dict | str | None = None, hf_overrides: dict | None = None,
+                 enable_prefix_caching: bool = True, prefix_snapshot_slots: int | None = None,
+                 prefix_snapshot_interval: int | None = None):
         """`compile_decode`: run decode steps through torch.compile (see engine/compiled.py);
         the graphs are compiled here, before the engine takes requests (about a minute for small models).
         `speculative_config`: `{"method": "mtp", "num_speculative_tokens": k}` drafts up to k tokens per step with
@@ -96,7 +99,12 @@ class Engine:
         `hf_overrides`: config.json values to change at load (vLLM's option name; merged by
         `config.apply_hf_overrides`), e.g. `{"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
         "original_max_position_embeddings": 262144}}`; `max_model_len` may then go up to `config.max_context_len`
-        (original_max_position_embeddings x factor)."""
+        (original_max_position_embeddings x factor).
+        `enable_prefix_caching` (vLLM's name): reuse the KV blocks and DeltaNet state snapshots of earlier requests'
+        prefixes (engine/prefix_cache.py); `prefix_snapshot_slots` state slots are added for snapshots, which also use
+        the sequence slots no sequence needs (None: four per sequence from the budget beyond max_num_seqs sequences of
+        max_model_len, at most a quarter of it) and long prompts leave one every `prefix_snapshot_interval`
+        tokens (a multiple of block_size; None: chosen from the memory budget, 0: none)."""
         self.speculative = SpeculativeConfig.parse(speculative_config)
         self.model, self.tokenizer = _model_and_tokenizer(model, tokenizer, dtype, device, quantize, hf_overrides)
         config = self.model.config
@@ -107,14 +115,29 @@ class Engine:
         if max_model_len > config.max_context_len:
             raise ValueError(_context_error(config, max_model_len))
         spec_k = self.speculative.num_speculative_tokens if self.speculative is not None else 0
-        self.plan: CachePlan = engine_cache_plan(cache_geometry(self.model, block_size, include_mtp=spec_k > 0),
-                                                 max_memory, self.model.device, max_num_seqs, max_model_len)
-        sched_config = SchedulerConfig(max_num_seqs=min(max_num_seqs, self.plan.num_slots),
+        for name, value in (("prefix_snapshot_slots", prefix_snapshot_slots),
+                            ("prefix_snapshot_interval", prefix_snapshot_interval)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name}: expected an integer >= 0 or None (automatic), got {value!r}")
+        if prefix_snapshot_interval and prefix_snapshot_interval % block_size:
+            raise ValueError(f"prefix_snapshot_interval: {prefix_snapshot_interval} must be a multiple of block_size "
+                             f"({block_size})")
+        geometry = cache_geometry(self.model, block_size, include_mtp=spec_k > 0)
+        self.plan: CachePlan = engine_cache_plan(geometry, max_memory, self.model.device, max_num_seqs, max_model_len,
+                                                 prefix_snapshot_slots if enable_prefix_caching else 0)
+        self.enable_prefix_caching = enable_prefix_caching
+        if prefix_snapshot_interval is None:
+            prefix_snapshot_interval = default_snapshot_interval(
+                block_size, prefill_chunk_size, geometry.kv_bytes_per_token, geometry.state_bytes_per_slot,
+                max_model_len, self.plan.num_slots)
+        im_end = self.tokenizer.token_to_id("<|im_end|>")
+        policy = SnapshotPolicy(prefix_snapshot_interval, (im_end,) if im_end is not None else ())
+        sched_config = SchedulerConfig(max_num_seqs=min(max_num_seqs, self.plan.num_seq_slots),
                                        max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
                                        max_model_len=max_model_len, chunked_prefill=chunked_prefill,
                                        prefill_chunk_size=prefill_chunk_size,
-                                       eos_token_ids=tuple(self.tokenizer.eos_token_ids))
-        self.block_manager = BlockManager.from_plan(self.plan)
+                                       eos_token_ids=tuple(self.tokenizer.eos_token_ids), snapshot_policy=policy)
+        self.block_manager = BlockManager.from_plan(self.plan, self.enable_prefix_caching)
         policy = DraftLengthPolicy(spec_k, self.speculative.adaptive) if spec_k else None
         self.scheduler = Scheduler(sched_config, self.block_manager, policy)
         self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode, num_speculative_tokens=spec_k)
@@ -376,6 +399,11 @@ class LLM:
         out = {**engine.stats, "running": engine.scheduler.num_running, "waiting": engine.scheduler.num_waiting,
                "free_blocks": bm.num_free_blocks, "total_blocks": engine.plan.num_blocks,
                "free_slots": bm.num_free_slots, "total_slots": engine.plan.num_slots}
+        if engine.enable_prefix_caching:
+            out.update(prefix_cache_queries=bm.queries, prefix_cache_hits=bm.hits,
+                       prefix_cache_blocks=bm.num_cached_blocks, prefix_cache_snapshots=bm.num_snapshots,
+                       prefix_cache_snapshot_bytes=bm.num_snapshots * engine.plan.geometry.state_bytes_per_slot,
+                       prefix_cache_snapshot_slots=engine.plan.num_snapshot_slots)
         if engine.speculative is not None:
             spec, policy = engine.spec_stats, engine.scheduler.draft_policy
             out.update(spec_drafts=spec.num_drafts, spec_draft_tokens=spec.num_draft_tokens,

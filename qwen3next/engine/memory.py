@@ -58,13 +58,20 @@ class CacheGeometry:
 
 @dataclass(frozen=True)
 class CachePlan:
-    """How many KV blocks and state slots to allocate, and what that buys."""
+    """How many KV blocks and state slots to allocate, and what that buys. `num_slots` counts every state slot: the
+    running sequences' and, with prefix caching, `num_snapshot_slots` more for state snapshots."""
 
     geometry: CacheGeometry
     num_blocks: int
     num_slots: int
     budget_bytes: int
     max_model_len: int
+    num_snapshot_slots: int = 0
+
+    @property
+    def num_seq_slots(self) -> int:
+        """Slots for running sequences: how many can run at once."""
+        return self.num_slots - self.num_snapshot_slots
 
     @property
     def block_size(self) -> int:
@@ -89,30 +96,37 @@ class CachePlan:
     @property
     def num_full_length_seqs(self) -> int:
         """How many sequences of max_model_len tokens fit at once."""
-        return min(self.num_slots, self.num_blocks // cdiv(self.max_model_len, self.block_size))
+        return min(self.num_seq_slots, self.num_blocks // cdiv(self.max_model_len, self.block_size))
 
     def describe(self) -> str:
         g = self.geometry
-        avg = self.num_kv_tokens // self.num_slots
+        seqs = self.num_seq_slots
+        avg = self.num_kv_tokens // seqs
+        snaps = (f" ({seqs:,} for sequences, {self.num_snapshot_slots:,} for prefix-cache snapshots)"
+                 if self.num_snapshot_slots else "")
         lines = [
             f"cache plan: {fmt_bytes(self.total_bytes)} of a {fmt_bytes(self.budget_bytes)} budget",
             f"  DeltaNet state: {self.num_slots:,} slots x {fmt_bytes(g.state_bytes_per_slot)} "
-            f"= {fmt_bytes(self.state_bytes)}",
+            f"= {fmt_bytes(self.state_bytes)}{snaps}",
             f"  attention KV: {self.num_blocks:,} blocks x {self.block_size} tokens = {self.num_kv_tokens:,} tokens "
             f"x {fmt_bytes(g.kv_bytes_per_token)} = {fmt_bytes(self.kv_bytes)}",
-            f"  fits {self.num_slots:,} concurrent sequences averaging {avg:,} tokens of context, "
+            f"  fits {seqs:,} concurrent sequences averaging {avg:,} tokens of context, "
             f"or {self.num_full_length_seqs:,} at max_model_len={self.max_model_len:,}",
         ]
         return "\n".join(lines)
 
 
-def plan_cache(geometry: CacheGeometry, budget_bytes: int, max_num_seqs: int, max_model_len: int) -> CachePlan:
+def plan_cache(geometry: CacheGeometry, budget_bytes: int, max_num_seqs: int, max_model_len: int,
+               snapshot_slots: int = 0) -> CachePlan:
     """Split `budget_bytes` into state slots and KV blocks.
 
-    Slots come first: as many as `max_num_seqs` asks for, as long as one sequence can still reach
+    Snapshot slots (prefix caching) come first, as many of `snapshot_slots` as leave room for one sequence of
+    `max_model_len`; then sequence slots: as many as `max_num_seqs` asks for, as long as one sequence can still reach
     `max_model_len` and every other slot keeps at least one KV block; every remaining byte goes to KV blocks.
     Raises ValueError when not even one sequence of `max_model_len` tokens fits.
     """
+    if snapshot_slots < 0:
+        raise ValueError(f"snapshot_slots must be >= 0, got {snapshot_slots}")
     if max_num_seqs < 1:
         raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
     if max_model_len < 1:
@@ -132,13 +146,29 @@ def plan_cache(geometry: CacheGeometry, budget_bytes: int, max_num_seqs: int, ma
             f"blocks x {block_b:,} B = {one_seq:,} B ({fmt_bytes(one_seq)}); {fix} max_memory (--max-memory) to at "
             f"least {one_seq:,} B"
         )
+    if slot_b:
+        snapshot_slots = min(snapshot_slots, (budget_bytes - one_seq) // slot_b)
+    budget = budget_bytes - snapshot_slots * slot_b
     # n slots need n*slot_b + (blocks_per_seq + n - 1)*block_b <= budget.
-    num_slots = min(max_num_seqs, (budget_bytes - (blocks_per_seq - 1) * block_b) // (slot_b + block_b))
+    num_slots = min(max_num_seqs, (budget - (blocks_per_seq - 1) * block_b) // (slot_b + block_b))
     if block_b == 0:  # no attention layers: blocks cost nothing, give every slot a full-length table
         num_blocks = num_slots * blocks_per_seq
     else:
-        num_blocks = (budget_bytes - num_slots * slot_b) // block_b
-    return CachePlan(geometry, num_blocks, num_slots, budget_bytes, max_model_len)
+        num_blocks = (budget - num_slots * slot_b) // block_b
+    return CachePlan(geometry, num_blocks, num_slots + snapshot_slots, budget_bytes, max_model_len, snapshot_slots)
+
+
+def default_snapshot_slots(geometry: CacheGeometry, budget_bytes: int, max_num_seqs: int, max_model_len: int) -> int:
+    """Prefix-cache snapshot slots when not set: four per sequence slot (a prompt's end, a finished sequence, a chat
+    turn, a long prompt's intervals), from what the budget holds beyond `max_num_seqs` sequences of `max_model_len`
+    tokens and at most a quarter of it. Snapshots also live in sequence slots while no sequence needs them, so a
+    budget with no room to spare still caches prefixes."""
+    want = 4 * max_num_seqs
+    slot_b = geometry.state_bytes_per_slot
+    if slot_b == 0:
+        return want
+    spare = budget_bytes - max_num_seqs * geometry.sequence_bytes(max_model_len)
+    return max(0, min(want, spare // slot_b, budget_bytes // 4 // slot_b))
 
 
 # ---- one context, planned ahead (`qwen3next info --context`) ------------------------------------------------------
@@ -340,9 +370,12 @@ def default_budget(device, fraction: float = 0.25, cap: int = 8 * 1024**3) -> in
 
 
 def engine_cache_plan(geometry: CacheGeometry, max_memory: int | str | None, device, max_num_seqs: int,
-                      max_model_len: int) -> CachePlan:
+                      max_model_len: int, snapshot_slots: int | None = 0) -> CachePlan:
     """The engine's plan: `max_memory` (default: `default_budget(device)`), but never more than `max_num_seqs`
-    sequences of `max_model_len` tokens can use, since the pools are zero-filled memory."""
+    sequences of `max_model_len` tokens and the snapshots can use, since the pools are zero-filled memory.
+    `snapshot_slots`: slots for prefix-cache snapshots beyond the sequences' (None: `default_snapshot_slots`)."""
     budget = parse_memory(max_memory) if max_memory is not None else default_budget(device)
-    useful = max_num_seqs * geometry.sequence_bytes(max_model_len)
-    return plan_cache(geometry, min(budget, useful), max_num_seqs, max_model_len)
+    if snapshot_slots is None:
+        snapshot_slots = default_snapshot_slots(geometry, budget, max_num_seqs, max_model_len)
+    useful = max_num_seqs * geometry.sequence_bytes(max_model_len) + snapshot_slots * geometry.state_bytes_per_slot
+    return plan_cache(geometry, min(budget, useful), max_num_seqs, max_model_len, snapshot_slots)

@@ -55,6 +55,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs (see the module docstring)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when the (first sample's) prompt was admitted
 
     @property
     def text(self) -> str:
@@ -188,7 +189,7 @@ class RequestState:
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt_ids, [s.out for s in self.samples], self.done.is_set(),
-                             self.prompt_logprobs)
+                             self.prompt_logprobs, self.samples[0].seq.num_cached_tokens)
 
     def add_prompt_logprobs(self, first: int, entries: list[dict[int, Logprob]]) -> None:
         """The logprobs of the prompt tokens after positions first, first + 1, ... (computed in order)."""

@@ -89,7 +89,8 @@ class ModelRunner:
             op.apply(self.cache)
         info = BatchInfo(batch.num_new_tokens, batch.context_lens, batch.slots, batch.block_tables,
                          positions=batch.positions, kv_write_rows=batch.kv_write_indices,
-                         capture_states=batch.has_drafts)
+                         capture_states=batch.has_drafts,
+                         snapshots=None if batch.has_drafts else batch.snapshots or None)  # else: _split_forward's
         tokens = torch.tensor(batch.input_ids, dtype=torch.long, device=model.device)
         ctx, compiled_verify, verified = None, False, list(range(len(batch.entries)))
         if self.compiled is not None and self.compiled.handles(info):
@@ -123,12 +124,15 @@ class ModelRunner:
         decodes = batch.decode_entries
         prefills = [b for b in range(len(batch.entries)) if b not in set(decodes)]
         hidden, verify_ctx = None, None
+        at = {b: j for j, b in enumerate(prefills)}
+        snapshots = [(at[b], m, slot) for b, m, slot in batch.snapshots]  # prefill chunks only take snapshots
         for group, capture in ((prefills, False), (decodes, True)):
             rows = [i for b in group for i in range(qsl[b], qsl[b + 1])]
             sub = BatchInfo([batch.num_new_tokens[b] for b in group], [batch.context_lens[b] for b in group],
                             [batch.slots[b] for b in group], [batch.block_tables[b] for b in group],
                             positions=[batch.positions[i] for i in rows],
-                            kv_write_rows=[batch.kv_write_indices[i] for i in rows], capture_states=capture)
+                            kv_write_rows=[batch.kv_write_indices[i] for i in rows], capture_states=capture,
+                            snapshots=None if capture else snapshots or None)
             idx = torch.tensor(rows, dtype=torch.long, device=tokens.device)
             ctx = model.context(sub, self.cache)
             h = model.hidden_states(tokens.index_select(0, idx), ctx)

@@ -13,6 +13,11 @@ With speculative decoding (speculative.py), the decode entries of a step get dra
 its last token plus up to k drafts (k from the `DraftLengthPolicy`), with blocks allocated for the positions the MTP
 head drafts at (`num_lookahead`). Drafts only use blocks and budget left after the plain schedule, so they never
 preempt or delay anyone (prefill chunks in the same step are verified apart by the runner).
+
+With prefix caching (prefix_cache.py), a waiting sequence is admitted after the longest cached prefix of its tokens
+(its blocks shared, the snapshot restored by the step's slot ops) and computes only the rest; prefill chunks leave
+state snapshots where the `SnapshotPolicy` says, in slots that free memory allows (never preempting for one). The
+scheduler indexes what a step computed in `update`, and a finished sequence's blocks and slot stay cached.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from dataclasses import dataclass, replace
 
 from ..model.layout import paged_row
 from .block_manager import BlockManager
+from .prefix_cache import PrefixHit, SnapshotPolicy
 from .sequence import FinishReason, Sequence, SequenceStatus
-from .slot_ops import SlotOp, ZeroSlots
+from .slot_ops import CopyKVRows, CopySlot, SlotOp, ZeroSlots
 from .speculative import DraftLengthPolicy
 from .stopping import StopRules
 
@@ -39,7 +45,8 @@ def _room(max_tokens: int, limit: str) -> str:
 @dataclass
 class SchedulerConfig:
     """max_num_batched_tokens: tokens per forward. prefill_chunk_size: most prompt tokens one sequence feeds
-    per step when chunked_prefill is on. eos_token_ids: end a sequence (unless its params say ignore_eos)."""
+    per step when chunked_prefill is on. eos_token_ids: end a sequence (unless its params say ignore_eos).
+    snapshot_policy: where prefill chunks leave DeltaNet state snapshots when the block manager caches prefixes."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -47,6 +54,7 @@ class SchedulerConfig:
     chunked_prefill: bool = True
     prefill_chunk_size: int = 512
     eos_token_ids: tuple[int, ...] = ()
+    snapshot_policy: SnapshotPolicy = SnapshotPolicy()
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "prefill_chunk_size"):
@@ -71,6 +79,8 @@ class ScheduledEntry:
     is_fresh_slot: bool  # the slot was just assigned: the batch's slot_ops zero its DeltaNet state first
     needs_sample: bool  # the last fed token is the last known token, so its logits give the next token
     draft_token_ids: tuple[int, ...] = ()  # fed after the last known token, verified against the target's samples
+    restore: PrefixHit | None = None  # resumes after this cached prefix (context_len == restore.position)
+    snapshots: tuple[tuple[int, int], ...] = ()  # (position p, slot): leave the state after p tokens in slot
 
     @property
     def num_drafts(self) -> int:
@@ -88,7 +98,9 @@ class ScheduledBatch:
     their last tokens, or of every fed token of an entry with drafts: 1 + its drafts rows). `next_token_ids` (per
     entry): the known token after its last fed one (a prompt chunk that is not the last), None where that token is
     sampled in this step. `num_lookahead`: how many drafts the MTP head proposes for the next step (0: none).
-    `slot_ops`: operations on whole state slots that the runner applies, in order, before the forward.
+    `slot_ops`: operations on whole state slots that the runner applies, in order, before the forward (zeroing
+    fresh slots; restoring the prefix of sequences that resume after a cached one). `snapshots` (b, m, slot): the
+    forward also leaves entry b's state after its first m new tokens in `slot` (`BatchInfo.snapshots`).
     Prompt logprobs: `prompt_logprob_spans` (entry, first, stop): the entry's prompt positions [first, stop) whose
     next prompt token's logprob this step computes (those of its chunk not done before a preemption, never the
     last prompt position, which predicts the first output token); `prompt_logprob_rows` / `_targets`: per such
@@ -136,6 +148,14 @@ class ScheduledBatch:
         self.slots: list[int] = [e.seq.slot for e in entries]
         fresh = tuple(e.seq.slot for e in entries if e.is_fresh_slot)
         self.slot_ops: list[SlotOp] = [ZeroSlots(fresh)] if fresh else []
+        self.snapshots: list[tuple[int, int, int]] = []
+        for b, e in enumerate(entries):
+            if e.restore is not None:
+                snap, p = e.restore.snapshot, e.restore.position
+                self.slot_ops.append(CopySlot(snap.slot, e.seq.slot))
+                if snap.block is not None:
+                    self.slot_ops.append(CopyKVRows(snap.block, self.block_tables[b][p // block_size], p % block_size))
+            self.snapshots += [(b, p - e.context_len, slot) for p, slot in e.snapshots]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -261,6 +281,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         """Pick the work of the next forward; None when nothing is queued or running."""
         cfg = self.config
+        self.block_manager.end_step()
         chunk_cap = cfg.prefill_chunk_size if cfg.chunked_prefill else cfg.max_num_batched_tokens
         entries, budget, preempted = self._schedule_running(cfg.max_num_batched_tokens, chunk_cap)
         if not preempted:  # admitting after a preemption would just thrash
@@ -275,6 +296,8 @@ class Scheduler:
             if lookahead:
                 budget = cfg.max_num_batched_tokens - sum(e.num_new_tokens for e in entries)
                 entries = self._add_drafts(entries, lookahead, budget)
+        if self.block_manager.enable_prefix_caching:
+            entries = self._add_snapshots(entries)
         return ScheduledBatch(entries, self.block_manager.block_size, lookahead)
 
     def _add_drafts(self, entries: list[ScheduledEntry], k: int, budget: int) -> list[ScheduledEntry]:
@@ -299,6 +322,24 @@ class Scheduler:
                         e = replace(e, num_new_tokens=1 + n, draft_token_ids=tuple(seq.draft_token_ids[:n]))
                         budget -= n
                         break
+            out.append(e)
+        return out
+
+    def _add_snapshots(self, entries: list[ScheduledEntry]) -> list[ScheduledEntry]:
+        """Give prefill chunks (2+ tokens, no drafts) the snapshots the policy asks for, while slots can be had
+        without taking one from a sequence (the least recently used snapshots are replaced)."""
+        policy, bm, out = self.config.snapshot_policy, self.block_manager, []
+        for e in entries:
+            if e.num_new_tokens >= 2 and not e.num_drafts:
+                start, stop, seq = e.context_len, e.context_len + e.num_new_tokens, e.seq
+                taken = []
+                for p in policy.positions(seq.token_ids_between(start, stop), start, stop, seq.num_prompt_tokens):
+                    slot = bm.take_snapshot_slot()
+                    if slot is None:
+                        break
+                    taken.append((p, slot))
+                if taken:
+                    e = replace(e, snapshots=tuple(taken))
             out.append(e)
         return out
 
@@ -343,17 +384,27 @@ class Scheduler:
         max_running = min(cfg.max_num_seqs, bm.num_slots)
         while self.waiting and budget > 0 and len(self.running) < max_running:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, chunk_cap, budget)
-            if n < seq.num_uncomputed_tokens and not cfg.chunked_prefill:
+            # A request for prompt logprobs computes every prompt position (its other samples may use the cache).
+            hit = None if seq.wants_prompt_logprobs else bm.lookup(seq)
+            todo = seq.num_tokens - hit.position if hit is not None else seq.num_uncomputed_tokens
+            n = min(todo, chunk_cap, budget)
+            if n < todo and not cfg.chunked_prefill:
                 break
-            if not bm.can_allocate(seq, n):
+            if not bm.can_allocate(seq, n, hit):
                 break
             self.waiting.popleft()
-            fresh = bm.allocate(seq, n)
-            assert fresh, "a waiting sequence cannot already hold a slot"
+            bm.count_query(seq)
+            if hit is not None:
+                bm.allocate_hit(seq, hit, n)
+            else:
+                fresh = bm.allocate(seq, n)
+                assert fresh, "a waiting sequence cannot already hold a slot"
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = hit.position if hit is not None else 0
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            entries.append(self._take(seq, n, fresh))
+            entry = self._take(seq, n, hit is None)
+            entries.append(entry if hit is None else replace(entry, restore=hit))
             budget -= n
         return entries
 
@@ -381,10 +432,16 @@ class Scheduler:
                     raise ValueError(f"{e.seq.request_id}: expected 1 to {1 + e.num_drafts} tokens, got {len(run)}")
             seq = e.seq
             if seq.is_finished:
+                for _, slot in e.snapshots:
+                    self.block_manager.release_slot(slot)
                 continue
             assert seq.num_computed_tokens == e.context_len, "batch applied twice or out of order"
             kept = e.num_new_tokens if run is None else e.num_new_tokens - e.num_drafts + len(run) - 1
             seq.num_computed_tokens += kept
+            if self.block_manager.enable_prefix_caching:
+                self.block_manager.register_blocks(seq)
+                for p, slot in e.snapshots:
+                    self.block_manager.add_snapshot(seq, p, slot)
             if seq.wants_prompt_logprobs:
                 done = min(seq.num_computed_tokens, seq.num_prompt_tokens - 1)
                 seq.num_prompt_logprobs = max(seq.num_prompt_logprobs, done)
@@ -400,6 +457,7 @@ class Scheduler:
                     self.finish(seq, reason)
                     finished.append(seq)
                     break
+        self.block_manager.end_step()  # the snapshots this step restored may be evicted again
         return finished
 
     # ---- helpers ----------------------------------------------------------------------------------------------

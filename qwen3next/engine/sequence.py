@@ -46,6 +46,12 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.slot: int | None = None
+        # Prefix caching: the digests of its full blocks (prefix_cache.block_digest; tokens never change, so they stay
+        # valid across preemptions), how many of its blocks are indexed, and the prompt tokens its first admission
+        # found cached (OpenAI's usage.prompt_tokens_details.cached_tokens).
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0
+        self.num_cached_tokens = 0
         self.draft_token_ids: list[int] = []  # proposed by the MTP head for the next step (speculative decoding)
         self.arrival = -1  # order of add() in the scheduler
         self.num_preemptions = 0

@@ -1,10 +1,11 @@
 """Operations on whole DeltaNet state slots, decided by the scheduler and executed by the runner. Plain Python.
 
 A step's `ScheduledBatch.slot_ops` lists them in order; the runner applies each to the hybrid cache before the
-forward, without knowing why it was asked (`op.apply(cache)` calls the cache method of the same meaning). Today the
-scheduler emits `ZeroSlots` for sequences that just got a slot. `CopySlot` is the primitive that prefix caching's
-snapshot/restore (sequence slot <-> snapshot slot) builds on. (Speculative decoding keeps the state of the accepted
-position inside its step instead: `ForwardContext.commit_captured`, since only sampling knows which one it is.)
+forward, without knowing why it was asked (`op.apply(cache)` calls the cache method of the same meaning): `ZeroSlots`
+for sequences that just got a slot; for a sequence that resumes after a cached prefix (prefix caching), `CopySlot`
+restores the snapshot into its slot and `CopyKVRows` copies the rows of the prefix's partial last block into a block
+of its own. (Snapshots are taken inside the forward, `BatchInfo.snapshots`; speculative decoding keeps the state of
+the accepted position inside its step: `ForwardContext.commit_captured`, since only sampling knows which one it is.)
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ class SlotStore(Protocol):
     def zero_slots(self, slots: list[int]) -> None: ...
 
     def copy_slot(self, src: int, dst: int) -> None: ...
+
+    def copy_kv_rows(self, src_block: int, dst_block: int, num_rows: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -42,4 +45,16 @@ class CopySlot:
         store.copy_slot(self.src, self.dst)
 
 
-SlotOp = ZeroSlots | CopySlot
+@dataclass(frozen=True)
+class CopyKVRows:
+    """Copy the first `num_rows` token rows of KV block `src_block` to block `dst_block` in every K/V pool."""
+
+    src_block: int
+    dst_block: int
+    num_rows: int
+
+    def apply(self, store: SlotStore) -> None:
+        store.copy_kv_rows(self.src_block, self.dst_block, self.num_rows)
+
+
+SlotOp = ZeroSlots | CopySlot | CopyKVRows
