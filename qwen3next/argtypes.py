@@ -56,6 +56,59 @@ def add_speculative_arg(parser: argparse.ArgumentParser) -> None:
                              'distributed as without it, token for token for greedy and seeded requests')
 
 
+# The engine's KV block size (`Engine(block_size=...)`'s default; no command-line option changes it): snapshot
+# intervals are whole blocks.
+ENGINE_BLOCK_SIZE = 64
+
+
+def prefix_snapshot_slots(s: str) -> int:
+    v = _number(s, int, "an integer >= 0")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v} (to turn prefix caching off, use "
+                                         f"--no-enable-prefix-caching)")
+    return v
+
+
+def prefix_snapshot_interval(s: str) -> int:
+    v = _number(s, int, f"an integer >= 0 (a multiple of {ENGINE_BLOCK_SIZE})")
+    if v < 0 or v % ENGINE_BLOCK_SIZE:
+        raise argparse.ArgumentTypeError(f"expected 0 (no interval snapshots) or a positive multiple of the KV block "
+                                         f"size {ENGINE_BLOCK_SIZE}, got {v}")
+    return v
+
+
+def add_prefix_caching_args(parser: argparse.ArgumentParser) -> None:
+    """`--enable-prefix-caching / --no-enable-prefix-caching` (vLLM's flags; on by default), `--prefix-snapshot-slots
+    N`, `--prefix-snapshot-interval N`: `args.enable_prefix_caching`, `args.prefix_snapshot_slots`,
+    `args.prefix_snapshot_interval` (None: automatic). Check them after parsing with `check_prefix_caching_args`."""
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the cached KV blocks and DeltaNet state snapshots of earlier requests' prompt "
+                             "prefixes (a shared system prompt, the earlier turns of a conversation): those prompt "
+                             "tokens are not computed again; the output is as without it, up to float rounding "
+                             "(default: on)")
+    parser.add_argument("--prefix-snapshot-slots", type=prefix_snapshot_slots, default=None, metavar="N",
+                        help="DeltaNet state slots added for prefix-cache snapshots, taken from the cache budget "
+                             "(--max-memory); a hybrid model resumes a cached prefix only where a snapshot of its "
+                             "recurrent state was taken, and one costs as much as a sequence's state (`qwen3next info` "
+                             "prints its size); snapshots also use the sequence slots no request needs (0: only "
+                             "those); default: four per sequence (--max-num-seqs) from the budget beyond "
+                             "--max-num-seqs sequences of --max-model-len, at most a quarter of it")
+    parser.add_argument("--prefix-snapshot-interval", type=prefix_snapshot_interval, default=None, metavar="N",
+                        help="also snapshot long prompts every N tokens (a multiple of the KV block size "
+                             f"{ENGINE_BLOCK_SIZE}; 0: never) so that requests sharing only a long prefix of them "
+                             "resume part way (snapshots are always taken near each prompt's end, at each finished "
+                             "sequence's end and after each chat turn); default: chosen from the memory budget")
+
+
+def check_prefix_caching_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A usage error (exit 2) when a snapshot option comes with --no-enable-prefix-caching: it would do nothing."""
+    if getattr(args, "enable_prefix_caching", True):
+        return
+    for flag in ("--prefix-snapshot-slots", "--prefix-snapshot-interval"):
+        if getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None:
+            parser.error(f"argument {flag}: has no effect with --no-enable-prefix-caching")
+
+
 def hf_overrides(s: str) -> dict:
     """`--hf-overrides JSON` (vLLM's flag name; merge rule: `config.apply_hf_overrides`) -> a dict of config.json
     keys, checked against the keys the config knows."""

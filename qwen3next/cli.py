@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 
 from . import DEFAULT_MODEL
-from .argtypes import QUANTIZE_CHOICES, add_hf_overrides_arg, add_speculative_arg
+from .argtypes import (
+    QUANTIZE_CHOICES,
+    add_hf_overrides_arg,
+    add_prefix_caching_args,
+    add_speculative_arg,
+    check_prefix_caching_args,
+)
 from .argtypes import non_negative_float as _non_negative_float
 from .argtypes import positive_int as _positive_int
 
@@ -64,6 +70,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                           f"generate/chat/serve)"),
         (f"KV cache per token ({dtype})", fmt_bytes(kv) + f"  ({len(config.attention_layers)} attention layers)"),
         ("DeltaNet state per sequence", fmt_bytes(state) + f"  ({dtype} conv + float32 recurrent, any length)"),
+        ("prefix-cache snapshot", f"{fmt_bytes(state)} each  (one DeltaNet state slot; as much as the K/V of "
+                                  f"{state / kv if kv else 0:,.0f} tokens)"),
         ("one sequence at full context", fmt_bytes(state + kv * config.max_context_len)
          + f"  ({config.max_context_len:,} tokens)"),
         ("vocab", f"{config.vocab_size:,}"),
@@ -83,24 +91,30 @@ def _memory_table(config, context: int, batch: int, dtype: str, chunk: int) -> s
 
     elem = 4 if dtype == "float32" else 2
     e = estimate_memory(config, context, batch, elem, chunk=chunk)
+    slot = e.state_bytes // batch
     block = e.block_size
     blocks = -(-context // block)
     per_seq = "" if batch == 1 else f" x {batch} sequences"
     parts = {k: v for k, v in e.parts.items() if k not in ("resident", "sampling", "total")}
     peak = max(parts, key=parts.get) if parts else "none"
+    snapshots = _default_snapshots(config, e, elem)
     rows = [
         ("KV cache", e.kv_bytes, f"{fmt_bytes(config.kv_bytes_per_token(elem))}/token x "
                                  f"{blocks * block:,} tokens ({blocks:,} blocks of {block}){per_seq}"),
         ("DeltaNet state", e.state_bytes, f"{len(config.linear_layers)} layers, fp32 recurrent state, any length"
                                           f"{per_seq}"),
         ("cache", e.cache_bytes, f"KV + state: what --max-memory must hold for --max-model-len {context} "
-                                 f"--max-num-seqs {batch}"),
+                                 f"--max-num-seqs {batch} (plus the snapshots below, with prefix caching)"),
+        ("prefix snapshots", snapshots * slot,
+         f"{snapshots:,} x {fmt_bytes(slot)} (one DeltaNet state slot each): the slots prefix caching (on by "
+         f"default) adds for state snapshots in a --max-memory of cache + this (--prefix-snapshot-slots); with less, "
+         f"snapshots use the sequence slots no request needs"),
         ("prefill workspace", e.workspace_bytes, f"peak activations of one {min(chunk, context)}-token chunk at the "
                                                  f"end of the context (largest: {peak} layer, "
                                                  f"{fmt_bytes(parts.get(peak, 0))}; delta rule "
                                                  f"{'in C++' if e.paths.native_delta_rule else 'chunked'}, attention "
                                                  f"{'split' if e.paths.context_split else 'masked'})"),
-        ("total", e.total_bytes, "cache + workspace; weights not included"),
+        ("total", e.total_bytes, "cache + workspace; prefix snapshots and weights not included"),
     ]
     lines = [f"memory for {context:,} tokens of context x batch {batch} ({dtype} activations):"]
     lines += [f"  {name:<18} {fmt_bytes(n):>10}  {n:>16,} B  {note}" for name, n, note in rows]
@@ -108,6 +122,17 @@ def _memory_table(config, context: int, batch: int, dtype: str, chunk: int) -> s
         lines.append(f"  note: beyond the model's context of {config.max_context_len:,} tokens: the engine refuses "
                      f"such a --max-model-len; extend the context with YaRN (--hf-overrides)")
     return "\n".join(lines)
+
+
+def _default_snapshots(config, e, dtype_bytes: int) -> int:
+    """The prefix-cache snapshot slots the engine adds by default (`memory.default_snapshot_slots`) when its
+    --max-memory is the estimate `e`'s cache plus those slots: the most S (up to the default's four per sequence) for
+    which that budget's default is S. Such a budget runs e's batch at once, as `e.cache_bytes` alone does."""
+    from .engine.memory import config_geometry, default_snapshot_slots
+
+    g = config_geometry(config, dtype_bytes, e.block_size)
+    return next(s for s in range(4 * e.batch, -1, -1)
+                if default_snapshot_slots(g, e.cache_bytes + s * g.state_bytes_per_slot, e.batch, e.context) == s)
 
 
 def _engine(args: argparse.Namespace):
@@ -118,7 +143,9 @@ def _engine(args: argparse.Namespace):
     torch.set_num_threads(args.threads)
     return Engine(args.model, dtype=args.dtype, max_memory=args.max_memory, max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, quantize=args.quantize, compile_decode=args.compile,
-                  speculative_config=args.speculative_config, hf_overrides=args.hf_overrides)
+                  speculative_config=args.speculative_config, hf_overrides=args.hf_overrides,
+                  enable_prefix_caching=args.enable_prefix_caching, prefix_snapshot_slots=args.prefix_snapshot_slots,
+                  prefix_snapshot_interval=args.prefix_snapshot_interval)
 
 
 def _sampling(args: argparse.Namespace):
@@ -264,6 +291,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "compiler)")
     add_speculative_arg(p)
     add_hf_overrides_arg(p)
+    add_prefix_caching_args(p)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -356,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    check_prefix_caching_args(parser, args)
     model = getattr(args, "model", None)
     if args.command not in ("train",) and model is not None and not Path(model).is_dir():
         parser.error(f"--model: {model} is not a directory"

@@ -55,6 +55,33 @@ def test_info_plans_memory_in_the_engines_default_dtype(model_dir, tmp_path):
     assert f"{estimate_memory(config, 256, 1, 2).cache_bytes:,} B" in r.stdout
 
 
+def test_info_sizes_prefix_cache_snapshots(model_dir):
+    """info prints one snapshot's size (a DeltaNet state slot) and, with --context, the snapshot slots prefix caching
+    adds by default: the cache row plus the snapshot row is a --max-memory that runs the whole batch at once with that
+    many snapshot slots (one byte less: one slot fewer); the cache row alone still runs the batch, with none."""
+    import re
+
+    from qwen3next.config import Qwen3NextConfig
+    from qwen3next.engine.llm import Engine
+    from qwen3next.engine.memory import fmt_bytes
+
+    state = Qwen3NextConfig.from_pretrained(model_dir).state_bytes_per_sequence(4, 4)
+    r = run("info", "--model", model_dir, "--context", "256", "--batch", "2")
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"^prefix-cache snapshot +{re.escape(fmt_bytes(state))} each  \(one DeltaNet state slot",
+                     r.stdout, re.M), r.stdout
+    row = {m[0]: int(m[1].replace(",", "")) for m in re.findall(r"^  (\S.*?) +\S+ \S+ +([\d,]+) B ", r.stdout, re.M)}
+    snapshots = row["prefix snapshots"] // state
+    assert row["prefix snapshots"] == snapshots * state and snapshots >= 1
+    budget = row["cache"] + row["prefix snapshots"]
+    engine = Engine(model_dir, max_memory=budget, max_num_seqs=2, max_model_len=256)
+    assert engine.enable_prefix_caching and engine.plan.num_snapshot_slots == snapshots
+    assert engine.plan.num_full_length_seqs == 2
+    for memory, slots in ((budget - 1, snapshots - 1), (row["cache"], 0)):
+        plan = Engine(model_dir, max_memory=memory, max_num_seqs=2, max_model_len=256).plan
+        assert plan.num_full_length_seqs == 2 and plan.num_snapshot_slots == slots
+
+
 @pytest.mark.parametrize("flag,value", [("--batch", "4"), ("--prefill-chunk-size", "256")])
 def test_info_plan_options_need_context(model_dir, flag, value):
     r = run("info", "--model", model_dir, flag, value)
@@ -62,14 +89,15 @@ def test_info_plan_options_need_context(model_dir, flag, value):
     assert flag in r.stderr and "--context" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_generate_matches_the_plain_loop(model_dir):
+@pytest.mark.parametrize("caching", [[], ["--no-enable-prefix-caching"]])
+def test_generate_matches_the_plain_loop(model_dir, caching):
     import torch
 
     from qwen3next.checkpoint import load_model
     from qwen3next.model.generate import generate_tokens
     from qwen3next.tokenizer import Tokenizer
 
-    r = run("generate", "--model", model_dir, "--prompt", "abc", "--max-tokens", "8", "--threads", "1")
+    r = run("generate", "--model", model_dir, "--prompt", "abc", "--max-tokens", "8", "--threads", "1", *caching)
     assert r.returncode == 0, r.stderr
     tok = Tokenizer.from_dir(model_dir)
     model = load_model(model_dir, dtype=torch.float32)

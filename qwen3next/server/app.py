@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.llm import LLM, RequestHandle
+from ..engine.memory import fmt_bytes
 from ..engine.output import StreamEvent
 from ..engine.sampling import GREEDY_TEMPERATURE_BELOW, SamplingParams
 from ..tokenizer import ChatTemplateError, Tokenizer
@@ -372,6 +373,11 @@ class _Generation:
             elif kind == "event":
                 yield i, payload[0], payload[1]
 
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache, summed over the finished requests (the usage's
+        prompt_tokens_details.cached_tokens)."""
+        return sum(h.result().num_cached_tokens for h in self._handles if h is not None and h.done)
+
     def abort(self) -> None:
         """Abort the unfinished requests without blocking the caller (`LLM.abort` waits for the engine lock)."""
         with self._lock:
@@ -423,6 +429,12 @@ class _ToolSetup:
     tools: list[dict] | None = None  # what the chat template sees
     parse: bool = False  # parse <tool_call> blocks out of the output
     prefix: str = ""  # forced start of a call, appended after the generation prompt
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> P.Usage:
+    return P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 def _call_id() -> str:
@@ -708,8 +720,7 @@ class OpenAIServer:
                 index=k, message=P.AssistantMessage(content=content, tool_calls=calls),
                 logprobs=P.ChoiceLogprobs(content=self._chat_logprobs(s.logprobs)) if req.logprobs else None,
                 finish_reason="tool_calls" if calls else s.finish_reason))
-        completion = sum(len(s.token_ids) for s in samples)
-        usage = P.Usage(prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion)
+        usage = _usage(len(ids), sum(len(s.token_ids) for s in samples), gen.num_cached_tokens())
         return JSONResponse(P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
                                                      usage=usage).model_dump())
 
@@ -773,8 +784,7 @@ class OpenAIServer:
                                                finish_reason=reason)])
         self.e2e.observe(time.perf_counter() - t0)
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield chunk([], P.Usage(prompt_tokens=prompt_len, completion_tokens=completion,
-                                    total_tokens=prompt_len + completion))
+            yield chunk([], _usage(prompt_len, completion, gen.num_cached_tokens()))
         yield _sse("[DONE]")
 
     # -- legacy completions -------------------------------------------------------------------------------------
@@ -819,9 +829,7 @@ class OpenAIServer:
                         lp = self._joined(self._echo_logprobs(ids_list[i], row[0].prompt_logprobs or []), lp)
                 choices.append(P.CompletionChoice(index=i * req.n + k, text=echoes[i] + s.text, logprobs=lp,
                                                   finish_reason=s.finish_reason))
-        completion = sum(len(s.token_ids) for row in samples for s in row)
-        usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                        total_tokens=prompt_tokens + completion)
+        usage = _usage(prompt_tokens, sum(len(s.token_ids) for row in samples for s in row), gen.num_cached_tokens())
         return JSONResponse(P.CompletionResponse(id=rid, model=self.model_name, choices=choices,
                                                  usage=usage).model_dump())
 
@@ -877,8 +885,7 @@ class OpenAIServer:
                                                     finish_reason=ev.finish_reason)])
         self.e2e.observe(time.perf_counter() - t0)
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield chunk([], P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                                    total_tokens=prompt_tokens + completion))
+            yield chunk([], _usage(prompt_tokens, completion, gen.num_cached_tokens()))
         yield _sse("[DONE]")
 
     # -- models, health, metrics --------------------------------------------------------------------------------
@@ -911,6 +918,20 @@ class OpenAIServer:
         family("qwen3next_state_slots_total", "gauge", "DeltaNet state slots in the pool.", s["total_slots"])
         family("qwen3next_state_slots_used", "gauge", "DeltaNet state slots in use.",
                s["total_slots"] - s["free_slots"])
+        if "prefix_cache_queries" in s:  # prefix caching (vLLM's names: prefix_cache_queries / _hits, in tokens)
+            family("qwen3next_prefix_cache_queries_total", "counter",
+                   "Prompt tokens looked up in the prefix cache.", s["prefix_cache_queries"])
+            family("qwen3next_prefix_cache_hits_total", "counter",
+                   "Prompt tokens found in the prefix cache (not computed again).", s["prefix_cache_hits"])
+            family("qwen3next_prefix_cache_blocks", "gauge", "KV cache blocks holding cached prefixes.",
+                   s["prefix_cache_blocks"])
+            family("qwen3next_prefix_cache_snapshots", "gauge",
+                   "DeltaNet state snapshots held by the prefix cache.", s["prefix_cache_snapshots"])
+            family("qwen3next_prefix_cache_snapshot_slots", "gauge",
+                   "DeltaNet state slots set aside for prefix-cache snapshots.", s["prefix_cache_snapshot_slots"])
+            family("qwen3next_prefix_cache_snapshot_bytes", "gauge",
+                   "Memory of the DeltaNet state snapshots held by the prefix cache.",
+                   s["prefix_cache_snapshot_bytes"])
         if "spec_drafts" in s:  # speculative decoding (vLLM's names: spec_decode_num_*)
             family("qwen3next_spec_decode_num_drafts_total", "counter",
                    "Verifications of MTP drafts (sequences x steps with at least one draft).", s["spec_drafts"])
@@ -1007,6 +1028,16 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
 # ---- `qwen3next serve` -----------------------------------------------------------------------------------------
 
 
+def _prefix_caching_line(engine, requested: bool) -> str:
+    if engine.enable_prefix_caching:
+        plan = engine.plan
+        return (f"prefix caching: on, up to {plan.num_snapshot_slots:,} state snapshots of "
+                f"{fmt_bytes(plan.geometry.state_bytes_per_slot)} each (--prefix-snapshot-slots)")
+    if requested:
+        return "prefix caching: off (the cache budget leaves no slot for a state snapshot; raise --max-memory)"
+    return "prefix caching: off (--no-enable-prefix-caching)"
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model, print where it is served and its memory plan, and serve until interrupted."""
     import torch
@@ -1019,7 +1050,9 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or model_dir.resolve().name
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_memory=args.max_memory,
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, quantize=args.quantize,
-              compile_decode=args.compile, speculative_config=args.speculative_config, hf_overrides=args.hf_overrides)
+              compile_decode=args.compile, speculative_config=args.speculative_config, hf_overrides=args.hf_overrides,
+              enable_prefix_caching=args.enable_prefix_caching, prefix_snapshot_slots=args.prefix_snapshot_slots,
+              prefix_snapshot_interval=args.prefix_snapshot_interval)
     try:
         app = create_app(llm, name, api_key, args.max_body_bytes)
         engine = llm.engine
@@ -1027,6 +1060,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"qwen3next serve: model '{name}' from {model_dir} ({args.dtype} on {args.device}), max_model_len "
               f"{engine.max_model_len}, max_num_seqs {engine.scheduler.config.max_num_seqs}")
         print(engine.plan.describe())
+        print(_prefix_caching_line(engine, args.enable_prefix_caching))
         if engine.speculative is not None:
             spec = engine.speculative
             print(f"speculative decoding: MTP, up to {spec.num_speculative_tokens} drafts per step"

@@ -187,10 +187,15 @@ class _NoNulls(_Response):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed again)
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)  # sent always, like OpenAI
 
 
 class TopLogprob(_Response):
