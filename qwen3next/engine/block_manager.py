@@ -89,7 +89,7 @@ class BlockManager:
         n = len(self._free_blocks) + len(self._evictable)
         kept = set() if keep is None else {*keep.blocks, keep.snapshot.block}
         pins: dict[int, int] = {}
-        for snap in self._snapshots.values():
+        for snap in tuple(self._snapshots.values()):  # a tuple: `LLM.stats()` reads this from another thread
             if snap.block is not None and snap.slot not in self._pinned and snap.block not in kept:
                 pins[snap.block] = pins.get(snap.block, 0) + 1
         n += sum(1 for b, k in pins.items() if self._ref_counts[b] == k)
@@ -97,7 +97,7 @@ class BlockManager:
 
     def _has_slot(self, keep: PrefixHit | None = None) -> bool:
         return bool(self._free_slots) or any(s.slot not in self._pinned and (keep is None or s is not keep.snapshot)
-                                             for s in self._snapshots.values())
+                                             for s in tuple(self._snapshots.values()))
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Whether `seq` can get the blocks (and, if it has none, the slot) to cache `num_new_tokens` more (after the
@@ -106,6 +106,8 @@ class BlockManager:
             return False
         if hit is None:
             missing = self._num_missing_blocks(seq, num_new_tokens)
+            if missing <= len(self._free_blocks) + len(self._evictable):  # the common case, without counting pins
+                return True
         else:
             missing = self.num_blocks_for(hit.position + num_new_tokens) - len(hit.blocks)
         return missing <= self._reclaimable_blocks(hit)
