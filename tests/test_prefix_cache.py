@@ -14,9 +14,12 @@ import torch
 from qwen3next import kernels
 from qwen3next.engine.block_manager import BlockManager
 from qwen3next.engine.llm import Engine
+from qwen3next.engine.memory import CacheGeometry, plan_cache
 from qwen3next.engine.prefix_cache import ROOT, SnapshotPolicy, block_digest, default_snapshot_interval
 from qwen3next.engine.sampling import SamplingParams
+from qwen3next.engine.scheduler import Scheduler, SchedulerConfig
 from qwen3next.engine.sequence import Sequence
+from qwen3next.engine.speculative import DraftLengthPolicy
 from qwen3next.model.batch import BatchInfo
 from qwen3next.model.cache import HybridCache
 from qwen3next.tokenizer import Tokenizer
@@ -411,3 +414,66 @@ def test_snapshot_policy_positions():
     # at least a chunk, at least one snapshot's worth of KV, at most a quarter of the slots per full-length prompt
     assert default_snapshot_interval(64, 512, 2048, 430080, 8192, 64) == 512
     assert default_snapshot_interval(64, 512, 24576, 77266944, 262144, 27) == 38848
+
+
+# ---- speculative runs, tight memory ------------------------------------------------------------------------------
+def spec_scheduler(num_slots=8):
+    bm = BlockManager(num_blocks=64, block_size=4, num_slots=num_slots, enable_prefix_caching=True)
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, prefill_chunk_size=64)
+    return Scheduler(config, bm, DraftLengthPolicy(2, adaptive=False)), bm
+
+
+def test_blocks_filled_by_accepted_drafts_get_the_digest_of_their_tokens():
+    sched, bm = spec_scheduler()
+    x = Sequence("x", list(range(100, 114)), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    sched.add(x)
+    sched.update(sched.schedule(), [7])  # 14 computed, 15 tokens
+    x.draft_token_ids = [8, 9]
+    sched.update(sched.schedule(), [[8, 9, 10]])  # both drafts accepted: 17 computed, 18 tokens
+    assert x.num_computed_tokens == 17 and bm.num_cached_blocks == 4
+    want = ROOT
+    for i in range(4):
+        want = block_digest(want, x.all_token_ids[4 * i:4 * i + 4])
+    assert x.block_hashes[3] == want and bm._cached[want] == x.block_table[3]
+
+
+def test_a_stop_token_accepted_before_more_drafts_leaves_no_snapshot_past_the_known_tokens():
+    """The verification fed (and committed the state of) a draft after the stop token, which the output drops: the
+    sequence's state is then of no known token sequence and must not become a snapshot."""
+    sched, bm = spec_scheduler()
+    x = Sequence("x", list(range(100, 112)), SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[5]))
+    sched.add(x)
+    sched.update(sched.schedule(), [7])
+    x.draft_token_ids = [5, 9]
+    sched.update(sched.schedule(), [[5, 9, 10]])
+    assert x.is_finished and x.num_computed_tokens == x.num_tokens + 1
+    assert all(s.position <= 11 for s in bm._snapshots.values())  # only the prompt-end snapshot
+    y = Sequence("y", x.all_token_ids + [42, 43], SamplingParams(max_tokens=2))
+    assert bm.lookup(y).position == 11
+
+
+def test_one_slot_adopts_the_snapshot_and_a_hit_that_does_not_fit_starts_over(model, tokenizer):
+    state = model.config.state_bytes_per_sequence(4, 4)
+    kv_token = model.config.kv_bytes_per_token(4)
+    a = tokens(40, 90)
+    # one slot: the next turn's only slot holds the previous reply's snapshot, which it takes over
+    one = engine(model, tokenizer, True, max_num_seqs=1, max_memory=state + 20 * BS * kv_token, max_model_len=300)
+    assert one.plan.num_slots == 1
+    first = run(one, [a])[0][0][0]
+    assert run(one, [a + first + tokens(5, 91)])[0][1] == len(a) + len(first) - 1
+    # a prompt needing the whole pool twice: the hit inside a block would need one block more; it starts over
+    b = tokens(100, 92)
+    full = engine(model, tokenizer, True, max_num_seqs=1, max_memory=3 * state + 7 * BS * kv_token,
+                  max_model_len=112, prefix_snapshot_slots=2)
+    assert full.plan.num_blocks == 7
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    got = [o[0] for o in run(full, [b, b], params)]
+    assert got[0] == got[1]
+
+
+def test_snapshot_slots_never_take_sequence_slots():
+    g = CacheGeometry(kv_bytes_per_token=256, state_bytes_per_slot=9600, block_size=64)
+    without = plan_cache(g, 183040, max_num_seqs=2, max_model_len=300)
+    asked = plan_cache(g, 183040, max_num_seqs=2, max_model_len=300, snapshot_slots=10)
+    assert asked.num_seq_slots == without.num_slots == 2 and 0 < asked.num_snapshot_slots < 10
+    assert asked.num_full_length_seqs >= 1 and asked.total_bytes <= 183040

@@ -39,7 +39,9 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with no reference, LRU first
         self._snapshots: OrderedDict[tuple, Snapshot] = OrderedDict()  # key -> snapshot, least recently used first
         self._snapshots_at: dict[bytes, dict[tuple[int, ...], Snapshot]] = {}  # digest -> partial tokens -> snapshot
+        self._snap_pins: dict[int, int] = {}  # block -> how many snapshots pin it (their partial block)
         self._pinned: set[int] = set()  # slots of snapshots restored in the step being scheduled
+        self._deferred: list[int] = []  # blocks to release at end_step (an adopted snapshot's partial block)
         self.queries = self.hits = 0  # prompt tokens looked up / found cached (counters)
         self.evicted_blocks = self.evicted_snapshots = 0
 
@@ -88,11 +90,10 @@ class BlockManager:
         what the hit `keep` is about to use)."""
         n = len(self._free_blocks) + len(self._evictable)
         kept = set() if keep is None else {*keep.blocks, keep.snapshot.block}
-        pins: dict[int, int] = {}
-        for snap in tuple(self._snapshots.values()):  # a tuple: `LLM.stats()` reads this from another thread
-            if snap.block is not None and snap.slot not in self._pinned and snap.block not in kept:
-                pins[snap.block] = pins.get(snap.block, 0) + 1
-        n += sum(1 for b, k in pins.items() if self._ref_counts[b] == k)
+        held = {s.block for s in tuple(self._snapshots.values())  # a tuple: `LLM.stats()` reads from another thread
+                if s.slot in self._pinned and s.block is not None}
+        n += sum(1 for b, k in tuple(self._snap_pins.items())
+                 if self._ref_counts[b] == k and b not in kept and b not in held)
         return n - sum(1 for b in kept if b in self._evictable)
 
     def _has_slot(self, keep: PrefixHit | None = None) -> bool:
@@ -131,7 +132,9 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Return the blocks and slot of `seq` (finished, aborted or preempted). With prefix caching its full blocks
         stay cached and its slot becomes the snapshot of its fed tokens."""
-        if self.enable_prefix_caching and seq.slot is not None:
+        # The slot holds the state after num_computed_tokens, unless a stop rule dropped some of the tokens fed
+        # (an accepted draft after a stop token): then it holds no state of known tokens.
+        if self.enable_prefix_caching and seq.slot is not None and seq.num_computed_tokens <= seq.num_tokens:
             self.register_blocks(seq)
             if self._add_snapshot(seq, seq.num_computed_tokens, seq.slot):
                 seq.slot = None
@@ -147,12 +150,17 @@ class BlockManager:
         while not self._free_blocks:
             if self._evictable:
                 block, _ = self._evictable.popitem(last=False)
-                del self._cached[self._digest_of.pop(block)]
+                digest = self._digest_of.pop(block)
+                del self._cached[digest]
+                for snap in list(self._snapshots_at.get(digest, {}).values()):  # their prefix is gone with the block
+                    if snap.slot not in self._pinned:
+                        self._drop_snapshot(snap)
                 self._free_blocks.append(block)
                 self.evicted_blocks += 1
                 continue
-            victim = next((s for s in self._snapshots.values() if s.block is not None and s.slot not in self._pinned),
-                          None)
+            # the least recently used snapshot whose partial block nothing else holds
+            victim = next((s for s in self._snapshots.values() if s.block is not None and s.slot not in self._pinned
+                           and self._ref_counts[s.block] == self._snap_pins[s.block]), None)
             assert victim is not None, "no block to take: can_allocate() was not checked"
             self._drop_snapshot(victim)
         block = self._free_blocks.popleft()
@@ -190,11 +198,15 @@ class BlockManager:
     def end_step(self) -> None:
         """The scheduled step ran: the snapshots it restored may be evicted again."""
         self._pinned.clear()
+        for block in self._deferred:
+            self._release_block(block)
+        self._deferred.clear()
 
     # ---- the prefix index ---------------------------------------------------------------------------------------
     def _digests(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """The digests of `seq`'s first `num_blocks` full blocks (computed once per sequence)."""
         hashes, bs = seq.block_hashes, self.block_size
+        assert num_blocks * bs <= seq.num_tokens, f"digest of a block past {seq!r}'s known tokens"
         while len(hashes) < num_blocks:
             i = len(hashes)
             hashes.append(block_digest(hashes[-1] if hashes else ROOT, seq.token_ids_between(i * bs, (i + 1) * bs)))
@@ -224,26 +236,42 @@ class BlockManager:
         blocks = tuple(self._cached[d] for d in self._digests(seq, best.position // bs)[:best.position // bs])
         return PrefixHit(best.position, blocks, best)
 
-    def count_query(self, seq: Sequence) -> None:
-        """Count an admitted sequence's tokens as looked up in the cache (`allocate_hit` counts the hits)."""
-        if self.enable_prefix_caching:
-            self.queries += seq.num_tokens
+    def count_query(self, seq: Sequence, hit: PrefixHit | None) -> None:
+        """Count a sequence's first admission: its prompt tokens looked up, and those found cached."""
+        if self.enable_prefix_caching and seq.num_preemptions == 0:
+            self.queries += seq.num_prompt_tokens
+            self.hits += min(hit.position, seq.num_prompt_tokens) if hit is not None else 0
 
-    def allocate_hit(self, seq: Sequence, hit: PrefixHit, num_new_tokens: int) -> None:
+    def can_adopt(self, seq: Sequence, num_new_tokens: int, hit: PrefixHit) -> bool:
+        """Whether `seq` can start after `hit` by taking the snapshot's slot itself (when no other slot is left)."""
+        missing = self.num_blocks_for(hit.position + num_new_tokens) - len(hit.blocks)
+        return hit.snapshot.slot not in self._pinned and missing <= self._reclaimable_blocks(hit)
+
+    def allocate_hit(self, seq: Sequence, hit: PrefixHit, num_new_tokens: int, adopt: bool = False) -> None:
         """Start `seq` (no blocks, no slot) after the cached prefix `hit`: share its full blocks, then allocate a slot
         and blocks for `num_new_tokens` more tokens. The caller restores the snapshot into the slot (and copies the
-        partial block's rows) before the step's forward; the snapshot stays pinned until `end_step()`."""
+        partial block's rows) before the step's forward; the snapshot stays pinned until `end_step()`. `adopt`
+        (`can_adopt`): the sequence takes the snapshot's slot instead, and the snapshot leaves the cache."""
         assert not seq.block_table and seq.slot is None and seq.num_computed_tokens == 0
-        assert self.can_allocate(seq, num_new_tokens, hit), f"allocate_hit without room: {seq!r}"
+        if adopt:
+            assert self.can_adopt(seq, num_new_tokens, hit), f"allocate_hit without room: {seq!r}"
+        else:
+            assert self.can_allocate(seq, num_new_tokens, hit), f"allocate_hit without room: {seq!r}"
         for block in hit.blocks:
             if self._ref_counts[block] == 0:
                 del self._evictable[block]
             self._ref_counts[block] += 1
-        self._pinned.add(hit.snapshot.slot)
-        self._snapshots.move_to_end(hit.snapshot.key)
+        snap = hit.snapshot
+        if adopt:  # its partial block stays held until the step has copied its rows
+            self._remove_snapshot(snap)
+            if snap.block is not None:
+                self._deferred.append(snap.block)
+            seq.slot = snap.slot
+        else:
+            self._pinned.add(snap.slot)
+            self._snapshots.move_to_end(snap.key)
         seq.block_table = list(hit.blocks)
         seq.num_computed_tokens = hit.position
-        self.hits += hit.position
         seq.num_registered_blocks = len(hit.blocks)
         self.allocate(seq, num_new_tokens)
 
@@ -252,7 +280,7 @@ class BlockManager:
         block; this one then stays private)."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        full = min(min(seq.num_computed_tokens, seq.num_tokens) // self.block_size, len(seq.block_table))
         if full <= seq.num_registered_blocks:
             return
         digests = self._digests(seq, full)
@@ -273,7 +301,7 @@ class BlockManager:
     def _add_snapshot(self, seq: Sequence, position: int, slot: int) -> bool:
         bs = self.block_size
         full = position // bs
-        if position < 1 or position > seq.num_computed_tokens or len(seq.block_table) * bs < position:
+        if not 1 <= position <= min(seq.num_computed_tokens, seq.num_tokens) or len(seq.block_table) * bs < position:
             return False
         digest = self._digests(seq, full)[full - 1] if full else ROOT
         partial = tuple(seq.token_ids_between(full * bs, position))
@@ -284,17 +312,26 @@ class BlockManager:
         block = seq.block_table[full] if partial else None
         if block is not None:
             self._ref_counts[block] += 1
+            self._snap_pins[block] = self._snap_pins.get(block, 0) + 1
         snap = Snapshot(slot, position, digest, partial, block)
         self._snapshots[snap.key] = snap
         self._snapshots_at.setdefault(digest, {})[partial] = snap
         return True
 
-    def _drop_snapshot(self, snap: Snapshot) -> None:
+    def _remove_snapshot(self, snap: Snapshot) -> None:
+        """Take `snap` out of the index (its slot and partial block are the caller's)."""
         del self._snapshots[snap.key]
         at = self._snapshots_at[snap.digest]
         del at[snap.partial]
         if not at:
             del self._snapshots_at[snap.digest]
+        if snap.block is not None:
+            self._snap_pins[snap.block] -= 1
+            if not self._snap_pins[snap.block]:
+                del self._snap_pins[snap.block]
+
+    def _drop_snapshot(self, snap: Snapshot) -> None:
+        self._remove_snapshot(snap)
         if snap.block is not None:
             self._release_block(snap.block)
         self._free_slots.append(snap.slot)

@@ -120,9 +120,9 @@ def plan_cache(geometry: CacheGeometry, budget_bytes: int, max_num_seqs: int, ma
                snapshot_slots: int = 0) -> CachePlan:
     """Split `budget_bytes` into state slots and KV blocks.
 
-    Snapshot slots (prefix caching) come first, as many of `snapshot_slots` as leave room for one sequence of
-    `max_model_len`; then sequence slots: as many as `max_num_seqs` asks for, as long as one sequence can still reach
-    `max_model_len` and every other slot keeps at least one KV block; every remaining byte goes to KV blocks.
+    Sequence slots come first: as many as `max_num_seqs` asks for, as long as one sequence can still reach
+    `max_model_len` and every other slot keeps at least one KV block; then as many of `snapshot_slots` (prefix
+    caching) as the same condition allows; every remaining byte goes to KV blocks.
     Raises ValueError when not even one sequence of `max_model_len` tokens fits.
     """
     if snapshot_slots < 0:
@@ -146,11 +146,12 @@ def plan_cache(geometry: CacheGeometry, budget_bytes: int, max_num_seqs: int, ma
             f"blocks x {block_b:,} B = {one_seq:,} B ({fmt_bytes(one_seq)}); {fix} max_memory (--max-memory) to at "
             f"least {one_seq:,} B"
         )
-    if slot_b:
-        snapshot_slots = min(snapshot_slots, (budget_bytes - one_seq) // slot_b)
-    budget = budget_bytes - snapshot_slots * slot_b
     # n slots need n*slot_b + (blocks_per_seq + n - 1)*block_b <= budget.
-    num_slots = min(max_num_seqs, (budget - (blocks_per_seq - 1) * block_b) // (slot_b + block_b))
+    num_slots = min(max_num_seqs, (budget_bytes - (blocks_per_seq - 1) * block_b) // (slot_b + block_b))
+    if slot_b:  # snapshots from what the sequences leave
+        snapshot_slots = min(snapshot_slots, (budget_bytes - num_slots * slot_b
+                                              - (blocks_per_seq + num_slots - 1) * block_b) // slot_b)
+    budget = budget_bytes - snapshot_slots * slot_b
     if block_b == 0:  # no attention layers: blocks cost nothing, give every slot a full-length table
         num_blocks = num_slots * blocks_per_seq
     else:

@@ -152,7 +152,8 @@ class ScheduledBatch:
         for b, e in enumerate(entries):
             if e.restore is not None:
                 snap, p = e.restore.snapshot, e.restore.position
-                self.slot_ops.append(CopySlot(snap.slot, e.seq.slot))
+                if snap.slot != e.seq.slot:  # else the sequence adopted the snapshot's slot
+                    self.slot_ops.append(CopySlot(snap.slot, e.seq.slot))
                 if snap.block is not None:
                     self.slot_ops.append(CopyKVRows(snap.block, self.block_tables[b][p // block_size], p % block_size))
             self.snapshots += [(b, p - e.context_len, slot) for p, slot in e.snapshots]
@@ -386,16 +387,23 @@ class Scheduler:
             seq = self.waiting[0]
             # A request for prompt logprobs computes every prompt position (its other samples may use the cache).
             hit = None if seq.wants_prompt_logprobs else bm.lookup(seq)
+            adopt = False
+            if hit is not None:
+                n = min(seq.num_tokens - hit.position, chunk_cap, budget)
+                if not bm.can_allocate(seq, n, hit):
+                    # no other slot: take the snapshot's own; no room for the hit at all: start from scratch
+                    adopt = seq.slot is None and bm.can_adopt(seq, n, hit)
+                    hit = hit if adopt else None
             todo = seq.num_tokens - hit.position if hit is not None else seq.num_uncomputed_tokens
             n = min(todo, chunk_cap, budget)
             if n < todo and not cfg.chunked_prefill:
                 break
-            if not bm.can_allocate(seq, n, hit):
+            if hit is None and not bm.can_allocate(seq, n):
                 break
             self.waiting.popleft()
-            bm.count_query(seq)
+            bm.count_query(seq, hit)
             if hit is not None:
-                bm.allocate_hit(seq, hit, n)
+                bm.allocate_hit(seq, hit, n, adopt)
             else:
                 fresh = bm.allocate(seq, n)
                 assert fresh, "a waiting sequence cannot already hold a slot"
@@ -438,10 +446,8 @@ class Scheduler:
             assert seq.num_computed_tokens == e.context_len, "batch applied twice or out of order"
             kept = e.num_new_tokens if run is None else e.num_new_tokens - e.num_drafts + len(run) - 1
             seq.num_computed_tokens += kept
-            if self.block_manager.enable_prefix_caching:
-                self.block_manager.register_blocks(seq)
-                for p, slot in e.snapshots:
-                    self.block_manager.add_snapshot(seq, p, slot)
+            for p, slot in e.snapshots:  # prefill chunks (no drafts): every position fed is a known token
+                self.block_manager.add_snapshot(seq, p, slot)
             if seq.wants_prompt_logprobs:
                 done = min(seq.num_computed_tokens, seq.num_prompt_tokens - 1)
                 seq.num_prompt_logprobs = max(seq.num_prompt_logprobs, done)
@@ -457,6 +463,9 @@ class Scheduler:
                     self.finish(seq, reason)
                     finished.append(seq)
                     break
+        for e in batch.entries:  # after the tokens are appended: a verification feeds drafts that are known only now
+            if not e.seq.is_finished:
+                self.block_manager.register_blocks(e.seq)
         self.block_manager.end_step()  # the snapshots this step restored may be evicted again
         return finished
 

@@ -71,9 +71,12 @@ def _delta_rule_with_snapshots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     for b, m, _ in snapshots:
         cuts.setdefault(b, []).append(m)
     bounds = {b: sorted(set(ms) | {seq_lens[b]}) for b, ms in cuts.items()}  # segment ends per cut sequence
-    first = torch.tensor([bounds[b][0] if b in bounds else T for b in range(B)], device=q.device)
-    live = (torch.arange(T, device=q.device)[None, :] < first[:, None]).unsqueeze(-1)  # [B, T, 1]
-    o, final = _delta_rule(q, k, v, g.where(live, 0), beta.where(live, 0), init)
+    ends = [bounds[b][0] if b in bounds else seq_lens[b] for b in range(B)]
+    T0 = max(ends)  # the first pass stops where the longest first segment does
+    live = (torch.arange(T0, device=q.device)[None, :] < torch.tensor(ends, device=q.device)[:, None]).unsqueeze(-1)
+    o0, final = _delta_rule(q[:, :T0], k[:, :T0], v[:, :T0], g[:, :T0].where(live, 0), beta[:, :T0].where(live, 0),
+                            init)
+    o = o0 if T0 == T else torch.cat([o0, o0.new_zeros(B, T - T0, *o0.shape[2:])], dim=1)
     state = {b: final[b].clone() for b in bounds}  # the state at each cut sequence's latest segment end
     stored = {}  # (b, m) -> its state, for snapshots at equal offsets
     for step in range(1, max(len(e) for e in bounds.values()) + 1):

@@ -1031,10 +1031,9 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
 def _prefix_caching_line(engine, requested: bool) -> str:
     if engine.enable_prefix_caching:
         plan = engine.plan
-        return (f"prefix caching: on, up to {plan.num_snapshot_slots:,} state snapshots of "
-                f"{fmt_bytes(plan.geometry.state_bytes_per_slot)} each (--prefix-snapshot-slots)")
-    if requested:
-        return "prefix caching: off (the cache budget leaves no slot for a state snapshot; raise --max-memory)"
+        return (f"prefix caching: on, state snapshots of {fmt_bytes(plan.geometry.state_bytes_per_slot)} each in "
+                f"{plan.num_snapshot_slots:,} slots of their own (--prefix-snapshot-slots) and in the sequence slots "
+                f"no request uses")
     return "prefix caching: off (--no-enable-prefix-caching)"
 
 
