@@ -8,6 +8,9 @@ paired rounds (speculative.py).
 (GGUF F32 / BF16 / Q8_0 / Q4_K_M against our float32 model / variants bf16 / int8 / int4) in `--repeat` paired
 rounds: each round one timed llama.cpp run, then one of ours, so that a change in machine load hits both.
 
+`--workload multi-turn,shared-system-prompt,cache-miss` instead measures prefix caching on vs off through the engine
+(TTFT, prompt tokens computed, hit rate, throughput) in interleaved rounds of fresh engines (prefix.py).
+
 `add_bench_args(parser)` declares the options, `run_bench(args)` runs and prints; `bench(options)` returns the report
 as a JSON-ready dict (what `--json` writes).
 """
@@ -37,6 +40,7 @@ from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer
 from ..train.presets import PRESETS, preset_config
 from . import ablation, llamacpp, measure
+from . import prefix as prefix_bench
 from . import speculative as spec_bench
 
 IMPLS = ("ours", "engine", "compiled", "transformers")  # compiled: ours through engine.compiled (--compile)
@@ -729,6 +733,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                         metavar="MODEL", help="--ablation: which of the twins to run besides the hybrid (default all)")
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="--ablation: also plot throughput vs context (needs matplotlib: the [plot] extra)")
+    prefix_bench.add_workload_args(parser)
 
 
 def _run_ablation(args: argparse.Namespace) -> int:
@@ -764,7 +769,54 @@ def _run_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_prefix(args: argparse.Namespace) -> int:
+    if args.ablation is not None:
+        raise ValueError("workload: --workload and --ablation are separate modes; give one")
+    d = BenchOptions()
+    ignored = [flag for flag, value, default in (
+        ("--compare", args.compare, None), ("--quantize", args.quantize, []), ("--compile", args.compile, False),
+        ("--speculative-config", args.speculative_config, None), ("--batch", args.batches, d.batches),
+        ("--prompt-len", args.prompt_len, d.prompt_len), ("--prefill-lens", args.prefill_lens, d.prefill_lens),
+        ("--repeat", args.repeat, d.repeat), ("--gguf", args.gguf, []), ("--llama-bench", args.llama_bench, None),
+        ("--bandwidth-mib", args.bandwidth_mib, None), ("--contexts", args.contexts, None),
+        ("--plot", args.plot, None)) if value != default]
+    if ignored:
+        raise ValueError(f"workload: {', '.join(ignored)} do not apply to --workload (prefix caching on vs off: "
+                         "--rounds, --turns, --history-tokens, --message-tokens, --requests, --system-tokens, "
+                         "--prompt-tokens, --decode-tokens)")
+    check_output_paths(args, "--json")
+    opts = prefix_bench.options_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    machine = describe_machine(torch.get_num_threads())
+    machine["busy_warning"] = _busy_warning(machine)
+    if machine["busy_warning"]:
+        log(machine["busy_warning"])
+    load = BenchOptions(model=args.model, preset=args.preset, dtype=args.dtype, seed=args.seed,
+                        hf_overrides=args.hf_overrides)
+    model, tokenizer, has_tokenizer, source = _load(load, parse_dtype(args.dtype))
+    counts = model.config.parameter_counts()
+    report = {"machine": machine,
+              "model": {"source": source, "dtype": args.dtype, "params_total": counts["total"],
+                        "params_active": counts["active"] + model.config.hidden_size,
+                        "vocab_size": model.config.vocab_size},
+              "options": {**asdict(opts), "threads": machine["threads"]},
+              "prefix": prefix_bench.bench_prefix(opts, model, tokenizer if has_tokenizer else None, log)}
+    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    print(prefix_bench.format_report(report, _aligned))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.workload:
+        return _run_prefix(args)
+    prefix_bench.check_unused(args)
     if args.ablation is not None:
         return _run_ablation(args)
     if args.contexts is not None or args.plot is not None or list(args.ablation_models) != list(ablation.MODELS):

@@ -129,7 +129,7 @@ def time_decode_engine(model: Qwen3NextForCausalLM, tokenizer: Tokenizer, ids: t
     budget = plan.batch * (geometry.state_bytes_per_slot + blocks_per_seq * geometry.block_bytes) + 1
     engine = Engine(model, tokenizer=tokenizer, max_memory=budget, max_num_seqs=plan.batch,
                     max_num_batched_tokens=ENGINE_MAX_BATCHED_TOKENS, max_model_len=max_model_len,
-                    prefill_chunk_size=512, block_size=block_size)
+                    prefill_chunk_size=512, block_size=block_size, enable_prefix_caching=False)  # decode only
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     reqs = [engine.add_request(row.tolist(), params) for row in ids]
     while any(not r.samples[0].out.token_ids for r in reqs):  # prefill (possibly chunked over several steps)

@@ -130,9 +130,10 @@ def _engine(model: Qwen3NextForCausalLM, tokenizer: Tokenizer, plan: _Plan, spec
     geometry = cache_geometry(model, BLOCK_SIZE, include_mtp=speculative)
     blocks_per_seq = -(-plan.max_model_len // BLOCK_SIZE)
     budget = num_seqs * (geometry.state_bytes_per_slot + (blocks_per_seq + 1) * geometry.block_bytes) + 1
+    # No prefix caching: the rounds reuse their prompts, which would then skip their prefills.
     return Engine(model, tokenizer=tokenizer, max_memory=budget, max_num_seqs=num_seqs,
                   max_model_len=plan.max_model_len, block_size=BLOCK_SIZE, compile_decode=compiled,
-                  speculative_config=plan.spec if speculative else None)
+                  speculative_config=plan.spec if speculative else None, enable_prefix_caching=False)
 
 
 # ---- one timed run ---------------------------------------------------------------------------------------------------
