@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from test_engine_llm import model, model_dir, prompts_of, tokenizer
 
 from qwen3next import kernels
 from qwen3next.engine.block_manager import BlockManager
@@ -22,45 +23,23 @@ from qwen3next.engine.sequence import Sequence
 from qwen3next.engine.speculative import DraftLengthPolicy
 from qwen3next.model.batch import BatchInfo
 from qwen3next.model.cache import HybridCache
-from qwen3next.tokenizer import Tokenizer
-from tiny_models import make_model, write_byte_tokenizer
+from tiny_models import make_model
 
-VOCAB = 261
+SHARED_FIXTURES = (model, model_dir, tokenizer)  # test_engine_llm's tiny model with a byte-level tokenizer
 IM_END = 258  # the byte tokenizer's <|im_end|>
 BS = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_prefix")
-    make_model("base", vocab_size=VOCAB, max_position_embeddings=1024).save_pretrained(d)
-    write_byte_tokenizer(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    from qwen3next.checkpoint import load_model
-
-    return load_model(model_dir, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return Tokenizer.from_dir(model_dir)
-
-
 def tokens(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n,), generator=g).tolist()
+    return prompts_of([n], seed)[0]
 
 
-def engine(model, tokenizer, on: bool, **kw) -> Engine:
+def engine(m, tok, on: bool, **kw) -> Engine:
     opts = dict(max_memory="64MiB", max_num_seqs=4, max_num_batched_tokens=256, max_model_len=400, block_size=BS,
                 prefill_chunk_size=64)
     opts.update(kw)
-    return Engine(model, tokenizer=tokenizer, enable_prefix_caching=on, **opts)
+    return Engine(m, tokenizer=tok, enable_prefix_caching=on, **opts)
 
 
 def run(eng: Engine, prompts, params=GREEDY):
@@ -75,8 +54,8 @@ def run(eng: Engine, prompts, params=GREEDY):
     return out
 
 
-def both(model, tokenizer, prompts, params=GREEDY, **kw):
-    on, off = engine(model, tokenizer, True, **kw), engine(model, tokenizer, False, **kw)
+def both(m, tok, prompts, params=GREEDY, **kw):
+    on, off = engine(m, tok, True, **kw), engine(m, tok, False, **kw)
     got, want = run(on, prompts, params), run(off, prompts, params)
     assert [g[0] for g in got] == [w[0] for w in want]
     assert all(w[1] == 0 for w in want)
@@ -254,8 +233,8 @@ def test_options_are_checked(model, tokenizer):
 def test_snapshots_inside_a_forward_equal_runs_over_the_prefix(native):
     if native and not kernels.available():
         pytest.skip(f"native kernels unavailable: {kernels.load_error()}")
-    model = make_model("base")
-    V = model.config.vocab_size
+    tiny = make_model("base")
+    V = tiny.config.vocab_size
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, V, (n,), generator=g).tolist() for n in (20, 13)]
     snaps = [(0, 5, 4), (0, 12, 5), (0, 20, 7), (1, 13, 6), (1, 3, 3), (1, 4, 2)]
@@ -263,19 +242,19 @@ def test_snapshots_inside_a_forward_equal_runs_over_the_prefix(native):
     def forward(cache, batch, slots, tables, snapshots=None):
         info = BatchInfo([len(s) for s in batch], [0] * len(batch), slots, tables, snapshots=snapshots)
         ids = torch.tensor([t for s in batch for t in s])
-        return model.hidden_states(ids, model.context(info, cache))
+        return tiny.hidden_states(ids, tiny.context(info, cache))
 
     previous = kernels.set_enabled(native)
     try:
-        cache = HybridCache(model.config, 8, 8, 8, layout=model.cache_layout())
+        cache = HybridCache(tiny.config, 8, 8, 8, layout=tiny.cache_layout())
         hidden = forward(cache, seqs, [0, 1], [[0, 1, 2], [3, 4]], snaps)
         plain = []
         for s in seqs:
-            alone = HybridCache(model.config, 1, 3, 8, layout=model.cache_layout())
+            alone = HybridCache(tiny.config, 1, 3, 8, layout=tiny.cache_layout())
             plain.append(forward(alone, [s], [0], [[0, 1, 2]]))
         torch.testing.assert_close(hidden, torch.cat(plain), rtol=1e-5, atol=1e-5)  # outputs: as without snapshots
         for b, m, slot in snaps:
-            alone = HybridCache(model.config, 1, 3, 8, layout=model.cache_layout())
+            alone = HybridCache(tiny.config, 1, 3, 8, layout=tiny.cache_layout())
             forward(alone, [seqs[b][:m]], [0], [[0, 1, 2]])
             for key, pools in cache.state.items():
                 for name, pool in pools.items():
@@ -285,11 +264,11 @@ def test_snapshots_inside_a_forward_equal_runs_over_the_prefix(native):
 
 
 def test_snapshot_requests_are_checked():
-    model = make_model("base")
-    cache = HybridCache(model.config, 4, 4, 8, layout=model.cache_layout())
+    tiny = make_model("base")
+    cache = HybridCache(tiny.config, 4, 4, 8, layout=tiny.cache_layout())
     for bad in ([(0, 0, 2)], [(0, 6, 2)], [(1, 1, 2)], [(0, 2, 0)]):
         with pytest.raises(ValueError, match="snapshots"):
-            model.context(BatchInfo([5], [0], [0], [[0]], snapshots=bad), cache)
+            tiny.context(BatchInfo([5], [0], [0], [[0]], snapshots=bad), cache)
 
 
 # ---- the block manager's bookkeeping ----------------------------------------------------------------------------
