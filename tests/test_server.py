@@ -495,8 +495,26 @@ def test_malformed_bodies_unknown_model_and_routes(base):
     r = http().get(f"{base}/v1/nothing", headers={"authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and "error" in r.json()
     r = http().get(f"{base}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"})
-    assert r.status_code == 405 and "error" in r.json()
+    assert r.status_code == 405 and "error" in r.json() and r.headers["allow"] == "POST"
     assert http().get(f"{base}/health").status_code == 200
+
+
+def test_lone_surrogates_are_a_400_naming_the_field_and_the_connection_stays(base):
+    """JSON can spell a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text: a 400 naming the field, on a
+    keep-alive connection that then serves the next request."""
+    with httpx.Client(timeout=60) as client:
+        headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+        cases = [("/v1/chat/completions", json.dumps(OK_CHAT).replace("Paris", "Pa\\ud800ris"), "messages[0].content"),
+                 ("/v1/completions", '{"model": "tiny", "prompt": ["ok", "a\\udc00b"], "max_tokens": 1}', "prompt[1]"),
+                 ("/v1/chat/completions", json.dumps({**OK_CHAT, "stop": ["x"]}).replace('"x"', '"\\ud83d"'),
+                  "stop[0]")]
+        for path, raw, param in cases:
+            r = client.post(base + path, content=raw, headers=headers)
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] == param and "surrogate" in err["message"], err
+        r = client.post(base + "/v1/chat/completions", json=OK_CHAT, headers=headers)
+        assert r.status_code == 200 and r.headers.get("connection") != "close"
 
 
 def test_context_limits_name_both_numbers(llm, base):
@@ -533,6 +551,23 @@ def test_oversized_bodies_get_413(base):
     r = http().post(f"{base}/v1/chat/completions", content=chunks(),
                    headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
     assert r.status_code == 413
+    assert http().get(f"{base}/health").status_code == 200
+
+
+def test_a_huge_declared_content_length_gets_413_at_once(base):
+    """Headers only, declaring a gigabyte that never comes: answered before any body byte is read."""
+    from urllib.parse import urlparse
+
+    url = urlparse(base)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.hostname}\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {10**9}\r\n\r\n".encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(4096)  # the 10 s socket timeout fails the test if nothing comes
+            assert chunk, "connection closed without a response"
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413")
     assert http().get(f"{base}/health").status_code == 200
 
 

@@ -80,8 +80,31 @@ def _error_body(status: int, message: str, param: str | None = None, code: str |
     return P.ErrorResponse(error=info).model_dump()
 
 
-def _error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(_error_body(status, message, param, code), status_code=status)
+def _error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def _unencodable_field(value: Any, path: str = "") -> str | None:
+    """The path (`messages[1].content`) of the first string in a parsed request that is not valid Unicode text (a lone
+    UTF-16 surrogate such as "\ud800", which JSON can spell but no tokenizer can encode), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub, v in items:
+        bad = _unencodable_field(v, sub)
+        if bad is not None:
+            return bad
+    return None
 
 
 _FIELD = re.compile(r"[a-z_][a-z0-9_]*")
@@ -190,8 +213,10 @@ class _GuardMiddleware:
                 if not length.strip().isdigit():
                     await _send_json(send, 400, _error_body(400, f"invalid Content-Length header {length!r}"))
                     return
-                if int(length) > self.max_body_bytes:
-                    await self._too_large(receive, send, f"{int(length)} bytes")
+                if int(length) > self.max_body_bytes:  # answered at once: the body may never come
+                    msg = f"request body too large: {int(length)} bytes, the limit is {self.max_body_bytes} bytes"
+                    await _send_json(send, 413, _error_body(413, msg, code="request_too_large"),
+                                     [(b"connection", b"close")])
                     return
             body = bytearray()
             more = True
@@ -476,6 +501,10 @@ class OpenAIServer:
 
     @staticmethod
     def _check_common(req: P.SamplingRequest) -> None:
+        bad = _unencodable_field(req.model_dump(exclude_none=True))
+        if bad is not None:
+            raise APIError(400, f"{bad}: not valid Unicode text (a lone UTF-16 surrogate such as \\ud800); send "
+                                f"well-formed UTF-8", bad)
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
         if req.stream_options is not None and not req.stream:
@@ -987,7 +1016,7 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error_response(e.status_code, str(e.detail))
+        return _error_response(e.status_code, str(e.detail), headers=e.headers)  # e.g. a 405's Allow
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
