@@ -48,13 +48,16 @@ __all__ = ["LLM", "CompletionOutput", "Engine", "Logprob", "RequestHandle", "Req
 
 def _model_and_tokenizer(model: str | Path | Qwen3NextForCausalLM, tokenizer: Tokenizer | None,
                          dtype: str | torch.dtype | None, device: str, quantize: str | None,
-                         hf_overrides: dict | None = None) -> tuple[Qwen3NextForCausalLM, Tokenizer]:
+                         hf_overrides: dict | None = None,
+                         skip_tokenizer_init: bool = False) -> tuple[Qwen3NextForCausalLM, Tokenizer | None]:
     """The model (loaded from a directory with `hf_overrides` applied to its config, or the given object, quantized
-    in place when asked) and its tokenizer."""
+    in place when asked) and its tokenizer (None with `skip_tokenizer_init`)."""
     bits = quantize_bits(quantize)
+    if skip_tokenizer_init and tokenizer is not None:
+        raise ValueError("tokenizer: not with skip_tokenizer_init=True (which runs without one)")
     if isinstance(model, Qwen3NextForCausalLM):
-        if tokenizer is None:
-            raise ValueError("tokenizer: required when passing a model object")
+        if tokenizer is None and not skip_tokenizer_init:
+            raise ValueError("tokenizer: required when passing a model object (or skip_tokenizer_init=True)")
         if hf_overrides is not None:
             raise ValueError("hf_overrides: applies when loading a model directory; a model object is already built "
                              "(pass Qwen3NextConfig.from_dict(..., hf_overrides=...) when building it)")
@@ -66,8 +69,29 @@ def _model_and_tokenizer(model: str | Path | Qwen3NextForCausalLM, tokenizer: To
     path = Path(model)
     if not path.is_dir():
         raise ValueError(f"model: {path} is not a model directory")
+    if tokenizer is None and not skip_tokenizer_init and not (path / "tokenizer.json").is_file():
+        raise ValueError(f"model: {path} has no tokenizer.json; pass skip_tokenizer_init=True to run on token ids "
+                         f"(prompts as lists of ids, outputs as token ids)")
     loaded = load_model(path, dtype=parse_dtype(dtype), device=device, quantize=quantize, hf_overrides=hf_overrides)
-    return loaded, tokenizer or Tokenizer.from_dir(path)
+    return loaded, None if skip_tokenizer_init else tokenizer or Tokenizer.from_dir(path)
+
+
+def _eos_without_tokenizer(model: str | Path | Qwen3NextForCausalLM, config: Qwen3NextConfig) -> tuple[int, ...]:
+    """The end-of-sequence ids of a model run without its tokenizer: config.json's `eos_token_id` and, for a model
+    directory, generation_config.json's."""
+    ids: list[int] = []
+    values = [config.eos_token_id]
+    gen_file = Path(model) / "generation_config.json" if not isinstance(model, Qwen3NextForCausalLM) else None
+    if gen_file is not None and gen_file.is_file():
+        try:
+            values.append(json.loads(gen_file.read_text()).get("eos_token_id"))
+        except (ValueError, AttributeError):
+            raise ValueError(f"cannot read the eos_token_id of {gen_file}") from None
+    for value in values:
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool) and i not in ids:
+                ids.append(i)
+    return tuple(ids)
 
 
 def _context_error(config: Qwen3NextConfig, max_model_len: int) -> str:
@@ -91,7 +115,7 @@ class Engine:
                  quantize: str | None = None, compile_decode: bool = False,
                  speculative_config: SpeculativeConfig | dict | str | None = None, hf_overrides: dict | None = None,
                  enable_prefix_caching: bool = True, prefix_snapshot_slots: int | None = None,
-                 prefix_snapshot_interval: int | None = None):
+                 prefix_snapshot_interval: int | None = None, skip_tokenizer_init: bool = False):
         """`compile_decode`: run decode steps through torch.compile (see engine/compiled.py);
         the graphs are compiled here, before the engine takes requests (about a minute for small models).
         `speculative_config`: `{"method": "mtp", "num_speculative_tokens": k}` drafts up to k tokens per step with
@@ -104,9 +128,13 @@ class Engine:
         prefixes (engine/prefix_cache.py); `prefix_snapshot_slots` state slots are added for snapshots, which also use
         the sequence slots no sequence needs (None: four per sequence from the budget beyond max_num_seqs sequences of
         max_model_len, at most a quarter of it) and long prompts leave one every `prefix_snapshot_interval`
-        tokens (a multiple of block_size; None: chosen from the memory budget, 0: none)."""
+        tokens (a multiple of block_size; None: chosen from the memory budget, 0: none).
+        `skip_tokenizer_init` (vLLM's name): run without a tokenizer (a bare checkpoint): prompts are lists of token
+        ids, outputs carry token ids and empty text, generation ends at config.json / generation_config.json's
+        eos_token_id; stop strings and chat need the tokenizer."""
         self.speculative = SpeculativeConfig.parse(speculative_config)
-        self.model, self.tokenizer = _model_and_tokenizer(model, tokenizer, dtype, device, quantize, hf_overrides)
+        self.model, self.tokenizer = _model_and_tokenizer(model, tokenizer, dtype, device, quantize, hf_overrides,
+                                                          skip_tokenizer_init)
         config = self.model.config
         if self.speculative is not None and self.model.mtp is None:
             raise ValueError("speculative_config: method 'mtp' needs the model's MTP head, but this model has no "
@@ -130,13 +158,15 @@ class Engine:
             prefix_snapshot_interval = default_snapshot_interval(
                 block_size, prefill_chunk_size, geometry.kv_bytes_per_token, geometry.state_bytes_per_slot,
                 max_model_len, self.plan.num_slots)
-        im_end = self.tokenizer.token_to_id("<|im_end|>")
+        im_end = self.tokenizer.token_to_id("<|im_end|>") if self.tokenizer is not None else None
         policy = SnapshotPolicy(prefix_snapshot_interval, (im_end,) if im_end is not None else ())
+        eos = (tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None
+               else _eos_without_tokenizer(model, config))
         sched_config = SchedulerConfig(max_num_seqs=min(max_num_seqs, self.plan.num_seq_slots),
                                        max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
                                        max_model_len=max_model_len, chunked_prefill=chunked_prefill,
                                        prefill_chunk_size=prefill_chunk_size,
-                                       eos_token_ids=tuple(self.tokenizer.eos_token_ids), snapshot_policy=policy)
+                                       eos_token_ids=eos, snapshot_policy=policy)
         self.block_manager = BlockManager.from_plan(self.plan, self.enable_prefix_caching)
         policy = DraftLengthPolicy(spec_k, self.speculative.adaptive) if spec_k else None
         self.scheduler = Scheduler(sched_config, self.block_manager, policy)
@@ -155,6 +185,9 @@ class Engine:
     # ---- requests -----------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: a string needs the tokenizer, and this engine runs without one "
+                                 "(skip_tokenizer_init=True): pass a list of token ids")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
@@ -171,6 +204,9 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> RequestState:
         params = params or SamplingParams()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need the tokenizer, and this engine runs without one "
+                             "(skip_tokenizer_init=True); use stop_token_ids")
         ids = self.encode_prompt(prompt)
         if len(ids) > self.max_model_len or (len(ids) == self.max_model_len and params.max_tokens > 0):
             raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within max_model_len "
@@ -247,7 +283,9 @@ class Engine:
             policy.record_step(len(batch), batch.num_drafts, time.perf_counter() - started)
         return True
 
-    def _token_text(self, token_id: int) -> str:
+    def _token_text(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
         text = self._token_texts.get(token_id)
         if text is None:
             text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
@@ -389,6 +427,9 @@ class LLM:
         return self.generate([self.chat_prompt(messages, tools)], sampling_params)[0]
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("chat: the chat template needs the tokenizer, and this engine runs without one "
+                             "(skip_tokenizer_init=True)")
         text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
         return self.tokenizer.encode(text)
 

@@ -123,10 +123,12 @@ def prompt_logprob_dicts(chunk, decode) -> list[dict[int, Logprob]]:
 class SampleState:
     """The output of one sample (one sequence) as it grows."""
 
-    def __init__(self, seq: Sequence, tokenizer: Tokenizer):
+    def __init__(self, seq: Sequence, tokenizer: Tokenizer | None):
+        """`tokenizer` None: token ids only (the text stays empty)."""
         self.seq = seq
         self.out = CompletionOutput(index=seq.sample_index, logprobs=[] if seq.params.logprobs is not None else None)
-        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=seq.params.skip_special_tokens)
+        self.detok = (IncrementalDetokenizer(tokenizer, skip_special_tokens=seq.params.skip_special_tokens)
+                      if tokenizer is not None else None)
         self.full_text = ""  # everything decoded so far (before stop-string truncation)
         self.emitted = 0  # characters of out.text already streamed
         self.emitted_tokens = 0
@@ -145,9 +147,9 @@ class SampleState:
         finished_by_token = ended and seq.finish_reason == FinishReason.STOP
         if out.logprobs is not None:
             out.logprobs.append(logprob)
-        if not finished_by_token:  # the text of an EOS / stop token is not part of the output
+        if self.detok is not None and not finished_by_token:  # the text of an EOS / stop token is not output
             self.full_text += self.detok.push(token)
-        if ended:
+        if self.detok is not None and ended:
             self.full_text += self.detok.flush()
         stop_at = StopRules.by_text(self.full_text, seq.params.stop, len(out.text))
         if stop_at is not None:
