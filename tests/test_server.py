@@ -604,3 +604,35 @@ def test_serve_args():
     for bad in (["--port", "70000"], ["--max-num-seqs", "0"], ["--dtype", "int3"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+def test_openapi_documents_what_the_server_sends(base):
+    """/openapi.json: the 200 bodies (JSON and, for generation, server-sent events), the errors in OpenAI's shape with
+    the codes the server really uses (400 for bad bodies, no 422), /metrics as text; and real responses validate
+    against the documented models."""
+    from qwen3next.server import protocol as P
+
+    spec = http().get(f"{base}/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and '"422"' not in json.dumps(spec["paths"])
+
+    def ref(content, media="application/json"):
+        return content[media]["schema"]["$ref"].rsplit("/", 1)[-1]
+
+    for path, ok in (("/v1/chat/completions", "ChatCompletionResponse"), ("/v1/completions", "CompletionResponse")):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert ref(responses["200"]["content"]) == ok and "text/event-stream" in responses["200"]["content"]
+        assert all(ref(responses[c]["content"]) == "ErrorResponse" for c in ("400", "401", "404", "413", "503"))
+    assert ref(spec["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]) == "ModelList"
+    assert ref(spec["paths"]["/v1/models/{model}"]["get"]["responses"]["404"]["content"]) == "ErrorResponse"
+    assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    # the documented models hold what the server sends
+    P.ChatCompletionResponse.model_validate(post(base, "/v1/chat/completions", OK_CHAT).json())
+    P.CompletionResponse.model_validate(post(base, "/v1/completions", {"model": MODEL, "prompt": "a",
+                                                                        "max_tokens": 2}).json())
+    P.ErrorResponse.model_validate(post(base, "/v1/chat/completions", {**OK_CHAT, "temperature": "hot"}).json())
+    P.ErrorResponse.model_validate(post(base, "/v1/chat/completions", OK_CHAT, key="wrong").json())
+    P.ModelList.model_validate(http().get(f"{base}/v1/models", headers={"authorization": f"Bearer {KEY}"}).json())
+    P.HealthStatus.model_validate(http().get(f"{base}/health").json())
+    r = http().get(f"{base}/metrics")
+    assert r.headers["content-type"].startswith("text/plain") and "qwen3next_" in r.text

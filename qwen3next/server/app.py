@@ -35,7 +35,8 @@ from typing import Any
 import tokenizers
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -1023,35 +1024,71 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
         logger.exception("unhandled error")
         return _error_response(500, f"internal server error: {type(e).__name__}", code="internal_error")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None,
+              responses=_documented(P.ChatCompletionResponse, P.ChatCompletionChunk, 400, 401, 404, 413, 503))
     async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Response:
         return await server.chat(req, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None,
+              responses=_documented(P.CompletionResponse, P.CompletionResponse, 400, 401, 404, 413, 503))
     async def completions(req: P.CompletionRequest, request: Request) -> Response:
         return await server.completions(req, request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=P.ModelList, responses=_documented(None, None, 401))
     async def models() -> dict:
         return P.ModelList(data=[server.model_card()]).model_dump()
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", response_model=P.ModelCard, responses=_documented(None, None, 401, 404))
     async def model(model: str) -> dict:
         server._check_model(model)
         return server.model_card().model_dump()
 
-    @app.get("/health")
+    @app.get("/health", response_model=P.HealthStatus, responses=_documented(None, None, 503))
     async def health() -> Response:
         error = server.engine_error()
         if error is not None:
             return _error_response(503, f"the engine stopped after an error: {error!r}", code="engine_unavailable")
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(await server.metrics_text(), media_type=CONTENT_TYPE)
 
+    app.openapi = functools.partial(_openapi, app)
     return app
+
+
+_ERROR_DESCRIPTIONS = {400: "invalid request (the error's `param` names the field)", 401: "missing or wrong API key",
+                       404: "unknown model or path", 413: "request body too large",
+                       503: "the engine is not available"}
+
+
+def _documented(ok: type | None, chunk: type | None, *errors: int) -> dict:
+    """OpenAPI `responses` of a route: its errors in OpenAI's error shape and, for a generation route, the 200 body and
+    its `stream: true` form (server-sent events, each `data:` line one `chunk` as JSON, then `data: [DONE]`)."""
+    out: dict = {code: {"model": P.ErrorResponse, "description": _ERROR_DESCRIPTIONS[code]} for code in errors}
+    if ok is not None:
+        out[200] = {"model": ok, "description": f"the {ok.__name__}, or with `stream: true` a text/event-stream of "
+                                              f"`data: <{chunk.__name__} JSON>` events ending with `data: [DONE]`",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    return out
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, less the 422 it documents for body validation: this server answers those with a 400 in
+    OpenAI's error shape (documented on each route)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for item in schema.get("paths", {}).values():
+            for op in item.values():
+                op.get("responses", {}).pop("422", None)
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # ---- `qwen3next serve` -----------------------------------------------------------------------------------------

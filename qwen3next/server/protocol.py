@@ -326,6 +326,10 @@ class ModelList(_Response):
     data: list[ModelCard]
 
 
+class HealthStatus(_Response):
+    status: str
+
+
 class ErrorInfo(_Response):
     message: str
     type: str
