@@ -101,7 +101,7 @@ def client(base):
 
 
 # Pieces the rigged model emits one token each; their successor map spells a whole tool call.
-PIECES = ['\n{"name": ', '"get_weather"', 'get_weather"', ', "arguments": ', '{"city": ', '"Paris"', '}}\n']
+PIECES = ['\n{"name": ', '"get_weather"', 'get_weather"', ', "arguments": ', '{"city": ', '"Paris"', '}}\n', ' {"city": ']
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
@@ -125,6 +125,7 @@ def write_rigged_model(d) -> None:
     i = tok.token_to_id
     successor = {ord("\n"): i("<tool_call>"), i("<tool_call>"): i(PIECES[0]), i(PIECES[0]): i(PIECES[1]),
                  ord('"'): i(PIECES[2]),  # after tool_choice "required"'s forced `{"name": "`
+                 ord(":"): i(PIECES[7]), i(PIECES[7]): i(PIECES[5]),  # after a named call's forced `"arguments":`
                  i(PIECES[1]): i(PIECES[3]), i(PIECES[2]): i(PIECES[3]), i(PIECES[3]): i(PIECES[4]),
                  i(PIECES[4]): i(PIECES[5]), i(PIECES[5]): i(PIECES[6]), i(PIECES[6]): i("</tool_call>"),
                  i("</tool_call>"): i("<|im_end|>")}
@@ -412,7 +413,7 @@ def test_rigged_model_tool_result_round_trip(rigged):
 
 def test_forced_call_with_malformed_arguments_comes_back_as_content(llm, client):
     named = {"type": "function", "function": {"name": "get_weather"}}
-    prefix = '<tool_call>\n{"name": "get_weather", "arguments": '
+    prefix = '<tool_call>\n{"name": "get_weather", "arguments":'
     r = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice=named, **greedy(20))
     c = r.choices[0]
     assert not c.message.tool_calls and c.finish_reason == "length"
@@ -425,6 +426,20 @@ def test_forced_call_with_malformed_arguments_comes_back_as_content(llm, client)
     required = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice="required",
                                               **greedy(20))
     assert required.choices[0].message.content.startswith('<tool_call>\n{"name": "')
+
+
+def test_the_forced_call_prefix_ends_on_a_token_boundary_of_a_real_call():
+    """With the demo model's byte-level BPE, the forced start of a named call tokenizes as the start of the whole call
+    does: the model continues from a token it would have produced itself (`":` then ` {"`), not from a lone space."""
+    from qwen3next import DEFAULT_MODEL
+    from qwen3next.server.app import named_call_prefix
+    from qwen3next.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(DEFAULT_MODEL)
+    for name, args in (("get_weather", '{"city": "Paris"}'), ("lookup_book", '{"title": "Emma"}')):
+        prefix = named_call_prefix(name)
+        whole = tok.encode(prefix + " " + args + "}\n</tool_call>")
+        assert whole[:len(tok.encode(prefix))] == tok.encode(prefix), name
 
 
 def test_tool_history_is_rendered_with_the_template(llm, client):

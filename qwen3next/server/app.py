@@ -7,7 +7,7 @@ on the engine. A client that goes away mid-request has its engine request aborte
 
 Tool calls use the Qwen/Hermes format (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`). Decoding is
 not constrained, so `tool_choice` "required" or a named function is enforced by writing the start of a call
-after the generation prompt (`<tool_call>\\n{"name": "` or `<tool_call>\\n{"name": "NAME", "arguments": `) and
+after the generation prompt (`<tool_call>\\n{"name": "` or `<tool_call>\\n{"name": "NAME", "arguments":`) and
 parsing the completion as if the model had written that prefix. A call whose JSON is malformed comes back as
 text content.
 """
@@ -166,6 +166,13 @@ async def _send_json(send: Callable, status: int, body: dict, extra_headers: lis
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
     await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+def named_call_prefix(name: str) -> str:
+    """The forced start of a call to `name` (`tool_choice` naming a function). It stops right after `"arguments":`
+    with no space: byte-level BPE tokenizes a call's `": {"` as `":` + ` {"`, so a prefix ending in a space would end
+    in a token the model never produces there (the demo model then derailed in 20 of 20 samples at T=1)."""
+    return TOOL_CALL_START + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments":'
 
 
 class _GuardMiddleware:
@@ -684,8 +691,7 @@ class OpenAIServer:
         if name not in names:
             raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools ({names})",
                            "tool_choice")
-        return _ToolSetup(tools, True, TOOL_CALL_START + '\n{"name": ' + json.dumps(name, ensure_ascii=False)
-                          + ', "arguments": ')
+        return _ToolSetup(tools, True, named_call_prefix(name))
 
     @staticmethod
     def _template_messages(req: P.ChatCompletionRequest) -> list[dict]:
