@@ -101,7 +101,8 @@ def client(base):
 
 
 # Pieces the rigged model emits one token each; their successor map spells a whole tool call.
-PIECES = ['\n{"name": ', '"get_weather"', 'get_weather"', ', "arguments": ', '{"city": ', '"Paris"', '}}\n', ' {"city": ']
+PIECES = ['\n{"name": ', '"get_weather"', 'get_weather"', ', "arguments": ', '{"city": ', '"Paris"', '}}\n',
+          ' {"city": ']
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
