@@ -237,7 +237,7 @@ def test_snapshots_inside_a_forward_equal_runs_over_the_prefix(native):
     V = tiny.config.vocab_size
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, V, (n,), generator=g).tolist() for n in (20, 13)]
-    snaps = [(0, 5, 4), (0, 12, 5), (0, 20, 7), (1, 13, 6), (1, 3, 3), (1, 4, 2)]
+    snaps = [(0, 5, 4), (0, 12, 5), (0, 20, 7), (1, 13, 6), (1, 3, 3), (1, 4, 2), (0, 1, 8), (1, 2, 9)]  # m < W-1 too
 
     def forward(cache, batch, slots, tables, snapshots=None):
         info = BatchInfo([len(s) for s in batch], [0] * len(batch), slots, tables, snapshots=snapshots)
@@ -246,7 +246,7 @@ def test_snapshots_inside_a_forward_equal_runs_over_the_prefix(native):
 
     previous = kernels.set_enabled(native)
     try:
-        cache = HybridCache(tiny.config, 8, 8, 8, layout=tiny.cache_layout())
+        cache = HybridCache(tiny.config, 10, 8, 8, layout=tiny.cache_layout())
         hidden = forward(cache, seqs, [0, 1], [[0, 1, 2], [3, 4]], snaps)
         plain = []
         for s in seqs:

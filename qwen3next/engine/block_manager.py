@@ -105,12 +105,15 @@ class BlockManager:
         cached prefix `hit`, when given)."""
         if seq.slot is None and not self._has_slot(hit):
             return False
-        if hit is None:
-            missing = self._num_missing_blocks(seq, num_new_tokens)
-            if missing <= len(self._free_blocks) + len(self._evictable):  # the common case, without counting pins
-                return True
-        else:
-            missing = self.num_blocks_for(hit.position + num_new_tokens) - len(hit.blocks)
+        if hit is not None:
+            return self._hit_fits(hit, num_new_tokens)
+        missing = self._num_missing_blocks(seq, num_new_tokens)
+        # the common case without counting snapshot pins
+        return missing <= len(self._free_blocks) + len(self._evictable) or missing <= self._reclaimable_blocks()
+
+    def _hit_fits(self, hit: PrefixHit, num_new_tokens: int) -> bool:
+        """Whether the blocks for `num_new_tokens` tokens after `hit` (beyond its shared ones) can be had."""
+        missing = self.num_blocks_for(hit.position + num_new_tokens) - len(hit.blocks)
         return missing <= self._reclaimable_blocks(hit)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -244,8 +247,7 @@ class BlockManager:
 
     def can_adopt(self, seq: Sequence, num_new_tokens: int, hit: PrefixHit) -> bool:
         """Whether `seq` can start after `hit` by taking the snapshot's slot itself (when no other slot is left)."""
-        missing = self.num_blocks_for(hit.position + num_new_tokens) - len(hit.blocks)
-        return hit.snapshot.slot not in self._pinned and missing <= self._reclaimable_blocks(hit)
+        return hit.snapshot.slot not in self._pinned and self._hit_fits(hit, num_new_tokens)
 
     def allocate_hit(self, seq: Sequence, hit: PrefixHit, num_new_tokens: int, adopt: bool = False) -> None:
         """Start `seq` (no blocks, no slot) after the cached prefix `hit`: share its full blocks, then allocate a slot

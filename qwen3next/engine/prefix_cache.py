@@ -8,7 +8,7 @@ Resuming a sequence after a cached prefix of p tokens needs two things of a hybr
 - the DeltaNet layers' conv + recurrent state after token p - 1: a SNAPSHOT, i.e. a state slot holding a copy of
   it, keyed by the digest of the last full block before p and the token ids of the partial block (a snapshot pins the
   partial block it reads its rows from).
-A hit resumes at the longest prefix that has both (`PrefixIndex.lookup`); the tokens after it are recomputed.
+A hit resumes at the longest prefix that has both (`BlockManager.lookup`); the tokens after it are recomputed.
 
 Where snapshots are taken is the policy (`SnapshotPolicy`): a snapshot of the 80B model's state is ~74 MiB (bf16 conv
 state, fp32 recurrent state) while its K/V cost 24 KiB per token, so a snapshot at every block would cost far more

@@ -392,7 +392,7 @@ class Scheduler:
                 n = min(seq.num_tokens - hit.position, chunk_cap, budget)
                 if not bm.can_allocate(seq, n, hit):
                     # no other slot: take the snapshot's own; no room for the hit at all: start from scratch
-                    adopt = seq.slot is None and bm.can_adopt(seq, n, hit)
+                    adopt = bm.can_adopt(seq, n, hit)
                     hit = hit if adopt else None
             todo = seq.num_tokens - hit.position if hit is not None else seq.num_uncomputed_tokens
             n = min(todo, chunk_cap, budget)

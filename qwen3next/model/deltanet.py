@@ -167,8 +167,7 @@ class GatedDeltaNet(nn.Module):
             qkv_in = tokens.pad(qkv)
             for i, m, slot in snapshots or ():  # the last W-1 conv inputs after m new tokens
                 w = init.shape[-1]
-                recent = qkv_in[i, max(0, m - w):m].transpose(0, 1)  # [C, min(m, W-1)]
-                conv_rows.pool[slot].copy_(recent if m >= w else torch.cat([init[i, :, m:], recent.to(init.dtype)], -1))
+                conv_rows.pool[slot].copy_(_conv_frames(init[i:i + 1], qkv_in[i:i + 1, max(0, m - w):m])[0, :, -w:])
             qkv, new_state = causal_conv1d(qkv_in, weight, init, lengths=tokens.seq_lens)  # [B, T, C]
             if capture:
                 ctx.captured[(self.cache_key, "conv")] = conv_states_per_token(init, qkv_in)
