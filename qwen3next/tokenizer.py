@@ -179,6 +179,16 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
+def generation_eos_ids(model_dir: str | Path) -> list[int]:
+    """The ids of `generation_config.json`'s `eos_token_id` (an id or a list) in `model_dir`; [] without the file."""
+    gen_file = Path(model_dir) / "generation_config.json"
+    if not gen_file.is_file():
+        return []
+    gen = _read_json(gen_file)
+    value = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    return [i for i in (value if isinstance(value, list) else [value]) if isinstance(i, int)]
+
+
 def _select_chat_template(value: Any, path: Path) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -245,14 +255,8 @@ class Tokenizer:
         if jinja_file.is_file():
             template = jinja_file.read_text(encoding="utf-8")
 
-        extra_eos: list[int] = []
-        gen_file = path / "generation_config.json"
-        if gen_file.is_file():
-            gen = _read_json(gen_file)
-            value = gen.get("eos_token_id") if isinstance(gen, dict) else None
-            ids = value if isinstance(value, list) else [value]
-            extra_eos = [i for i in ids if isinstance(i, int)]
-        return cls(backend, template, eos_token=eos, pad_token=pad, bos_token=bos, extra_eos_token_ids=extra_eos)
+        return cls(backend, template, eos_token=eos, pad_token=pad, bos_token=bos,
+                   extra_eos_token_ids=generation_eos_ids(path))
 
     # -- vocabulary -----------------------------------------------------------------------------------------------
 

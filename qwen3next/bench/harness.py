@@ -127,12 +127,14 @@ def random_model(preset: str, dtype: torch.dtype, seed: int, hf_overrides: dict 
     return measure.random_weights(preset_config(preset, hf_overrides=hf_overrides), dtype, seed)
 
 
-def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
-    """A word-level tokenizer with one token per id ("t0", "t1", ...), so the engine can detokenize a random model's
-    output; it has no EOS token (generation runs to max_tokens)."""
+def synthetic_tokenizer(vocab_size: int, names: dict[int, str] | None = None) -> Tokenizer:
+    """A word-level tokenizer with one token per id ("t0", "t1", ...; `names` spells some ids otherwise, e.g. as
+    ChatML specials), so the engine can detokenize a random model's output; it has no EOS token (generation runs to
+    max_tokens)."""
     import tokenizers
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
+    names = names or {}
+    vocab = {names.get(i, f"t{i}"): i for i in range(vocab_size)}
     return Tokenizer(tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0")))
 
 
@@ -736,19 +738,28 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     prefix_bench.add_workload_args(parser)
 
 
+def _reject_flags(args: argparse.Namespace, mode: str, flags: tuple[str, ...], hint: str) -> None:
+    """A ValueError naming those of `flags` given (set off their defaults) with `--mode`, which does not use them."""
+    d = BenchOptions()
+    given = {"--compare": (args.compare, None), "--quantize": (args.quantize, []), "--compile": (args.compile, False),
+             "--speculative-config": (args.speculative_config, None), "--hf-overrides": (args.hf_overrides, None),
+             "--batch": (args.batches, d.batches), "--prompt-len": (args.prompt_len, d.prompt_len),
+             "--prefill-lens": (args.prefill_lens, d.prefill_lens), "--repeat": (args.repeat, d.repeat),
+             "--gguf": (args.gguf, []), "--llama-bench": (args.llama_bench, None),
+             "--bandwidth-mib": (args.bandwidth_mib, None), "--contexts": (args.contexts, None),
+             "--plot": (args.plot, None)}
+    ignored = [flag for flag in flags if given[flag][0] != given[flag][1]]
+    if ignored:
+        raise ValueError(f"{mode}: {', '.join(ignored)} do not apply to --{mode} ({hint})")
+
+
 def _run_ablation(args: argparse.Namespace) -> int:
     if args.model is not None:
         raise ValueError("ablation: --ablation builds its three models from --preset (random weights), not --model")
-    d = BenchOptions()
-    ignored = [flag for flag, value, default in (
-        ("--compare", args.compare, None), ("--quantize", args.quantize, []), ("--compile", args.compile, False),
-        ("--speculative-config", args.speculative_config, None), ("--hf-overrides", args.hf_overrides, None),
-        ("--batch", args.batches, d.batches), ("--prompt-len", args.prompt_len, d.prompt_len),
-        ("--prefill-lens", args.prefill_lens, d.prefill_lens), ("--gguf", args.gguf, []),
-        ("--llama-bench", args.llama_bench, None), ("--bandwidth-mib", args.bandwidth_mib, None)) if value != default]
-    if ignored:
-        raise ValueError(f"ablation: {', '.join(ignored)} do not apply to --ablation (it runs --preset and its twins "
-                         f"at --contexts, decode at batch 1 and 4)")
+    _reject_flags(args, "ablation", ("--compare", "--quantize", "--compile", "--speculative-config", "--hf-overrides",
+                                     "--batch", "--prompt-len", "--prefill-lens", "--gguf", "--llama-bench",
+                                     "--bandwidth-mib"),
+                  "it runs --preset and its twins at --contexts, decode at batch 1 and 4")
     check_output_paths(args, "--json", "--plot")
     if args.plot:
         from ..eval.plots import require_matplotlib
@@ -772,18 +783,11 @@ def _run_ablation(args: argparse.Namespace) -> int:
 def _run_prefix(args: argparse.Namespace) -> int:
     if args.ablation is not None:
         raise ValueError("workload: --workload and --ablation are separate modes; give one")
-    d = BenchOptions()
-    ignored = [flag for flag, value, default in (
-        ("--compare", args.compare, None), ("--quantize", args.quantize, []), ("--compile", args.compile, False),
-        ("--speculative-config", args.speculative_config, None), ("--batch", args.batches, d.batches),
-        ("--prompt-len", args.prompt_len, d.prompt_len), ("--prefill-lens", args.prefill_lens, d.prefill_lens),
-        ("--repeat", args.repeat, d.repeat), ("--gguf", args.gguf, []), ("--llama-bench", args.llama_bench, None),
-        ("--bandwidth-mib", args.bandwidth_mib, None), ("--contexts", args.contexts, None),
-        ("--plot", args.plot, None)) if value != default]
-    if ignored:
-        raise ValueError(f"workload: {', '.join(ignored)} do not apply to --workload (prefix caching on vs off: "
-                         "--rounds, --turns, --history-tokens, --message-tokens, --requests, --system-tokens, "
-                         "--prompt-tokens, --decode-tokens)")
+    _reject_flags(args, "workload", ("--compare", "--quantize", "--compile", "--speculative-config", "--batch",
+                                     "--prompt-len", "--prefill-lens", "--repeat", "--gguf", "--llama-bench",
+                                     "--bandwidth-mib", "--contexts", "--plot"),
+                  "prefix caching on vs off: --rounds, --turns, --history-tokens, --message-tokens, --requests, "
+                  "--system-tokens, --prompt-tokens, --decode-tokens")
     check_output_paths(args, "--json")
     opts = prefix_bench.options_from_args(args)
     if args.threads:

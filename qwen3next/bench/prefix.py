@@ -256,14 +256,13 @@ class TokenChat:
     NEWLINE, FIRST_CONTENT = 4, 5
 
     def __init__(self, vocab_size: int):
-        import tokenizers
+        from .harness import synthetic_tokenizer  # harness imports this module
 
         if vocab_size < 16:
             raise ValueError(f"vocab_size: token-id chats need at least 16 ids, got {vocab_size}")
         self.im_start, self.im_end, end = vocab_size - 3, vocab_size - 2, vocab_size - 1
-        vocab = {f"t{i}": i for i in range(self.im_start)}
-        vocab.update({"<|im_start|>": self.im_start, "<|im_end|>": self.im_end, "<|endoftext|>": end})
-        self.tokenizer = Tokenizer(tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0")))
+        self.tokenizer = synthetic_tokenizer(vocab_size, {self.im_start: "<|im_start|>", self.im_end: "<|im_end|>",
+                                                          end: "<|endoftext|>"})
 
     def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True
                ) -> list[int]:

@@ -23,7 +23,7 @@ from .. import DEFAULT_MODEL
 from ..checkpoint import load_model, parse_dtype, quantize_bits
 from ..config import Qwen3NextConfig
 from ..model.qwen3_next import Qwen3NextForCausalLM
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, generation_eos_ids
 from .block_manager import BlockManager
 from .memory import CachePlan, engine_cache_plan
 from .output import (
@@ -79,19 +79,11 @@ def _model_and_tokenizer(model: str | Path | Qwen3NextForCausalLM, tokenizer: To
 def _eos_without_tokenizer(model: str | Path | Qwen3NextForCausalLM, config: Qwen3NextConfig) -> tuple[int, ...]:
     """The end-of-sequence ids of a model run without its tokenizer: config.json's `eos_token_id` and, for a model
     directory, generation_config.json's."""
-    ids: list[int] = []
-    values = [config.eos_token_id]
-    gen_file = Path(model) / "generation_config.json" if not isinstance(model, Qwen3NextForCausalLM) else None
-    if gen_file is not None and gen_file.is_file():
-        try:
-            values.append(json.loads(gen_file.read_text()).get("eos_token_id"))
-        except (ValueError, AttributeError):
-            raise ValueError(f"cannot read the eos_token_id of {gen_file}") from None
-    for value in values:
-        for i in value if isinstance(value, list) else [value]:
-            if isinstance(i, int) and not isinstance(i, bool) and i not in ids:
-                ids.append(i)
-    return tuple(ids)
+    value = config.eos_token_id
+    ids = [i for i in (value if isinstance(value, list) else [value]) if isinstance(i, int)]
+    if not isinstance(model, Qwen3NextForCausalLM):
+        ids += generation_eos_ids(model)
+    return tuple(dict.fromkeys(ids))  # in order, without duplicates
 
 
 def _context_error(config: Qwen3NextConfig, max_model_len: int) -> str:

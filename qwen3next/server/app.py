@@ -221,10 +221,8 @@ class _GuardMiddleware:
                 if not length.strip().isdigit():
                     await _send_json(send, 400, _error_body(400, f"invalid Content-Length header {length!r}"))
                     return
-                if int(length) > self.max_body_bytes:  # answered at once: the body may never come
-                    msg = f"request body too large: {int(length)} bytes, the limit is {self.max_body_bytes} bytes"
-                    await _send_json(send, 413, _error_body(413, msg, code="request_too_large"),
-                                     [(b"connection", b"close")])
+                if int(length) > self.max_body_bytes:  # answered at once, no drain: the body may never come
+                    await self._too_large(receive, send, f"{int(length)} bytes", more=False)
                     return
             body = bytearray()
             more = True
@@ -1100,7 +1098,7 @@ def _openapi(app: FastAPI) -> dict:
 # ---- `qwen3next serve` -----------------------------------------------------------------------------------------
 
 
-def _prefix_caching_line(engine, requested: bool) -> str:
+def _prefix_caching_line(engine) -> str:
     if engine.enable_prefix_caching:
         plan = engine.plan
         return (f"prefix caching: on, state snapshots of {fmt_bytes(plan.geometry.state_bytes_per_slot)} each in "
@@ -1131,7 +1129,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"qwen3next serve: model '{name}' from {model_dir} ({args.dtype} on {args.device}), max_model_len "
               f"{engine.max_model_len}, max_num_seqs {engine.scheduler.config.max_num_seqs}")
         print(engine.plan.describe())
-        print(_prefix_caching_line(engine, args.enable_prefix_caching))
+        print(_prefix_caching_line(engine))
         if engine.speculative is not None:
             spec = engine.speculative
             print(f"speculative decoding: MTP, up to {spec.num_speculative_tokens} drafts per step"
