@@ -433,7 +433,7 @@ def test_the_forced_call_prefix_ends_on_a_token_boundary_of_a_real_call():
     """With the demo model's byte-level BPE, the forced start of a named call tokenizes as the start of the whole call
     does: the model continues from a token it would have produced itself (`":` then ` {"`), not from a lone space."""
     from qwen3next import DEFAULT_MODEL
-    from qwen3next.server.app import named_call_prefix
+    from qwen3next.server.tools import named_call_prefix
     from qwen3next.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(DEFAULT_MODEL)

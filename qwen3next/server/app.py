@@ -1,30 +1,18 @@
 """OpenAI-compatible HTTP server over `LLM`: chat and legacy completions (streamed as SSE or not), tool calls,
 models, health and Prometheus metrics.
 
-The engine runs in its own thread. Each engine request gets a helper thread that submits it (`LLM.submit` waits
-for the engine lock) and forwards its blocking event stream into an asyncio.Queue, so the event loop never waits
-on the engine. A client that goes away mid-request has its engine request aborted at once, freeing its cache.
-
-Tool calls use the Qwen/Hermes format (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`). Decoding is
-not constrained, so `tool_choice` "required" or a named function is enforced by writing the start of a call
-after the generation prompt (`<tool_call>\\n{"name": "` or `<tool_call>\\n{"name": "NAME", "arguments":`) and
-parsing the completion as if the model had written that prefix. A call whose JSON is malformed comes back as
-text content.
+This module holds the request handling (`OpenAIServer`), the app and its routes (`create_app`) and `qwen3next
+serve`. The engine bridge and server-sent events are in `streaming`, tool calls in `tools`, errors in `errors`, the
+ASGI guard (API key, body size, request counting) in `guard`, token text for logprobs in `text` and the OpenAPI
+schema in `openapi`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
 import functools
-import hmac
-import json
-import logging
-import math
 import os
-import re
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,418 +20,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tokenizers
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from ..engine.llm import LLM, RequestHandle
+from ..engine.llm import LLM
 from ..engine.memory import fmt_bytes
 from ..engine.output import StreamEvent
 from ..engine.sampling import GREEDY_TEMPERATURE_BELOW, SamplingParams
-from ..tokenizer import ChatTemplateError, Tokenizer
-from ..tool_calls import TOOL_CALL_START, ContentEvent, StreamingToolCallParser, ToolCallEvent, parse_tool_calls
+from ..tokenizer import ChatTemplateError
 from . import protocol as P
 from .args import DEFAULT_MAX_BODY_BYTES, add_serve_args  # noqa: F401  (re-exported)
+from .errors import APIError, error_body, error_response, install_error_handlers, leading_name, unencodable_field
+from .guard import GuardMiddleware
 from .metrics import CONTENT_TYPE, Counter, Histogram, render_family
+from .openapi import documented, openapi_schema
+from .streaming import Generation, SSEResponse, abort_on_disconnect, sse
+from .text import TextOffsets, TokenText, finite
+from .tools import ToolCallStream, ToolSetup, call_id, message_tool_calls, tool_setup
 
-logger = logging.getLogger("qwen3next.server")
-
-_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                  40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
-
-
-# ---- errors ----------------------------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's schema: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def _error_type(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    return "server_error" if status >= 500 else "invalid_request_error"
-
-
-def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    info = P.ErrorInfo(message=message, type=_error_type(status), param=param, code=code)
-    return P.ErrorResponse(error=info).model_dump()
-
-
-def _error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(_error_body(status, message, param, code), status_code=status, headers=headers)
-
-
-def _unencodable_field(value: Any, path: str = "") -> str | None:
-    """The path (`messages[1].content`) of the first string in a parsed request that is not valid Unicode text (a lone
-    UTF-16 surrogate such as "\ud800", which JSON can spell but no tokenizer can encode), or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or "body"
-        return None
-    if isinstance(value, dict):
-        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
-    elif isinstance(value, (list, tuple)):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
-    else:
-        return None
-    for sub, v in items:
-        bad = _unencodable_field(v, sub)
-        if bad is not None:
-            return bad
-    return None
-
-
-_FIELD = re.compile(r"[a-z_][a-z0-9_]*")
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def _param_path(loc: tuple | list) -> str | None:
-    """`messages[0].role` from a pydantic error location; union-branch tags ('str', 'list[int]', class names)
-    are not fields and are dropped."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and _FIELD.fullmatch(part) and part not in _TYPE_TAGS:
-            out += ("." if out else "") + part
-    return out or None
-
-
-def _validation_response(errors: list[dict]) -> JSONResponse:
-    if not errors:
-        return _error_response(400, "invalid request")
-    # A union field reports one error per branch; a validator's own message (value_error) says the most.
-    e = next((x for x in errors if x.get("type") == "value_error"), errors[0])
-    kind = e.get("type", "")
-    loc = list(e.get("loc", ()))
-    if loc and loc[0] == "body":
-        loc = loc[1:]
-    if kind == "json_invalid":
-        detail = (e.get("ctx") or {}).get("error")
-        return _error_response(400, "malformed JSON in the request body" + (f": {detail}" if detail else ""),
-                               code="invalid_json")
-    param = _param_path(loc)
-    if param is None:
-        if kind == "missing":
-            return _error_response(400, "a JSON request body is required")
-        return _error_response(400, f"the request body must be a JSON object ({e.get('msg', '')})")
-    msg = e.get("msg", "invalid value")
-    msg = msg.removeprefix("Value error, ")
-    return _error_response(400, f"{param}: {msg}", param=param)
-
-
-def _leading_name(message: str) -> str | None:
-    m = re.match(r"([a-z_]+)\b", message)
-    return m.group(1) if m else None
-
-
-# ---- ASGI guard: auth, body size, request counting ---------------------------------------------------------------
-
-
-def _endpoint_label(path: str) -> str:
-    if path in _ENDPOINTS:
-        return path
-    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
-
-
-async def _send_json(send: Callable, status: int, body: dict, extra_headers: list | None = None) -> None:
-    data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
-    await send({"type": "http.response.body", "body": data, "more_body": False})
-
-
-def named_call_prefix(name: str) -> str:
-    """The forced start of a call to `name` (`tool_choice` naming a function). It stops right after `"arguments":`
-    with no space: byte-level BPE tokenizes a call's `": {"` as `":` + ` {"`, so a prefix ending in a space would end
-    in a token the model never produces there (the demo model then derailed in 20 of 20 samples at T=1)."""
-    return TOOL_CALL_START + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments":'
-
-
-class _GuardMiddleware:
-    """Pure ASGI middleware: checks the API key on /v1/*, caps the body size (by Content-Length and by the bytes
-    actually received; the body is read here and replayed to the app) and counts requests by endpoint/status."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, requests_total: Counter):
-        self.app = app
-        self.api_key = api_key.encode() if api_key else None
-        self.max_body_bytes = max_body_bytes
-        self.requests_total = requests_total
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = "499"  # no response started: the client went away first
-
-        async def counting_send(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = str(message["status"])
-            await send(message)
-
-        try:
-            await self._guarded(scope, receive, counting_send)
-        except BaseException:
-            if status == "499":
-                status = "500"
-            raise
-        finally:
-            self.requests_total.inc(endpoint=_endpoint_label(scope["path"]), status=status)
-
-    async def _guarded(self, scope, receive, send) -> None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"].startswith("/v1"):
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
-                await _send_json(send, 401, _error_body(401, "invalid or missing API key (send 'Authorization: "
-                                                             "Bearer <key>')", code="invalid_api_key"),
-                                 [(b"www-authenticate", b"Bearer")])
-                return
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            length = headers.get("content-length")
-            if length is not None:
-                if not length.strip().isdigit():
-                    await _send_json(send, 400, _error_body(400, f"invalid Content-Length header {length!r}"))
-                    return
-                if int(length) > self.max_body_bytes:  # answered at once, no drain: the body may never come
-                    await self._too_large(receive, send, f"{int(length)} bytes", more=False)
-                    return
-            body = bytearray()
-            more = True
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                body += message.get("body", b"")
-                more = message.get("more_body", False)
-                if len(body) > self.max_body_bytes:
-                    await self._too_large(receive, send, f"more than {self.max_body_bytes} bytes", more)
-                    return
-            receive = _replay(bytes(body), receive)
-        await self.app(scope, receive, send)
-
-    async def _too_large(self, receive, send, size: str, more: bool = True) -> None:
-        # Drain (a bounded amount of) the rest so that the client, still writing, gets to read the 413.
-        drained = 0
-        while more and drained < 4 * self.max_body_bytes + (1 << 20):
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            drained += len(message.get("body", b""))
-            more = message.get("more_body", False)
-        msg = f"request body too large: {size}, the limit is {self.max_body_bytes} bytes"
-        await _send_json(send, 413, _error_body(413, msg, code="request_too_large"), [(b"connection", b"close")])
-
-
-def _replay(body: bytes, receive: Callable) -> Callable:
-    sent = False
-
-    async def replayed():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # after the body: disconnect notifications
-
-    return replayed
-
-
-# ---- token text for logprobs -----------------------------------------------------------------------------------
-
-
-def _byte_level_table() -> dict[str, int]:
-    """GPT-2's byte <-> printable-character map, inverted: printable bytes stand for themselves, the others are
-    shifted to U+0100 onwards in byte order."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table = {chr(b): b for b in printable}
-    kept = set(printable)
-    for k, b in enumerate(b for b in range(256) if b not in kept):
-        table[chr(256 + k)] = b
-    return table
-
-
-class _TokenText:
-    """Text and UTF-8 bytes of single tokens. A byte-level token may hold part of a character: its bytes are
-    exact and its text is then written as 'bytes:\\xe2\\x80' (like vLLM)."""
-
-    _TABLE = _byte_level_table()
-
-    def __init__(self, tokenizer: Tokenizer):
-        self._tok = tokenizer
-        self._added = {i: t.content for i, t in tokenizer.backend.get_added_tokens_decoder().items()}
-        self._byte_level = isinstance(tokenizer.backend.decoder, tokenizers.decoders.ByteLevel)
-        self._cache: dict[int, tuple[str, list[int]]] = {}
-
-    def __call__(self, token_id: int) -> tuple[str, list[int]]:
-        hit = self._cache.get(token_id)
-        if hit is not None:
-            return hit
-        if token_id in self._added:
-            raw = self._added[token_id].encode()
-        else:
-            piece = self._tok.id_to_token(token_id)
-            if piece is None:
-                raw = b""
-            elif self._byte_level and all(c in self._TABLE for c in piece):
-                raw = bytes(self._TABLE[c] for c in piece)
-            else:
-                raw = self._tok.decode([token_id]).encode()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-        self._cache[token_id] = hit = (text, list(raw))
-        return hit
-
-
-class _TextOffsets:
-    """Character offset of each token in a completion's text; a character split over several byte-level tokens
-    counts once it is complete, and skipped special tokens add nothing."""
-
-    def __init__(self, start: int, skipped: set[int]):
-        self.chars = start
-        self._skipped = skipped
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def advance(self, token_id: int, raw: list[int]) -> int:
-        at = self.chars
-        if token_id not in self._skipped:
-            self.chars += len(self._decoder.decode(bytes(raw)))
-        return at
-
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else -9999.0
-
-
-# ---- engine bridge ---------------------------------------------------------------------------------------------
-
-
-class _Generation:
-    """The engine requests of one API call (one per prompt), with their events bridged into the event loop."""
-
-    def __init__(self, llm: LLM, request_id: str, jobs: list[tuple[list[int], SamplingParams]]):
-        self._llm = llm
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._jobs = [(f"{request_id}-{i}" if len(jobs) > 1 else request_id, ids, sp) for i, (ids, sp) in
-                      enumerate(jobs)]
-        self._handles: list[RequestHandle | None] = [None] * len(jobs)
-        self._lock = threading.Lock()
-        self._aborted = False
-        self._backlog: list[tuple] = []
-        self._running = 0
-
-    def _post(self, item: tuple) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            pass
-
-    def _pump(self, i: int, request_id: str, ids: list[int], params: SamplingParams) -> None:
-        try:
-            handle = self._llm.submit(ids, params, request_id)
-        except Exception as e:  # ValueError: rejected input; RuntimeError: the engine stopped
-            self._post(("error", i, e))
-            return
-        with self._lock:
-            self._handles[i] = handle
-            aborted = self._aborted
-        if aborted:
-            handle.abort()
-        self._post(("started", i, None))
-        for ev in handle.events():
-            self._post(("event", i, (ev, time.perf_counter())))
-        self._post(("done", i, None))
-
-    async def start(self) -> None:
-        """Submit every request; if one is rejected, abort the others and raise its error."""
-        for i, job in enumerate(self._jobs):
-            threading.Thread(target=self._pump, args=(i, *job), name=f"qwen3next-{job[0]}", daemon=True).start()
-        error: Exception | None = None
-        try:
-            for _ in self._jobs:
-                while True:
-                    item = await self._queue.get()
-                    if item[0] in ("started", "error"):
-                        break
-                    self._backlog.append(item)  # an early request already streams while others are submitted
-                if item[0] == "started":
-                    self._running += 1
-                elif error is None:
-                    error = item[2]
-        except BaseException:  # cancelled (server shutting down): nobody will read these requests
-            self.abort()
-            raise
-        if error is not None:
-            self.abort()
-            raise error
-
-    async def events(self) -> AsyncIterator[tuple[int, StreamEvent, float]]:
-        """(prompt index, event, perf_counter time it left the engine) until every request has finished."""
-        while self._running:
-            kind, i, payload = self._backlog.pop(0) if self._backlog else await self._queue.get()
-            if kind == "done":
-                self._running -= 1
-            elif kind == "event":
-                yield i, payload[0], payload[1]
-
-    def num_cached_tokens(self) -> int:
-        """Prompt tokens found in the prefix cache, summed over the finished requests (the usage's
-        prompt_tokens_details.cached_tokens)."""
-        return sum(h.result().num_cached_tokens for h in self._handles if h is not None and h.done)
-
-    def abort(self) -> None:
-        """Abort the unfinished requests without blocking the caller (`LLM.abort` waits for the engine lock)."""
-        with self._lock:
-            self._aborted = True
-            live = [h for h in self._handles if h is not None and not h.done]
-        if live:
-            threading.Thread(target=lambda: [h.abort() for h in live], name="qwen3next-abort", daemon=True).start()
-
-
-async def _abort_on_disconnect(request: Request, gen: _Generation) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            gen.abort()
-            return
-
-
-class _SSEResponse(StreamingResponse):
-    """A server-sent-event stream that runs `on_close` however it ends (normally, client gone, cancelled)."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
-
-
-def _sse(payload: Any) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
 
 
 @dataclass
@@ -455,21 +53,10 @@ class _Sample:
     prompt_logprobs: list | None = None  # sample 0 of a request that asked (echo with logprobs)
 
 
-@dataclass
-class _ToolSetup:
-    tools: list[dict] | None = None  # what the chat template sees
-    parse: bool = False  # parse <tool_call> blocks out of the output
-    prefix: str = ""  # forced start of a call, appended after the generation prompt
-
-
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> P.Usage:
     return P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    total_tokens=prompt_tokens + completion_tokens,
                    prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached_tokens))
-
-
-def _call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 # ---- the server ------------------------------------------------------------------------------------------------
@@ -484,7 +71,7 @@ class OpenAIServer:
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.engine.max_model_len
         self.created = int(time.time())
-        self.token_text = _TokenText(llm.tokenizer)
+        self.token_text = TokenText(llm.tokenizer)
         self.special_ids = llm.tokenizer.special_token_ids
         self.requests_total = Counter("qwen3next_requests_total", "HTTP requests by endpoint and status code.",
                                       ("endpoint", "status"))
@@ -507,7 +94,7 @@ class OpenAIServer:
 
     @staticmethod
     def _check_common(req: P.SamplingRequest) -> None:
-        bad = _unencodable_field(req.model_dump(exclude_none=True))
+        bad = unencodable_field(req.model_dump(exclude_none=True))
         if bad is not None:
             raise APIError(400, f"{bad}: not valid Unicode text (a lone UTF-16 surrogate such as \\ud800); send "
                                 f"well-formed UTF-8", bad)
@@ -554,14 +141,14 @@ class OpenAIServer:
                 ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=req.skip_special_tokens)
         except ValueError as e:
-            name = _leading_name(str(e))
+            name = leading_name(str(e))
             raise APIError(400, str(e), renames.get(name, name)) from None
 
-    async def _start(self, gen: _Generation, prompt_param: str) -> None:
+    async def _start(self, gen: Generation, prompt_param: str) -> None:
         try:
             await gen.start()
         except ValueError as e:
-            name = _leading_name(str(e))
+            name = leading_name(str(e))
             raise APIError(400, str(e), prompt_param if name == "prompt" else None) from None
         except RuntimeError as e:
             raise APIError(503, f"the engine is not available: {e}", code="engine_unavailable") from None
@@ -580,10 +167,10 @@ class OpenAIServer:
                 self.itl.observe(per_token)
         last[(i, ev.index)] = t
 
-    async def _collect(self, gen: _Generation, request: Request, num_prompts: int, n: int, t0: float
+    async def _collect(self, gen: Generation, request: Request, num_prompts: int, n: int, t0: float
                        ) -> list[list[_Sample]]:
         samples = [[_Sample() for _ in range(n)] for _ in range(num_prompts)]
-        watcher = asyncio.ensure_future(_abort_on_disconnect(request, gen))
+        watcher = asyncio.ensure_future(abort_on_disconnect(request, gen))
         first: dict = {}
         last: dict = {}
         try:
@@ -606,7 +193,7 @@ class OpenAIServer:
                            code="engine_error")
         return samples
 
-    def _stream_response(self, gen: _Generation, request: Request, body: AsyncIterator[str]) -> _SSEResponse:
+    def _stream_response(self, gen: Generation, request: Request, body: AsyncIterator[str]) -> SSEResponse:
         async def guarded() -> AsyncIterator[str]:
             try:
                 async for data in body:
@@ -616,7 +203,7 @@ class OpenAIServer:
             finally:
                 gen.abort()
 
-        return _SSEResponse(guarded(), gen.abort)
+        return SSEResponse(guarded(), gen.abort)
 
     def _chat_logprobs(self, entries: list[dict]) -> list[P.TokenLogprob]:
         out = []
@@ -625,22 +212,22 @@ class OpenAIServer:
             tops = []
             for tid, lp in e.get("top", []):
                 ttext, traw = self.token_text(tid)
-                tops.append(P.TopLogprob(token=ttext, logprob=_finite(lp), bytes=traw))
-            out.append(P.TokenLogprob(token=text, logprob=_finite(e["logprob"]), bytes=raw, top_logprobs=tops))
+                tops.append(P.TopLogprob(token=ttext, logprob=finite(lp), bytes=traw))
+            out.append(P.TokenLogprob(token=text, logprob=finite(e["logprob"]), bytes=raw, top_logprobs=tops))
         return out
 
-    def _offsets(self, start: int, req: P.SamplingRequest) -> _TextOffsets:
-        return _TextOffsets(start, self.special_ids if req.skip_special_tokens else set())
+    def _offsets(self, start: int, req: P.SamplingRequest) -> TextOffsets:
+        return TextOffsets(start, self.special_ids if req.skip_special_tokens else set())
 
-    def _completion_logprobs(self, entries: list[dict], offsets: _TextOffsets) -> P.CompletionLogprobs:
+    def _completion_logprobs(self, entries: list[dict], offsets: TextOffsets) -> P.CompletionLogprobs:
         lp = P.CompletionLogprobs()
         for e in entries:
             text, raw = self.token_text(e["token_id"])
-            top = {text: _finite(e["logprob"])}  # OpenAI: the sampled token is always among them
+            top = {text: finite(e["logprob"])}  # OpenAI: the sampled token is always among them
             for tid, v in e.get("top", []):
-                top.setdefault(self.token_text(tid)[0], _finite(v))
+                top.setdefault(self.token_text(tid)[0], finite(v))
             lp.tokens.append(text)
-            lp.token_logprobs.append(_finite(e["logprob"]))
+            lp.token_logprobs.append(finite(e["logprob"]))
             lp.top_logprobs.append(top)
             lp.text_offset.append(offsets.advance(e["token_id"], raw))
         return lp
@@ -653,7 +240,7 @@ class OpenAIServer:
         assert len(prompt_logprobs) <= len(ids), (len(prompt_logprobs), len(ids))
         entries = [*prompt_logprobs, *[None] * (len(ids) - len(prompt_logprobs))]
         lp = P.CompletionLogprobs()
-        offsets = _TextOffsets(0, set())
+        offsets = TextOffsets(0, set())
         for token, entry in zip(ids, entries, strict=True):
             text, raw = self.token_text(token)
             lp.tokens.append(text)
@@ -662,34 +249,14 @@ class OpenAIServer:
                 lp.token_logprobs.append(None)
                 lp.top_logprobs.append(None)
                 continue
-            lp.token_logprobs.append(_finite(entry[token].logprob))
+            lp.token_logprobs.append(finite(entry[token].logprob))
             top: dict[str, float] = {}
             for tid, v in entry.items():  # the prompt token first, then the top N
-                top.setdefault(self.token_text(tid)[0], _finite(v.logprob))
+                top.setdefault(self.token_text(tid)[0], finite(v.logprob))
             lp.top_logprobs.append(top)
         return lp
 
     # -- chat ---------------------------------------------------------------------------------------------------
-
-    def _tool_setup(self, req: P.ChatCompletionRequest) -> _ToolSetup:
-        names = [t.function.name for t in req.tools or []]
-        choice = req.tool_choice if req.tool_choice is not None else ("auto" if names else "none")
-        if not names:
-            if choice in ("required",) or isinstance(choice, P.NamedToolChoice):
-                raise APIError(400, "tool_choice requires tools", "tool_choice")
-            return _ToolSetup()
-        if choice == "none":
-            return _ToolSetup()
-        tools = [t.model_dump(exclude_none=True) for t in req.tools]
-        if choice == "auto":
-            return _ToolSetup(tools, True)
-        if choice == "required":
-            return _ToolSetup(tools, True, TOOL_CALL_START + '\n{"name": "')
-        name = choice.function.name
-        if name not in names:
-            raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools ({names})",
-                           "tool_choice")
-        return _ToolSetup(tools, True, named_call_prefix(name))
 
     @staticmethod
     def _template_messages(req: P.ChatCompletionRequest) -> list[dict]:
@@ -704,7 +271,7 @@ class OpenAIServer:
             if m.tool_call_id is not None:
                 d["tool_call_id"] = m.tool_call_id
             if m.tool_calls:
-                d["tool_calls"] = [{"id": c.id or _call_id(), "type": "function",
+                d["tool_calls"] = [{"id": c.id or call_id(), "type": "function",
                                     "function": {"name": c.function.name, "arguments": c.function.arguments}}
                                    for c in m.tool_calls]
             out.append(d)
@@ -719,7 +286,7 @@ class OpenAIServer:
                            "response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", "top_logprobs")
-        setup = self._tool_setup(req)
+        setup = tool_setup(req)
         messages = self._template_messages(req)
         try:
             text = await self._blocking(self.tokenizer.apply_chat_template, messages, tools=setup.tools,
@@ -733,23 +300,14 @@ class OpenAIServer:
         params = self._sampling(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
                                 {"logprobs": "top_logprobs", "max_tokens": max_param})
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        gen = _Generation(self.llm, rid, [(ids, params)])
+        gen = Generation(self.llm, rid, [(ids, params)])
         await self._start(gen, "messages")
         if req.stream:
             return self._stream_response(gen, request, self._chat_stream(gen, req, rid, len(ids), setup, t0))
         samples = (await self._collect(gen, request, 1, req.n, t0))[0]
         choices = []
         for k, s in enumerate(samples):
-            content: str | None = s.text
-            calls: list[P.ToolCall] = []
-            if setup.parse:
-                content, parsed = parse_tool_calls(setup.prefix + s.text)
-                calls = [P.ToolCall(id=_call_id(), function=P.FunctionCall(
-                    name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False))) for c in parsed]
-                if not req.parallel_tool_calls:
-                    calls = calls[:1]
-                if calls and not content:
-                    content = None
+            content, calls = message_tool_calls(setup, s.text, req.parallel_tool_calls)
             choices.append(P.ChatChoice(
                 index=k, message=P.AssistantMessage(content=content, tool_calls=calls),
                 logprobs=P.ChoiceLogprobs(content=self._chat_logprobs(s.logprobs)) if req.logprobs else None,
@@ -758,20 +316,16 @@ class OpenAIServer:
         return JSONResponse(P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
                                                      usage=usage).model_dump())
 
-    async def _chat_stream(self, gen: _Generation, req: P.ChatCompletionRequest, rid: str, prompt_len: int,
-                           setup: _ToolSetup, t0: float) -> AsyncIterator[str]:
+    async def _chat_stream(self, gen: Generation, req: P.ChatCompletionRequest, rid: str, prompt_len: int,
+                           setup: ToolSetup, t0: float) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list[P.ChatChunkChoice], usage: P.Usage | None = None) -> str:
             c = P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
-            return _sse(c.model_dump())
+            return sse(c.model_dump())
 
         n = req.n
-        parsers = [StreamingToolCallParser() if setup.parse else None for _ in range(n)]
-        for p in parsers:
-            if p is not None:
-                p.feed(setup.prefix)  # the forced start of a call: nothing comes out until it closes
-        num_calls = [0] * n
+        tool_calls = [ToolCallStream(setup, req.parallel_tool_calls) for _ in range(n)]
         pending_lp: list[list[dict]] = [[] for _ in range(n)]
         completion = 0
         first: dict = {}
@@ -791,35 +345,21 @@ class OpenAIServer:
             k = ev.index
             completion += len(ev.token_ids)
             pending_lp[k] += ev.logprobs or []
-            deltas: list[P.DeltaMessage] = []
-            parser = parsers[k]
-            if parser is None:
-                if ev.text:
-                    deltas.append(P.DeltaMessage(content=ev.text))
-            else:
-                events = parser.feed(ev.text) + (parser.finish() if ev.finish_reason is not None else [])
-                for e in events:
-                    if isinstance(e, ContentEvent):
-                        deltas.append(P.DeltaMessage(content=e.text))
-                    elif isinstance(e, ToolCallEvent) and (req.parallel_tool_calls or num_calls[k] == 0):
-                        deltas.append(P.DeltaMessage(tool_calls=[P.ToolCallDelta(
-                            index=num_calls[k], id=_call_id(), type="function",
-                            function=P.FunctionCallDelta(name=e.name, arguments=e.arguments_json))]))
-                        num_calls[k] += 1
+            deltas = tool_calls[k].deltas(ev.text, ev.finish_reason is not None)
             for d in deltas:
                 yield chunk([P.ChatChunkChoice(index=k, delta=d, logprobs=logprobs_of(k))])
             if ev.finish_reason == "abort":
-                yield _sse(_error_body(500, "the request was aborted by the engine", code="engine_error"))
-                yield _sse("[DONE]")
+                yield sse(error_body(500, "the request was aborted by the engine", code="engine_error"))
+                yield sse("[DONE]")
                 return
             if ev.finish_reason is not None:
-                reason = "tool_calls" if num_calls[k] else ev.finish_reason
+                reason = "tool_calls" if tool_calls[k].num_calls else ev.finish_reason
                 yield chunk([P.ChatChunkChoice(index=k, delta=P.DeltaMessage(), logprobs=logprobs_of(k),
                                                finish_reason=reason)])
         self.e2e.observe(time.perf_counter() - t0)
         if req.stream_options is not None and req.stream_options.include_usage:
             yield chunk([], _usage(prompt_len, completion, gen.num_cached_tokens()))
-        yield _sse("[DONE]")
+        yield sse("[DONE]")
 
     # -- legacy completions -------------------------------------------------------------------------------------
 
@@ -847,7 +387,7 @@ class OpenAIServer:
         if req.echo:
             echoes = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        gen = _Generation(self.llm, rid, jobs)
+        gen = Generation(self.llm, rid, jobs)
         await self._start(gen, "prompt")
         prompt_tokens = sum(len(ids) for ids in ids_list)
         if req.stream:
@@ -873,14 +413,14 @@ class OpenAIServer:
                                     top_logprobs=a.top_logprobs + b.top_logprobs,
                                     text_offset=a.text_offset + b.text_offset)
 
-    async def _completion_stream(self, gen: _Generation, req: P.CompletionRequest, rid: str,
+    async def _completion_stream(self, gen: Generation, req: P.CompletionRequest, rid: str,
                                  ids_list: list[list[int]], echoes: list[str], t0: float) -> AsyncIterator[str]:
         created = int(time.time())
         prompt_tokens = sum(len(ids) for ids in ids_list)
 
         def chunk(choices: list[P.CompletionChoice], usage: P.Usage | None = None) -> str:
             c = P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
-            return _sse(c.model_dump())
+            return sse(c.model_dump())
 
         n = req.n
         offsets = {(i, k): self._offsets(len(e), req) for i, e in enumerate(echoes) for k in range(n)}
@@ -908,8 +448,8 @@ class OpenAIServer:
                 self._observe(t0, first, last, i, ev, t)
                 completion += len(ev.token_ids)
                 if ev.finish_reason == "abort":
-                    yield _sse(_error_body(500, "the request was aborted by the engine", code="engine_error"))
-                    yield _sse("[DONE]")
+                    yield sse(error_body(500, "the request was aborted by the engine", code="engine_error"))
+                    yield sse("[DONE]")
                     return
                 lp = None
                 if req.logprobs is not None and ev.logprobs:
@@ -920,7 +460,7 @@ class OpenAIServer:
         self.e2e.observe(time.perf_counter() - t0)
         if req.stream_options is not None and req.stream_options.include_usage:
             yield chunk([], _usage(prompt_tokens, completion, gen.num_cached_tokens()))
-        yield _sse("[DONE]")
+        yield sse("[DONE]")
 
     # -- models, health, metrics --------------------------------------------------------------------------------
 
@@ -1004,54 +544,34 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
     server = OpenAIServer(llm, served_model_name)
     app = FastAPI(title="qwen3next", description="OpenAI-compatible API over the qwen3next engine")
     app.state.server = server
-    app.add_middleware(_GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
                        requests_total=server.requests_total)
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return _error_response(e.status, e.message, e.param, e.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        return _validation_response(list(e.errors()))
-
-    @app.exception_handler(ValidationError)
-    async def _model_invalid(_: Request, e: ValidationError) -> JSONResponse:
-        return _validation_response(list(e.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error_response(e.status_code, str(e.detail), headers=e.headers)  # e.g. a 405's Allow
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        return _error_response(500, f"internal server error: {type(e).__name__}", code="internal_error")
+    install_error_handlers(app)
 
     @app.post("/v1/chat/completions", response_model=None,
-              responses=_documented(P.ChatCompletionResponse, P.ChatCompletionChunk, 400, 401, 404, 413, 503))
+              responses=documented(P.ChatCompletionResponse, P.ChatCompletionChunk, 400, 401, 404, 413, 503))
     async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Response:
         return await server.chat(req, request)
 
     @app.post("/v1/completions", response_model=None,
-              responses=_documented(P.CompletionResponse, P.CompletionResponse, 400, 401, 404, 413, 503))
+              responses=documented(P.CompletionResponse, P.CompletionResponse, 400, 401, 404, 413, 503))
     async def completions(req: P.CompletionRequest, request: Request) -> Response:
         return await server.completions(req, request)
 
-    @app.get("/v1/models", response_model=P.ModelList, responses=_documented(None, None, 401))
+    @app.get("/v1/models", response_model=P.ModelList, responses=documented(None, None, 401))
     async def models() -> dict:
         return P.ModelList(data=[server.model_card()]).model_dump()
 
-    @app.get("/v1/models/{model:path}", response_model=P.ModelCard, responses=_documented(None, None, 401, 404))
+    @app.get("/v1/models/{model:path}", response_model=P.ModelCard, responses=documented(None, None, 401, 404))
     async def model(model: str) -> dict:
         server._check_model(model)
         return server.model_card().model_dump()
 
-    @app.get("/health", response_model=P.HealthStatus, responses=_documented(None, None, 503))
+    @app.get("/health", response_model=P.HealthStatus, responses=documented(None, None, 503))
     async def health() -> Response:
         error = server.engine_error()
         if error is not None:
-            return _error_response(503, f"the engine stopped after an error: {error!r}", code="engine_unavailable")
+            return error_response(503, f"the engine stopped after an error: {error!r}", code="engine_unavailable")
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", response_class=PlainTextResponse,
@@ -1060,39 +580,8 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
     async def metrics() -> Response:
         return Response(await server.metrics_text(), media_type=CONTENT_TYPE)
 
-    app.openapi = functools.partial(_openapi, app)
+    app.openapi = functools.partial(openapi_schema, app)
     return app
-
-
-_ERROR_DESCRIPTIONS = {400: "invalid request (the error's `param` names the field)", 401: "missing or wrong API key",
-                       404: "unknown model or path", 413: "request body too large",
-                       503: "the engine is not available"}
-
-
-def _documented(ok: type | None, chunk: type | None, *errors: int) -> dict:
-    """OpenAPI `responses` of a route: its errors in OpenAI's error shape and, for a generation route, the 200 body and
-    its `stream: true` form (server-sent events, each `data:` line one `chunk` as JSON, then `data: [DONE]`)."""
-    out: dict = {code: {"model": P.ErrorResponse, "description": _ERROR_DESCRIPTIONS[code]} for code in errors}
-    if ok is not None:
-        out[200] = {"model": ok, "description": f"the {ok.__name__}, or with `stream: true` a text/event-stream of "
-                                              f"`data: <{chunk.__name__} JSON>` events ending with `data: [DONE]`",
-                    "content": {"text/event-stream": {"schema": {"type": "string"}}}}
-    return out
-
-
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema, less the 422 it documents for body validation: this server answers those with a 400 in
-    OpenAI's error shape (documented on each route)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        for item in schema.get("paths", {}).values():
-            for op in item.values():
-                op.get("responses", {}).pop("422", None)
-        components = schema.get("components", {}).get("schemas", {})
-        for name in ("HTTPValidationError", "ValidationError"):
-            components.pop(name, None)
-        app.openapi_schema = schema
-    return app.openapi_schema
 
 
 # ---- `qwen3next serve` -----------------------------------------------------------------------------------------
