@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import threading
 import time
@@ -42,8 +43,11 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import FinishReason, Sequence
 from .speculative import DraftLengthPolicy, SpecStats, SpeculativeConfig
+from .structured import GrammarCompiler, GrammarMatcher
 
 __all__ = ["LLM", "CompletionOutput", "Engine", "Logprob", "RequestHandle", "RequestOutput", "StreamEvent"]
+
+log = logging.getLogger(__name__)
 
 
 def _model_and_tokenizer(model: str | Path | Qwen3NextForCausalLM, tokenizer: Tokenizer | None,
@@ -169,6 +173,7 @@ class Engine:
         self._token_texts: dict[int, str] = {}  # decoded single tokens, for prompt logprobs
         self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "preemptions": 0}
         self.spec_stats = SpecStats()
+        self._grammars: GrammarCompiler | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -199,6 +204,7 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need the tokenizer, and this engine runs without one "
                              "(skip_tokenizer_init=True); use stop_token_ids")
+        grammar = self.compile_grammar(params)
         ids = self.encode_prompt(prompt)
         if len(ids) > self.max_model_len or (len(ids) == self.max_model_len and params.max_tokens > 0):
             raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within max_model_len "
@@ -207,6 +213,8 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
         samples = [SampleState(Sequence(f"{request_id}#{i}", ids, params, i), self.tokenizer) for i in range(params.n)]
+        for i, s in enumerate(samples):
+            s.seq.grammar = grammar if i == 0 or grammar is None else grammar.copy()
         req = RequestState(request_id, ids, samples)
         for s in samples:
             self.scheduler.add(s.seq)  # may raise ValueError (can never fit)
@@ -216,6 +224,20 @@ class Engine:
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(ids)
         return req
+
+    def compile_grammar(self, params: SamplingParams) -> GrammarMatcher | None:
+        """The matcher of `params.structured_outputs` (None without one); ValueError naming the field when it does
+        not compile. Compiling takes milliseconds for a schema (more for big tool lists): callers on an event loop
+        run it in a thread, as they run add_request."""
+        if params.structured_outputs is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs: constrained decoding needs the tokenizer, and this engine runs "
+                             "without one (skip_tokenizer_init=True)")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.model.config.vocab_size,
+                                             self.scheduler.config.eos_token_ids)
+        return self._grammars.matcher(params.structured_outputs)
 
     def abort(self, request_id: str) -> bool:
         req = self.requests.get(request_id)
@@ -258,6 +280,8 @@ class Engine:
                 policy.record_acceptance(out.num_drafts[j], out.num_accepted[j])
             if not seq.is_finished:
                 seq.draft_token_ids = out.drafts[j] if out.drafts else []
+                if seq.grammar is not None and not seq.grammar.accept(seq.output_token_ids[before[j]:]):
+                    self._grammar_failed(seq)
             entry = self._seq_to_sample.get(id(seq))
             if entry is None:
                 continue
@@ -274,6 +298,13 @@ class Engine:
         if policy is not None and batch.num_drafts == batch.num_lookahead and batch.is_decode_step:
             policy.record_step(len(batch), batch.num_drafts, time.perf_counter() - started)
         return True
+
+    def _grammar_failed(self, seq: Sequence) -> None:
+        """A constrained sequence emitted a token its grammar rejects; the masks exclude that, so this is a bug in
+        the masking or the grammar engine. The sequence ends (finish reason "abort") rather than go on unchecked."""
+        log.error("%s: token outside its %s constraint (%s); aborting the sequence", seq.request_id,
+                  seq.grammar.kind, seq.grammar.error)
+        self.scheduler.finish(seq, FinishReason.ABORT)
 
     def _token_text(self, token_id: int) -> str | None:
         if self.tokenizer is None:

@@ -149,7 +149,8 @@ class ModelRunner:
         idx = torch.tensor(batch.logits_indices, dtype=torch.long, device=model.device)
         logits = model.lm_head(hidden.index_select(0, idx)).float()
         drafts = [batch.entries[i].draft_token_ids for i in batch.sample_indices]
-        sampled = sample(logits, SamplingBatch.for_sequences(batch.sampled_seqs, logits.device, drafts))
+        sampled = sample(logits, SamplingBatch.for_sequences(batch.sampled_seqs, logits.device, drafts,
+                                                             logits.shape[-1]))
         targets = sampled.token_ids.tolist()
         runs, rows, start = [], [], 0
         for d in drafts:

@@ -19,6 +19,7 @@ import torch
 
 from .sampling import SamplingParams
 from .sequence import Sequence
+from .structured import allowed_mask, words_per_row
 
 
 @dataclass
@@ -52,15 +53,20 @@ class SamplingBatch:
 
     @classmethod
     def for_sequences(cls, seqs: SequenceLike[Sequence], device: torch.device | str,
-                      drafts: SequenceLike[SequenceLike[int]] | None = None) -> SamplingBatch:
+                      drafts: SequenceLike[SequenceLike[int]] | None = None,
+                      vocab_size: int | None = None) -> SamplingBatch:
         """The batch of these sequences' next tokens: their params, a generator per seeded sequence (seeded by the
         sequence's own token count, so a draw does not depend on the rest of the batch) and, when some sequence
         has a penalty, the token histories.
 
         With `drafts` (a speculative verification), sequence i owns 1 + len(drafts[i]) consecutive rows, row j
         sampling the token j positions ahead exactly as plain decoding would once drafts[i][:j] were emitted (its
-        seed for that position; its output history extended by those drafts for the penalties)."""
+        seed for that position; its output history extended by those drafts for the penalties; its grammar's mask
+        after those drafts). Grammar masks need `vocab_size` (the logits' width)."""
         drafts = drafts if drafts is not None else [()] * len(seqs)
+        allowed = None
+        if vocab_size and any(s.grammar is not None for s in seqs):
+            allowed = grammar_masks(seqs, drafts, vocab_size).to(device)
         params, generators, prompts, outputs = [], [], [], []
         for s, d in zip(seqs, drafts):
             for j in range(len(d) + 1):
@@ -70,8 +76,22 @@ class SamplingBatch:
                 prompts.append(s.prompt_token_ids)
                 outputs.append(s.output_token_ids + list(d[:j]) if j else s.output_token_ids)
         if not any(p.has_penalties for p in params):
-            return cls(params, generators)
-        return cls(params, generators, prompts, outputs)
+            return cls(params, generators, allowed=allowed)
+        return cls(params, generators, prompts, outputs, allowed)
+
+
+def grammar_masks(seqs: SequenceLike[Sequence], drafts: SequenceLike[SequenceLike[int]],
+                  vocab_size: int) -> torch.Tensor:
+    """The allowed-token mask [rows, vocab_size] of a batch with constrained sequences: their grammars' masks (per
+    verified position), all True for the other rows."""
+    num_rows = sum(len(d) + 1 for d in drafts)
+    bitmask = torch.full((num_rows, words_per_row(vocab_size)), -1, dtype=torch.int32)
+    row = 0
+    for s, d in zip(seqs, drafts):
+        if s.grammar is not None:
+            s.grammar.fill_masks(bitmask, row, d)
+        row += len(d) + 1
+    return allowed_mask(bitmask, vocab_size)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:

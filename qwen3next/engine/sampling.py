@@ -2,13 +2,82 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LOGPROBS = 20
 # Temperatures below this sample greedily (as in vLLM): logits / T would overflow float32 into inf/NaN, and such a
 # temperature stands for the argmax anyway.
 GREEDY_TEMPERATURE_BELOW = 1e-5
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output, vLLM's `StructuredOutputsParams`: exactly one of
+
+    - `json`: a JSON schema (a dict or its JSON text) the output must validate against;
+    - `json_object`: True for any JSON object (OpenAI's `response_format: {"type": "json_object"}`);
+    - `regex`: a regular expression (Rust `regex` syntax) the whole output must match;
+    - `choice`: a list of strings, the output is one of them;
+    - `grammar`: a context-free grammar in Lark syntax (llguidance's dialect: `%json {schema}` embeds a schema,
+      `<token>` names a special token) or in llama.cpp's GBNF.
+
+    Decoding then masks every token that would leave the constraint (engine/structured.py; llguidance compiles
+    it): the output matches by construction unless it is cut short (max_tokens, a stop string). JSON is written
+    the way Python's json.dumps and the model's chat format write it (", " and ": ", no newlines)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object is not False:
+            if self.json_object is not True:
+                raise ValueError(f"structured_outputs.json_object must be true or false, got {self.json_object!r}")
+            given.append("json_object")
+        if len(given) != 1:
+            raise ValueError("structured_outputs: give exactly one of json, json_object, regex, choice, grammar"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json: not valid JSON ({e})") from None
+        if self.json is not None and not isinstance(self.json, dict):
+            raise ValueError(f"structured_outputs.json must be a JSON schema object, got {self.json!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, "
+                             f"got {self.choice!r}")
+        if self.choice is not None:
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: json, json_object, regex, choice or grammar."""
+        return "json_object" if self.json_object else next(
+            n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None)
+
+    @classmethod
+    def parse(cls, value: StructuredOutputsParams | dict | None) -> StructuredOutputsParams | None:
+        if value is None or isinstance(value, StructuredOutputsParams):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"structured_outputs: expected an object such as {{\"json\": {{...}}}}, got {value!r}")
+        known = {"json", "regex", "choice", "grammar", "json_object"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"structured_outputs: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        return cls(**value)
 
 
 @dataclass
@@ -22,7 +91,8 @@ class SamplingParams:
     `prompt_logprobs` N (vLLM's name) asks for the logprob of every prompt token given the tokens before it, with
     its rank and the N most likely alternatives (0: the prompt token alone); computed in the prefill chunks.
     `max_tokens` 0 prefills the prompt and generates nothing (finish reason "length"): prompt logprobs only; it
-    needs `n` 1.
+    needs `n` 1. `structured_outputs` (vLLM's name; a `StructuredOutputsParams` or a dict of its fields) constrains
+    the output to a JSON schema, a regex, a choice or a grammar.
     """
 
     n: int = 1
@@ -41,6 +111,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, low=1)
@@ -78,6 +149,7 @@ class SamplingParams:
         ):
             raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids)
+        self.structured_outputs = StructuredOutputsParams.parse(self.structured_outputs)
 
     @property
     def is_greedy(self) -> bool:

@@ -53,6 +53,9 @@ class Sequence:
         self.num_registered_blocks = 0
         self.num_cached_tokens = 0
         self.draft_token_ids: list[int] = []  # proposed by the MTP head for the next step (speculative decoding)
+        # engine/structured.GrammarMatcher of a constrained request (params.structured_outputs): it has consumed
+        # exactly output_token_ids; the sampler masks what it does not allow.
+        self.grammar = None
         self.arrival = -1  # order of add() in the scheduler
         self.num_preemptions = 0
         # Prompt logprobs: positions [0, this) already have their next prompt token's logprob (the results live
