@@ -412,35 +412,24 @@ def test_rigged_model_tool_result_round_trip(rigged):
     assert again.choices[0].message.tool_calls[0].function.name == "get_weather"
 
 
-def test_forced_call_with_malformed_arguments_comes_back_as_content(llm, client):
+def test_forced_call_cut_short_comes_back_as_content_and_follows_the_grammar(llm, client):
+    """A random model under a forced tool_choice writes what the grammar allows (server/tools.py): the start of a
+    call to the declared tool; cut by max_tokens, the unfinished call comes back as content, streamed or not."""
     named = {"type": "function", "function": {"name": "get_weather"}}
-    prefix = '<tool_call>\n{"name": "get_weather", "arguments":'
+    start = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "'
     r = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice=named, **greedy(20))
     c = r.choices[0]
     assert not c.message.tool_calls and c.finish_reason == "length"
-    assert c.message.content.startswith(prefix)  # the random model's arguments are not JSON
+    assert start.startswith(c.message.content) and len(c.message.content) > len("<tool_call>")
     chunks = list(client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice=named,
                                                  stream=True, **greedy(20)))
     deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
     assert "".join(d.content or "" for d in deltas) == c.message.content
     assert not any(d.tool_calls for d in deltas)
     required = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice="required",
-                                              **greedy(20))
-    assert required.choices[0].message.content.startswith('<tool_call>\n{"name": "')
-
-
-def test_the_forced_call_prefix_ends_on_a_token_boundary_of_a_real_call():
-    """With the demo model's byte-level BPE, the forced start of a named call tokenizes as the start of the whole call
-    does: the model continues from a token it would have produced itself (`":` then ` {"`), not from a lone space."""
-    from qwen3next import DEFAULT_MODEL
-    from qwen3next.server.tools import named_call_prefix
-    from qwen3next.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(DEFAULT_MODEL)
-    for name, args in (("get_weather", '{"city": "Paris"}'), ("lookup_book", '{"title": "Emma"}')):
-        prefix = named_call_prefix(name)
-        whole = tok.encode(prefix + " " + args + "}\n</tool_call>")
-        assert whole[:len(tok.encode(prefix))] == tok.encode(prefix), name
+                                              max_tokens=60, temperature=1.0, seed=0)
+    content = required.choices[0].message.content or ""
+    assert required.choices[0].message.tool_calls or (start.startswith(content) or content.startswith(start))
 
 
 def test_tool_history_is_rendered_with_the_template(llm, client):

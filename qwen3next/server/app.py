@@ -26,8 +26,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ..engine.llm import LLM
 from ..engine.memory import fmt_bytes
 from ..engine.output import StreamEvent
-from ..engine.sampling import GREEDY_TEMPERATURE_BELOW, SamplingParams
+from ..engine.sampling import GREEDY_TEMPERATURE_BELOW, SamplingParams, StructuredOutputsParams
 from ..tokenizer import ChatTemplateError
+from ..tool_calls import TOOL_CALL_END, TOOL_CALL_START
 from . import protocol as P
 from .args import DEFAULT_MAX_BODY_BYTES, add_serve_args  # noqa: F401  (re-exported)
 from .errors import APIError, error_body, error_response, install_error_handlers, leading_name, unencodable_field
@@ -35,6 +36,7 @@ from .guard import GuardMiddleware
 from .metrics import CONTENT_TYPE, Counter, Histogram, render_family
 from .openapi import documented, openapi_schema
 from .streaming import Generation, SSEResponse, abort_on_disconnect, sse
+from .structured import request_constraint
 from .text import TextOffsets, TokenText, finite
 from .tools import ToolCallStream, ToolSetup, call_id, message_tool_calls, tool_setup
 
@@ -73,6 +75,8 @@ class OpenAIServer:
         self.created = int(time.time())
         self.token_text = TokenText(llm.tokenizer)
         self.special_ids = llm.tokenizer.special_token_ids
+        # the tool-call tags are tokens of their own: "auto" tool choice can be constrained (server/tools.py)
+        self.tag_tokens = all(llm.tokenizer.token_to_id(t) is not None for t in (TOOL_CALL_START, TOOL_CALL_END))
         self.requests_total = Counter("qwen3next_requests_total", "HTTP requests by endpoint and status code.",
                                       ("endpoint", "status"))
         self.ttft = Histogram("qwen3next_time_to_first_token_seconds",
@@ -125,7 +129,8 @@ class OpenAIServer:
 
     @staticmethod
     def _sampling(req: P.SamplingRequest, max_tokens: int, logprobs: int | None, renames: dict[str, str],
-                  prompt_logprobs: int | None = None) -> SamplingParams:
+                  prompt_logprobs: int | None = None,
+                  constraint: StructuredOutputsParams | None = None) -> SamplingParams:
         def pick(value, default):
             return default if value is None else value
 
@@ -139,17 +144,21 @@ class OpenAIServer:
                 presence_penalty=pick(req.presence_penalty, 0.0), frequency_penalty=pick(req.frequency_penalty, 0.0),
                 seed=req.seed, max_tokens=max_tokens, stop=req.stop, stop_token_ids=list(req.stop_token_ids or []),
                 ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                skip_special_tokens=req.skip_special_tokens)
+                skip_special_tokens=req.skip_special_tokens, structured_outputs=constraint)
         except ValueError as e:
             name = leading_name(str(e))
             raise APIError(400, str(e), renames.get(name, name)) from None
 
-    async def _start(self, gen: Generation, prompt_param: str) -> None:
+    async def _start(self, gen: Generation, prompt_param: str, constraint_param: str | None = None) -> None:
+        """Submit the generation; a ValueError of the engine becomes a 400 naming the request field: the prompt, or
+        the field the output constraint came from when its grammar does not compile."""
         try:
             await gen.start()
         except ValueError as e:
             name = leading_name(str(e))
-            raise APIError(400, str(e), prompt_param if name == "prompt" else None) from None
+            param = prompt_param if name == "prompt" else constraint_param if name == "structured_outputs" else None
+            message = str(e) if param is None or name != "structured_outputs" else f"{param}: {e}"
+            raise APIError(400, message, param) from None
         except RuntimeError as e:
             raise APIError(503, f"the engine is not available: {e}", code="engine_unavailable") from None
 
@@ -281,27 +290,27 @@ class OpenAIServer:
         t0 = time.perf_counter()
         self._check_model(req.model)
         self._check_common(req)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, f"response_format type {req.response_format.type!r} is not supported (only 'text')",
-                           "response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", "top_logprobs")
-        setup = tool_setup(req)
+        wanted = request_constraint(req)
+        setup = tool_setup(req, self.tag_tokens, wanted.answer_schema)
+        constraint, constraint_param = (setup.constraint, "tools") if setup.constraint else (wanted.params,
+                                                                                             wanted.field)
         messages = self._template_messages(req)
         try:
             text = await self._blocking(self.tokenizer.apply_chat_template, messages, tools=setup.tools,
                                         add_generation_prompt=True)
         except ChatTemplateError as e:
             raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
-        ids = await self._blocking(self.tokenizer.encode, text + setup.prefix)
+        ids = await self._blocking(self.tokenizer.encode, text)
         max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._budget(len(ids), requested, max_param, "messages")
         params = self._sampling(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
-                                {"logprobs": "top_logprobs", "max_tokens": max_param})
+                                {"logprobs": "top_logprobs", "max_tokens": max_param}, constraint=constraint)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = Generation(self.llm, rid, [(ids, params)])
-        await self._start(gen, "messages")
+        await self._start(gen, "messages", constraint_param)
         if req.stream:
             return self._stream_response(gen, request, self._chat_stream(gen, req, rid, len(ids), setup, t0))
         samples = (await self._collect(gen, request, 1, req.n, t0))[0]
@@ -369,6 +378,7 @@ class OpenAIServer:
         self._check_common(req)
         if req.suffix:
             raise APIError(400, "suffix is not supported", "suffix")
+        wanted = request_constraint(req)
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of must equal n (completions are not ranked server-side)", "best_of")
         prompts = req.prompts()
@@ -382,13 +392,13 @@ class OpenAIServer:
         prompt_logprobs = req.logprobs if req.echo else None  # the echoed prompt's logprobs (vLLM's way)
         for ids in ids_list:
             max_tokens = self._budget(len(ids), req.max_tokens, "max_tokens", "prompt")
-            jobs.append((ids, self._sampling(req, max_tokens, req.logprobs, {}, prompt_logprobs)))
+            jobs.append((ids, self._sampling(req, max_tokens, req.logprobs, {}, prompt_logprobs, wanted.params)))
         echoes = [""] * len(prompts)
         if req.echo:
             echoes = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         gen = Generation(self.llm, rid, jobs)
-        await self._start(gen, "prompt")
+        await self._start(gen, "prompt", wanted.field)
         prompt_tokens = sum(len(ids) for ids in ids_list)
         if req.stream:
             return self._stream_response(gen, request, self._completion_stream(gen, req, rid, ids_list, echoes, t0))
