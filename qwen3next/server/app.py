@@ -39,6 +39,7 @@ from .streaming import Generation, SSEResponse, abort_on_disconnect, sse
 from .structured import request_constraint
 from .text import TextOffsets, TokenText, finite
 from .tools import ToolCallStream, ToolSetup, call_id, message_tool_calls, tool_setup
+from .web import mount_web
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                  40.0, 80.0)
@@ -545,7 +546,8 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving `llm` under the name `served_model_name`.
 
-    api_key: when set, /v1/* requires `Authorization: Bearer <api_key>` (/health and /metrics stay open).
+    api_key: when set, /v1/* requires `Authorization: Bearer <api_key>` (/health, /metrics and the web chat page at /
+    stay open).
     max_body_bytes: larger request bodies get a 413."""
     if not served_model_name:
         raise ValueError("served_model_name: must be a non-empty string")
@@ -557,6 +559,7 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
                        requests_total=server.requests_total)
     install_error_handlers(app)
+    mount_web(app)
 
     @app.post("/v1/chat/completions", response_model=None,
               responses=documented(P.ChatCompletionResponse, P.ChatCompletionChunk, 400, 401, 404, 413, 503))
@@ -635,8 +638,8 @@ def run_serve(args: argparse.Namespace) -> int:
                   f"{' (adaptive)' if spec.adaptive else ''}")
         print("auth: API key required on /v1/*" if api_key else
               "auth: none (anyone who can reach the port can use it; set --api-key or QWEN3NEXT_API_KEY)")
-        print(f"serving the OpenAI API on http://{host}:{args.port}/v1  (health: /health, metrics: /metrics)",
-              flush=True)
+        print(f"serving the OpenAI API on http://{host}:{args.port}/v1  (health: /health, metrics: /metrics)")
+        print(f"web chat page: http://{host}:{args.port}/", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                                timeout_graceful_shutdown=5))
         server.run()
