@@ -42,6 +42,7 @@ from ..train.presets import PRESETS, preset_config
 from . import ablation, llamacpp, measure
 from . import prefix as prefix_bench
 from . import speculative as spec_bench
+from . import structured as structured_bench
 
 IMPLS = ("ours", "engine", "compiled", "transformers")  # compiled: ours through engine.compiled (--compile)
 # bf16: weights stored bf16, activations fp32 (quantize_model(bits=16)); a variant this build cannot make is reported
@@ -736,6 +737,11 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="--ablation: also plot throughput vs context (needs matplotlib: the [plot] extra)")
     prefix_bench.add_workload_args(parser)
+    parser.add_argument("--structured-output", action="store_true",
+                        help="instead of the usual measurements: decode tok/s with a JSON-schema constraint vs "
+                             "without at each --batch (--decode-tokens per request, --repeat timed rounds, default 5) "
+                             "and grammar compile times (bench/structured.py); needs a model with a tokenizer "
+                             "(default: the embedded demo model)")
 
 
 def _reject_flags(args: argparse.Namespace, mode: str, flags: tuple[str, ...], hint: str) -> None:
@@ -817,7 +823,49 @@ def _run_prefix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_structured(args: argparse.Namespace) -> int:
+    if args.workload or args.ablation is not None:
+        raise ValueError("structured-output: --structured-output, --workload and --ablation are separate modes; "
+                         "give one")
+    _reject_flags(args, "structured-output", ("--compare", "--quantize", "--compile", "--speculative-config",
+                                              "--prompt-len", "--prefill-lens", "--gguf", "--llama-bench",
+                                              "--bandwidth-mib", "--contexts", "--plot"),
+                  "JSON-constrained vs plain decode: --batch, --decode-tokens, --repeat, --threads, --model")
+    check_output_paths(args, "--json")
+    from .. import DEFAULT_MODEL
+
+    model_dir = args.model if args.model is not None else str(DEFAULT_MODEL)
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise ValueError(f"structured-output: constrained decoding needs the model's tokenizer, and {model_dir} "
+                         f"has no tokenizer.json (give --model DIR of a model with one; presets have none)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    machine = describe_machine(torch.get_num_threads())
+    machine["busy_warning"] = _busy_warning(machine)
+    if machine["busy_warning"]:
+        log(machine["busy_warning"])
+    load = BenchOptions(model=model_dir, dtype=args.dtype, seed=args.seed, hf_overrides=args.hf_overrides)
+    model, tokenizer, _, source = _load(load, parse_dtype(args.dtype))
+    d = BenchOptions()
+    opts = structured_bench.StructuredBenchOptions(batches=list(args.batches), decode_tokens=args.decode_tokens,
+                                                   rounds=args.repeat if args.repeat != d.repeat else 5)
+    report = {"machine": machine, "model": {"source": source, "dtype": args.dtype},
+              "options": {**asdict(opts), "threads": machine["threads"]},
+              "structured_output": structured_bench.bench_structured(opts, model, tokenizer, log)}
+    print("\n".join([f"machine: {machine['threads']} threads; model: {source} ({args.dtype})",
+                     *structured_bench.format_section(report["structured_output"], _aligned)]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.structured_output:
+        return _run_structured(args)
     if args.workload:
         return _run_prefix(args)
     prefix_bench.check_unused(args)

@@ -171,7 +171,8 @@ class Engine:
         self._seq_to_sample: dict[int, tuple[RequestState, SampleState]] = {}
         self._ids = itertools.count()
         self._token_texts: dict[int, str] = {}  # decoded single tokens, for prompt logprobs
-        self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "preemptions": 0}
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "preemptions": 0,
+                      "grammar_seconds": 0.0}  # token masks and matcher advances of constrained requests
         self.spec_stats = SpecStats()
         self._grammars: GrammarCompiler | None = None
 
@@ -280,8 +281,11 @@ class Engine:
                 policy.record_acceptance(out.num_drafts[j], out.num_accepted[j])
             if not seq.is_finished:
                 seq.draft_token_ids = out.drafts[j] if out.drafts else []
-                if seq.grammar is not None and not seq.grammar.accept(seq.output_token_ids[before[j]:]):
-                    self._grammar_failed(seq)
+                if seq.grammar is not None:
+                    t0 = time.perf_counter()
+                    if not seq.grammar.accept(seq.output_token_ids[before[j]:]):
+                        self._grammar_failed(seq)
+                    out.grammar_seconds += time.perf_counter() - t0
             entry = self._seq_to_sample.get(id(seq))
             if entry is None:
                 continue
@@ -292,6 +296,7 @@ class Engine:
                 if s.out.finish_reason is not None:
                     break  # aborted meanwhile, or a stop string ended it
                 self._accept_token(req, s, token, out.sampled, row)
+        self.stats["grammar_seconds"] += out.grammar_seconds
         # Time the whole step (detokenizing more tokens is part of what drafting costs) when it shows what a draft
         # length costs: decode steps without the MTP head (length 0) and verifications of that many drafts (not
         # the first step after a change, which has none to verify yet).

@@ -5,6 +5,7 @@ and the MTP head's next drafts."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,7 @@ class StepOutput:
     num_accepted: list[int]
     drafts: list[list[int]] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    grammar_seconds: float = 0.0  # spent on the grammars' token masks
 
 
 class ModelRunner:
@@ -149,8 +151,10 @@ class ModelRunner:
         idx = torch.tensor(batch.logits_indices, dtype=torch.long, device=model.device)
         logits = model.lm_head(hidden.index_select(0, idx)).float()
         drafts = [batch.entries[i].draft_token_ids for i in batch.sample_indices]
-        sampled = sample(logits, SamplingBatch.for_sequences(batch.sampled_seqs, logits.device, drafts,
-                                                             logits.shape[-1]))
+        t0 = time.perf_counter()
+        sampling = SamplingBatch.for_sequences(batch.sampled_seqs, logits.device, drafts, logits.shape[-1])
+        grammar_seconds = time.perf_counter() - t0 if sampling.allowed is not None else 0.0
+        sampled = sample(logits, sampling)
         targets = sampled.token_ids.tolist()
         runs, rows, start = [], [], 0
         for d in drafts:
@@ -158,7 +162,8 @@ class ModelRunner:
             runs.append(run)
             rows.append(list(range(start, start + len(run))))
             start += len(d) + 1
-        return StepOutput(sampled, runs, rows, [len(d) for d in drafts], [len(r) - 1 for r in runs])
+        return StepOutput(sampled, runs, rows, [len(d) for d in drafts], [len(r) - 1 for r in runs],
+                          grammar_seconds=grammar_seconds)
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> list[PromptLogprobs]:
         """Of each prompt position of `batch.prompt_logprob_spans`, the next prompt token's logprob and rank and the
