@@ -148,3 +148,25 @@ def test_constraint_errors_are_400s_naming_the_field(client):
         assert r.status_code == 400, (extra, r.text)
         assert r.json()["error"]["param"] == param, (extra, r.json())
     assert http().post(url, json=body).status_code == 200  # still serving
+
+
+def test_langchain_with_structured_output_in_both_modes_and_bound_tools(client):
+    """LangChain's ChatOpenAI against the server: `with_structured_output` by json_schema (its default: our
+    response_format) and by function_calling (a named tool_choice), and `bind_tools(tool_choice=NAME)`."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    _, base = client
+    chat = langchain_openai.ChatOpenAI(base_url=f"{base}/v1", api_key="none", model=MODEL, temperature=1.0,
+                                       max_tokens=96, max_retries=0, timeout=120)
+    for method in ("json_schema", "function_calling"):
+        structured = chat.with_structured_output(Weather, method=method)
+        for _ in range(3):
+            assert isinstance(structured.invoke("What is the weather in Paris?"), Weather), method
+
+    def lookup_book(title: str) -> str:
+        """Find a book by its title."""
+        return title
+
+    bound = chat.bind_tools([lookup_book], tool_choice="lookup_book")
+    msg = bound.invoke("What is the weather in Paris?")
+    [call] = msg.tool_calls
+    assert call["name"] == "lookup_book" and isinstance(call["args"]["title"], str)

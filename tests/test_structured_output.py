@@ -16,7 +16,7 @@ import torch
 from qwen3next import DEFAULT_MODEL
 from qwen3next.engine.llm import LLM, Engine
 from qwen3next.engine.sampling import SamplingParams, StructuredOutputsParams
-from qwen3next.engine.structured import GrammarCompiler, allowed_mask, words_per_row
+from qwen3next.engine.structured import GrammarCompiler, allowed_mask, closed_objects, words_per_row
 from qwen3next.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").exists(), reason="demo model not built")
@@ -179,3 +179,25 @@ def test_llguidance_is_the_engine():  # the tokenizer built from tokenizer.json 
     tok = Tokenizer.from_dir(DEFAULT_MODEL)
     lt = llguidance.LLTokenizer(tok.backend.to_str(), n_vocab=8256, eos_token=tok.eos_token_ids)
     assert lt.vocab_size == 8256 and set(lt.eos_tokens) == set(tok.eos_token_ids)
+
+
+def test_objects_get_only_the_keys_their_schema_lists(llm):
+    """As xgrammar (vLLM's default backend) does: a schema listing properties without a word on others (pydantic's
+    default) gets no invented keys; one that allows them explicitly keeps that."""
+    open_schema = {k: v for k, v in WEATHER.items() if k != "additionalProperties"}
+    for o in sample(llm, {"json": open_schema}, n=10):
+        assert o.finish_reason == "stop" and set(json.loads(o.text)) <= set(WEATHER["properties"]), o.text
+    nested = {"type": "object", "properties": {
+        "properties": {"type": "object", "properties": {"a": {"type": "integer"}}},  # a key named "properties"
+        "rows": {"type": "array", "items": {"type": "object", "properties": {"x": {}}}},
+        "free": {"type": "object", "properties": {"y": {}}, "additionalProperties": True}},
+        "$defs": {"D": {"type": "object", "properties": {"z": {}}}}, "enum": [{"properties": {}}]}
+    closed = closed_objects(nested)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["properties"]["additionalProperties"] is False
+    assert set(closed["properties"]) == {"properties", "rows", "free"}  # the mapping itself is not a schema
+    assert closed["properties"]["rows"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["free"]["additionalProperties"] is True
+    assert closed["$defs"]["D"]["additionalProperties"] is False
+    assert closed["enum"] == [{"properties": {}}]  # values, not schemas
+    assert "additionalProperties" not in nested  # the caller's schema is not changed

@@ -26,7 +26,9 @@ class StructuredOutputsParams:
 
     Decoding then masks every token that would leave the constraint (engine/structured.py; llguidance compiles
     it): the output matches by construction unless it is cut short (max_tokens, a stop string). JSON is written
-    the way Python's json.dumps and the model's chat format write it (", " and ": ", no newlines)."""
+    the way Python's json.dumps and the model's chat format write it (", " and ": ", no newlines), and an object
+    schema that lists its properties gets no other keys unless it says `additionalProperties` (as xgrammar, vLLM's
+    default backend, does)."""
 
     json: dict | str | None = None
     regex: str | None = None

@@ -31,6 +31,33 @@ log = logging.getLogger(__name__)
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+def closed_objects(schema):
+    """The schema with `additionalProperties: false` added to every object schema that lists `properties` and says
+    nothing about others (xgrammar's strict default, which vLLM's default backend follows): a model is never led to
+    invent keys the schema did not name. A schema that allows extra keys explicitly keeps them."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):  # name -> subschema
+            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        elif key in _SUBSCHEMAS:
+            out[key] = closed_objects(value)
+        else:  # const, enum, default, examples, and the rest: values, not schemas
+            out[key] = value
+    if isinstance(out.get("properties"), dict) and not {"additionalProperties", "patternProperties",
+                                                        "unevaluatedProperties"} & set(out):
+        out["additionalProperties"] = False
+    return out
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMAS = ("items", "prefixItems", "additionalItems", "contains", "additionalProperties", "propertyNames",
+               "anyOf", "oneOf", "allOf", "not", "if", "then", "else", "unevaluatedItems", "unevaluatedProperties")
+
+
 def words_per_row(vocab_size: int) -> int:
     """int32 words of one bitmask row."""
     return (vocab_size + 31) // 32
@@ -104,7 +131,7 @@ class GrammarCompiler:
         """The llguidance grammar of a constraint (not yet checked)."""
         kind = params.kind
         if kind in ("json", "json_object"):
-            schema = params.json if kind == "json" else {"type": "object"}
+            schema = closed_objects(params.json) if kind == "json" else {"type": "object"}
             return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_STYLE)
         if kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(params.regex)

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..engine.sampling import StructuredOutputsParams
-from ..engine.structured import JSON_STYLE
+from ..engine.structured import JSON_STYLE, closed_objects
 from ..tool_calls import (
     TOOL_CALL_END,
     TOOL_CALL_START,
@@ -48,7 +48,7 @@ def _call_schema(tools: list[P.Tool]) -> dict:
     """The JSON schema of one call: the name of a declared tool and arguments valid for that tool."""
     variants = [{"type": "object", "properties": {
         "name": {"const": t.function.name},
-        "arguments": t.function.parameters if t.function.parameters is not None else {"type": "object"}},
+        "arguments": closed_objects(t.function.parameters or {"type": "object"})},
         "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
     return {**schema, "x-guidance": JSON_STYLE}
@@ -66,7 +66,7 @@ def tool_grammar(tools: list[P.Tool], mode: str, parallel: bool, tag_tokens: boo
     if mode != "auto":
         return "\n".join([f"start: {calls}", *rules])
     if answer_schema is not None:
-        answer = {**answer_schema, "x-guidance": JSON_STYLE}
+        answer = {**closed_objects(answer_schema), "x-guidance": JSON_STYLE}
         return "\n".join([f"start: %json {json.dumps(answer)} | {calls}", *rules])
     more = "*" if parallel else "?"
     return "\n".join([f"start: TEXT? (call TEXT?){more}", "TEXT: /(.|\\n)+/", *rules])
