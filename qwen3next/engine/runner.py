@@ -17,6 +17,7 @@ from .memory import CacheGeometry, CachePlan
 from .sampler import SampleOutput, SamplingBatch, sample
 from .scheduler import ScheduledBatch
 from .speculative import accepted_run
+from .structured import allowed_mask, words_per_row
 
 
 def cache_geometry(model: Qwen3NextForCausalLM, block_size: int, include_mtp: bool = False) -> CacheGeometry:
@@ -210,12 +211,28 @@ class ModelRunner:
         if K == 0 or not last_kept:
             return [[] for _ in last_kept]
         h = h.index_select(0, torch.tensor(last_kept, dtype=torch.long, device=h.device))
-        draft = model.lm_head(h).argmax(-1)
+        entries = [batch.entries[i] for i in batch.sample_indices]
+        # Constrained sequences draft inside their grammar: each matcher is advanced over this step's emitted run
+        # and then over each draft, and rolled back at the end (engine.step advances it for real).
+        grammars = {i: e.seq.grammar for i, e in enumerate(entries) if e.seq.grammar is not None}
+        pushed = {i: g.push(out.tokens[i]) for i, g in grammars.items()}
+        try:
+            return self._draft(batch, h, entries, last_kept, K, compiled_verify, grammars, pushed)
+        finally:
+            for i, g in grammars.items():
+                g.pop(pushed[i])
+
+    def _draft(self, batch: ScheduledBatch, h: torch.Tensor, entries: list, last_kept: list[int], K: int,
+               compiled_verify: bool, grammars: dict, pushed: dict[int, int]) -> list[list[int]]:
+        """Greedy drafts of the MTP head from its hidden states `h` at each sampled entry's last kept position; a
+        constrained entry's draft is the argmax among the tokens its grammar allows there (`pushed` counts the
+        tokens its matcher has been advanced over; the drafts add to it)."""
+        model = self.model
+        draft = self._draft_argmax(model.lm_head(h), list(range(len(entries))), grammars, pushed)
         drafts = [[t] for t in draft.tolist()]
         # Recursive drafting: the head's own hidden state and its last draft, one position further each time, as
         # long as the sequence's blocks hold the position (the scheduler allocates them ahead when it can; once a
         # position is past them, so are the later ones).
-        entries = [batch.entries[i] for i in batch.sample_indices]
         pos = [batch.positions[k] for k in last_kept]
         bs = self.cache.block_size
         for j in range(1, K):
@@ -228,7 +245,7 @@ class ModelRunner:
             full = len(live) == len(entries)
             h_live = self._mtp_hidden(h if full else h[sel], draft if full else draft[sel],
                                       model.context(step, self.cache, views=not compiled_verify), compiled_verify)
-            d_live = model.lm_head(h_live).argmax(-1)
+            d_live = self._draft_argmax(model.lm_head(h_live), live, grammars, pushed)
             if full:
                 h, draft = h_live, d_live
             else:
@@ -236,6 +253,25 @@ class ModelRunner:
             for i, t in zip(live, d_live.tolist()):
                 drafts[i].append(t)
         return drafts
+
+    @staticmethod
+    def _draft_argmax(logits: torch.Tensor, rows_of: list[int], grammars: dict, pushed: dict[int, int]) -> torch.Tensor:
+        """argmax per row of `logits` (row r drafts for entry rows_of[r]); constrained entries take the argmax
+        among the tokens their grammar allows and advance their matcher over it."""
+        constrained = [r for r, i in enumerate(rows_of) if i in grammars]
+        if not constrained:
+            return logits.argmax(-1)
+        V = logits.shape[-1]
+        bitmask = torch.full((len(constrained), words_per_row(V)), -1, dtype=torch.int32)
+        for k, r in enumerate(constrained):
+            grammars[rows_of[r]].fill_masks(bitmask, k, ())
+        rows = torch.tensor(constrained, dtype=torch.long, device=logits.device)
+        allowed = allowed_mask(bitmask, V).to(logits.device)
+        logits = logits.index_copy(0, rows, logits.index_select(0, rows).masked_fill(~allowed, float("-inf")))
+        draft = logits.argmax(-1)
+        for r, t in zip(constrained, draft[rows].tolist()):
+            pushed[rows_of[r]] += grammars[rows_of[r]].push([t])
+        return draft
 
     def _mtp_hidden(self, hidden: torch.Tensor, next_tokens: torch.Tensor, ctx: ForwardContext,
                     compiled: bool) -> torch.Tensor:

@@ -93,12 +93,28 @@ class GrammarMatcher:
                 return False
         return True
 
+    def valid_prefix(self, tokens: SequenceLike[int]) -> int:
+        """How many of `tokens`, in a row from the start, the grammar would accept next (nothing changes)."""
+        return self._m.validate_tokens([int(t) for t in tokens]) if tokens else 0
+
+    def push(self, tokens: SequenceLike[int]) -> int:
+        """Advance over as many of `tokens` as the grammar accepts in a row (tentatively: `pop` undoes it); returns
+        how many. Nothing after a completed grammar."""
+        if not tokens or self._m.is_stopped():
+            return 0
+        return self._m.try_consume_tokens([int(t) for t in tokens])
+
+    def pop(self, n: int) -> None:
+        """Undo the last `n` tokens."""
+        if n:
+            self._m.rollback(n)
+
     def fill_masks(self, bitmask: torch.Tensor, row: int, drafts: SequenceLike[int]) -> int:
         """Write the allowed tokens of the next 1 + len(drafts) positions into rows row, row + 1, ... of `bitmask`
         (int32 [R, words_per_row], all-ones on entry); returns how many rows were written: the rows after a draft
         the grammar does not allow stay untouched."""
         m = self._m
-        valid = m.validate_tokens([int(d) for d in drafts]) if drafts else 0  # drafts the grammar allows in a row
+        valid = self.valid_prefix(drafts)  # drafts the grammar allows in a row
         consumed = 0
         try:
             for j in range(valid + 1):
