@@ -46,6 +46,9 @@ class SparseMoE(nn.Module):
         D = config.hidden_size
         self.gate = Linear(D, config.num_experts, bias=False)
         self.experts = Experts(config.num_experts, D, config.moe_intermediate_size)
+        # Expert parallelism (parallel/): this module then holds only experts [start, stop) of the layer, and the
+        # pairs routed elsewhere contribute nothing here. None: all experts.
+        self.local_experts: tuple[int, int] | None = None
         self.has_shared = config.shared_expert_intermediate_size > 0
         if self.has_shared:
             self.shared_expert = MLP(D, config.shared_expert_intermediate_size)
@@ -57,7 +60,20 @@ class SparseMoE(nn.Module):
         if ctx is not None and ctx.router_logits is not None:
             ctx.router_logits.append(logits)
         weights, ids = route_topk(logits, self.top_k, self.norm_topk_prob)
-        out = self.experts(x, weights.to(x.dtype), ids)
+        if self.local_experts is None:
+            out = self.experts(x, weights.to(x.dtype), ids)
+        else:
+            out = self._local_pairs(x, weights, ids)
         if self.has_shared:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def _local_pairs(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The (token, expert) pairs whose expert lives here, each as a one-expert row, summed back per token."""
+        start, stop = self.local_experts
+        tok, k = ((ids >= start) & (ids < stop)).nonzero(as_tuple=True)
+        out = x.new_zeros(x.shape)
+        if tok.numel():
+            y = self.experts(x.index_select(0, tok), weights[tok, k, None].to(x.dtype), (ids[tok, k] - start)[:, None])
+            out.index_add_(0, tok, y)
         return out
