@@ -90,6 +90,28 @@ def _eos_without_tokenizer(model: str | Path | Qwen3NextForCausalLM, config: Qwe
     return tuple(dict.fromkeys(ids))  # in order, without duplicates
 
 
+def _tensor_parallel(model, size, dtype, device, quantize, hf_overrides, compile_decode, speculative):
+    """Start the workers of a tensor-parallel engine (parallel/engine.py), after checking what it needs."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"tensor_parallel_size: expected a positive int, got {size!r}")
+    if not isinstance(model, (str, Path)) or not Path(model).is_dir():
+        raise ValueError("tensor_parallel_size: each rank loads its shard from a model directory; pass its path "
+                         f"(got {type(model).__name__ if not isinstance(model, (str, Path)) else model})")
+    if compile_decode:
+        raise ValueError("compile_decode: not with tensor_parallel_size > 1 yet (the compiled step has no "
+                         "collectives)")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"tensor_parallel_size: runs on CPU ranks over gloo; device {device!r} (NCCL) is not "
+                         f"supported yet")
+    from ..parallel.engine import ShardSpec, TPGroup
+    from ..parallel.plan import TPPlan
+
+    config = Qwen3NextConfig.from_pretrained(model, hf_overrides)
+    TPPlan(config, size, 0)  # a split that cannot be done fails here, before any worker starts
+    spec = ShardSpec(str(model), dtype, quantize, hf_overrides, size, torch.get_num_threads())
+    return TPGroup(spec, speculative.num_speculative_tokens if speculative is not None else 0)
+
+
 def _context_error(config: Qwen3NextConfig, max_model_len: int) -> str:
     """Why `max_model_len` is refused: the model's longest context, where it comes from, and how to extend it."""
     limit, original = config.max_context_len, config.original_context_len
@@ -111,7 +133,8 @@ class Engine:
                  quantize: str | None = None, compile_decode: bool = False,
                  speculative_config: SpeculativeConfig | dict | str | None = None, hf_overrides: dict | None = None,
                  enable_prefix_caching: bool = True, prefix_snapshot_slots: int | None = None,
-                 prefix_snapshot_interval: int | None = None, skip_tokenizer_init: bool = False):
+                 prefix_snapshot_interval: int | None = None, skip_tokenizer_init: bool = False,
+                 tensor_parallel_size: int = 1):
         """`compile_decode`: run decode steps through torch.compile (see engine/compiled.py);
         the graphs are compiled here, before the engine takes requests (about a minute for small models).
         `speculative_config`: `{"method": "mtp", "num_speculative_tokens": k}` drafts up to k tokens per step with
@@ -127,10 +150,32 @@ class Engine:
         tokens (a multiple of block_size; None: chosen from the memory budget, 0: none).
         `skip_tokenizer_init` (vLLM's name): run without a tokenizer (a bare checkpoint): prompts are lists of token
         ids, outputs carry token ids and empty text, generation ends at config.json / generation_config.json's
-        eos_token_id; stop strings and chat need the tokenizer."""
+        eos_token_id; stop strings and chat need the tokenizer.
+        `tensor_parallel_size` (vLLM's name) N > 1: the model and its cache are split over N ranks on this machine
+        (parallel/: attention and DeltaNet heads, experts, MLP channels, vocabulary), this process rank 0 and N - 1
+        worker processes, joined over gloo; `max_memory` is then per rank. Call `close()` (or use `LLM`, which
+        does) to stop the workers."""
         self.speculative = SpeculativeConfig.parse(speculative_config)
-        self.model, self.tokenizer = _model_and_tokenizer(model, tokenizer, dtype, device, quantize, hf_overrides,
-                                                          skip_tokenizer_init)
+        self.tp = None
+        if tensor_parallel_size != 1:
+            self.tp = _tensor_parallel(model, tensor_parallel_size, dtype, device, quantize, hf_overrides,
+                                       compile_decode, self.speculative)
+            self.model = self.tp.load()
+            self.tokenizer = None if skip_tokenizer_init else tokenizer or Tokenizer.from_dir(model)
+        else:
+            self.model, self.tokenizer = _model_and_tokenizer(model, tokenizer, dtype, device, quantize,
+                                                              hf_overrides, skip_tokenizer_init)
+        try:
+            self._setup(max_memory, max_num_seqs, max_num_batched_tokens, max_model_len, chunked_prefill,
+                        prefill_chunk_size, block_size, compile_decode, enable_prefix_caching, prefix_snapshot_slots,
+                        prefix_snapshot_interval, model)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, max_memory, max_num_seqs, max_num_batched_tokens, max_model_len, chunked_prefill,
+               prefill_chunk_size, block_size, compile_decode, enable_prefix_caching, prefix_snapshot_slots,
+               prefix_snapshot_interval, model) -> None:
         config = self.model.config
         if self.speculative is not None and self.model.mtp is None:
             raise ValueError("speculative_config: method 'mtp' needs the model's MTP head, but this model has no "
@@ -166,7 +211,10 @@ class Engine:
         self.block_manager = BlockManager.from_plan(self.plan, self.enable_prefix_caching)
         policy = DraftLengthPolicy(spec_k, self.speculative.adaptive) if spec_k else None
         self.scheduler = Scheduler(sched_config, self.block_manager, policy)
-        self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode, num_speculative_tokens=spec_k)
+        if self.tp is not None:
+            self.tp.start(self.plan)
+        self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode, num_speculative_tokens=spec_k,
+                                  tp=self.tp.comm if self.tp is not None else None)
         self.requests: dict[str, RequestState] = {}
         self._seq_to_sample: dict[int, tuple[RequestState, SampleState]] = {}
         self._ids = itertools.count()
@@ -226,6 +274,16 @@ class Engine:
         self.stats["prompt_tokens"] += len(ids)
         return req
 
+    @property
+    def error(self) -> str | None:
+        """Why the engine cannot run (a tensor-parallel worker died), or None."""
+        return self.tp.error if self.tp is not None else None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one rank)."""
+        if self.tp is not None:
+            self.tp.close()
+
     def compile_grammar(self, params: SamplingParams) -> GrammarMatcher | None:
         """The matcher of `params.structured_outputs` (None without one); ValueError naming the field when it does
         not compile. Compiling takes milliseconds for a schema (more for big tool lists): callers on an event loop
@@ -260,6 +318,8 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return False
+        if self.tp is not None:
+            self.tp.step(batch)
         out = self.runner.execute(batch)
         sampled = batch.sampled_seqs
         before = [seq.num_output_tokens for seq in sampled]
@@ -355,12 +415,15 @@ class LLM:
 
     @property
     def error(self) -> BaseException | None:
-        """The exception that stopped the engine thread, or None while it is healthy."""
+        """The exception that stopped the engine thread (or the death of a tensor-parallel worker), or None while
+        it is healthy."""
+        if self._error is None and self.engine.error is not None:
+            return RuntimeError(self.engine.error)
         return self._error
 
     @property
     def is_alive(self) -> bool:
-        return self._error is None and not self._closed and self._thread.is_alive()
+        return self.error is None and not self._closed and self._thread.is_alive()
 
     # ---- background loop ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -413,6 +476,7 @@ class LLM:
             self._closed = True
             self._wake.notify_all()
         self._thread.join(timeout=30)
+        self.engine.close()
 
     def __enter__(self) -> LLM:
         return self

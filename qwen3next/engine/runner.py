@@ -13,6 +13,7 @@ import torch
 from ..model.batch import BatchInfo, ForwardContext
 from ..model.cache import HybridCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
+from ..parallel.comm import TPComm
 from .memory import CacheGeometry, CachePlan
 from .sampler import SampleOutput, SamplingBatch, sample
 from .scheduler import ScheduledBatch
@@ -64,12 +65,16 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: Qwen3NextForCausalLM, plan: CachePlan, compile_decode: bool = False,
-                 num_speculative_tokens: int = 0):
+                 num_speculative_tokens: int = 0, tp: TPComm | None = None):
         """`compile_decode`: run decode steps through a torch.compile'd decoder (see engine/compiled.py), compiled
         here on this cache before any request (raises CompileDecodeError when this machine cannot compile).
         `num_speculative_tokens` > 0: MTP speculative decoding with up to that many drafts (the cache then holds
-        the MTP layer's K/V too); with compile_decode, verifications of that many drafts are compiled too."""
-        self.model = model
+        the MTP layer's K/V too); with compile_decode, verifications of that many drafts are compiled too.
+        `tp`: the model is a tensor-parallel shard (parallel/) and this runner one of the ranks running every step
+        together; rank 0 samples and broadcasts its tokens."""
+        if tp is not None and compile_decode:
+            raise ValueError("compile_decode: not with tensor_parallel_size > 1 (the compiled step has no collectives)")
+        self.model, self.tp = model, tp
         self.speculative = speculative = num_speculative_tokens > 0
         self.cache = HybridCache(model.config, num_slots=plan.num_slots, num_blocks=plan.num_blocks,
                                  block_size=plan.block_size, dtype=model.dtype, device=model.device,
@@ -152,10 +157,16 @@ class ModelRunner:
         idx = torch.tensor(batch.logits_indices, dtype=torch.long, device=model.device)
         logits = model.lm_head(hidden.index_select(0, idx)).float()
         drafts = [batch.entries[i].draft_token_ids for i in batch.sample_indices]
-        t0 = time.perf_counter()
-        sampling = SamplingBatch.for_sequences(batch.sampled_seqs, logits.device, drafts, logits.shape[-1])
-        grammar_seconds = time.perf_counter() - t0 if sampling.allowed is not None else 0.0
-        sampled = sample(logits, sampling)
+        grammar_seconds = 0.0
+        if self.tp is None or self.tp.rank == 0:
+            t0 = time.perf_counter()
+            sampling = SamplingBatch.for_sequences(batch.sampled_seqs, logits.device, drafts, logits.shape[-1])
+            grammar_seconds = time.perf_counter() - t0 if sampling.allowed is not None else 0.0
+            sampled = sample(logits, sampling)
+        else:  # a worker: rank 0's tokens arrive below
+            sampled = SampleOutput(torch.empty(logits.shape[0], dtype=torch.long, device=logits.device), None)
+        if self.tp is not None:
+            self.tp.broadcast(sampled.token_ids)
         targets = sampled.token_ids.tolist()
         runs, rows, start = [], [], 0
         for d in drafts:

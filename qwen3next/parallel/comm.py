@@ -22,6 +22,12 @@ class TPComm:
             dist.all_reduce(t, group=self.group)
         return t
 
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank `src`'s tensor on every rank, in place."""
+        if self.world > 1:
+            dist.broadcast(t, src=src, group=self.group)
+        return t
+
     def all_gather_last(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Rank r's [..., sizes[r]] pieces concatenated along the last dim, on every rank."""
         if self.world == 1:

@@ -1,0 +1,191 @@
+"""The engine over N tensor-parallel ranks on one machine: rank 0 is the caller's process (it schedules, samples and
+talks to clients), ranks 1..N-1 are worker processes that only run the model.
+
+Every rank holds its shard of the model (parallel/shard.py) and of the cache (the layers declare their local heads,
+so each rank's `HybridCache` is its share). Per step, rank 0 broadcasts the scheduled batch (`wire_batch`: the
+torch-free `ScheduledBatch` with each sequence reduced to what the runner reads) and every rank runs the same
+`ModelRunner.execute` on it: the same forwards, hence the same collectives in the same order. Sampling happens on
+rank 0 alone; its tokens are broadcast inside the step (`ModelRunner._sample`), so the accepted runs, the committed
+DeltaNet states and the MTP drafts agree on every rank.
+
+A worker that dies is noticed by a monitor thread on rank 0 within a second (`TPGroup.error`): the engine then
+reports the error (the server's /health answers 503) and the next step fails instead of hanging. Workers are daemon
+processes of rank 0 and exit when its group closes or disappears: no zombies.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..checkpoint import load_model, parse_dtype
+from ..engine.memory import CachePlan
+from ..engine.scheduler import ScheduledBatch
+from ..model.qwen3_next import Qwen3NextForCausalLM
+from .comm import TPComm
+from .launch import free_port
+from .plan import TPPlan, split_range
+from .shard import gather_logits, shard_model
+
+TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long (a long prefill on a slow rank) before failing
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How every rank loads its shard: the model directory and the load options."""
+
+    model: str
+    dtype: str | None
+    quantize: str | None
+    hf_overrides: dict | None
+    world: int
+    threads: int
+
+
+def load_shard(spec: ShardSpec, comm: TPComm) -> Qwen3NextForCausalLM:
+    """This rank's shard: the checkpoint loaded, sliced to the rank's part, then quantized when asked."""
+    model = load_model(spec.model, dtype=parse_dtype(spec.dtype), hf_overrides=spec.hf_overrides)
+    shard_model(model, TPPlan(model.config, comm.world, comm.rank), comm)
+    if spec.quantize is not None:
+        from ..checkpoint import quantize_bits
+        from ..quant import quantize_model
+
+        quantize_model(model, quantize_bits(spec.quantize))
+        V = model.config.vocab_size
+        gather_logits(model, comm, [b - a for a, b in (split_range(V, comm.world, r) for r in range(comm.world))])
+    return model
+
+
+@dataclass
+class _SeqView:
+    """What the runner reads of a sequence on a worker (no token history, no grammar: rank 0 samples)."""
+
+    request_id: str
+    block_table: list[int]
+    slot: int | None
+    params: object
+    sample_index: int
+    draft_token_ids: list[int]
+    grammar: None = None
+
+
+def wire_batch(batch: ScheduledBatch) -> ScheduledBatch:
+    """A copy of `batch` to send to the workers: each entry's sequence replaced by a `_SeqView`, so the message
+    does not grow with the sequences' histories."""
+    out = copy.copy(batch)
+    views = {}
+    entries = []
+    for e in batch.entries:
+        s = e.seq
+        view = views.get(id(s))
+        if view is None:
+            params = dataclasses.replace(s.params, structured_outputs=None) if s.params.structured_outputs else s.params
+            view = views[id(s)] = _SeqView(s.request_id, list(s.block_table), s.slot, params, s.sample_index,
+                                           list(s.draft_token_ids))
+        entries.append(dataclasses.replace(e, seq=view, restore=None))
+    out.entries = entries
+    return out
+
+
+def _worker(rank: int, spec: ShardSpec, port: int, num_speculative_tokens: int) -> None:
+    torch.set_num_threads(spec.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=spec.world,
+                            timeout=TIMEOUT)
+    try:
+        from ..engine.runner import ModelRunner
+
+        comm = TPComm()
+        model = load_shard(spec, comm)
+        box = [None]
+        dist.broadcast_object_list(box, src=0)  # rank 0's cache plan: the same pools everywhere
+        runner = ModelRunner(model, box[0], num_speculative_tokens=num_speculative_tokens, tp=comm)
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is None:
+                break
+            runner.execute(box[0])
+    finally:
+        dist.destroy_process_group()
+
+
+class TPGroup:
+    """Rank 0's side: starts the workers, joins the group, broadcasts steps, watches the workers."""
+
+    def __init__(self, spec: ShardSpec, num_speculative_tokens: int):
+        if dist.is_initialized():
+            raise ValueError("tensor_parallel_size: this process already belongs to a torch.distributed group; run "
+                             "one tensor-parallel engine per process")
+        self.spec, port = spec, free_port()
+        ctx = mp.get_context("spawn")
+        self.workers = [ctx.Process(target=_worker, args=(r, spec, port, num_speculative_tokens), daemon=True,
+                                    name=f"qwen3next-tp{r}") for r in range(1, spec.world)]
+        for p in self.workers:
+            p.start()
+        self._error: str | None = None
+        self._closed = False
+        try:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=spec.world,
+                                    timeout=TIMEOUT)
+        except BaseException:
+            self._kill()
+            raise
+        self.comm = TPComm()
+        self._monitor = threading.Thread(target=self._watch, name="qwen3next-tp-monitor", daemon=True)
+        self._monitor.start()
+
+    def load(self) -> Qwen3NextForCausalLM:
+        try:
+            return load_shard(self.spec, self.comm)
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, plan: CachePlan) -> None:
+        dist.broadcast_object_list([plan], src=0)
+
+    def step(self, batch: ScheduledBatch) -> None:
+        if self._error is not None:
+            raise RuntimeError(self._error)
+        dist.broadcast_object_list([wire_batch(batch)], src=0)
+
+    @property
+    def error(self) -> str | None:
+        """Why the group is broken (a worker died), or None."""
+        return self._error
+
+    def _watch(self) -> None:
+        while not self._closed:
+            for r, p in enumerate(self.workers, start=1):
+                if not p.is_alive() and not self._closed:
+                    self._error = f"tensor-parallel worker rank {r} exited (exit code {p.exitcode})"
+                    return
+            threading.Event().wait(0.25)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is None:
+            try:
+                dist.broadcast_object_list([None], src=0)
+            except Exception:  # a worker already gone: the others see the broken group and exit
+                pass
+        for p in self.workers:
+            p.join(timeout=10)
+        self._kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _kill(self) -> None:
+        for p in self.workers:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=5)
