@@ -223,23 +223,23 @@ class ModelRunner:
             return [[] for _ in last_kept]
         h = h.index_select(0, torch.tensor(last_kept, dtype=torch.long, device=h.device))
         entries = [batch.entries[i] for i in batch.sample_indices]
-        # Constrained sequences draft inside their grammar: each matcher is advanced over this step's emitted run
-        # and then over each draft, and rolled back at the end (engine.step advances it for real).
-        grammars = {i: e.seq.grammar for i, e in enumerate(entries) if e.seq.grammar is not None}
-        pushed = {i: g.push(out.tokens[i]) for i, g in grammars.items()}
-        try:
-            return self._draft(batch, h, entries, last_kept, K, compiled_verify, grammars, pushed)
-        finally:
-            for i, g in grammars.items():
-                g.pop(pushed[i])
+        # Constrained sequences draft inside their grammar, on a copy of their matcher advanced over this step's
+        # emitted run and then over each draft (engine.step advances the matcher itself over what is emitted).
+        grammars = {}
+        for i, e in enumerate(entries):
+            if e.seq.grammar is not None:
+                g = e.seq.grammar.copy()
+                if g.accept(out.tokens[i]):
+                    grammars[i] = g
+        return self._draft(batch, h, entries, last_kept, K, compiled_verify, grammars)
 
     def _draft(self, batch: ScheduledBatch, h: torch.Tensor, entries: list, last_kept: list[int], K: int,
-               compiled_verify: bool, grammars: dict, pushed: dict[int, int]) -> list[list[int]]:
+               compiled_verify: bool, grammars: dict) -> list[list[int]]:
         """Greedy drafts of the MTP head from its hidden states `h` at each sampled entry's last kept position; a
-        constrained entry's draft is the argmax among the tokens its grammar allows there (`pushed` counts the
-        tokens its matcher has been advanced over; the drafts add to it)."""
+        constrained entry's draft is the argmax among the tokens its grammar (a copy in `grammars`, advanced over
+        the drafts) allows there."""
         model = self.model
-        draft = self._draft_argmax(model.lm_head(h), list(range(len(entries))), grammars, pushed)
+        draft = self._draft_argmax(model.lm_head(h), list(range(len(entries))), grammars)
         drafts = [[t] for t in draft.tolist()]
         # Recursive drafting: the head's own hidden state and its last draft, one position further each time, as
         # long as the sequence's blocks hold the position (the scheduler allocates them ahead when it can; once a
@@ -256,7 +256,7 @@ class ModelRunner:
             full = len(live) == len(entries)
             h_live = self._mtp_hidden(h if full else h[sel], draft if full else draft[sel],
                                       model.context(step, self.cache, views=not compiled_verify), compiled_verify)
-            d_live = self._draft_argmax(model.lm_head(h_live), live, grammars, pushed)
+            d_live = self._draft_argmax(model.lm_head(h_live), live, grammars)
             if full:
                 h, draft = h_live, d_live
             else:
@@ -266,9 +266,10 @@ class ModelRunner:
         return drafts
 
     @staticmethod
-    def _draft_argmax(logits: torch.Tensor, rows_of: list[int], grammars: dict, pushed: dict[int, int]) -> torch.Tensor:
+    def _draft_argmax(logits: torch.Tensor, rows_of: list[int], grammars: dict) -> torch.Tensor:
         """argmax per row of `logits` (row r drafts for entry rows_of[r]); constrained entries take the argmax
-        among the tokens their grammar allows and advance their matcher over it."""
+        among the tokens their grammar allows (only end-of-sequence tokens once it is complete) and advance their
+        matcher copy over it."""
         constrained = [r for r, i in enumerate(rows_of) if i in grammars]
         if not constrained:
             return logits.argmax(-1)
@@ -281,7 +282,9 @@ class ModelRunner:
         logits = logits.index_copy(0, rows, logits.index_select(0, rows).masked_fill(~allowed, float("-inf")))
         draft = logits.argmax(-1)
         for r, t in zip(constrained, draft[rows].tolist()):
-            pushed[rows_of[r]] += grammars[rows_of[r]].push([t])
+            g = grammars[rows_of[r]]
+            if not g.accept([t]):
+                del grammars[rows_of[r]]
         return draft
 
     def _mtp_hidden(self, hidden: torch.Tensor, next_tokens: torch.Tensor, ctx: ForwardContext,
