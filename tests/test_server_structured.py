@@ -142,7 +142,11 @@ def test_constraint_errors_are_400s_naming_the_field(client):
              ({"structured_outputs": {"jsn": {}}}, "structured_outputs"),
              ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 3}}}},
               "response_format"),
-             ({"tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools")]
+             ({"tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools"),
+             # a constraint of its own: only a JSON answer combines with tools ("auto": that JSON or calls)
+             ({"tools": [WEATHER_TOOL], "guided_choice": ["yes", "no"]}, "guided_choice"),
+             ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+              "response_format")]
     for extra, param in cases:
         r = http().post(url, json={**body, **extra})
         assert r.status_code == 400, (extra, r.text)
@@ -170,3 +174,62 @@ def test_langchain_with_structured_output_in_both_modes_and_bound_tools(client):
     msg = bound.invoke("What is the weather in Paris?")
     [call] = msg.tool_calls
     assert call["name"] == "lookup_book" and isinstance(call["args"]["title"], str)
+
+
+class Item(BaseModel):
+    name: str = Field(max_length=12)
+    quantity: int = Field(ge=1, le=9)
+
+
+class Order(BaseModel):
+    """Order books."""
+
+    items: list[Item] = Field(min_length=1, max_length=2)
+
+
+def test_tool_parameters_with_refs_and_answer_or_calls(client):
+    """The OpenAI SDK's tool of a nested Pydantic model keeps `$defs` / `$ref` in its parameters: every call
+    validates against it. With tool_choice "auto" and a response_format, the reply is that JSON or calls."""
+    c, _ = client
+    tool = openai.pydantic_function_tool(Order)
+    assert "$defs" in tool["function"]["parameters"]
+    r = c.chat.completions.create(model=MODEL, messages=ASK, tools=[tool], tool_choice="required", n=6,
+                                  temperature=1.0, max_tokens=120, seed=6)
+    for ch in r.choices:
+        assert ch.finish_reason == "tool_calls"
+        for call in ch.message.tool_calls:
+            Order.model_validate_json(call.function.arguments)
+    r = c.chat.completions.create(model=MODEL, messages=ASK, tools=[tool], n=6, temperature=1.0, max_tokens=120,
+                                  seed=7, response_format={"type": "json_schema", "json_schema": {
+                                      "name": "weather", "schema": Weather.model_json_schema()}})
+    for ch in r.choices:
+        if ch.message.tool_calls:
+            assert ch.finish_reason == "tool_calls"
+            Order.model_validate_json(ch.message.tool_calls[0].function.arguments)
+        else:
+            assert ch.finish_reason == "stop"
+            Weather.model_validate_json(ch.message.content)
+
+
+def test_auto_text_cannot_spell_the_call_tag():
+    """Under "auto", free text may not write `<tool_call>` in ordinary tokens (which the output parser would read
+    as a call that escaped the grammar), while the tag token itself opens a constrained call."""
+    from qwen3next.engine.structured import GrammarCompiler
+    from qwen3next.server import protocol as P
+    from qwen3next.server.tools import tool_grammar
+    from qwen3next.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(DEFAULT_MODEL)
+    compiler = GrammarCompiler(tok.backend.to_str(), 8256, tok.eos_token_ids)
+    grammar = tool_grammar([P.Tool.model_validate(WEATHER_TOOL)], "auto", True, True)
+    from qwen3next.engine.sampling import StructuredOutputsParams
+
+    spelled = tok.encode("Sure. <tool") + tok.encode("_call>")
+    assert tok.token_to_id("<tool_call>") not in spelled
+    m = compiler.matcher(StructuredOutputsParams(grammar=grammar))
+    assert m.valid_prefix(spelled) < len(spelled)
+    real = tok.encode('Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    assert tok.token_to_id("<tool_call>") in real
+    assert m.valid_prefix(real) == len(real)
+    undeclared = tok.encode('Sure. <tool_call>\n{"name": "calculator"')
+    assert m.valid_prefix(undeclared) < len(undeclared)

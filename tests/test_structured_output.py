@@ -219,3 +219,14 @@ def test_objects_get_only_the_keys_their_schema_lists(llm):
     assert closed["$defs"]["D"]["additionalProperties"] is False
     assert closed["enum"] == [{"properties": {}}]  # values, not schemas
     assert "additionalProperties" not in nested  # the caller's schema is not changed
+    # schemas that combine or condition objects stay as they mean: closing would make them unsatisfiable or change
+    # what they reject
+    both = {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                      {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
+    assert closed_objects(both) == both
+    conditional = {"type": "object", "properties": {"country": {"type": "string"}},
+                   "if": {"properties": {"country": {"const": "US"}}}, "then": {"required": ["zip"]}}
+    assert closed_objects(conditional) == conditional
+    assert closed_objects({"not": {"properties": {"a": {}}}}) == {"not": {"properties": {"a": {}}}}
+    unlisted = {"type": "object", "properties": {"a": {}}, "required": ["a", "b"]}
+    assert closed_objects(unlisted) == unlisted

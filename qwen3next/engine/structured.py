@@ -31,31 +31,40 @@ log = logging.getLogger(__name__)
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def closed_objects(schema):
+def closed_objects(schema, close: bool = True):
     """The schema with `additionalProperties: false` added to every object schema that lists `properties` and says
     nothing about others (xgrammar's strict default, which vLLM's default backend follows): a model is never led to
-    invent keys the schema did not name. A schema that allows extra keys explicitly keeps them."""
+    invent keys the schema did not name. Left open: a schema that says anything about other keys or combines
+    schemas (`additionalProperties`, `patternProperties`, `unevaluatedProperties`, `allOf` / `anyOf` / `oneOf`,
+    `if`, `$ref`, `dependentSchemas`), one that requires a key it does not list, and the direct branches of an
+    `allOf` (each sees only its own keys). `not` / `if` / `then` / `else` subschemas are kept as they are: closing
+    them would change what they reject."""
     if isinstance(schema, list):
-        return [closed_objects(s) for s in schema]
+        return [closed_objects(s, close) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
     for key, value in schema.items():
         if key in _SCHEMA_MAPS and isinstance(value, dict):  # name -> subschema
             out[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        elif key == "allOf" and isinstance(value, list):
+            out[key] = [closed_objects(sub, close=False) for sub in value]
         elif key in _SUBSCHEMAS:
             out[key] = closed_objects(value)
-        else:  # const, enum, default, examples, and the rest: values, not schemas
+        else:  # const, enum, default, examples, not/if/then/else and the rest: kept as they are
             out[key] = value
-    if isinstance(out.get("properties"), dict) and not {"additionalProperties", "patternProperties",
-                                                        "unevaluatedProperties"} & set(out):
+    props = out.get("properties")
+    required = out.get("required") if isinstance(out.get("required"), list) else []
+    if close and isinstance(props, dict) and not _OPEN_KEYS & set(out) and all(k in props for k in required):
         out["additionalProperties"] = False
     return out
 
 
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMAS = ("items", "prefixItems", "additionalItems", "contains", "additionalProperties", "propertyNames",
-               "anyOf", "oneOf", "allOf", "not", "if", "then", "else", "unevaluatedItems", "unevaluatedProperties")
+               "anyOf", "oneOf", "unevaluatedItems", "unevaluatedProperties")
+_OPEN_KEYS = {"additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "if",
+              "$ref", "dependentSchemas", "dependencies"}
 
 
 def words_per_row(vocab_size: int) -> int:

@@ -78,6 +78,8 @@ class OpenAIServer:
         self.special_ids = llm.tokenizer.special_token_ids
         # the tool-call tags are tokens of their own: "auto" tool choice can be constrained (server/tools.py)
         self.tag_tokens = all(llm.tokenizer.token_to_id(t) is not None for t in (TOOL_CALL_START, TOOL_CALL_END))
+        # special tokens a reply may hold around tool calls (a thinking model's reasoning tags)
+        self.free_tokens = tuple(t for t in ("<think>", "</think>") if llm.tokenizer.token_to_id(t) is not None)
         self.requests_total = Counter("qwen3next_requests_total", "HTTP requests by endpoint and status code.",
                                       ("endpoint", "status"))
         self.ttft = Histogram("qwen3next_time_to_first_token_seconds",
@@ -294,9 +296,9 @@ class OpenAIServer:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", "top_logprobs")
         wanted = request_constraint(req)
-        setup = tool_setup(req, self.tag_tokens, wanted.answer_schema)
-        constraint, constraint_param = (setup.constraint, "tools") if setup.constraint else (wanted.params,
-                                                                                             wanted.field)
+        setup = tool_setup(req, self.tag_tokens, wanted, self.free_tokens)
+        constraint = setup.constraint
+        constraint_param = wanted.field if constraint is wanted.params else "tools"
         messages = self._template_messages(req)
         try:
             text = await self._blocking(self.tokenizer.apply_chat_template, messages, tools=setup.tools,

@@ -30,6 +30,7 @@ from ..tool_calls import (
 )
 from . import protocol as P
 from .errors import APIError
+from .structured import RequestConstraint
 
 
 @dataclass
@@ -44,45 +45,54 @@ def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def _call_schema(tools: list[P.Tool]) -> dict:
-    """The JSON schema of one call: the name of a declared tool and arguments valid for that tool."""
-    variants = [{"type": "object", "properties": {
-        "name": {"const": t.function.name},
-        "arguments": closed_objects(t.function.parameters or {"type": "object"})},
-        "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
-    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    return {**schema, "x-guidance": JSON_STYLE}
+def _schema(schema: dict) -> str:
+    """A JSON schema for Lark's `%json`, closed (`closed_objects`) and in the chat format's JSON style."""
+    return json.dumps({**closed_objects(schema), "x-guidance": JSON_STYLE})
 
 
 def tool_grammar(tools: list[P.Tool], mode: str, parallel: bool, tag_tokens: bool,
-                 answer_schema: dict | None = None) -> str:
+                 answer_schema: dict | None = None, free_tokens: tuple[str, ...] = ()) -> str:
     """The Lark grammar (llguidance's dialect) of a reply under `tool_choice` mode "required", "named" (`tools` is
-    then the named one) or "auto"; `tag_tokens`: the call tags are single tokens (written `<tool_call>`), else
-    text. `answer_schema`: with "auto", the reply is that JSON or calls."""
+    then the named one) or "auto".
+
+    A call is `{"name": N, "arguments": A}` for a declared N, with A valid for N's parameters: one rule per tool, its
+    start forced as text and its arguments a `%json` of the tool's own schema (so `$ref`s into its `$defs` resolve).
+    `tag_tokens`: the call tags are single tokens (written `<tool_call>`), else text. "auto": free text, in which
+    the tag cannot be spelled out in ordinary tokens either, and the special tokens `free_tokens` (e.g. `<think>`,
+    `</think>` of a thinking model) may appear; with `answer_schema`, the reply is that JSON or calls."""
     start, end = ("<tool_call>", "</tool_call>") if tag_tokens else (json.dumps(TOOL_CALL_START),
                                                                     json.dumps(TOOL_CALL_END))
-    rules = [f'call: {start} "\\n" %json {json.dumps(_call_schema(tools))} "\\n" {end}']
+    rules = [f'call: {start} "\\n" ({" | ".join(f"tool_{i}" for i in range(len(tools)))}) "\\n" {end}']
+    for i, t in enumerate(tools):
+        head = '{"name": ' + json.dumps(t.function.name, ensure_ascii=False) + ', "arguments": '
+        rules.append(f'tool_{i}: {json.dumps(head)} %json {_schema(t.function.parameters or {"type": "object"})} "}}"')
     calls = 'call ("\\n" call)*' if parallel and mode != "named" else "call"
     if mode != "auto":
         return "\n".join([f"start: {calls}", *rules])
     if answer_schema is not None:
-        answer = {**closed_objects(answer_schema), "x-guidance": JSON_STYLE}
-        return "\n".join([f"start: %json {json.dumps(answer)} | {calls}", *rules])
-    more = "*" if parallel else "?"
-    return "\n".join([f"start: TEXT? (call TEXT?){more}", "TEXT: /(.|\\n)+/", *rules])
+        return "\n".join([f"start: %json {_schema(answer_schema)} | {calls}", *rules])
+    specials = "".join(f" | {tok}" for tok in free_tokens)
+    free = f"free: TEXT? (({specials[3:]}) TEXT?)*" if free_tokens else "free: TEXT?"
+    tag = TOOL_CALL_START.replace("/", "\\/")
+    return "\n".join([f"start: free (call free){'*' if parallel else '?'}", free,
+                      f"TEXT: /(.|\\n)+/ & ~/(.|\\n)*{tag}(.|\\n)*/", *rules])
 
 
-def tool_setup(req: P.ChatCompletionRequest, tag_tokens: bool, answer_schema: dict | None = None) -> ToolSetup:
+def tool_setup(req: P.ChatCompletionRequest, tag_tokens: bool, wanted: RequestConstraint | None = None,
+               free_tokens: tuple[str, ...] = ()) -> ToolSetup:
     """What the template, the decoding constraint and the parser do with the request's tools. `tag_tokens`: the
-    tokenizer has `<tool_call>` and `</tool_call>` as tokens; `answer_schema`: the response_format's schema."""
+    tokenizer has `<tool_call>` and `</tool_call>` as tokens; `wanted`: the request's own output constraint
+    (response_format, guided_*), which combines with tool_choice "auto" when it is a JSON schema (the reply is that
+    JSON or calls) and with nothing else (a 400); `free_tokens`: special tokens "auto" text may hold."""
+    wanted = wanted or RequestConstraint()
     names = [t.function.name for t in req.tools or []]
     choice = req.tool_choice if req.tool_choice is not None else ("auto" if names else "none")
     if not names:
         if choice in ("required",) or isinstance(choice, P.NamedToolChoice):
             raise APIError(400, "tool_choice requires tools", "tool_choice")
-        return ToolSetup()
+        return ToolSetup(constraint=wanted.params)
     if choice == "none":
-        return ToolSetup()
+        return ToolSetup(constraint=wanted.params)
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise APIError(400, f"tools: the function name {dup!r} is declared twice", "tools")
@@ -94,11 +104,18 @@ def tool_setup(req: P.ChatCompletionRequest, tag_tokens: bool, answer_schema: di
             raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools ({names})",
                            "tool_choice")
         chosen, mode = [t for t in req.tools if t.function.name == name], "named"
-    constraint = None
-    if mode != "auto" or tag_tokens:
-        grammar = tool_grammar(chosen, mode, req.parallel_tool_calls, tag_tokens, answer_schema)
-        constraint = StructuredOutputsParams(grammar=grammar)
-    return ToolSetup(tools, True, frozenset(names), constraint)
+    if wanted.params is not None and mode != "auto":
+        which = "a named function" if mode == "named" else "'required'"
+        raise APIError(400, f"{wanted.field} cannot apply with tool_choice {which}: the reply is tool calls",
+                       wanted.field)
+    if wanted.params is not None and wanted.answer_schema is None:
+        raise APIError(400, f"{wanted.field}: only a JSON schema (response_format json_object / json_schema, "
+                            f"guided_json) combines with tools; the reply is then that JSON or tool calls",
+                       wanted.field)
+    if mode == "auto" and not tag_tokens:  # "auto" cannot be held to the tools; a JSON answer still can
+        return ToolSetup(tools, True, frozenset(names), wanted.params)
+    grammar = tool_grammar(chosen, mode, req.parallel_tool_calls, tag_tokens, wanted.answer_schema, free_tokens)
+    return ToolSetup(tools, True, frozenset(names), StructuredOutputsParams(grammar=grammar))
 
 
 def _as_text(name: str, arguments: dict) -> str:
