@@ -223,6 +223,7 @@ class Engine:
                       "grammar_seconds": 0.0}  # token masks and matcher advances of constrained requests
         self.spec_stats = SpecStats()
         self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
 
     @property
     def max_model_len(self) -> int:
@@ -248,12 +249,17 @@ class Engine:
         return ids
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> RequestState:
+                    request_id: str | None = None, grammar: GrammarMatcher | None = None) -> RequestState:
+        """Queue a request. `grammar`: its constraint already compiled (`compile_grammar`, e.g. on the caller's
+        thread, so that the engine's step does not wait for it); compiled here when None."""
         params = params or SamplingParams()
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need the tokenizer, and this engine runs without one "
                              "(skip_tokenizer_init=True); use stop_token_ids")
-        grammar = self.compile_grammar(params)
+        if grammar is None:
+            grammar = self.compile_grammar(params)
+        elif params.structured_outputs is None:
+            raise ValueError("grammar: given for a request without structured_outputs")
         ids = self.encode_prompt(prompt)
         if len(ids) > self.max_model_len or (len(ids) == self.max_model_len and params.max_tokens > 0):
             raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within max_model_len "
@@ -286,17 +292,27 @@ class Engine:
 
     def compile_grammar(self, params: SamplingParams) -> GrammarMatcher | None:
         """The matcher of `params.structured_outputs` (None without one); ValueError naming the field when it does
-        not compile. Compiling takes milliseconds for a schema (more for big tool lists): callers on an event loop
-        run it in a thread, as they run add_request."""
+        not compile. Compiling takes milliseconds for a schema (more for big tool lists); thread-safe: `LLM.submit`
+        compiles on the caller's thread and hands the matcher to `add_request`."""
         if params.structured_outputs is None:
             return None
         if self.tokenizer is None:
             raise ValueError("structured_outputs: constrained decoding needs the tokenizer, and this engine runs "
                              "without one (skip_tokenizer_init=True)")
-        if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.model.config.vocab_size,
-                                             self.scheduler.config.eos_token_ids)
-        return self._grammars.matcher(params.structured_outputs)
+        return self._grammar_compiler().matcher(params.structured_outputs)
+
+    def warm_up_grammars(self) -> None:
+        """Build llguidance's token trie now (about 45 ms for the demo vocabulary, 1-2 s for Qwen's 152K), so the
+        first constrained request does not wait for it; a server calls this in the background at start."""
+        if self.tokenizer is not None:
+            _ = self._grammar_compiler().tokenizer
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        with self._grammar_lock:  # compile_grammar runs on callers' threads
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.model.config.vocab_size,
+                                                 self.scheduler.config.eos_token_ids)
+            return self._grammars
 
     def abort(self, request_id: str) -> bool:
         req = self.requests.get(request_id)
@@ -487,7 +503,8 @@ class LLM:
     # ---- requests -----------------------------------------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
                request_id: str | None = None) -> RequestHandle:
-        req = self._call(lambda: self.engine.add_request(prompt, params, request_id))
+        grammar = self.engine.compile_grammar(params) if params is not None else None  # here, not on the engine
+        req = self._call(lambda: self.engine.add_request(prompt, params, request_id, grammar))
         return RequestHandle(self, req)
 
     def abort(self, request_id: str) -> bool:

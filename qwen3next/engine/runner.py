@@ -75,6 +75,7 @@ class ModelRunner:
         if tp is not None and compile_decode:
             raise ValueError("compile_decode: not with tensor_parallel_size > 1 (the compiled step has no collectives)")
         self.model, self.tp = model, tp
+        self.draft_grammar_seconds = 0.0  # of the current step's drafting, in grammar masks
         self.speculative = speculative = num_speculative_tokens > 0
         self.cache = HybridCache(model.config, num_slots=plan.num_slots, num_blocks=plan.num_blocks,
                                  block_size=plan.block_size, dtype=model.dtype, device=model.device,
@@ -120,7 +121,9 @@ class ModelRunner:
         # Prefill chunks always run the MTP head (its K/V must cover the prompt); decodes only when drafting.
         if self.speculative and (batch.num_lookahead > 0 or not batch.is_decode_step):
             mtp_ctx = ctx if len(verified) == len(batch.entries) else None  # a split step: one context for all
+            self.draft_grammar_seconds = 0.0
             out.drafts = self._mtp(batch, info, mtp_ctx, hidden, out, compiled_verify)
+            out.grammar_seconds += self.draft_grammar_seconds
         return out
 
     def _split_forward(self, batch: ScheduledBatch,
@@ -159,9 +162,8 @@ class ModelRunner:
         drafts = [batch.entries[i].draft_token_ids for i in batch.sample_indices]
         grammar_seconds = 0.0
         if self.tp is None or self.tp.rank == 0:
-            t0 = time.perf_counter()
             sampling = SamplingBatch.for_sequences(batch.sampled_seqs, logits.device, drafts, logits.shape[-1])
-            grammar_seconds = time.perf_counter() - t0 if sampling.allowed is not None else 0.0
+            grammar_seconds = sampling.grammar_seconds
             sampled = sample(logits, sampling)
         else:  # a worker: rank 0's tokens arrive below
             sampled = SampleOutput(torch.empty(logits.shape[0], dtype=torch.long, device=logits.device), None)
@@ -265,14 +267,14 @@ class ModelRunner:
                 drafts[i].append(t)
         return drafts
 
-    @staticmethod
-    def _draft_argmax(logits: torch.Tensor, rows_of: list[int], grammars: dict) -> torch.Tensor:
+    def _draft_argmax(self, logits: torch.Tensor, rows_of: list[int], grammars: dict) -> torch.Tensor:
         """argmax per row of `logits` (row r drafts for entry rows_of[r]); constrained entries take the argmax
         among the tokens their grammar allows (only end-of-sequence tokens once it is complete) and advance their
         matcher copy over it."""
         constrained = [r for r, i in enumerate(rows_of) if i in grammars]
         if not constrained:
             return logits.argmax(-1)
+        t0 = time.perf_counter()
         V = logits.shape[-1]
         bitmask = torch.full((len(constrained), words_per_row(V)), -1, dtype=torch.int32)
         for k, r in enumerate(constrained):
@@ -285,6 +287,7 @@ class ModelRunner:
             g = grammars[rows_of[r]]
             if not g.accept([t]):
                 del grammars[rows_of[r]]
+        self.draft_grammar_seconds += time.perf_counter() - t0
         return draft
 
     def _mtp_hidden(self, hidden: torch.Tensor, next_tokens: torch.Tensor, ctx: ForwardContext,

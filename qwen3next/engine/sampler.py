@@ -12,6 +12,7 @@ low logprob, which shows how far the constraint pulled the model. The runner bui
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence as SequenceLike
 from dataclasses import dataclass
 
@@ -41,8 +42,8 @@ class SamplingBatch:
 
     generators: one per row (None = the default generator); one seeded per sequence makes draws reproducible.
     prompt_token_ids / output_token_ids: per row, needed only when some row has a penalty.
-    allowed: optional [B, V] bool, True where a token may be picked (a grammar's mask); rows it does not
-    constrain are all True.
+    allowed: optional bool mask, True where a token may be picked (a grammar's mask): [B, V], or, with
+    `allowed_rows` [R] (the rows it constrains), [R, V] for those rows only.
     """
 
     params: SequenceLike[SamplingParams]
@@ -50,6 +51,8 @@ class SamplingBatch:
     prompt_token_ids: SequenceLike[SequenceLike[int]] | None = None
     output_token_ids: SequenceLike[SequenceLike[int]] | None = None
     allowed: torch.Tensor | None = None
+    allowed_rows: torch.Tensor | None = None
+    grammar_seconds: float = 0.0  # spent building the grammars' masks
 
     @classmethod
     def for_sequences(cls, seqs: SequenceLike[Sequence], device: torch.device | str,
@@ -64,9 +67,13 @@ class SamplingBatch:
         seed for that position; its output history extended by those drafts for the penalties; its grammar's mask
         after those drafts). Grammar masks need `vocab_size` (the logits' width)."""
         drafts = drafts if drafts is not None else [()] * len(seqs)
-        allowed = None
+        allowed = allowed_rows = None
+        grammar_seconds = 0.0
         if vocab_size and any(s.grammar is not None for s in seqs):
-            allowed = grammar_masks(seqs, drafts, vocab_size).to(device)
+            t0 = time.perf_counter()
+            allowed_rows, allowed = grammar_masks(seqs, drafts, vocab_size)
+            allowed_rows, allowed = allowed_rows.to(device), allowed.to(device)
+            grammar_seconds = time.perf_counter() - t0
         params, generators, prompts, outputs = [], [], [], []
         for s, d in zip(seqs, drafts):
             for j in range(len(d) + 1):
@@ -76,22 +83,26 @@ class SamplingBatch:
                 prompts.append(s.prompt_token_ids)
                 outputs.append(s.output_token_ids + list(d[:j]) if j else s.output_token_ids)
         if not any(p.has_penalties for p in params):
-            return cls(params, generators, allowed=allowed)
-        return cls(params, generators, prompts, outputs, allowed)
+            return cls(params, generators, allowed=allowed, allowed_rows=allowed_rows, grammar_seconds=grammar_seconds)
+        return cls(params, generators, prompts, outputs, allowed, allowed_rows, grammar_seconds)
 
 
 def grammar_masks(seqs: SequenceLike[Sequence], drafts: SequenceLike[SequenceLike[int]],
-                  vocab_size: int) -> torch.Tensor:
-    """The allowed-token mask [rows, vocab_size] of a batch with constrained sequences: their grammars' masks (per
-    verified position), all True for the other rows."""
-    num_rows = sum(len(d) + 1 for d in drafts)
-    bitmask = torch.full((num_rows, words_per_row(vocab_size)), -1, dtype=torch.int32)
-    row = 0
+                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a batch that constrained sequences sample at ([R] long: each such sequence's 1 + len(drafts)
+    rows) and their grammars' allowed tokens there ([R, vocab_size] bool, per verified position)."""
+    rows, row = [], 0
     for s, d in zip(seqs, drafts):
         if s.grammar is not None:
-            s.grammar.fill_masks(bitmask, row, d)
+            rows.extend(range(row, row + len(d) + 1))
         row += len(d) + 1
-    return allowed_mask(bitmask, vocab_size)
+    bitmask = torch.full((len(rows), words_per_row(vocab_size)), -1, dtype=torch.int32)
+    at = 0
+    for s, d in zip(seqs, drafts):
+        if s.grammar is not None:
+            s.grammar.fill_masks(bitmask, at, d)
+            at += len(d) + 1
+    return torch.tensor(rows, dtype=torch.long), allowed_mask(bitmask, vocab_size)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
@@ -107,7 +118,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
         raise ValueError(f"got {len(generators)} generators for {B} logits rows")
     logits = batch_logits = logits.float()
     if batch.allowed is not None:
-        logits = apply_allowed(logits, batch.allowed)
+        logits = apply_allowed(logits, batch.allowed, batch.allowed_rows)
 
     if any(p.has_penalties for p in params):
         if output_token_ids is None or len(output_token_ids) != B:
@@ -140,8 +151,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     return SampleOutput(token_ids, chosen, top_ids, top_logprobs)
 
 
-def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """-inf where `allowed` [B, V] is False; a row that allows no token is an error (nothing could be sampled)."""
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """-inf where `allowed` is False: [B, V] for every row, or [R, V] for `rows` [R] only (a grammar's rows, which
+    always allow an end-of-sequence token: not checked, no device sync). A row that allows no token is an error
+    (nothing could be sampled)."""
+    if rows is not None:
+        if allowed.shape != (rows.shape[0], logits.shape[1]) or allowed.dtype != torch.bool:
+            raise ValueError(f"allowed: expected a bool mask of shape {(rows.shape[0], logits.shape[1])}, got "
+                             f"{allowed.dtype} {tuple(allowed.shape)}")
+        return logits.index_put((rows,), logits.index_select(0, rows).masked_fill(~allowed, float("-inf")))
     if allowed.shape != logits.shape or allowed.dtype != torch.bool:
         raise ValueError(f"allowed: expected a bool mask of shape {tuple(logits.shape)}, got "
                          f"{allowed.dtype} {tuple(allowed.shape)}")

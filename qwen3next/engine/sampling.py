@@ -35,8 +35,19 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool = False
+    # JSON whitespace: none by default (", " and ": " only); a regex here allows that whitespace between tokens.
+    # vLLM's disable_any_whitespace is accepted for compatibility: free whitespace is off either way.
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool = False
 
     def __post_init__(self) -> None:
+        if self.whitespace_pattern is not None and (not isinstance(self.whitespace_pattern, str)
+                                                    or not self.whitespace_pattern):
+            raise ValueError(f"structured_outputs.whitespace_pattern must be a non-empty string, got "
+                             f"{self.whitespace_pattern!r}")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError(f"structured_outputs.disable_any_whitespace must be true or false, got "
+                             f"{self.disable_any_whitespace!r}")
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
         if self.json_object is not False:
             if self.json_object is not True:
@@ -75,7 +86,10 @@ class StructuredOutputsParams:
             return value
         if not isinstance(value, dict):
             raise ValueError(f"structured_outputs: expected an object such as {{\"json\": {{...}}}}, got {value!r}")
-        known = {"json", "regex", "choice", "grammar", "json_object"}
+        if "structural_tag" in value:
+            raise ValueError("structured_outputs.structural_tag is not supported; tool calls are constrained by the "
+                             "server's tool_choice, other formats by a Lark grammar (grammar)")
+        known = {"json", "regex", "choice", "grammar", "json_object", "whitespace_pattern", "disable_any_whitespace"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"structured_outputs: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")

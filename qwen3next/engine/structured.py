@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Sequence as SequenceLike
 
 import llguidance
@@ -132,12 +133,14 @@ class GrammarCompiler:
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: SequenceLike[int]):
         self._json, self.vocab_size, self.eos_token_ids = tokenizer_json, vocab_size, list(eos_token_ids)
         self._tok: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
-        if self._tok is None:
-            self._tok = llguidance.LLTokenizer(self._json, n_vocab=self.vocab_size, eos_token=self.eos_token_ids)
-        return self._tok
+        with self._lock:
+            if self._tok is None:
+                self._tok = llguidance.LLTokenizer(self._json, n_vocab=self.vocab_size, eos_token=self.eos_token_ids)
+            return self._tok
 
     @staticmethod
     def grammar(params: StructuredOutputsParams) -> str:
@@ -145,7 +148,9 @@ class GrammarCompiler:
         kind = params.kind
         if kind in ("json", "json_object"):
             schema = closed_objects(params.json) if kind == "json" else {"type": "object"}
-            return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_STYLE)
+            style = JSON_STYLE if params.whitespace_pattern is None else {
+                **JSON_STYLE, "whitespace_flexible": True, "whitespace_pattern": params.whitespace_pattern}
+            return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=style)
         if kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(params.regex)
         if kind == "choice":

@@ -13,6 +13,8 @@ import argparse
 import asyncio
 import functools
 import os
+import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -36,7 +38,7 @@ from .guard import GuardMiddleware
 from .metrics import CONTENT_TYPE, Counter, Histogram, render_family
 from .openapi import documented, openapi_schema
 from .streaming import Generation, SSEResponse, abort_on_disconnect, sse
-from .structured import request_constraint
+from .structured import relabel, request_constraint
 from .text import TextOffsets, TokenText, finite
 from .tools import ToolCallStream, ToolSetup, call_id, message_tool_calls, tool_setup
 from .web import mount_web
@@ -160,7 +162,7 @@ class OpenAIServer:
         except ValueError as e:
             name = leading_name(str(e))
             param = prompt_param if name == "prompt" else constraint_param if name == "structured_outputs" else None
-            message = str(e) if param is None or name != "structured_outputs" else f"{param}: {e}"
+            message = str(e) if param is None or name != "structured_outputs" else relabel(str(e), param)
             raise APIError(400, message, param) from None
         except RuntimeError as e:
             raise APIError(503, f"the engine is not available: {e}", code="engine_unavailable") from None
@@ -323,7 +325,7 @@ class OpenAIServer:
             choices.append(P.ChatChoice(
                 index=k, message=P.AssistantMessage(content=content, tool_calls=calls),
                 logprobs=P.ChoiceLogprobs(content=self._chat_logprobs(s.logprobs)) if req.logprobs else None,
-                finish_reason="tool_calls" if calls else s.finish_reason))
+                finish_reason="tool_calls" if calls and s.finish_reason == "stop" else s.finish_reason))
         usage = _usage(len(ids), sum(len(s.token_ids) for s in samples), gen.num_cached_tokens())
         return JSONResponse(P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
                                                      usage=usage).model_dump())
@@ -365,7 +367,7 @@ class OpenAIServer:
                 yield sse("[DONE]")
                 return
             if ev.finish_reason is not None:
-                reason = "tool_calls" if tool_calls[k].num_calls else ev.finish_reason
+                reason = "tool_calls" if tool_calls[k].num_calls and ev.finish_reason == "stop" else ev.finish_reason
                 yield chunk([P.ChatChunkChoice(index=k, delta=P.DeltaMessage(), logprobs=logprobs_of(k),
                                                finish_reason=reason)])
         self.e2e.observe(time.perf_counter() - t0)
@@ -611,6 +613,20 @@ def _prefix_caching_line(engine) -> str:
     return "prefix caching: off (--no-enable-prefix-caching)"
 
 
+WORKER_DEATH_GRACE_S = 3.0  # /health answers 503 this long before the server exits
+
+
+def _exit_when_workers_die(llm: LLM, server) -> None:
+    """A tensor-parallel worker died: the engine cannot run any more. /health says so (503) for a few seconds, then
+    the server shuts down (exit status 1) and `llm.close()` reaps the other workers."""
+    while llm.engine.error is None and not server.should_exit:
+        time.sleep(0.2)
+    if llm.engine.error is not None:
+        print(f"qwen3next serve: {llm.engine.error}; shutting down", file=sys.stderr, flush=True)
+        time.sleep(WORKER_DEATH_GRACE_S)
+        server.should_exit = True
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model, print where it is served and its memory plan, and serve until interrupted."""
     import torch
@@ -625,10 +641,11 @@ def run_serve(args: argparse.Namespace) -> int:
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, quantize=args.quantize,
               compile_decode=args.compile, speculative_config=args.speculative_config, hf_overrides=args.hf_overrides,
               enable_prefix_caching=args.enable_prefix_caching, prefix_snapshot_slots=args.prefix_snapshot_slots,
-              prefix_snapshot_interval=args.prefix_snapshot_interval)
+              prefix_snapshot_interval=args.prefix_snapshot_interval, tensor_parallel_size=args.tensor_parallel_size)
     try:
         app = create_app(llm, name, api_key, args.max_body_bytes)
         engine = llm.engine
+        threading.Thread(target=engine.warm_up_grammars, name="qwen3next-grammar-warmup", daemon=True).start()
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"qwen3next serve: model '{name}' from {model_dir} ({args.dtype} on {args.device}), max_model_len "
               f"{engine.max_model_len}, max_num_seqs {engine.scheduler.config.max_num_seqs}")
@@ -644,7 +661,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"web chat page: http://{host}:{args.port}/", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                                timeout_graceful_shutdown=5))
+        if engine.tp is not None:
+            threading.Thread(target=_exit_when_workers_die, args=(llm, server), name="qwen3next-tp-watchdog",
+                             daemon=True).start()
         server.run()
-        return 0 if server.started else 1
+        return 0 if server.started and llm.error is None else 1
     finally:
         llm.close()

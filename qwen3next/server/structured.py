@@ -3,11 +3,12 @@ older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` fields
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..engine.sampling import StructuredOutputsParams
 from . import protocol as P
-from .errors import APIError, leading_name
+from .errors import APIError
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
@@ -49,4 +50,11 @@ def request_constraint(req: P.SamplingRequest) -> RequestConstraint:
         params = StructuredOutputsParams(**{_GUIDED[field]: getattr(req, field)})
         return RequestConstraint(params, field, params.json if params.kind == "json" else None)
     except ValueError as e:
-        raise APIError(400, f"{field}: {e}" if leading_name(str(e)) != field else str(e), field) from None
+        raise APIError(400, relabel(str(e), field), field) from None
+
+
+def relabel(message: str, field: str) -> str:
+    """An engine message about `structured_outputs[.kind]` told in the request's own field's name."""
+    if field != "structured_outputs":
+        message = re.sub(r"^structured_outputs(\.\w+)?:?\s*", "", message)
+    return message if message.startswith(field) else f"{field}: {message}"
