@@ -19,15 +19,17 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from starlette.responses import PlainTextResponse
 
 from qwen3next.engine.llm import DEFAULT_MODEL, LLM
 from qwen3next.server.app import create_app
-from qwen3next.server.web import STATIC_DIR, mount_web
+from qwen3next.server.web import CONTENT_SECURITY_POLICY, SECURITY_HEADERS, STATIC_DIR, mount_web
 
 CHROMIUM = Path("/usr/bin/chromium")
 MODEL = "demo"
 KEY = "web-test-key"
 MAX_LEN = 2048
+PREFIX = "/chat"  # the sub-path of the reverse proxy in test_page_works_under_a_sub_path
 TIMEOUT_MS = 30_000  # generous for a loaded 2-core machine; every wait below normally takes well under a second
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
@@ -44,12 +46,31 @@ class _Server(uvicorn.Server):
         self.ready.set()
 
 
+def behind_proxy(app, prefix: str):
+    """What a reverse proxy that publishes the server under `prefix` does (nginx `location /chat/ { proxy_pass
+    http://backend/; }`): answers only below `prefix/` and hands the rest of the path to the server, so a root-relative
+    URL such as `/static/app.js` or `/v1/models` comes back 404."""
+    async def proxy(scope, receive, send):
+        if scope["type"] == "http":
+            path = scope["path"]
+            if not path.startswith(prefix + "/"):
+                await PlainTextResponse(f"not under {prefix}/", status_code=404)(scope, receive, send)
+                return
+            scope = {**scope, "path": path[len(prefix):], "raw_path": path[len(prefix):].encode()}
+        await app(scope, receive, send)
+
+    return proxy
+
+
 @contextmanager
-def serving(llm: LLM, api_key: str | None) -> Iterator[str]:
-    """create_app + mount_web on a free loopback port in a background thread; yields the base URL."""
+def serving(llm: LLM, api_key: str | None, prefix: str | None = None) -> Iterator[str]:
+    """create_app + mount_web on a free loopback port in a background thread (behind a proxy's sub-path `prefix` if
+    given); yields the base URL."""
     app = create_app(llm, MODEL, api_key)
     mount_web(app)
     mount_web(app)  # idempotent (create_app may mount the page itself one day)
+    if prefix is not None:
+        app = behind_proxy(app, prefix)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
@@ -81,6 +102,12 @@ def open_url(llm):
 def keyed_url(llm):
     with serving(llm, KEY) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def proxied_url(llm):
+    with serving(llm, None, PREFIX) as url:
+        yield url + PREFIX
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +178,7 @@ def test_page_and_static_files_are_served_without_a_key(keyed_url):
         assert "marked 18.2.1" in index.text and "dompurify 3.5.0" in index.text
         for name, kind in [("app.js", "javascript"), ("style.css", "text/css"), ("vendor/marked.umd.js", "javascript"),
                            ("vendor/purify.min.js", "javascript")]:
-            assert f"/static/{name}" in index.text
+            assert f'"static/{name}"' in index.text
             r = http.get(f"/static/{name}")
             assert r.status_code == 200 and kind in r.headers["content-type"], name
             assert r.content == (STATIC_DIR / name).read_bytes()
@@ -162,6 +189,43 @@ def test_page_and_static_files_are_served_without_a_key(keyed_url):
         assert "/" not in paths and not any(p.startswith("/static") for p in paths)
     for name in ("marked.LICENSE.md", "dompurify.LICENSE", "dompurify.LICENSE-MPL"):
         assert (STATIC_DIR / "vendor" / name).stat().st_size > 1000
+
+
+def test_security_headers(keyed_url):
+    """The page and every file under /static (a 404 and a 304 too) come with the CSP (frame-ancestors 'none', which a
+    <meta> policy cannot set), X-Frame-Options DENY, nosniff and no-referrer; the policy is no longer in the page."""
+    assert "frame-ancestors 'none'" in CONTENT_SECURITY_POLICY
+    policy = {d.split()[0]: d.split()[1:] for d in CONTENT_SECURITY_POLICY.split("; ")}
+    assert policy == {"default-src": ["'self'"], "script-src": ["'self'"], "style-src": ["'self'"],
+                      "img-src": ["'self'", "data:"], "connect-src": ["'self'"], "object-src": ["'none'"],
+                      "base-uri": ["'none'"], "form-action": ["'none'"], "frame-ancestors": ["'none'"]}
+    expected = {"content-security-policy": CONTENT_SECURITY_POLICY, "x-frame-options": "DENY",
+                "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
+    assert SECURITY_HEADERS == expected
+    with httpx.Client(base_url=keyed_url, timeout=30) as http:
+        index = http.get("/")
+        answers = [index, http.head("/"), http.get("/static/app.js"), http.get("/static/style.css"),
+                   http.get("/static/vendor/purify.min.js"), http.get("/static/nope.js")]
+        etag = answers[2].headers["etag"]
+        answers.append(http.get("/static/app.js", headers={"if-none-match": etag}))
+        assert [r.status_code for r in answers] == [200, 200, 200, 200, 200, 404, 304]
+        for r in answers:
+            for name, value in expected.items():
+                assert r.headers.get(name) == value, (r.url, name)
+        assert index.headers["cache-control"] == "no-cache"
+        assert not re.search(r"<meta[^>]*http-equiv", index.text, re.I)  # no <meta> policy left behind
+
+
+def test_page_urls_are_relative():
+    """Script, style sheet and API URLs resolve against the page's address (works under a proxy's sub-path)."""
+    index = (STATIC_DIR / "index.html").read_text()
+    app_js = (STATIC_DIR / "app.js").read_text()
+    urls = re.findall(r'\b(?:src|href)="([^"]*)"', index)
+    assert sorted(urls) == sorted(["data:,", "static/style.css", "static/vendor/marked.umd.js",
+                                   "static/vendor/purify.min.js", "static/app.js"])
+    assert sorted(re.findall(r"\bfetch\(\s*'([^']*)'", app_js)) == ["v1/chat/completions", "v1/models"]
+    for text in (index, app_js):
+        assert not re.search(r"""(?:src|href)=["']/|fetch\(\s*[`'"]/|["'`]/(?:static|v1)/""", text)
 
 
 # ---- the page in Chromium ----------------------------------------------------------------------------------------
@@ -191,6 +255,13 @@ def test_chat_streams_stops_and_resets(browser, llm, open_url, tmp_path):
         page.fill("#seed", "7")
         page.fill("#extra", '{"ignore_eos": true}')
         page.fill("#input", "Tell me a long story.")
+        # note when the Markdown of the reply is rendered (app.js looks up window.marked.parse at each render)
+        page.evaluate("""() => {
+            const parse = window.marked.parse;
+            window.parseTimes = [];
+            const timed = (...args) => { window.parseTimes.push(performance.now()); return parse(...args); };
+            window.marked = { parse: timed };
+        }""")
         with page.expect_request("**/v1/chat/completions") as sent:
             page.click("#send")
         body = sent.value.post_data_json
@@ -228,6 +299,11 @@ def test_chat_streams_stops_and_resets(browser, llm, open_url, tmp_path):
         stopped_text = reply.inner_text()
         page.wait_for_timeout(300)
         assert reply.inner_text() == stopped_text  # nothing arrives after Stop
+        # throttled: while it streamed, renders were >= 100 ms apart (not one per chunk or frame); one more at Stop
+        times = page.evaluate("window.parseTimes")
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert len(times) >= 4 and min(gaps[:-1]) >= 95, gaps
+        assert page.evaluate("window.parseTimes.length") == len(times)
 
         png = page.screenshot(path=str(tmp_path / "chat.png"))
         assert (tmp_path / "chat.png").stat().st_size > 0
@@ -243,6 +319,7 @@ def test_chat_streams_stops_and_resets(browser, llm, open_url, tmp_path):
         assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant", "user"]
         assert history[4]["content"] and "tool_calls" not in history[4]  # the stopped reply, as far as it got
         expect(page.locator(".msg.assistant").nth(2)).to_have_attribute("data-state", "done")
+        expect(second).to_have_attribute("data-history", "kept")
         page.click("#reset")
         expect(page.locator(".msg")).to_have_count(0)
         expect(page.locator("#empty")).to_be_visible()
@@ -258,6 +335,16 @@ def test_chat_streams_stops_and_resets(browser, llm, open_url, tmp_path):
         expect(page.locator("#system")).to_have_value("You are a helpful assistant.")
         expect(page.locator("#max-tokens")).to_have_value("8")
         expect(page.locator(".msg")).to_have_count(0)
+
+        # 5. the policy comes as a header and holds: no <meta> policy, an inline script does not run
+        assert page.locator('meta[http-equiv="Content-Security-Policy" i]').count() == 0
+        ran = page.evaluate("""() => {
+            const s = document.createElement('script');
+            s.textContent = 'window.inlineRan = true';
+            document.body.append(s);
+            return window.inlineRan === true;
+        }""")
+        assert ran is False
 
 
 def _sse(*events) -> str:
@@ -329,6 +416,51 @@ def test_markdown_tool_calls_and_stream_errors(browser, open_url):
         expect(failed).to_have_attribute("data-state", "error")
         expect(failed.locator(".body")).to_have_text("Partial")
         expect(page.locator("#error")).to_have_text("Error: the request was aborted by the engine")
+        expect(failed).to_have_attribute("data-history", "left-out")
+        expect(failed.locator(".meta")).to_contain_text("failed · not in history")
+
+        # an empty reply (no text, no tool call) is shown but not kept either
+        page.unroute("**/v1/chat/completions")
+        empty = _sse(_chunk({"role": "assistant", "content": ""}), _chunk({}, "stop"), "[DONE]")
+        page.route("**/v1/chat/completions",
+                   lambda route: route.fulfill(status=200, content_type="text/event-stream", body=empty))
+        with page.expect_request("**/v1/chat/completions") as sent:
+            page.fill("#input", "Say nothing.")
+            page.press("#input", "Enter")
+        roles = [(m["role"], m["content"]) for m in sent.value.post_data_json["messages"]]
+        assert roles == [("user", "What is the weather in Paris?"), ("assistant", MARKDOWN), ("user", "And tomorrow?"),
+                         ("user", "Say nothing.")]  # the failed reply's "Partial" is not sent
+        blank = page.locator(".msg.assistant").nth(2)
+        expect(blank).to_have_attribute("data-state", "done")
+        expect(blank).to_have_attribute("data-history", "left-out")
+        expect(blank.locator(".meta")).to_contain_text("not in history")
+
+        # a reply stopped before any text came is not kept: the request hangs until Stop
+        page.unroute("**/v1/chat/completions")
+        held = []
+        page.route("**/v1/chat/completions", lambda route: held.append(route))
+        with page.expect_request("**/v1/chat/completions") as sent:
+            page.fill("#input", "Wait.")
+            page.press("#input", "Enter")
+        roles = [m["role"] for m in sent.value.post_data_json["messages"]]
+        assert roles == ["user", "assistant", "user", "user", "user"]  # the empty reply is not sent
+        wait_until(lambda: held, what="the held request")
+        page.click("#stop")
+        halted = page.locator(".msg.assistant").nth(3)
+        expect(halted).to_have_attribute("data-state", "stopped")
+        expect(halted).to_have_attribute("data-history", "left-out")
+        expect(halted.locator(".meta")).to_have_text("stopped · not in history")
+        page.unroute("**/v1/chat/completions")
+        partial = _sse(_chunk({"role": "assistant", "content": ""}), _chunk({"content": "Fine."}), _chunk({}, "stop"),
+                       "[DONE]")
+        page.route("**/v1/chat/completions",
+                   lambda route: route.fulfill(status=200, content_type="text/event-stream", body=partial))
+        with page.expect_request("**/v1/chat/completions") as sent:
+            page.fill("#input", "Well?")
+            page.press("#input", "Enter")
+        roles = [m["role"] for m in sent.value.post_data_json["messages"]]
+        assert roles == ["user", "assistant", "user", "user", "user", "user"]
+        expect(page.locator(".msg.assistant").nth(4)).to_have_attribute("data-history", "kept")
 
 
 def test_api_key(browser, keyed_url):
@@ -363,3 +495,27 @@ def test_api_key(browser, keyed_url):
         page.fill("#api-key", "wrong")
         page.press("#api-key", "Tab")
         expect(error).to_contain_text("Error 401")
+
+
+def test_page_works_under_a_sub_path(browser, proxied_url):
+    """Behind a reverse proxy that publishes the server under /chat/, the page loads its script, style sheet and
+    libraries and calls the API below /chat/ (root-relative URLs would get the proxy's 404)."""
+    with page_of(browser, proxied_url) as page:
+        failed: list[str] = []
+        page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        expect(page.locator("#model")).to_have_text(MODEL)
+        assert page.evaluate("!!(window.marked && window.DOMPurify)")
+        assert page.evaluate("document.styleSheets.length === 1 && document.styleSheets[0].cssRules.length > 20")
+        page.fill("#max-tokens", "8")
+        with page.expect_request("**/v1/chat/completions") as sent:
+            page.fill("#input", "Hello!")
+            page.press("#input", "Enter")
+        assert sent.value.url == f"{proxied_url}/v1/chat/completions"
+        msg = page.locator(".msg.assistant")
+        expect(msg).to_have_attribute("data-state", "done")
+        assert msg.locator(".body").inner_text().strip()
+        expect(page.locator("#error")).to_be_hidden()
+        assert failed == []
+    with httpx.Client(timeout=30) as http:  # and the proxy does refuse what is not under its sub-path
+        assert http.get(proxied_url.removesuffix(PREFIX) + "/static/app.js").status_code == 404
+        assert http.get(proxied_url + "/static/app.js").status_code == 200

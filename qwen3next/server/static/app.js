@@ -1,4 +1,5 @@
-// qwen3next web chat: talks to this server's OpenAI API (GET /v1/models, POST /v1/chat/completions streamed as SSE).
+// qwen3next web chat: talks to this server's OpenAI API (GET v1/models, POST v1/chat/completions streamed as SSE).
+// Every URL is relative to the page's address, so the page also works under a reverse proxy's sub-path.
 // Replies are rendered as Markdown by marked and sanitised by DOMPurify before they reach the DOM; user text, tool
 // calls and errors are only ever set as textContent.
 (() => {
@@ -14,6 +15,7 @@
   };
   const STORE = 'qwen3next.chat.';
   const SETTINGS = ['system', 'temperature', 'topP', 'maxTokens', 'seed', 'tools', 'extra'];
+  const RENDER_MS = 100;  // while a reply streams, its Markdown is rendered again at most this often (and at the end)
 
   let history = [];        // the conversation in OpenAI's message format (the system prompt is added per request)
   let controller = null;   // AbortController of the request in flight
@@ -274,13 +276,25 @@
     const reply = { content: '', calls: [], finish: null, usage: null, chunks: 0 };
     let started = false;
     let firstAt = null;
-    let frame = 0;
+    // Each render parses the whole reply so far, so renders are spaced: RENDER_MS apart, or four times as long as the
+    // last one took, whichever is more (a long reply then costs O(n) per interval, not O(n) per chunk or frame).
+    let timer = 0;
+    let renderedAt = -Infinity;
+    let renderCost = 0;
     const render = () => {
-      frame = 0;
+      timer = 0;
+      const start = performance.now();
       const follow = nearBottom();
       renderMarkdown(view.body, reply.content);
       renderCalls(view.calls, reply.calls.filter(Boolean));
       if (follow) scrollDown();
+      renderedAt = performance.now();
+      renderCost = renderedAt - start;
+    };
+    const scheduleRender = () => {
+      if (timer) return;
+      const due = renderedAt + Math.max(RENDER_MS, 4 * renderCost);
+      timer = window.setTimeout(render, Math.max(0, due - performance.now()));
     };
     const onData = (chunk) => {
       if (firstAt === null) firstAt = performance.now();  // the rate below counts from the first event
@@ -305,13 +319,13 @@
         }
         if (choice.finish_reason) reply.finish = choice.finish_reason;
       }
-      if (!frame) frame = window.requestAnimationFrame(render);
+      scheduleRender();
     };
 
     let outcome = 'done';
     let failure = null;
     try {
-      const resp = await fetch('/v1/chat/completions', {
+      const resp = await fetch('v1/chat/completions', {
         method: 'POST', headers: authHeaders(true), body: JSON.stringify(body), signal: ctrl.signal,
       });
       if (!resp.ok) throw new ReplyError(await httpErrorText(resp));
@@ -329,7 +343,8 @@
       if (controller === ctrl) controller = null;
       setBusy(false);
     }
-    if (frame) window.cancelAnimationFrame(frame);
+    if (timer) window.clearTimeout(timer);
+    timer = 0;
 
     if (!view.root.isConnected) return;  // the conversation was reset meanwhile
     if (outcome === 'error' && !started) {  // nothing came back: undo the turn, give the text back
@@ -340,12 +355,23 @@
       showError(failure);
       return;
     }
-    render();
-    const assistant = { role: 'assistant', content: reply.content };
-    if (reply.calls.length) assistant.tool_calls = reply.calls.filter(Boolean);
-    history.push(userMessage, assistant);
+    render();  // the final text, whatever the throttle held back
+    // History for the next request: the user's message always (it stays in the transcript); a finished reply as is;
+    // of a stopped one its partial text (its tool calls, cut off and never answered, are dropped); nothing of a failed
+    // or an empty reply, so the model never sees an error's leftovers or an empty turn.
+    const calls = reply.calls.filter(Boolean);
+    let assistant = null;
+    if (outcome === 'done' && (reply.content.trim() || calls.length)) {
+      assistant = { role: 'assistant', content: reply.content };
+      if (calls.length) assistant.tool_calls = calls;
+    } else if (outcome === 'stopped' && reply.content.trim()) {
+      assistant = { role: 'assistant', content: reply.content };
+    }
+    history.push(userMessage);
+    if (assistant) history.push(assistant);
 
     view.root.dataset.state = outcome;
+    view.root.dataset.history = assistant ? 'kept' : 'left-out';
     const parts = [];
     const tokens = reply.usage ? reply.usage.completion_tokens : reply.chunks;
     if (tokens) parts.push(`${tokens} tokens`);
@@ -354,6 +380,7 @@
     if (outcome === 'stopped') parts.push('stopped');
     else if (outcome === 'error') parts.push('failed');
     else if (reply.finish) parts.push(reply.finish === 'length' ? 'length (max tokens reached)' : reply.finish);
+    if (!assistant) parts.push('not in history');
     view.meta.textContent = parts.join(' · ');
     if (outcome === 'error') showError(failure);
   }
@@ -377,7 +404,7 @@
     el.model.textContent = '…';
     el.model.classList.remove('bad');
     try {
-      const resp = await fetch('/v1/models', { headers: authHeaders(false) });
+      const resp = await fetch('v1/models', { headers: authHeaders(false) });
       if (!resp.ok) {
         modelName = null;
         el.model.textContent = 'model unknown';
