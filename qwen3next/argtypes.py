@@ -151,3 +151,10 @@ def check_output_paths(args: argparse.Namespace, *flags: str) -> None:
         path = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if path is not None and not Path(path).resolve().parent.is_dir():
             raise ValueError(f"{flag}: the directory of {path} does not exist")
+
+
+def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
+    """`--tensor-parallel-size N` (vLLM's flag): `args.tensor_parallel_size`."""
+    parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
+                        help="split the model and its cache over N processes on this machine (gloo; 1 thread each "
+                             "by --threads); default 1")

@@ -13,6 +13,7 @@ from .argtypes import (
     add_hf_overrides_arg,
     add_prefix_caching_args,
     add_speculative_arg,
+    add_tensor_parallel_arg,
     check_prefix_caching_args,
 )
 from .argtypes import non_negative_float as _non_negative_float
@@ -145,7 +146,8 @@ def _engine(args: argparse.Namespace):
                   max_num_seqs=args.max_num_seqs, quantize=args.quantize, compile_decode=args.compile,
                   speculative_config=args.speculative_config, hf_overrides=args.hf_overrides,
                   enable_prefix_caching=args.enable_prefix_caching, prefix_snapshot_slots=args.prefix_snapshot_slots,
-                  prefix_snapshot_interval=args.prefix_snapshot_interval)
+                  prefix_snapshot_interval=args.prefix_snapshot_interval,
+                  tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _sampling(args: argparse.Namespace):
@@ -169,6 +171,13 @@ def _drain(engine, req, out=sys.stdout) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     engine = _engine(args)
+    try:
+        return _generate(args, engine)
+    finally:
+        engine.close()
+
+
+def _generate(args: argparse.Namespace, engine) -> int:
     params = _sampling(args)
     tok = engine.tokenizer
 
@@ -195,6 +204,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     engine = _engine(args)
+    try:
+        return _chat(args, engine)
+    finally:
+        engine.close()
+
+
+def _chat(args: argparse.Namespace, engine) -> int:
     params = _sampling(args)
     tok = engine.tokenizer
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -292,6 +308,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     add_speculative_arg(p)
     add_hf_overrides_arg(p)
     add_prefix_caching_args(p)
+    add_tensor_parallel_arg(p)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -112,3 +112,141 @@ def test_two_ranks_give_the_unsharded_logits(tmp_path, name):
     # prefill, 4 decodes, hidden_states), and 3 for the MTP head (its embedding, its attention, its MoE)
     per_forward = 2 * config.num_hidden_layers + 1
     assert reports[0]["all_reduces"] == 7 * per_forward + 3
+
+
+# ---- the engine and the server over 2 ranks ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """mlp_only (uneven splits everywhere) with the byte tokenizer."""
+    from tiny_models import write_byte_tokenizer
+
+    d = tmp_path_factory.mktemp("tp_model")
+    make_model("mlp_only", vocab_size=261).save_pretrained(d)
+    write_byte_tokenizer(d)
+    return d
+
+
+def test_engine_output_is_token_identical_with_two_ranks(model_dir):
+    """A batch of different prompt lengths with chunked prefill (chunks of 16), greedy and seeded; then MTP
+    speculative decoding: TP=2 emits the very tokens TP=1 does."""
+    from qwen3next.engine.llm import LLM
+    from qwen3next.engine.sampling import SamplingParams
+
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 40, 9)]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=3)
+    spec = {"method": "mtp", "num_speculative_tokens": 2, "adaptive": False}
+    outs = {}
+    for tp in (1, 2):
+        with LLM(model_dir, max_memory="32MiB", max_model_len=128, prefill_chunk_size=16, max_num_batched_tokens=16,
+                 tensor_parallel_size=tp) as llm:
+            outs[tp] = [[o.outputs[0].token_ids for o in llm.generate(prompts, p)] for p in (greedy, seeded)]
+        with LLM(model_dir, max_memory="32MiB", max_model_len=128, tensor_parallel_size=tp,
+                 speculative_config=spec) as llm:
+            outs[tp].append([o.outputs[0].token_ids for o in llm.generate(prompts, greedy)])
+    assert outs[2] == outs[1]
+    assert outs[1][2] == outs[1][0]  # MTP's greedy output is plain greedy output
+
+
+def test_tensor_parallel_errors_are_clear(model_dir):
+    from qwen3next.engine.llm import Engine
+
+    with pytest.raises(ValueError, match="3 query heads .* cannot be split over the 4 ranks"):
+        Engine(model_dir, tensor_parallel_size=4)  # fails before any worker starts
+    with pytest.raises(ValueError, match="pass its path"):
+        Engine(make_model("base"), tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="compile_decode: not with tensor_parallel_size"):
+        Engine(model_dir, tensor_parallel_size=2, compile_decode=True)
+    with pytest.raises(ValueError, match="tensor_parallel_size: expected a positive int"):
+        Engine(model_dir, tensor_parallel_size=0)
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(c) for c in text]
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_server_streams_over_two_ranks_and_goes_unhealthy_when_a_worker_dies(model_dir):
+    """`qwen3next serve --tensor-parallel-size 2`: a streamed chat through the official openai client; then the
+    worker is killed: /health fails within seconds, the server exits with status 1 and leaves no process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+
+    from qwen3next.parallel.launch import free_port
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "qwen3next", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--tensor-parallel-size", "2", "--max-memory", "32MiB", "--max-model-len", "256",
+                             "--threads", "1", "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60)
+        chunks = list(client.chat.completions.create(model=model_dir.name, stream=True, max_tokens=8, temperature=0,
+                                                     messages=[{"role": "user", "content": "Hello"}]))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length") and text
+
+        workers = [c for c in _children(proc.pid) if "spawn_main" in _cmdline(c)]
+        assert len(workers) == 1, [(_cmdline(c)) for c in _children(proc.pid)]
+        os.kill(workers[0], signal.SIGKILL)
+        t0 = time.time()
+        status = None
+        while time.time() - t0 < 10:
+            try:
+                status = httpx.get(f"{base}/health", timeout=2).status_code
+            except httpx.HTTPError:
+                status = "down"
+            if status != 200:
+                break
+            time.sleep(0.1)
+        assert status in (503, "down") and time.time() - t0 < 5, status
+        assert proc.wait(timeout=30) == 1
+        assert not _alive(workers[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not _cmdline(pid) == ""  # a zombie has an empty cmdline

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from .. import DEFAULT_MODEL
-from ..argtypes import QUANTIZE_CHOICES, add_hf_overrides_arg, add_prefix_caching_args, add_speculative_arg
+from ..argtypes import (
+    QUANTIZE_CHOICES,
+    add_hf_overrides_arg,
+    add_prefix_caching_args,
+    add_speculative_arg,
+    add_tensor_parallel_arg,
+)
 from ..argtypes import port as _port
 from ..argtypes import positive_int as _positive_int
 
@@ -41,6 +47,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add_speculative_arg(parser)
     add_hf_overrides_arg(parser)
     add_prefix_caching_args(parser)
+    add_tensor_parallel_arg(parser)
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest accepted request body")
