@@ -12,6 +12,7 @@ model code only ever sees its own layout:
 | `*.linear_attn.in_proj_qkvz.weight` per-group [q|k|v..|z..] | rows reordered to [all q|all k|all v|all z] |
 | `*.linear_attn.in_proj_ba.weight` per-group [b..|a..]       | rows reordered to [all b|all a]          |
 | `mtp.*`                                                    | the MTP head (absent: no MTP head)       |
+| FP8: `X.weight` float8_e4m3fn + `X.weight_scale_inv` blocks | `X.weight` dequantized to the dtype      |
 
 Saving writes the official layout (per-expert names, interleaved projections) that transformers loads.
 """
@@ -28,10 +29,13 @@ from typing import BinaryIO
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from .argtypes import QUANTIZE_BITS
 from .config import Qwen3NextConfig
+from .model.moe import Experts
 from .model.qwen3_next import Qwen3NextForCausalLM
+from .progress import progress
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -155,6 +159,8 @@ class _TensorIndex:
         self.path = path
         self._handles: dict[Path, BinaryIO] = {}
         self.entries: dict[str, _Entry] = {}
+        # FP8 weights, dequantized as they are read: weight name -> (its `weight_scale_inv`, block size); _setup_fp8
+        self.fp8: dict[str, tuple[str, tuple[int, int]]] = {}
         index_file = path / "model.safetensors.index.json"
         if index_file.exists():
             try:
@@ -195,11 +201,14 @@ class _TensorIndex:
         return self.entries[name].file
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Copy tensor `name` into `out` (same shape; any dtype/device), converting as needed."""
+        """Copy tensor `name` into `out` (same shape; any dtype/device), converting (and dequantizing) as needed."""
         e = self.entries[name]
         if tuple(out.shape) != e.shape:
             raise CheckpointError(f"{e.file}: tensor {name!r} has shape {list(e.shape)}, the config implies "
                                   f"{list(out.shape)}")
+        if name in self.fp8:
+            out.copy_(self.read(name))
+            return
         direct = out.device.type == "cpu" and out.dtype == e.dtype and out.is_contiguous()
         buf = out if direct else torch.empty(e.shape, dtype=e.dtype)
         self._fill(e, name, buf)
@@ -207,6 +216,13 @@ class _TensorIndex:
             out.copy_(buf)
 
     def read(self, name: str) -> torch.Tensor:
+        """Tensor `name` as stored; an FP8 weight (see `fp8`) comes dequantized, in float32."""
+        if name in self.fp8:
+            scale, block = self.fp8[name]
+            return dequantize_fp8(self._read_raw(name), self._read_raw(scale), block)
+        return self._read_raw(name)
+
+    def _read_raw(self, name: str) -> torch.Tensor:
         e = self.entries[name]
         t = torch.empty(e.shape, dtype=e.dtype)
         self._fill(e, name, t)
@@ -274,10 +290,14 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     Parameters are allocated once in `dtype` (default: the config's `torch_dtype`) and filled tensor by tensor, so
     peak memory is about one copy of the model. A checkpoint without `mtp.*` tensors (e.g. saved by transformers)
     loads without the MTP head. With `strict`, tensors the model does not use are an error.
+    An FP8 checkpoint (the official `*-FP8` layout: float8_e4m3fn weights with block-wise `weight_scale_inv`)
+    loads as a float model, each weight dequantized as it is read (`dequantize_fp8`).
     A directory written by `qwen3next quantize` loads into the quantized modules (quant/); `quantize` ("int8" or
-    "int4", group size 64) quantizes a float checkpoint after loading; "bf16" keeps the big weights in bf16 storage
-    with fp32 compute (`quant.quantize.store_bf16`; needs dtype float32). `hf_overrides` changes config.json's values
-    before the model is built (`Qwen3NextConfig.from_pretrained`), e.g. YaRN rope scaling for long contexts.
+    "int4", group size 64) quantizes a float or FP8 checkpoint while loading, module by module (peak memory: the
+    quantized model + one module's float weights), exactly as `quant.quantize_model` after loading would; "bf16"
+    keeps the big weights in bf16 storage with fp32 compute (`quant.quantize.store_bf16`; needs dtype float32).
+    `hf_overrides` changes config.json's values before the model is built (`Qwen3NextConfig.from_pretrained`), e.g.
+    YaRN rope scaling for long contexts.
     """
     bits = quantize_bits(quantize)
     path = Path(path)
@@ -289,11 +309,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         raise CheckpointError(str(e)) from None
     index = _TensorIndex(path)
     try:
-        model = _load(index, config, dtype, device, strict)
+        model = _load(index, config, dtype, device, strict, bits)
     finally:
         index.close()
     if bits is not None:
-        model = _quantize_loaded(model, bits)
+        model = _quantize_loaded(model, bits)  # int8/int4 happened while loading; checks a quantized dir's bits
     return model
 
 
@@ -327,13 +347,14 @@ def _swap_in_quantized(model: Qwen3NextForCausalLM, available: set[str]) -> list
         return []
     if not is_quantized_config(qc):
         method = qc.get("quant_method") if isinstance(qc, dict) else qc
-        raise CheckpointError(f"quantization_config: quant_method {method!r} is not supported (only the "
-                              f"'qwen3next' int8/int4 format written by `qwen3next quantize`)")
+        raise CheckpointError(f"quantization_config.quant_method: {method!r} is not supported (only 'fp8' block-wise "
+                              f"checkpoints such as Qwen3-Next-80B-A3B-Instruct-FP8, and the 'qwen3next' int8/int4 "
+                              f"format written by `qwen3next quantize`)")
     return swap_in_quantized(model, available)
 
 
 def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str | None,
-          device: torch.device | str, strict: bool) -> Qwen3NextForCausalLM:
+          device: torch.device | str, strict: bool, bits: int | None = None) -> Qwen3NextForCausalLM:
     path = index.path
     available = index.names()
     if config.num_nextn_predict_layers > 0 and not any(n.startswith("mtp.") for n in available):
@@ -343,14 +364,26 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
     # Build on meta and cast there, so the real allocation happens once, in the target dtype.
     with torch.device("meta"):
         model = Qwen3NextForCausalLM(config)
+    fp8_scales = _setup_fp8(index, model) if is_fp8_config(config.quantization_config) else []  # dequantized on read
     quantized_sources = _swap_in_quantized(model, available)
-    model = model.to(dtype).to_empty(device=device)
+    if not fp8_scales:
+        _check_no_fp8(index)
+    model = model.to(dtype)
+    # Quantizing while loading (int8/int4 of a float or FP8 checkpoint): the float modules to quantize are taken out
+    # of the model before allocation and loaded one at a time, so peak memory is the quantized model + one module.
+    pending: dict[str, nn.Module] = {}
+    if bits in (8, 4) and config.quantization_config is None:
+        from .quant.quantize import swap_in_empty_quantized
+
+        pending = swap_in_empty_quantized(model, bits)
+    model = model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
 
     params = {n: p for n, p in model.named_parameters() if not (config.tie_word_embeddings and n == "lm_head.weight")}
-    plan = _plan(params, available)
-    needed = [src for pieces in plan.values() for _, src in pieces] + quantized_sources
+    deferred = {f"{m}.{n}": p for m, module in pending.items() for n, p in module.named_parameters()}  # meta
+    plan = _plan({**params, **deferred}, available)
+    needed = [src for pieces in plan.values() for _, src in pieces] + quantized_sources + fp8_scales
     missing = [src for src in needed if src not in available]
     if missing:
         files = sorted({e.file.name for e in index.entries.values()})
@@ -363,25 +396,178 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
         raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s) in the checkpoint: "
                               f"{', '.join(f'{n} ({index.file(n).name})' for n in extra[:5])}"
                               f"{', ...' if len(extra) > 5 else ''}")
-    with torch.no_grad():
-        for name, pieces in plan.items():
-            param = params[name]
-            convert = next((fn for suffix, fn in _CONVERTERS.items() if name.endswith(suffix)), None)
-            for idx, src in pieces:
-                if convert is not None:
-                    t = index.read(src)
-                    if tuple(t.shape) != tuple(param.shape):
-                        raise CheckpointError(f"{index.file(src)}: tensor {src!r} has shape {list(t.shape)}, the "
-                                              f"config implies {list(param.shape)}")
-                    param.copy_(convert(t, config))
-                else:
-                    index.read_into(src, param if idx is None else param[idx])
+    reads = len(needed) - len(fp8_scales)  # a scale is read with its weight
+    desc = "Loading weights" + (f", quantizing to int{bits}" if pending else "")
+    with torch.no_grad(), progress(total=reads, desc=desc, unit="tensor") as bar:
+        for name, param in params.items():
+            _fill(index, config, name, param, plan[name], bar)
+        if pending:
+            from .quant.quantize import fill_quantized
+
+            for module_name in list(pending):
+                module = pending.pop(module_name).to_empty(device=device)  # this module's float weights only
+                for n, param in module.named_parameters():
+                    _fill(index, config, f"{module_name}.{n}", param, plan[f"{module_name}.{n}"], bar)
+                fill_quantized(model.get_submodule(module_name), module)
+                del module
         if quantized_sources:
             from .quant.quantize import read_quantized
 
-            read_quantized(model, index.read)
+            def read(name: str) -> torch.Tensor:
+                bar.update()
+                return index.read(name)
+
+            read_quantized(model, read)
     model.eval()
     return model
+
+
+def _fill(index: _TensorIndex, config: Qwen3NextConfig, name: str, param: torch.Tensor, pieces: list[_Piece],
+          bar) -> None:
+    """Read parameter `name` from its checkpoint pieces (converting interleaved layouts), ticking `bar` per read."""
+    convert = next((fn for suffix, fn in _CONVERTERS.items() if name.endswith(suffix)), None)
+    for idx, src in pieces:
+        if convert is not None:
+            t = index.read(src)
+            if tuple(t.shape) != tuple(param.shape):
+                raise CheckpointError(f"{index.file(src)}: tensor {src!r} has shape {list(t.shape)}, the config "
+                                      f"implies {list(param.shape)}")
+            param.copy_(convert(t, config))
+        else:
+            index.read_into(src, param if idx is None else param[idx])
+        bar.update()
+
+
+# ---- FP8 checkpoints (the official Qwen3-Next-*-FP8 layout) ----------------------------------------------------------
+# config.json: "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+# "weight_block_size": [128, 128], "modules_to_not_convert": [...]}. Each converted Linear's `X.weight` is stored as
+# float8_e4m3fn [N, K] beside a float32 `X.weight_scale_inv` [ceil(N/bm), ceil(K/bn)]: the weight is
+# fp8 · scale_inv of its (bm x bn) block, the blocks at the bottom and right edges partial. Everything else (norms,
+# embeddings, lm_head, router and shared-expert gates, in_proj_ba, mtp.fc in the official list) stays bf16. We load
+# it as a float model: each weight dequantized in fp32 as it is read, then cast to the target dtype (what
+# transformers' `dequantize=True` computes; activations are never quantized, so "dynamic" needs nothing at run time).
+_SCALE_SUFFIX = "_scale_inv"
+_FP8_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Block-wise FP8 -> float32: weight [N, K] (float8) times scale_inv [ceil(N/bm), ceil(K/bn)], each element by
+    the scale of its (bm x bn) block; edge blocks may be partial. Temporaries: the result and one row of scales."""
+    bm, bn = block
+    N, K = weight.shape
+    out = weight.float()
+    s = scale_inv.float().repeat_interleave(bn, dim=1)[:, :K]  # [ceil(N/bm), K]: a scale per column, per block row
+    full = N // bm
+    if full:
+        out[: full * bm].view(full, bm, K).mul_(s[:full, None, :])
+    if full * bm < N:
+        out[full * bm:].mul_(s[full])
+    return out
+
+
+def is_fp8_config(quantization_config: dict | None) -> bool:
+    return isinstance(quantization_config, dict) and quantization_config.get("quant_method") == "fp8"
+
+
+def _fp8_block_size(qc: dict, where: str) -> tuple[int, int]:
+    """The block size of a supported FP8 quantization_config; a CheckpointError naming the key otherwise."""
+    unsupported = {"fmt": ("e4m3", "float8_e4m3fn weights"),
+                   "activation_scheme": ("dynamic", "the weights are dequantized at load; a 'static' checkpoint's "
+                                                    "activation scales have no place in a float model"),
+                   "scale_fmt": ("float", "float32 weight_scale_inv"), "expert_dtype": ("fp8", "fp8 experts")}
+    for key, (only, what) in unsupported.items():
+        value = qc.get(key, only)
+        if not isinstance(value, str) or value.lower() != only:
+            raise CheckpointError(f"{where}.{key}: {value!r} is not supported (only {only!r}: {what})")
+    block = qc.get("weight_block_size")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise CheckpointError(f"{where}.weight_block_size: expected two positive integers such as [128, 128], got "
+                              f"{block!r} (per-tensor FP8 scales are not supported)")
+    skip = qc.get("modules_to_not_convert")
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(m, str) for m in skip)):
+        raise CheckpointError(f"{where}.modules_to_not_convert: expected a list of module names, got {skip!r}")
+    return int(block[0]), int(block[1])
+
+
+def _kept_in_high_precision(module: str, patterns: list[str]) -> bool:
+    """transformers' reading of modules_to_not_convert: a pattern names a module, or a prefix of one up to a dot
+    ('layers.1' covers 'layers.1.mlp', not 'layers.11'), as a plain name or a regex, or ends the module's name."""
+    for p in patterns:
+        if module == p or module.startswith(p + ".") or module.endswith(p):
+            return True
+        try:
+            if re.match(rf"(?:{p})(?:\.|$)", module):
+                return True
+        except re.error:
+            pass
+    return False
+
+
+def _fp8_converted_weights(model: Qwen3NextForCausalLM, skip: list[str] | None) -> Iterator[tuple[str, list[str]]]:
+    """(module, its checkpoint weight names) for each module an FP8 config converts: every Linear and routed-expert
+    stack the config does not keep in high precision. The router `mlp.gate` is no Linear in transformers and is
+    never converted; without a list, transformers keeps lm_head (the output embedding)."""
+    patterns = ["lm_head"] if skip is None else skip
+    for name, module in model.named_modules():
+        if _kept_in_high_precision(name, patterns) or name.endswith(".mlp.gate"):
+            continue
+        if isinstance(module, nn.Linear):
+            yield name, [f"{name}.weight"]
+        elif isinstance(module, Experts):
+            per_expert = [f"{name}.{e}.{p}.weight" for e in range(module.gate_up_proj.shape[0])
+                          for p in ("gate_proj", "up_proj", "down_proj")]
+            yield name, per_expert + [f"{name}.gate_up_proj", f"{name}.down_proj"]  # either layout
+
+
+def _setup_fp8(index: _TensorIndex, model: Qwen3NextForCausalLM) -> list[str]:
+    """On the meta model of an FP8 checkpoint: check the config and the tensors, register every FP8 weight with its
+    scale on `index` (read() then dequantizes it), and turn the config into a float model's. Returns the scales'
+    names (read with their weights)."""
+    qc = model.config.quantization_config
+    where = f"{index.path / 'config.json'}: quantization_config"
+    block = _fp8_block_size(qc, where)
+    entries = index.entries
+    scales = sorted(n for n in entries if n.endswith(".weight" + _SCALE_SUFFIX))
+    for scale in scales:
+        name, es = scale.removesuffix(_SCALE_SUFFIX), entries[scale]
+        ew = entries.get(name)
+        if ew is None:
+            raise CheckpointError(f"{es.file}: tensor {scale!r} scales a weight {name!r} that the checkpoint lacks")
+        if ew.dtype != torch.float8_e4m3fn or len(ew.shape) != 2:
+            raise CheckpointError(f"{ew.file}: tensor {name!r} has a block scale {scale!r}, so it should be a "
+                                  f"float8_e4m3fn matrix, but it is {str(ew.dtype).removeprefix('torch.')} "
+                                  f"{list(ew.shape)}")
+        expected = (-(-ew.shape[0] // block[0]), -(-ew.shape[1] // block[1]))
+        if es.shape != expected:
+            raise CheckpointError(f"{es.file}: tensor {scale!r} has shape {list(es.shape)}; weight {name!r} "
+                                  f"{list(ew.shape)} in blocks of {block[0]}x{block[1]} (weight_block_size) needs "
+                                  f"{list(expected)}")
+        if not es.dtype.is_floating_point or es.dtype in _FP8_DTYPES:
+            raise CheckpointError(f"{es.file}: tensor {scale!r} is {str(es.dtype).removeprefix('torch.')}; block "
+                                  f"scales are float32")
+        index.fp8[name] = (scale, block)
+    for name, e in entries.items():
+        if e.dtype in _FP8_DTYPES and name not in index.fp8:
+            raise CheckpointError(f"{e.file}: tensor {name!r} is stored as {_FP8_DTYPES[e.dtype]} but has no block "
+                                  f"scale {name + _SCALE_SUFFIX!r}")
+    for module, weights in _fp8_converted_weights(model, qc.get("modules_to_not_convert")):
+        for name in weights:
+            if name in entries and name not in index.fp8:
+                raise CheckpointError(
+                    f"{entries[name].file}: quantization_config (fp8) converts {module!r} (it is not in "
+                    f"modules_to_not_convert), but the checkpoint has no {name + _SCALE_SUFFIX!r}: {name!r} is stored "
+                    f"as {str(entries[name].dtype).removeprefix('torch.')}")
+    model.config.quantization_config = None  # what gets loaded is a float model
+    return scales
+
+
+def _check_no_fp8(index: _TensorIndex) -> None:
+    for name, e in index.entries.items():
+        if e.dtype in _FP8_DTYPES:
+            raise CheckpointError(f"{e.file}: tensor {name!r} is stored as {_FP8_DTYPES[e.dtype]}, but config.json "
+                                  f"has no fp8 quantization_config (quant_method 'fp8', weight_block_size) to "
+                                  f"dequantize it with")
 
 
 # ---- writing --------------------------------------------------------------------------------------------------------
@@ -434,18 +620,18 @@ def save_model(model: Qwen3NextForCausalLM, path: str | Path, max_shard_bytes: i
         shards[-1][name] = t.contiguous()
         size += nbytes
     index_file = path / "model.safetensors.index.json"
+    total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    with progress(total=total, desc="Saving weights", unit="B", unit_scale=True) as bar:
+        for fname, shard in zip(names, shards):
+            _save(shard, path / fname)
+            bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
     if len(shards) == 1:
-        _save(shards[0], path / "model.safetensors")
         if index_file.exists():
             index_file.unlink()
         return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _save(shard, path / fname)
-        for n, t in shard.items():
-            weight_map[n] = fname
-            total += t.numel() * t.element_size()
+    weight_map = {n: fname for fname, shard in zip(names, shards) for n in shard}
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     index_file.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 

@@ -32,8 +32,9 @@ from torch import nn
 from ..checkpoint import CheckpointError, qkvz_from_hf, qkvz_to_hf
 from ..model.moe import Experts
 from ..model.qwen3_next import Qwen3NextForCausalLM
-from .experts import QuantizedExperts
-from .linear import Int4Linear, Int8Linear
+from ..progress import progress
+from .experts import PROJECTIONS, QuantizedExperts
+from .linear import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 
 QUANT_METHOD = "qwen3next"
 # Kept in high precision, as names or dotted suffixes of module names.
@@ -71,38 +72,100 @@ def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
     """
     if bits == 16:
         return store_bf16(model)
+    targets = _targets(model, bits, group_size, quantize_lm_head)
+    with torch.no_grad():
+        for name, module in progress(targets.modules, desc=f"Quantizing to int{bits}", unit="module"):
+            new = _empty_quantized(module, name, bits, group_size).to_empty(device=_device_of(module))
+            fill_quantized(new, module)
+            _set_module(model, name, new)
+    model.config.quantization_config = targets.config
+    return model
+
+
+class _Targets:
+    """What `quantize_model` converts: (name, float module) pairs, and the config it records."""
+
+    def __init__(self, modules: list[tuple[str, nn.Module]], config: dict):
+        self.modules, self.config = modules, config
+
+
+def _targets(model: Qwen3NextForCausalLM, bits: int, group_size: int, quantize_lm_head: bool) -> _Targets:
     _check_bits(bits, group_size)
     if model.config.quantization_config is not None:
         raise ValueError(f"model: already quantized ({model.config.quantization_config})")
     quantize_lm_head = bool(quantize_lm_head) and not model.config.tie_word_embeddings
     keep = [p for p in HIGH_PRECISION if not (p == "lm_head" and quantize_lm_head)]
     not_converted = list(keep)
-    with torch.no_grad():
-        if quantize_lm_head:
-            lm_head = model.lm_head
-            model.lm_head = Int8Linear.from_linear(lm_head)
-        for name, module in list(model.named_modules()):
-            if isinstance(module, nn.Linear):
-                if any(_matches(name, p) for p in keep):
-                    continue
-                if bits == 4 and module.in_features % group_size:
-                    not_converted.append(name)
-                    continue
-                new = Int8Linear.from_linear(module) if bits == 8 else Int4Linear.from_linear(module, group_size)
-            elif isinstance(module, Experts):
-                _, two_i, D = module.gate_up_proj.shape
-                if bits == 4 and (D % group_size or (two_i // 2) % group_size):
-                    not_converted.append(name)
-                    continue
-                new = QuantizedExperts.from_experts(module, bits, group_size)
-            else:
+    modules = [("lm_head", model.lm_head)] if quantize_lm_head else []
+    for name, module in model.named_modules():
+        if name == "lm_head":
+            continue
+        if isinstance(module, nn.Linear):
+            if any(_matches(name, p) for p in keep):
                 continue
-            _set_module(model, name, new)
-    model.config.quantization_config = {"quant_method": QUANT_METHOD, "bits": bits,
-                                        "group_size": group_size if bits == 4 else None,
-                                        "modules_not_converted": not_converted,
-                                        "lm_head_bits": 8 if quantize_lm_head else None}
-    return model
+            if bits == 4 and module.in_features % group_size:
+                not_converted.append(name)
+                continue
+        elif isinstance(module, Experts):
+            _, two_i, D = module.gate_up_proj.shape
+            if bits == 4 and (D % group_size or (two_i // 2) % group_size):
+                not_converted.append(name)
+                continue
+        else:
+            continue
+        modules.append((name, module))
+    config = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size if bits == 4 else None,
+              "modules_not_converted": not_converted, "lm_head_bits": 8 if quantize_lm_head else None}
+    return _Targets(modules, config)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _empty_quantized(module: nn.Module, name: str, bits: int, group_size: int) -> nn.Module:
+    """The quantized module that replaces float `module` (its buffers uninitialised in effect), on the meta device:
+    `lm_head` and int8 Linears -> Int8Linear, int4 Linears -> Int4Linear, Experts -> QuantizedExperts."""
+    with torch.device("meta"):
+        if isinstance(module, Experts):
+            E, two_i, D = module.gate_up_proj.shape
+            return QuantizedExperts(E, D, two_i // 2, bits, group_size)
+        if module.bias is not None:
+            raise ValueError("linear: quantization supports bias-free nn.Linear only (Qwen3-Next has no biases)")
+        if bits == 8 or name == "lm_head":
+            return Int8Linear(module.in_features, module.out_features)
+        return Int4Linear(module.in_features, module.out_features, group_size)
+
+
+def fill_quantized(quantized: nn.Module, module: nn.Module) -> None:
+    """Quantize the float weights of `module` (nn.Linear or Experts) into the allocated `quantized` module made for
+    it (`Int8Linear.from_linear` / `Int4Linear.from_linear` / `QuantizedExperts.from_experts`, in place)."""
+    with torch.no_grad():
+        if isinstance(quantized, QuantizedExperts):
+            for p in PROJECTIONS:
+                w = getattr(module, p)
+                for e in range(quantized.num_experts):  # one expert at a time: the fp32 temporaries stay small
+                    t = (quantize_int8(w[e]) if quantized.bits == 8 else
+                         quantize_int4(w[e], quantized.group_size))
+                    quantized.load_expert(p, e, *t)
+        elif isinstance(quantized, Int8Linear):
+            quantized.load_quantized(*quantize_int8(module.weight))
+        else:
+            quantized.load_quantized(*quantize_int4(module.weight, quantized.group_size))
+
+
+def swap_in_empty_quantized(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
+                            quantize_lm_head: bool = True) -> dict[str, nn.Module]:
+    """Quantization while loading (`load_model(..., quantize="int8"|"int4")`), on the meta model before allocation:
+    swap in an empty quantized module for every module `quantize_model` would convert, and record the same
+    `quantization_config`. Returns {name: the float module taken out (meta)}; the loader allocates and fills one such
+    module at a time, then `fill_quantized(model.get_submodule(name), it)`, so the float copy of the model never
+    exists whole. Same modules, same tensors as `quantize_model` after loading."""
+    targets = _targets(model, bits, group_size, quantize_lm_head)
+    for name, module in targets.modules:
+        _set_module(model, name, _empty_quantized(module, name, bits, group_size))
+    model.config.quantization_config = targets.config
+    return dict(targets.modules)
 
 
 def store_bf16(model: Qwen3NextForCausalLM) -> Qwen3NextForCausalLM:
