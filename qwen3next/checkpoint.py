@@ -284,7 +284,7 @@ def _plan(params: dict[str, torch.Tensor], available: set[str]) -> dict[str, lis
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
                strict: bool = True, quantize: str | None = None,
-               hf_overrides: dict | None = None) -> Qwen3NextForCausalLM:
+               hf_overrides: dict | None = None, shard=None) -> Qwen3NextForCausalLM:
     """Load an HF Qwen3-Next directory (single or sharded safetensors, either expert layout, with `mtp.*`).
 
     Parameters are allocated once in `dtype` (default: the config's `torch_dtype`) and filled tensor by tensor, so
@@ -297,7 +297,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     quantized model + one module's float weights), exactly as `quant.quantize_model` after loading would; "bf16"
     keeps the big weights in bf16 storage with fp32 compute (`quant.quantize.store_bf16`; needs dtype float32).
     `hf_overrides` changes config.json's values before the model is built (`Qwen3NextConfig.from_pretrained`), e.g.
-    YaRN rope scaling for long contexts.
+    YaRN rope scaling for long contexts. `shard` (a `parallel.plan.TPPlan`, `parallel.comm.TPComm` or None pair):
+    load only one tensor-parallel rank's share, layer by layer (peak: the share + one full layer).
     """
     bits = quantize_bits(quantize)
     path = Path(path)
@@ -309,7 +310,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         raise CheckpointError(str(e)) from None
     index = _TensorIndex(path)
     try:
-        model = _load(index, config, dtype, device, strict, bits)
+        model = _load(index, config, dtype, device, strict, bits, shard)
     finally:
         index.close()
     if bits is not None:
@@ -354,7 +355,7 @@ def _swap_in_quantized(model: Qwen3NextForCausalLM, available: set[str]) -> list
 
 
 def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str | None,
-          device: torch.device | str, strict: bool, bits: int | None = None) -> Qwen3NextForCausalLM:
+          device: torch.device | str, strict: bool, bits: int | None = None, shard=None) -> Qwen3NextForCausalLM:
     path = index.path
     available = index.names()
     if config.num_nextn_predict_layers > 0 and not any(n.startswith("mtp.") for n in available):
@@ -376,12 +377,16 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
         from .quant.quantize import swap_in_empty_quantized
 
         pending = swap_in_empty_quantized(model, bits)
+    # Tensor parallelism (parallel/): the decoder layers, the embedding and the LM head are taken out too and loaded
+    # one at a time, each cut to this rank's share at once: peak memory is the rank's shard + one full layer.
+    parts = _take_out_parts(model, shard, pending or quantized_sources) if shard is not None else {}
     model = model.to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty unties shared parameters
+    if config.tie_word_embeddings and not parts:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
 
     params = {n: p for n, p in model.named_parameters() if not (config.tie_word_embeddings and n == "lm_head.weight")}
-    deferred = {f"{m}.{n}": p for m, module in pending.items() for n, p in module.named_parameters()}  # meta
+    deferred = {f"{m}.{n}": p for m, module in (*pending.items(), *parts.items()) for n, p in module.named_parameters()
+                if not (config.tie_word_embeddings and m == "lm_head")}  # meta
     plan = _plan({**params, **deferred}, available)
     needed = [src for pieces in plan.values() for _, src in pieces] + quantized_sources + fp8_scales
     missing = [src for src in needed if src not in available]
@@ -401,6 +406,14 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
     with torch.no_grad(), progress(total=reads, desc=desc, unit="tensor") as bar:
         for name, param in params.items():
             _fill(index, config, name, param, plan[name], bar)
+        for part_name in list(parts):
+            part = parts.pop(part_name)
+            if not (part_name == "lm_head" and config.tie_word_embeddings):  # a tied head is the embedding's
+                part = part.to_empty(device=device)
+                for n, param in part.named_parameters():
+                    _fill(index, config, f"{part_name}.{n}", param, plan[f"{part_name}.{n}"], bar)
+            _shard_part(model, part_name, part, shard)
+            del part
         if pending:
             from .quant.quantize import fill_quantized
 
@@ -420,6 +433,38 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
             read_quantized(model, read)
     model.eval()
     return model
+
+
+def _take_out_parts(model: Qwen3NextForCausalLM, shard, other_work) -> dict[str, nn.Module]:
+    """The (meta, full) parts a tensor-parallel rank loads one at a time, replaced in `model` by placeholders."""
+    if other_work:
+        raise CheckpointError("tensor parallelism: load a float or FP8 checkpoint (each rank quantizes its shard "
+                              "after loading, with --quantize), not a quantized one")
+    names = [f"model.layers.{i}" for i in range(len(model.model.layers))]
+    names += [f"mtp.layers.{i}" for i in range(len(model.mtp.layers))] if model.mtp is not None else []
+    names += ["model.embed_tokens", "lm_head"]  # the embedding first: a tied head is cut from it
+    parts = {}
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        parts[name] = model.get_submodule(name)
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    return parts
+
+
+def _shard_part(model: Qwen3NextForCausalLM, name: str, part: nn.Module, shard) -> None:
+    """Put a loaded full part back into `model`, cut to the rank's share (parallel/shard.py)."""
+    from .parallel.shard import shard_embedding, shard_layer, shard_lm_head
+
+    plan, comm = shard
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, part)
+    if name == "model.embed_tokens":
+        shard_embedding(model, plan, comm)
+    elif name == "lm_head":
+        shard_lm_head(model, plan, comm)
+        model.tp_plan = plan
+    else:
+        shard_layer(part, plan, comm)
 
 
 def _fill(index: _TensorIndex, config: Qwen3NextConfig, name: str, param: torch.Tensor, pieces: list[_Piece],

@@ -26,13 +26,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..checkpoint import load_model, parse_dtype
+from ..config import Qwen3NextConfig
 from ..engine.memory import CachePlan
 from ..engine.scheduler import ScheduledBatch
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from .comm import TPComm
 from .launch import free_port
 from .plan import TPPlan, split_range
-from .shard import gather_logits, shard_model
+from .shard import gather_logits
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long (a long prefill on a slow rank) before failing
 
@@ -50,9 +51,11 @@ class ShardSpec:
 
 
 def load_shard(spec: ShardSpec, comm: TPComm) -> Qwen3NextForCausalLM:
-    """This rank's shard: the checkpoint loaded, sliced to the rank's part, then quantized when asked."""
-    model = load_model(spec.model, dtype=parse_dtype(spec.dtype), hf_overrides=spec.hf_overrides)
-    shard_model(model, TPPlan(model.config, comm.world, comm.rank), comm)
+    """This rank's shard: its share of the checkpoint, loaded layer by layer (peak: the share + one full layer),
+    then quantized when asked."""
+    plan = TPPlan(Qwen3NextConfig.from_pretrained(spec.model, spec.hf_overrides), comm.world, comm.rank)
+    model = load_model(spec.model, dtype=parse_dtype(spec.dtype), hf_overrides=spec.hf_overrides,
+                       shard=(plan, comm))
     if spec.quantize is not None:
         from ..checkpoint import quantize_bits
         from ..quant import quantize_model

@@ -147,25 +147,32 @@ def gather_logits(model: Qwen3NextForCausalLM, comm: TPComm, sizes: list[int]) -
     head._tp_gather = True
 
 
-def shard_model(model: Qwen3NextForCausalLM, plan: TPPlan, comm: TPComm | None = None) -> Qwen3NextForCausalLM:
-    """Turn `model` (full, on any device, meta included) into rank `plan.rank`'s shard, in place. With `comm` the
-    shard is connected (all-reduces, the logits' all-gather); without, it only has the local shapes (planning)."""
-    config = model.config
-    layers: list[DecoderLayer] = [*model.model.layers, *(model.mtp.layers if model.mtp is not None else ())]
-    hook = _reduce_output(comm) if comm is not None else None
-    for layer in layers:
-        mixer = layer.linear_attn if layer.layer_type == "linear_attention" else layer.self_attn
-        (shard_deltanet if layer.layer_type == "linear_attention" else shard_attention)(mixer, plan)
-        if isinstance(layer.mlp, SparseMoE):
-            shard_moe(layer.mlp, plan)
-        else:
-            shard_mlp(layer.mlp, plan)
-        if hook is not None:
-            mixer.register_forward_hook(hook)
-            layer.mlp.register_forward_hook(hook)
+def shard_layer(layer: DecoderLayer, plan: TPPlan, comm: TPComm | None = None) -> None:
+    """One decoder layer's share: its mixer's heads and its MoE's experts (or MLP's channels), in place; with
+    `comm`, each sublayer's output all-reduced."""
+    mixer = layer.linear_attn if layer.layer_type == "linear_attention" else layer.self_attn
+    (shard_deltanet if layer.layer_type == "linear_attention" else shard_attention)(mixer, plan)
+    if isinstance(layer.mlp, SparseMoE):
+        shard_moe(layer.mlp, plan)
+    else:
+        shard_mlp(layer.mlp, plan)
+    if comm is not None:
+        hook = _reduce_output(comm)
+        mixer.register_forward_hook(hook)
+        layer.mlp.register_forward_hook(hook)
+
+
+def shard_embedding(model: Qwen3NextForCausalLM, plan: TPPlan, comm: TPComm | None = None) -> None:
     v0, v1 = plan.vocab()
     embed = model.model.embed_tokens.weight.detach()
     model.model.embed_tokens = VocabParallelEmbedding(embed[v0:v1].clone(), v0, comm)
+
+
+def shard_lm_head(model: Qwen3NextForCausalLM, plan: TPPlan, comm: TPComm | None = None) -> None:
+    """The head's vocabulary rows (the embedding's, when tied: shard the embedding first); with `comm`, the logits
+    all-gathered."""
+    config = model.config
+    v0, v1 = plan.vocab()
     if config.tie_word_embeddings:
         model.lm_head = _linear(model.model.embed_tokens.weight.detach())
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -174,5 +181,15 @@ def shard_model(model: Qwen3NextForCausalLM, plan: TPPlan, comm: TPComm | None =
     if comm is not None:
         gather_logits(model, comm, [b - a for a, b in (split_range(config.vocab_size, plan.world, r)
                                                         for r in range(plan.world))])
+
+
+def shard_model(model: Qwen3NextForCausalLM, plan: TPPlan, comm: TPComm | None = None) -> Qwen3NextForCausalLM:
+    """Turn `model` (full, on any device, meta included) into rank `plan.rank`'s shard, in place. With `comm` the
+    shard is connected (all-reduces, the logits' all-gather); without, it only has the local shapes (planning).
+    (checkpoint.load_model(shard=...) does the same part by part while loading.)"""
+    for layer in [*model.model.layers, *(model.mtp.layers if model.mtp is not None else ())]:
+        shard_layer(layer, plan, comm)
+    shard_embedding(model, plan, comm)
+    shard_lm_head(model, plan, comm)
     model.tp_plan = plan
     return model
