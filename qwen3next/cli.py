@@ -83,7 +83,42 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.context is not None:
         print()
         print(_memory_table(config, args.context, args.batch or 1, dtype, args.prefill_chunk_size or 512))
+    if args.tensor_parallel_size > 1 or args.quantize is not None:
+        print()
+        print(_rank_table(config, args.tensor_parallel_size, elem, args.quantize, args.context, args.batch or 1))
     return 0
+
+
+def _rank_table(config, world: int, elem: int, quantize: str | None, context: int | None, batch: int) -> str:
+    """`info --tensor-parallel-size N [--quantize Q]`: what each rank holds (parallel/footprint.py)."""
+    from .checkpoint import DTYPES
+    from .engine.memory import fmt_bytes
+    from .parallel.footprint import rank_footprints
+
+    load_dtype = config.torch_dtype if config.torch_dtype in DTYPES else "bfloat16"
+    load_bytes = torch_dtype_bytes(load_dtype)
+    ranks = rank_footprints(config, world, elem, load_bytes, quantize)
+    weights = f"weights ({quantize or load_dtype})"
+    head = ["rank", weights, "KV per token", "state per sequence"]
+    if context is not None:
+        head.append(f"weights + {batch} x {context:,} tokens")
+    rows = [head]
+    for r in ranks:
+        row = [str(r.rank), fmt_bytes(r.weight_bytes), fmt_bytes(r.kv_bytes_per_token),
+               fmt_bytes(r.state_bytes_per_sequence)]
+        if context is not None:
+            per_seq = r.state_bytes_per_sequence + context * r.kv_bytes_per_token
+            row.append(fmt_bytes(r.weight_bytes + batch * per_seq))
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [f"tensor parallelism: {world} rank{'s' if world > 1 else ''} (--tensor-parallel-size; attention and "
+             f"DeltaNet by head, experts by range, vocabulary by row)"]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def torch_dtype_bytes(name: str) -> int:
+    return 4 if name in ("float32", "fp32") else 2
 
 
 def _memory_table(config, context: int, batch: int, dtype: str, chunk: int) -> str:
@@ -329,6 +364,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="with --context: tokens of the prefill chunk whose workspace is estimated (default 512, the "
                         "engine's)")
     add_hf_overrides_arg(p)
+    add_tensor_parallel_arg(p)
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="size the weights as quantized at load (per rank with --tensor-parallel-size)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="generate text from a prompt")

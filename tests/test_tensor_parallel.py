@@ -289,3 +289,34 @@ def test_sharded_loading_reads_the_share_layer_by_layer(tmp_path, kind):
     for r in range(2):
         rep = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert rep["same"] and rep["diff"] < TOL, rep
+
+
+def test_per_rank_footprint_of_the_official_80b(tmp_path, capsys):
+    """`qwen3next info --tensor-parallel-size N` on the official config: per rank the K/V of its key/value heads
+    (24 KiB per token in bf16 on one rank, SPEC; one of the two heads from 2 ranks on), its share of the DeltaNet
+    state (~72 MiB per sequence on one rank) and of the weights."""
+    from test_config import OFFICIAL
+
+    from qwen3next.cli import main
+    from qwen3next.parallel.footprint import rank_footprints
+
+    config = Qwen3NextConfig.from_dict(OFFICIAL)
+    one = rank_footprints(config, 1, 2)[0]
+    assert one.kv_bytes_per_token == 24 * 1024
+    assert 70 * 2**20 < one.state_bytes_per_sequence < 75 * 2**20
+    assert 150 * 2**30 < one.weight_bytes < 155 * 2**30  # ~81B parameters (MTP head included) in bf16
+    for world in (2, 4, 8):
+        ranks = rank_footprints(config, world, 2)
+        assert all(r.kv_bytes_per_token == 12 * 1024 for r in ranks)  # 2 kv heads: split, then replicated
+        assert all(r.state_bytes_per_sequence * world == one.state_bytes_per_sequence for r in ranks)
+        total = sum(r.weight_bytes for r in ranks)
+        # replicated: norms, routers (100 MB per rank), gates and, beyond 2 ranks, the key/value projections: < 1%
+        assert one.weight_bytes <= total < one.weight_bytes * 1.01
+    int4 = rank_footprints(config, 4, 2, quantize="int4")
+    assert all(r.weight_bytes < rank_footprints(config, 4, 2)[0].weight_bytes * 0.35 for r in int4)
+    (tmp_path / "config.json").write_text(json.dumps({**OFFICIAL, "torch_dtype": "bfloat16"}))
+    assert main(["info", "--model", str(tmp_path), "--tensor-parallel-size", "4", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "tensor parallelism: 4 ranks" in out and out.count("12.0 KiB") == 4
+    assert main(["info", "--model", str(tmp_path), "--tensor-parallel-size", "3"]) == 1
+    assert "must divide num_key_value_heads" in capsys.readouterr().err

@@ -108,6 +108,8 @@ def _worker(rank: int, spec: ShardSpec, port: int, num_speculative_tokens: int) 
         model = load_shard(spec, comm)
         box = [None]
         dist.broadcast_object_list(box, src=0)  # rank 0's cache plan: the same pools everywhere
+        if box[0] is None:  # rank 0 gave up while setting up (its error is reported there)
+            return
         runner = ModelRunner(model, box[0], num_speculative_tokens=num_speculative_tokens, tp=comm)
         while True:
             box = [None]
