@@ -153,8 +153,8 @@ def check_output_paths(args: argparse.Namespace, *flags: str) -> None:
             raise ValueError(f"{flag}: the directory of {path} does not exist")
 
 
-def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
+def add_tensor_parallel_arg(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     """`--tensor-parallel-size N` (vLLM's flag): `args.tensor_parallel_size`."""
     parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
-                        help="split the model and its cache over N processes on this machine (gloo; 1 thread each "
-                             "by --threads); default 1")
+                        help=help or "split the model and its cache over N processes on this machine (gloo; "
+                                     "--threads torch threads each); default 1")

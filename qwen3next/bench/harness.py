@@ -31,7 +31,13 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import add_hf_overrides_arg, check_output_paths, positive_int, speculative_config
+from ..argtypes import (
+    add_hf_overrides_arg,
+    add_tensor_parallel_arg,
+    check_output_paths,
+    positive_int,
+    speculative_config,
+)
 from ..checkpoint import load_model, parse_dtype
 from ..config import Qwen3NextConfig
 from ..engine.compiled import CompiledDecoder
@@ -40,6 +46,7 @@ from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer
 from ..train.presets import PRESETS, preset_config
 from . import ablation, llamacpp, measure
+from . import parallel as parallel_bench
 from . import prefix as prefix_bench
 from . import speculative as spec_bench
 from . import structured as structured_bench
@@ -737,6 +744,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="--ablation: also plot throughput vs context (needs matplotlib: the [plot] extra)")
     prefix_bench.add_workload_args(parser)
+    add_tensor_parallel_arg(parser, help="instead of the usual measurements: N tensor-parallel ranks against one "
+                            "process: load peak RSS per rank and decode tok/s, ms per step and time in collectives "
+                            "(bench/parallel.py; --batch, --prompt-len, --decode-tokens, --repeat, --threads per rank)")
     parser.add_argument("--structured-output", action="store_true",
                         help="instead of the usual measurements: decode tok/s with a JSON-schema constraint vs "
                              "without at each --batch (--decode-tokens per request, --repeat timed rounds, default 5) "
@@ -863,7 +873,45 @@ def _run_structured(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_parallel(args: argparse.Namespace) -> int:
+    if args.workload or args.ablation is not None or args.structured_output:
+        raise ValueError("tensor-parallel-size: --tensor-parallel-size, --structured-output, --workload and "
+                         "--ablation are separate modes; give one")
+    _reject_flags(args, "tensor-parallel-size", ("--compare", "--quantize", "--compile", "--speculative-config",
+                                                 "--prefill-lens", "--gguf", "--llama-bench", "--bandwidth-mib",
+                                                 "--contexts", "--plot"),
+                  "1 rank vs N ranks: --batch, --prompt-len, --decode-tokens, --repeat, --threads, --model/--preset")
+    check_output_paths(args, "--json")
+
+    def log(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    threads = args.threads or 1
+    machine = describe_machine(threads)
+    load = BenchOptions(model=args.model, preset=args.preset, dtype=args.dtype, seed=args.seed,
+                        hf_overrides=args.hf_overrides)
+    model, _, _, source = _load(load, parse_dtype(args.dtype))
+    with tempfile.TemporaryDirectory(prefix="qwen3next-tp-") as tmp:
+        model_dir = args.model if args.model is not None and args.hf_overrides is None else \
+            parallel_bench.save_random_model(model, tmp)
+        vocab = model.config.vocab_size
+        del model
+        opts = parallel_bench.ParallelBenchOptions(world=args.tensor_parallel_size, batches=list(args.batches),
+                                                   prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+                                                   rounds=args.repeat, threads=threads, dtype=args.dtype)
+        report = {"machine": machine, "model": {"source": source, "dtype": args.dtype},
+                  "options": asdict(opts),
+                  "tensor_parallel": parallel_bench.bench_parallel(opts, model_dir, vocab, args.seed, log)}
+    print("\n".join([f"machine: {threads} thread(s) per rank; model: {source} ({args.dtype})",
+                     *parallel_bench.format_section(report["tensor_parallel"], _aligned)]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.tensor_parallel_size > 1:
+        return _run_parallel(args)
     if args.structured_output:
         return _run_structured(args)
     if args.workload:

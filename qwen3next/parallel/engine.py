@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import resource
 import threading
 from dataclasses import dataclass
 
@@ -36,6 +37,15 @@ from .plan import TPPlan, split_range
 from .shard import gather_logits
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long (a long prefill on a slow rank) before failing
+
+
+STATS = "stats"  # the message that asks every rank for `rank_stats`
+
+
+def rank_stats(comm: TPComm) -> dict:
+    """This process's peak resident memory (bytes) and its time in collectives."""
+    return {"rank": comm.rank, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "comm_seconds": comm.seconds, "num_all_reduce": comm.num_all_reduce}
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,9 @@ def _worker(rank: int, spec: ShardSpec, port: int, num_speculative_tokens: int) 
             dist.broadcast_object_list(box, src=0)
             if box[0] is None:
                 break
+            if isinstance(box[0], str) and box[0] == STATS:
+                dist.gather_object(rank_stats(comm), None, dst=0)
+                continue
             runner.execute(box[0])
     finally:
         dist.destroy_process_group()
@@ -160,6 +173,15 @@ class TPGroup:
         if self._error is not None:
             raise RuntimeError(self._error)
         dist.broadcast_object_list([wire_batch(batch)], src=0)
+
+    def stats(self) -> list[dict]:
+        """`rank_stats` of every rank, rank 0 first (between steps)."""
+        if self._error is not None:
+            raise RuntimeError(self._error)
+        dist.broadcast_object_list([STATS], src=0)
+        out = [None] * self.spec.world
+        dist.gather_object(rank_stats(self.comm), out, dst=0)
+        return out
 
     @property
     def error(self) -> str | None:
