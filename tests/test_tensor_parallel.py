@@ -320,3 +320,43 @@ def test_per_rank_footprint_of_the_official_80b(tmp_path, capsys):
     assert "tensor parallelism: 4 ranks" in out and out.count("12.0 KiB") == 4
     assert main(["info", "--model", str(tmp_path), "--tensor-parallel-size", "3"]) == 1
     assert "must divide num_key_value_heads" in capsys.readouterr().err
+
+
+def _collectives(rank: int, out_dir: str) -> None:
+    from qwen3next.parallel.comm import TPComm
+
+    comm = TPComm()
+    g = torch.Generator().manual_seed(rank)
+    report = {"shm": comm.shm is not None}
+    small = torch.randn(3, 7, generator=g)
+    mine = small.clone()
+    comm.all_reduce(small)
+    report["small"] = small.flatten().tolist()
+    report["mine"] = mine.flatten().tolist()
+    big = torch.full((2, (5 << 20) // 8), float(rank + 1))  # 5 MiB: more than a shared slot, through gloo
+    report["big"] = comm.all_reduce(big).unique().tolist()
+    report["obj"] = comm.broadcast_object({"x": list(range(10))} if rank == 0 else None)
+    report["big_obj"] = len(comm.broadcast_object(b"z" * (6 << 20) if rank == 0 else None))
+    tokens = torch.tensor([rank * 10 + 1, 2, 3])
+    report["tokens"] = comm.broadcast(tokens).tolist()
+    report["gathered"] = comm.all_gather_last(torch.full((2, 2 + rank), float(rank)), [2, 3]).tolist()
+    for i in range(200):  # many operations in a row: the slots' parity and the counters stay in step
+        t = torch.tensor([float(i + rank)])
+        assert comm.all_reduce(t).item() == 2 * i + 1
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(report, f)
+
+
+def test_shared_memory_collectives(tmp_path):
+    """Sums equal on both ranks bit for bit (added in rank order) and equal the inputs' sum; tensors and pickles
+    larger than a shared slot go through gloo; broadcasts and the vocabulary all-gather."""
+    run_local(_collectives, 2, str(tmp_path))
+    a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert a["shm"] and b["shm"]
+    assert a["small"] == b["small"]
+    assert a["small"] == pytest.approx([x + y for x, y in zip(a["mine"], b["mine"])], abs=1e-6)
+    assert a["big"] == b["big"] == [3.0]
+    assert a["obj"] == b["obj"] == {"x": list(range(10))}
+    assert a["big_obj"] == b["big_obj"] == 6 << 20
+    assert a["tokens"] == b["tokens"] == [1, 2, 3]
+    assert a["gathered"] == b["gathered"] == [[0, 0, 1, 1, 1]] * 2

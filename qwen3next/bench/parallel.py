@@ -1,7 +1,7 @@
 """`qwen3next bench --tensor-parallel-size N`: one process against N tensor-parallel ranks on this machine.
 
-1. Load: the peak resident memory of every rank while loading the model on N ranks, against one process loading it
-   whole; each configuration in a fresh subprocess (peak memory only grows within a process).
+1. Load: the peak resident memory (VmHWM) of every rank while loading the model on N ranks, against one process
+   loading it whole; each configuration in a fresh subprocess (peak memory only grows within a process).
 2. Decode: one engine on 1 rank and one on N ranks, both alive; per batch size an untimed warmup round, then
    `--repeat` interleaved rounds (1 rank, then N). Greedy, EOS ignored, `--decode-tokens` per request after a
    `--prompt-len` random-token prompt; the clock starts once every request has its first token. Reported: tok/s
@@ -40,13 +40,14 @@ class ParallelBenchOptions:
 
 
 _LOAD = """
-import json, resource, sys, torch
+import json, sys, torch
 torch.set_num_threads({threads})
 from qwen3next.engine.llm import Engine
+from qwen3next.parallel.engine import peak_rss
 e = Engine({model!r}, dtype={dtype!r}, max_memory="64MiB", max_model_len=256, tensor_parallel_size={world},
            skip_tokenizer_init=True)
 if e.tp is None:
-    stats = [dict(rank=0, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)]
+    stats = [dict(rank=0, peak_rss=peak_rss())]
 else:
     stats = e.tp.stats()
 e.close()
@@ -124,7 +125,7 @@ def bench_parallel(opts: ParallelBenchOptions, model_dir: str, vocab_size: int, 
 def format_section(section: dict, aligned: Callable[[list[list[str]], int], list[str]]) -> list[str]:
     w = section["world"]
     one, many = section["load_peak_rss"]["1"], section["load_peak_rss"][str(w)]
-    lines = [f"tensor parallelism: 1 rank vs {w} ranks (gloo on loopback, 1 process per rank)",
+    lines = [f"tensor parallelism: 1 rank vs {w} ranks (1 process per rank; collectives through shared memory)",
              f"  load peak RSS: 1 rank {one[0] / 2**20:.0f} MiB; {w} ranks "
              + ", ".join(f"rank {r} {b / 2**20:.0f} MiB" for r, b in enumerate(many))
              + f" (x{max(many) / one[0]:.2f} of 1 rank)"]

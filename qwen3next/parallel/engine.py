@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import os
 import resource
 import threading
 from dataclasses import dataclass
@@ -42,10 +43,23 @@ TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long (a long
 STATS = "stats"  # the message that asks every rank for `rank_stats`
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM of its address space (getrusage's ru_maxrss would carry
+    the peak of the process it was forked from over the exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def rank_stats(comm: TPComm) -> dict:
     """This process's peak resident memory (bytes) and its time in collectives."""
-    return {"rank": comm.rank, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "comm_seconds": comm.seconds, "num_all_reduce": comm.num_all_reduce}
+    return {"rank": comm.rank, "peak_rss": peak_rss(), "comm_seconds": comm.seconds,
+            "num_all_reduce": comm.num_all_reduce}
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,12 @@ def wire_batch(batch: ScheduledBatch) -> ScheduledBatch:
     return out
 
 
+def _exit_if_orphaned(parent: int) -> None:
+    """A worker whose rank 0 is gone (its parent changed) leaves instead of waiting forever."""
+    if os.getppid() != parent:
+        raise SystemExit("tensor-parallel rank 0 exited")
+
+
 def _worker(rank: int, spec: ShardSpec, port: int, num_speculative_tokens: int) -> None:
     torch.set_num_threads(spec.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=spec.world,
@@ -115,21 +135,22 @@ def _worker(rank: int, spec: ShardSpec, port: int, num_speculative_tokens: int) 
         from ..engine.runner import ModelRunner
 
         comm = TPComm()
+        parent = os.getppid()
+        if comm.shm is not None:
+            comm.shm.check = lambda: _exit_if_orphaned(parent)
         model = load_shard(spec, comm)
-        box = [None]
-        dist.broadcast_object_list(box, src=0)  # rank 0's cache plan: the same pools everywhere
-        if box[0] is None:  # rank 0 gave up while setting up (its error is reported there)
+        plan = comm.broadcast_object(None)  # rank 0's cache plan: the same pools everywhere
+        if plan is None:  # rank 0 gave up while setting up (its error is reported there)
             return
-        runner = ModelRunner(model, box[0], num_speculative_tokens=num_speculative_tokens, tp=comm)
+        runner = ModelRunner(model, plan, num_speculative_tokens=num_speculative_tokens, tp=comm)
         while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0)
-            if box[0] is None:
+            msg = comm.broadcast_object(None)
+            if msg is None:
                 break
-            if isinstance(box[0], str) and box[0] == STATS:
+            if isinstance(msg, str) and msg == STATS:
                 dist.gather_object(rank_stats(comm), None, dst=0)
                 continue
-            runner.execute(box[0])
+            runner.execute(msg)
     finally:
         dist.destroy_process_group()
 
@@ -156,6 +177,8 @@ class TPGroup:
             self._kill()
             raise
         self.comm = TPComm()
+        if self.comm.shm is not None:  # a wait on a dead worker ends with its error
+            self.comm.shm.check = self._check
         self._monitor = threading.Thread(target=self._watch, name="qwen3next-tp-monitor", daemon=True)
         self._monitor.start()
 
@@ -167,18 +190,20 @@ class TPGroup:
             raise
 
     def start(self, plan: CachePlan) -> None:
-        dist.broadcast_object_list([plan], src=0)
+        self.comm.broadcast_object(plan)
 
     def step(self, batch: ScheduledBatch) -> None:
+        self._check()
+        self.comm.broadcast_object(wire_batch(batch))
+
+    def _check(self) -> None:
         if self._error is not None:
             raise RuntimeError(self._error)
-        dist.broadcast_object_list([wire_batch(batch)], src=0)
 
     def stats(self) -> list[dict]:
         """`rank_stats` of every rank, rank 0 first (between steps)."""
-        if self._error is not None:
-            raise RuntimeError(self._error)
-        dist.broadcast_object_list([STATS], src=0)
+        self._check()
+        self.comm.broadcast_object(STATS)
         out = [None] * self.spec.world
         dist.gather_object(rank_stats(self.comm), out, dst=0)
         return out
@@ -202,7 +227,7 @@ class TPGroup:
         self._closed = True
         if self._error is None:
             try:
-                dist.broadcast_object_list([None], src=0)
+                self.comm.broadcast_object(None)
             except Exception:  # a worker already gone: the others see the broken group and exit
                 pass
         for p in self.workers:
