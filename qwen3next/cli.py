@@ -171,6 +171,28 @@ def _default_snapshots(config, e, dtype_bytes: int) -> int:
                 if default_snapshot_slots(g, e.cache_bytes + s * g.state_bytes_per_slot, e.batch, e.context) == s)
 
 
+def torchrun_worker(args: argparse.Namespace) -> bool:
+    """Under torchrun with --tensor-parallel-size, ranks > 0 serve rank 0's engine instead of running the command:
+    True when this process was such a rank (and is done)."""
+    if args.tensor_parallel_size <= 1:
+        return False
+    from .parallel.engine import ShardSpec, launched_by_torchrun, run_torchrun_worker, torchrun_rank
+
+    if not launched_by_torchrun() or torchrun_rank(args.tensor_parallel_size) == 0:
+        return False
+    spec = ShardSpec(str(args.model), args.dtype, args.quantize, args.hf_overrides, args.tensor_parallel_size,
+                     args.threads or torch_threads())
+    k = args.speculative_config.num_speculative_tokens if args.speculative_config is not None else 0
+    run_torchrun_worker(spec, k)
+    return True
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _engine(args: argparse.Namespace):
     import torch
 
@@ -205,6 +227,8 @@ def _drain(engine, req, out=sys.stdout) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if torchrun_worker(args):
+        return 0
     engine = _engine(args)
     try:
         return _generate(args, engine)
@@ -238,6 +262,8 @@ def _generate(args: argparse.Namespace, engine) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if torchrun_worker(args):
+        return 0
     engine = _engine(args)
     try:
         return _chat(args, engine)

@@ -360,3 +360,23 @@ def test_shared_memory_collectives(tmp_path):
     assert a["big_obj"] == b["big_obj"] == 6 << 20
     assert a["tokens"] == b["tokens"] == [1, 2, 3]
     assert a["gathered"] == b["gathered"] == [[0, 0, 1, 1, 1]] * 2
+
+
+def test_torchrun_launch_gives_the_same_output(model_dir):
+    """The ranks started by torchrun (here 2 on this machine; `--nnodes/--node-rank/--master-addr` spread them over
+    machines): rank 0 runs the command, the other runs the model for it; greedy output equals one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from qwen3next.parallel.launch import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["-m", "qwen3next", "generate", "--model", str(model_dir), "--prompt", "hello", "--max-tokens", "8",
+           "--threads", "1", "--temperature", "0"]
+    one = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, timeout=120)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), *cmd, "--tensor-parallel-size", "2"],
+                         env=env, capture_output=True, timeout=180)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr.decode()[-2000:]
+    assert two.stdout == one.stdout and one.stdout.startswith(b"hello")

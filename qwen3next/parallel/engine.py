@@ -127,16 +127,37 @@ def _exit_if_orphaned(parent: int) -> None:
         raise SystemExit("tensor-parallel rank 0 exited")
 
 
-def _worker(rank: int, spec: ShardSpec, port: int, num_speculative_tokens: int) -> None:
+def launched_by_torchrun() -> bool:
+    """This process is one of the ranks torchrun started (RANK / WORLD_SIZE / MASTER_ADDR in the environment)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def torchrun_rank(world: int) -> int:
+    """This torchrun rank; its WORLD_SIZE must be the tensor-parallel size."""
+    size = int(os.environ["WORLD_SIZE"])
+    if size != world:
+        raise ValueError(f"tensor_parallel_size: {world}, but torchrun started {size} processes (WORLD_SIZE); give "
+                         f"--nnodes x --nproc-per-node = --tensor-parallel-size")
+    return int(os.environ["RANK"])
+
+
+def run_torchrun_worker(spec: ShardSpec, num_speculative_tokens: int) -> None:
+    """A rank > 0 under torchrun: join the group and run the model for rank 0 until it closes the group."""
+    _worker(torchrun_rank(spec.world), spec, None, num_speculative_tokens)
+
+
+def _worker(rank: int, spec: ShardSpec, port: int | None, num_speculative_tokens: int) -> None:
+    """A worker rank: spawned by rank 0 (`port`: its rendezvous on loopback), or started by torchrun (None: the
+    environment's rendezvous)."""
     torch.set_num_threads(spec.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=spec.world,
-                            timeout=TIMEOUT)
+    init = f"tcp://127.0.0.1:{port}" if port is not None else "env://"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=spec.world, timeout=TIMEOUT)
     try:
         from ..engine.runner import ModelRunner
 
         comm = TPComm()
         parent = os.getppid()
-        if comm.shm is not None:
+        if comm.shm is not None and port is not None:
             comm.shm.check = lambda: _exit_if_orphaned(parent)
         model = load_shard(spec, comm)
         plan = comm.broadcast_object(None)  # rank 0's cache plan: the same pools everywhere
@@ -162,20 +183,28 @@ class TPGroup:
         if dist.is_initialized():
             raise ValueError("tensor_parallel_size: this process already belongs to a torch.distributed group; run "
                              "one tensor-parallel engine per process")
-        self.spec, port = spec, free_port()
-        ctx = mp.get_context("spawn")
-        self.workers = [ctx.Process(target=_worker, args=(r, spec, port, num_speculative_tokens), daemon=True,
-                                    name=f"qwen3next-tp{r}") for r in range(1, spec.world)]
-        for p in self.workers:
-            p.start()
+        self.spec = spec
         self._error: str | None = None
         self._closed = False
-        try:
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=spec.world,
-                                    timeout=TIMEOUT)
-        except BaseException:
-            self._kill()
-            raise
+        self.workers = []
+        if launched_by_torchrun():  # the other ranks are torchrun's, maybe on other machines
+            if torchrun_rank(spec.world) != 0:
+                raise ValueError("tensor_parallel_size: only torchrun's rank 0 builds the engine; the others run "
+                                 "parallel.engine.run_torchrun_worker (the CLI does this)")
+            dist.init_process_group("gloo", init_method="env://", rank=0, world_size=spec.world, timeout=TIMEOUT)
+        else:
+            port = free_port()
+            ctx = mp.get_context("spawn")
+            self.workers = [ctx.Process(target=_worker, args=(r, spec, port, num_speculative_tokens), daemon=True,
+                                        name=f"qwen3next-tp{r}") for r in range(1, spec.world)]
+            for p in self.workers:
+                p.start()
+            try:
+                dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                        world_size=spec.world, timeout=TIMEOUT)
+            except BaseException:
+                self._kill()
+                raise
         self.comm = TPComm()
         if self.comm.shm is not None:  # a wait on a dead worker ends with its error
             self.comm.shm.check = self._check

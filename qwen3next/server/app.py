@@ -617,12 +617,13 @@ WORKER_DEATH_GRACE_S = 3.0  # /health answers 503 this long before the server ex
 
 
 def _exit_when_workers_die(llm: LLM, server) -> None:
-    """A tensor-parallel worker died: the engine cannot run any more. /health says so (503) for a few seconds, then
-    the server shuts down (exit status 1) and `llm.close()` reaps the other workers."""
-    while llm.engine.error is None and not server.should_exit:
+    """A tensor-parallel worker died (or a collective failed, e.g. a torchrun rank on another machine went away): the
+    engine cannot run any more. /health says so (503) for a few seconds, then the server shuts down (exit status 1)
+    and `llm.close()` reaps the other workers."""
+    while llm.error is None and not server.should_exit:
         time.sleep(0.2)
-    if llm.engine.error is not None:
-        print(f"qwen3next serve: {llm.engine.error}; shutting down", file=sys.stderr, flush=True)
+    if llm.error is not None:
+        print(f"qwen3next serve: {llm.error}; shutting down", file=sys.stderr, flush=True)
         time.sleep(WORKER_DEATH_GRACE_S)
         server.should_exit = True
 
@@ -634,6 +635,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    from ..cli import torchrun_worker
+
+    if torchrun_worker(args):  # torchrun's rank > 0: runs the model for rank 0, which serves
+        return 0
     api_key = args.api_key or os.environ.get("QWEN3NEXT_API_KEY") or None
     model_dir = Path(args.model)
     name = args.served_model_name or model_dir.resolve().name
