@@ -2,8 +2,9 @@
 
 gloo goes through loopback TCP: on the 2-core VMs this project runs on, one gloo all-reduce of a [1, 512] fp32
 tensor takes ~1.1-1.6 ms and a barrier ~0.3 ms (bench --tensor-parallel-size), while a decode step of the `small`
-preset computes for ~13 ms and needs 17 all-reduces. Here every rank owns two slots of a shared buffer (a file in
-/dev/shm mapped by `torch.from_file`, unlinked as soon as every rank has it mapped) and a sequence counter:
+preset computes for ~13 ms and needs 17 all-reduces. Here every rank owns two slots of a shared buffer (rank 0's
+anonymous memory file, `os.memfd_create`, mapped by every rank through /proc/<pid>/fd with `torch.from_file`: no
+name that could outlive a killed process) and a sequence counter:
 - all-reduce: write your tensor into your slot for this operation's parity, publish the operation's number, wait
   until every rank has published it, then add all slots in rank order. Every rank computes the same sum in the same
   order: the results are bitwise identical everywhere, as a collective's must be. Two slots per rank make the next
@@ -20,7 +21,6 @@ from __future__ import annotations
 import os
 import platform
 import time
-import uuid
 from collections.abc import Callable
 
 import torch
@@ -32,7 +32,7 @@ LONG_WAIT = 0.002  # seconds of yielding before napping
 
 
 def available() -> bool:
-    return platform.machine() in ("x86_64", "AMD64") and os.path.isdir("/dev/shm")
+    return platform.machine() in ("x86_64", "AMD64") and hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
 
 
 class ShmChannel:
@@ -44,17 +44,18 @@ class ShmChannel:
         self.check: Callable[[], None] | None = None  # called while a wait lasts: raises when a peer is gone
         self.header = 64 * world  # one int64 counter per rank, each on its own cache line
         size = self.header + 2 * world * slot_bytes
-        box = [f"/dev/shm/qwen3next-tp-{uuid.uuid4().hex}" if rank == 0 else None]
+        # An anonymous memory file of rank 0, opened by the others through /proc: nothing is left behind in
+        # /dev/shm whenever a process dies (a named file there would leak if rank 0 died before unlinking it).
+        fd = None
+        if rank == 0:
+            fd = os.memfd_create("qwen3next-tp")
+            os.ftruncate(fd, size)
+        box = [f"/proc/{os.getpid()}/fd/{fd}" if rank == 0 else None]
         dist.broadcast_object_list(box, src=0, group=group)
-        path = box[0]
-        if rank == 0:
-            with open(path, "wb") as f:
-                f.truncate(size)
-        dist.barrier(group=group)
-        self.buf = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
-        dist.barrier(group=group)  # everyone has it mapped: the name can go
-        if rank == 0:
-            os.unlink(path)
+        self.buf = torch.from_file(box[0], shared=True, size=size, dtype=torch.uint8)
+        dist.barrier(group=group)  # everyone has it mapped: rank 0's descriptor can go
+        if fd is not None:
+            os.close(fd)
         self.counters = self.buf[: self.header].view(torch.int64)[::8]  # [world], 64 bytes apart
         self.seq = 0
 
