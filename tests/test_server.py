@@ -42,7 +42,9 @@ def http() -> httpx.Client:
     return httpx.Client(timeout=60)
 
 
-class _Server(uvicorn.Server):
+class ReadyServer(uvicorn.Server):
+    """A uvicorn server that says when it is up (`ready`), for servers run in a thread."""
+
     def __init__(self, config: uvicorn.Config):
         super().__init__(config)
         self.ready = threading.Event()
@@ -59,7 +61,7 @@ def serving(llm: LLM, api_key: str | None):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     app = create_app(llm, MODEL, api_key, max_body_bytes=BODY_LIMIT)
-    server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = ReadyServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import uvicorn
 from starlette.responses import PlainTextResponse
+from test_server import ReadyServer
 
 from qwen3next.engine.llm import DEFAULT_MODEL, LLM
 from qwen3next.server.app import create_app
@@ -34,16 +35,6 @@ TIMEOUT_MS = 30_000  # generous for a loaded 2-core machine; every wait below no
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-
-
-class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config):
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets=None) -> None:
-        await super().startup(sockets)
-        self.ready.set()
 
 
 def behind_proxy(app, prefix: str):
@@ -73,7 +64,7 @@ def serving(llm: LLM, api_key: str | None, prefix: str | None = None) -> Iterato
         app = behind_proxy(app, prefix)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = ReadyServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

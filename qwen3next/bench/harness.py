@@ -787,7 +787,7 @@ def _run_ablation(args: argparse.Namespace) -> int:
                                     decode_steps=args.decode_tokens, models=tuple(args.ablation_models))
     if args.contexts:
         opts.contexts = list(args.contexts)
-    report = ablation.run_ablation(opts, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    report = ablation.run_ablation(opts, log=_log)
     print(ablation.format_ablation(report))
     if args.json:
         ablation.save_json(report, args.json)
@@ -809,13 +809,7 @@ def _run_prefix(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    def log(msg: str) -> None:
-        print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-    machine = describe_machine(torch.get_num_threads())
-    machine["busy_warning"] = _busy_warning(machine)
-    if machine["busy_warning"]:
-        log(machine["busy_warning"])
+    machine = _machine_for_mode()
     load = BenchOptions(model=args.model, preset=args.preset, dtype=args.dtype, seed=args.seed,
                         hf_overrides=args.hf_overrides)
     model, tokenizer, has_tokenizer, source = _load(load, parse_dtype(args.dtype))
@@ -825,12 +819,26 @@ def _run_prefix(args: argparse.Namespace) -> int:
                         "params_active": counts["active"] + model.config.hidden_size,
                         "vocab_size": model.config.vocab_size},
               "options": {**asdict(opts), "threads": machine["threads"]},
-              "prefix": prefix_bench.bench_prefix(opts, model, tokenizer if has_tokenizer else None, log)}
+              "prefix": prefix_bench.bench_prefix(opts, model, tokenizer if has_tokenizer else None, _log)}
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(prefix_bench.format_report(report, _aligned))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _machine_for_mode() -> dict[str, object]:
+    """The machine description of a bench mode (--workload, --structured-output) at torch's thread count, its busy
+    warning logged."""
+    machine = describe_machine(torch.get_num_threads())
+    machine["busy_warning"] = _busy_warning(machine)
+    if machine["busy_warning"]:
+        _log(machine["busy_warning"])
+    return machine
 
 
 def _run_structured(args: argparse.Namespace) -> int:
@@ -851,13 +859,7 @@ def _run_structured(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    def log(msg: str) -> None:
-        print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-    machine = describe_machine(torch.get_num_threads())
-    machine["busy_warning"] = _busy_warning(machine)
-    if machine["busy_warning"]:
-        log(machine["busy_warning"])
+    machine = _machine_for_mode()
     load = BenchOptions(model=model_dir, dtype=args.dtype, seed=args.seed, hf_overrides=args.hf_overrides)
     model, tokenizer, _, source = _load(load, parse_dtype(args.dtype))
     d = BenchOptions()
@@ -865,7 +867,7 @@ def _run_structured(args: argparse.Namespace) -> int:
                                                    rounds=args.repeat if args.repeat != d.repeat else 5)
     report = {"machine": machine, "model": {"source": source, "dtype": args.dtype},
               "options": {**asdict(opts), "threads": machine["threads"]},
-              "structured_output": structured_bench.bench_structured(opts, model, tokenizer, log)}
+              "structured_output": structured_bench.bench_structured(opts, model, tokenizer, _log)}
     print("\n".join([f"machine: {machine['threads']} threads; model: {source} ({args.dtype})",
                      *structured_bench.format_section(report["structured_output"], _aligned)]))
     if args.json:
@@ -883,9 +885,6 @@ def _run_parallel(args: argparse.Namespace) -> int:
                   "1 rank vs N ranks: --batch, --prompt-len, --decode-tokens, --repeat, --threads, --model/--preset")
     check_output_paths(args, "--json")
 
-    def log(msg: str) -> None:
-        print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
     threads = args.threads or 1
     machine = describe_machine(threads)
     load = BenchOptions(model=args.model, preset=args.preset, dtype=args.dtype, seed=args.seed,
@@ -901,7 +900,7 @@ def _run_parallel(args: argparse.Namespace) -> int:
                                                    rounds=args.repeat, threads=threads, dtype=args.dtype)
         report = {"machine": machine, "model": {"source": source, "dtype": args.dtype},
                   "options": asdict(opts),
-                  "tensor_parallel": parallel_bench.bench_parallel(opts, model_dir, vocab, args.seed, log)}
+                  "tensor_parallel": parallel_bench.bench_parallel(opts, model_dir, vocab, args.seed, _log)}
     print("\n".join([f"machine: {threads} thread(s) per rank; model: {source} ({args.dtype})",
                      *parallel_bench.format_section(report["tensor_parallel"], _aligned)]))
     if args.json:
@@ -928,7 +927,7 @@ def run_bench(args: argparse.Namespace) -> int:
                         compile=args.compile, llama_bench=args.llama_bench,
                         gguf=llamacpp.parse_gguf_args(args.gguf), llama_timeout=args.llama_timeout,
                         speculative_config=args.speculative_config, hf_overrides=args.hf_overrides)
-    report = bench(opts, log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    report = bench(opts, log=_log)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
