@@ -176,21 +176,19 @@ def torchrun_worker(args: argparse.Namespace) -> bool:
     True when this process was such a rank (and is done)."""
     if args.tensor_parallel_size <= 1:
         return False
-    from .parallel.engine import ShardSpec, launched_by_torchrun, run_torchrun_worker, torchrun_rank
+    import torch
+
+    from .parallel.engine import ShardSpec, launched_by_torchrun, rank_threads, run_torchrun_worker, torchrun_rank
 
     if not launched_by_torchrun() or torchrun_rank(args.tensor_parallel_size) == 0:
         return False
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = ShardSpec(str(args.model), args.dtype, args.quantize, args.hf_overrides, args.tensor_parallel_size,
-                     args.threads or torch_threads())
+                     rank_threads(args.tensor_parallel_size))
     k = args.speculative_config.num_speculative_tokens if args.speculative_config is not None else 0
     run_torchrun_worker(spec, k)
     return True
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _engine(args: argparse.Namespace):

@@ -130,22 +130,34 @@ def model_dir(tmp_path_factory):
 
 def test_engine_output_is_token_identical_with_two_ranks(model_dir):
     """A batch of different prompt lengths with chunked prefill (chunks of 16), greedy and seeded; then MTP
-    speculative decoding: TP=2 emits the very tokens TP=1 does."""
-    from qwen3next.engine.llm import LLM
+    speculative decoding, plain and inside a grammar: TP=2 emits the very tokens TP=1 does, and drafts the same."""
+    from qwen3next.engine.llm import LLM, Engine
     from qwen3next.engine.sampling import SamplingParams
 
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 40, 9)]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     seeded = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=3)
+    constrained = SamplingParams(temperature=0, max_tokens=12, structured_outputs={"regex": "[a-d]{6}-[0-9]{8}"})
     spec = {"method": "mtp", "num_speculative_tokens": 2, "adaptive": False}
     outs = {}
     for tp in (1, 2):
         with LLM(model_dir, max_memory="32MiB", max_model_len=128, prefill_chunk_size=16, max_num_batched_tokens=16,
                  tensor_parallel_size=tp) as llm:
             outs[tp] = [[o.outputs[0].token_ids for o in llm.generate(prompts, p)] for p in (greedy, seeded)]
-        with LLM(model_dir, max_memory="32MiB", max_model_len=128, tensor_parallel_size=tp,
-                 speculative_config=spec) as llm:
-            outs[tp].append([o.outputs[0].token_ids for o in llm.generate(prompts, greedy)])
+        engine = Engine(model_dir, max_memory="32MiB", max_model_len=128, tensor_parallel_size=tp,
+                        speculative_config=spec)
+        try:
+            for params in (greedy, constrained):
+                reqs = [engine.add_request(p, params) for p in prompts]
+                drafts = []
+                while engine.step():
+                    drafts.append([list(r.samples[0].seq.draft_token_ids) for r in reqs])
+                outs[tp].append([r.output().outputs[0].token_ids for r in reqs])
+            # Constrained sequences draft inside their grammar on rank 0; the other ranks must feed the MTP head
+            # the same drafts, or rank 0's next drafts differ from one rank's.
+            outs[tp].append(drafts)
+        finally:
+            engine.close()
     assert outs[2] == outs[1]
     assert outs[1][2] == outs[1][0]  # MTP's greedy output is plain greedy output
 
@@ -161,6 +173,101 @@ def test_tensor_parallel_errors_are_clear(model_dir):
         Engine(model_dir, tensor_parallel_size=2, compile_decode=True)
     with pytest.raises(ValueError, match="tensor_parallel_size: expected a positive int"):
         Engine(model_dir, tensor_parallel_size=0)
+
+
+def test_failures_leave_no_group_and_a_failed_step_does_not_hang(model_dir, tmp_path):
+    """A worker that dies while starting fails the start at once; a missing tokenizer fails before any worker starts
+    and a setup error after they started leaves no process group (the next engine starts); a step that fails on rank
+    0 while the worker waits inside it marks the group broken: the next step raises instead of waiting forever, and
+    close stops the worker at once; a closed group refuses steps."""
+    import shutil
+    import threading
+
+    import torch.distributed as dist
+
+    from qwen3next.engine.llm import Engine
+    from qwen3next.engine.sampling import SamplingParams
+    from qwen3next.parallel.engine import ShardSpec, TPGroup
+
+    with pytest.raises(RuntimeError, match="worker rank 1 exited while starting"):
+        TPGroup(ShardSpec(str(model_dir), None, None, None, 2, threads=0), 0)  # set_num_threads(0) raises there
+    assert not dist.is_initialized()
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    (bare / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Engine(bare, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="max_model_len"):
+        Engine(model_dir, tensor_parallel_size=2, max_model_len=10**9)
+    assert not dist.is_initialized()
+
+    def close_quickly(closable) -> None:
+        t = threading.Thread(target=closable.close)
+        t.start()
+        t.join(timeout=5)  # a hang guard: a broken group's close kills its workers instead of waiting for them
+        assert not t.is_alive()
+
+    engine = Engine(model_dir, tensor_parallel_size=2, max_memory="32MiB", max_model_len=128)
+    workers = list(engine.tp.workers)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request([5, 6, 7], params)
+    assert engine.step()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected sampling failure")
+
+    engine.runner._sample = fail  # rank 0 fails after the forward; the worker waits for the sampled tokens
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    assert "injected" in engine.error
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    close_quickly(engine)
+    assert not any(p.is_alive() for p in workers)
+
+    engine = Engine(model_dir, tensor_parallel_size=2, max_memory="32MiB", max_model_len=128)
+    engine.close()
+    engine.add_request([5, 6, 7], params)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.step()
+
+
+def test_three_ranks_ignore_ctrl_c_and_a_dead_worker_ends_the_engine_at_once(model_dir):
+    """Ctrl-C in a terminal reaches every process of the group: the workers ignore it and the engine goes on. When
+    one of three ranks dies, the engine reports it, refuses new requests at once and closes without waiting for
+    the surviving worker, which waits for a collective that will never complete."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from qwen3next.engine.llm import LLM
+    from qwen3next.engine.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(model_dir, tensor_parallel_size=3, max_memory="32MiB", max_model_len=128)
+    w1, w2 = llm.engine.tp.workers
+    try:
+        first = llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
+        for w in (w1, w2):
+            os.kill(w.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids == first
+        assert llm.error is None
+        os.kill(w2.pid, signal.SIGKILL)
+        for _ in range(100):
+            if llm.error is not None:
+                break
+            time.sleep(0.1)
+        assert "rank 2 exited" in str(llm.error)
+        with pytest.raises(RuntimeError, match="rank 2 exited"):
+            llm.submit([5, 6, 7], params)
+    finally:
+        t = threading.Thread(target=llm.close)
+        t.start()
+        t.join(timeout=8)  # a hang guard (the close before this fix waited 10 s per surviving worker)
+    assert not t.is_alive()
+    assert not w1.is_alive()
 
 
 def _children(pid: int) -> list[int]:

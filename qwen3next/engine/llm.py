@@ -90,8 +90,9 @@ def _eos_without_tokenizer(model: str | Path | Qwen3NextForCausalLM, config: Qwe
     return tuple(dict.fromkeys(ids))  # in order, without duplicates
 
 
-def _tensor_parallel(model, size, dtype, device, quantize, hf_overrides, compile_decode, speculative):
-    """Start the workers of a tensor-parallel engine (parallel/engine.py), after checking what it needs."""
+def _tensor_parallel_spec(model, size, dtype, device, quantize, hf_overrides, compile_decode):
+    """How the ranks of a tensor-parallel engine load the model (parallel/engine.py), after checking what it needs;
+    this process's torch threads become each rank's share of the cores (`rank_threads`)."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"tensor_parallel_size: expected a positive int, got {size!r}")
     if not isinstance(model, (str, Path)) or not Path(model).is_dir():
@@ -103,13 +104,17 @@ def _tensor_parallel(model, size, dtype, device, quantize, hf_overrides, compile
     if torch.device(device).type != "cpu":
         raise ValueError(f"tensor_parallel_size: runs on CPU ranks over gloo; device {device!r} (NCCL) is not "
                          f"supported yet")
-    from ..parallel.engine import ShardSpec, TPGroup
+    from ..parallel.engine import ShardSpec, rank_threads
     from ..parallel.plan import TPPlan
 
     config = Qwen3NextConfig.from_pretrained(model, hf_overrides)
     TPPlan(config, size, 0)  # a split that cannot be done fails here, before any worker starts
-    spec = ShardSpec(str(model), dtype, quantize, hf_overrides, size, torch.get_num_threads())
-    return TPGroup(spec, speculative.num_speculative_tokens if speculative is not None else 0)
+    threads = rank_threads(size)
+    if threads != torch.get_num_threads():
+        log.info("tensor_parallel_size %d: %d torch threads per rank (was %d: the cores are shared among the ranks)",
+                 size, threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
+    return ShardSpec(str(model), dtype, quantize, hf_overrides, size, threads)
 
 
 def _context_error(config: Qwen3NextConfig, max_model_len: int) -> str:
@@ -158,10 +163,15 @@ class Engine:
         self.speculative = SpeculativeConfig.parse(speculative_config)
         self.tp = None
         if tensor_parallel_size != 1:
-            self.tp = _tensor_parallel(model, tensor_parallel_size, dtype, device, quantize, hf_overrides,
-                                       compile_decode, self.speculative)
-            self.model = self.tp.load()
+            from ..parallel.engine import TPGroup
+
+            spec = _tensor_parallel_spec(model, tensor_parallel_size, dtype, device, quantize, hf_overrides,
+                                         compile_decode)
+            # The tokenizer first: a missing tokenizer.json fails before any worker starts.
             self.tokenizer = None if skip_tokenizer_init else tokenizer or Tokenizer.from_dir(model)
+            spec_k = self.speculative.num_speculative_tokens if self.speculative is not None else 0
+            self.tp = TPGroup(spec, spec_k)
+            self.model = self.tp.load()
         else:
             self.model, self.tokenizer = _model_and_tokenizer(model, tokenizer, dtype, device, quantize,
                                                               hf_overrides, skip_tokenizer_init)
@@ -282,7 +292,7 @@ class Engine:
 
     @property
     def error(self) -> str | None:
-        """Why the engine cannot run (a tensor-parallel worker died), or None."""
+        """Why the engine cannot run (a tensor-parallel worker died, or a step failed on rank 0), or None."""
         return self.tp.error if self.tp is not None else None
 
     def close(self) -> None:
@@ -335,8 +345,14 @@ class Engine:
         if batch is None:
             return False
         if self.tp is not None:
-            self.tp.step(batch)
-        out = self.runner.execute(batch)
+            try:
+                self.tp.step(batch)
+                out = self.runner.execute(batch)
+            except BaseException as e:  # the workers may be waiting inside this step: the group is done
+                self.tp.fail(f"a tensor-parallel step failed on rank 0: {e!r}")
+                raise
+        else:
+            out = self.runner.execute(batch)
         sampled = batch.sampled_seqs
         before = [seq.num_output_tokens for seq in sampled]
         finished = self.scheduler.update(batch, out.tokens)
@@ -479,8 +495,8 @@ class LLM:
             return fn()
         fut: Future = Future()
         with self._wake:
-            if self._error is not None:
-                raise RuntimeError(f"the engine stopped after an error: {self._error!r}")
+            if self.error is not None:
+                raise RuntimeError(f"the engine stopped after an error: {self.error!r}")
             if self._closed:
                 raise RuntimeError("the engine is closed")
             self._pending.append((fn, fut))

@@ -233,15 +233,18 @@ class ModelRunner:
                 g = e.seq.grammar.copy()
                 if g.accept(out.tokens[i]):
                     grammars[i] = g
-        return self._draft(batch, h, entries, last_kept, K, compiled_verify, grammars)
+        # Under tensor parallelism only rank 0 holds the matchers: its drafts go to the other ranks, whose MTP K/V
+        # must be written from the same tokens.
+        sync = self.tp is not None and self.tp.world > 1 and any(e.seq.constrained for e in entries)
+        return self._draft(batch, h, entries, last_kept, K, compiled_verify, grammars, sync)
 
     def _draft(self, batch: ScheduledBatch, h: torch.Tensor, entries: list, last_kept: list[int], K: int,
-               compiled_verify: bool, grammars: dict) -> list[list[int]]:
+               compiled_verify: bool, grammars: dict, sync: bool = False) -> list[list[int]]:
         """Greedy drafts of the MTP head from its hidden states `h` at each sampled entry's last kept position; a
         constrained entry's draft is the argmax among the tokens its grammar (a copy in `grammars`, advanced over
-        the drafts) allows there."""
+        the drafts) allows there. `sync`: every draft is rank 0's, broadcast."""
         model = self.model
-        draft = self._draft_argmax(model.lm_head(h), list(range(len(entries))), grammars)
+        draft = self._draft_argmax(model.lm_head(h), list(range(len(entries))), grammars, sync)
         drafts = [[t] for t in draft.tolist()]
         # Recursive drafting: the head's own hidden state and its last draft, one position further each time, as
         # long as the sequence's blocks hold the position (the scheduler allocates them ahead when it can; once a
@@ -258,7 +261,7 @@ class ModelRunner:
             full = len(live) == len(entries)
             h_live = self._mtp_hidden(h if full else h[sel], draft if full else draft[sel],
                                       model.context(step, self.cache, views=not compiled_verify), compiled_verify)
-            d_live = self._draft_argmax(model.lm_head(h_live), live, grammars)
+            d_live = self._draft_argmax(model.lm_head(h_live), live, grammars, sync)
             if full:
                 h, draft = h_live, d_live
             else:
@@ -267,10 +270,17 @@ class ModelRunner:
                 drafts[i].append(t)
         return drafts
 
-    def _draft_argmax(self, logits: torch.Tensor, rows_of: list[int], grammars: dict) -> torch.Tensor:
+    def _draft_argmax(self, logits: torch.Tensor, rows_of: list[int], grammars: dict,
+                      sync: bool = False) -> torch.Tensor:
         """argmax per row of `logits` (row r drafts for entry rows_of[r]); constrained entries take the argmax
         among the tokens their grammar allows (only end-of-sequence tokens once it is complete) and advance their
-        matcher copy over it."""
+        matcher copy over it. `sync` (tensor parallelism with constrained entries): rank 0's drafts on every rank."""
+        if sync:
+            if self.tp.rank == 0:
+                draft = self._draft_argmax(logits, rows_of, grammars).contiguous()
+            else:
+                draft = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+            return self.tp.broadcast(draft)
         constrained = [r for r, i in enumerate(rows_of) if i in grammars]
         if not constrained:
             return logits.argmax(-1)

@@ -103,6 +103,11 @@ class Sequence:
         return self.params.prompt_logprobs is not None and self.sample_index == 0
 
     @property
+    def constrained(self) -> bool:
+        """Its tokens follow a grammar (the runner's tensor-parallel ranks, which hold no matcher, read this)."""
+        return self.grammar is not None
+
+    @property
     def is_prefilling(self) -> bool:
         """More than the last token is missing from the cache (fresh prompt, or recompute after preemption)."""
         return self.num_uncomputed_tokens > 1

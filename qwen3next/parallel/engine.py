@@ -9,8 +9,11 @@ rank 0 alone; its tokens are broadcast inside the step (`ModelRunner._sample`), 
 DeltaNet states and the MTP drafts agree on every rank.
 
 A worker that dies is noticed by a monitor thread on rank 0 within a second (`TPGroup.error`): the engine then
-reports the error (the server's /health answers 503) and the next step fails instead of hanging. Workers are daemon
-processes of rank 0 and exit when its group closes or disappears: no zombies.
+reports the error (the server's /health answers 503) and the next step fails instead of hanging. So does a step that
+failed on rank 0 (`TPGroup.fail`): the workers may be waiting inside it, so the group is not used again. Workers are
+daemon processes of rank 0, ignore Ctrl-C (rank 0 decides when they stop) and exit when its group closes or
+disappears: no zombies. A worker that dies before it joins the group fails the start at once, not after the
+rendezvous timeout.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import dataclasses
 import datetime
 import os
 import resource
+import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +38,6 @@ from ..engine.memory import CachePlan
 from ..engine.scheduler import ScheduledBatch
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from .comm import TPComm
-from .launch import free_port
 from .plan import TPPlan, split_range
 from .shard import gather_logits
 
@@ -41,6 +45,17 @@ TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long (a long
 
 
 STATS = "stats"  # the message that asks every rank for `rank_stats`
+JOINED = "qwen3next/joined"  # the rendezvous counter of spawned workers (TCPStore key)
+
+
+def rank_threads(world: int) -> int:
+    """torch threads for each rank of `world`: the current setting, but at most this machine's usable CPUs divided
+    among the ranks running on it (torchrun's LOCAL_WORLD_SIZE, or all of them): N ranks with every core's worth of
+    threads each would oversubscribe the cores, and a rank that waits for a descheduled thread stalls the others at
+    the next collective."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if launched_by_torchrun() else world
+    return max(1, min(torch.get_num_threads(), cpus // max(1, local)))
 
 
 def peak_rss() -> int:
@@ -92,7 +107,8 @@ def load_shard(spec: ShardSpec, comm: TPComm) -> Qwen3NextForCausalLM:
 
 @dataclass
 class _SeqView:
-    """What the runner reads of a sequence on a worker (no token history, no grammar: rank 0 samples)."""
+    """What the runner reads of a sequence on a worker (no token history, no grammar: rank 0 samples and drafts
+    constrained sequences, the workers take its tokens)."""
 
     request_id: str
     block_table: list[int]
@@ -100,6 +116,7 @@ class _SeqView:
     params: object
     sample_index: int
     draft_token_ids: list[int]
+    constrained: bool
     grammar: None = None
 
 
@@ -115,7 +132,7 @@ def wire_batch(batch: ScheduledBatch) -> ScheduledBatch:
         if view is None:
             params = dataclasses.replace(s.params, structured_outputs=None) if s.params.structured_outputs else s.params
             view = views[id(s)] = _SeqView(s.request_id, list(s.block_table), s.slot, params, s.sample_index,
-                                           list(s.draft_token_ids))
+                                           list(s.draft_token_ids), s.constrained)
         entries.append(dataclasses.replace(e, seq=view, restore=None))
     out.entries = entries
     return out
@@ -147,11 +164,16 @@ def run_torchrun_worker(spec: ShardSpec, num_speculative_tokens: int) -> None:
 
 
 def _worker(rank: int, spec: ShardSpec, port: int | None, num_speculative_tokens: int) -> None:
-    """A worker rank: spawned by rank 0 (`port`: its rendezvous on loopback), or started by torchrun (None: the
+    """A worker rank: spawned by rank 0 (`port`: rank 0's TCPStore on loopback), or started by torchrun (None: the
     environment's rendezvous)."""
     torch.set_num_threads(spec.threads)
-    init = f"tcp://127.0.0.1:{port}" if port is not None else "env://"
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=spec.world, timeout=TIMEOUT)
+    if port is None:
+        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=spec.world, timeout=TIMEOUT)
+    else:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal reaches the whole process group
+        store = dist.TCPStore("127.0.0.1", port, spec.world, is_master=False, timeout=TIMEOUT)
+        store.add(JOINED, 1)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world, timeout=TIMEOUT)
     try:
         from ..engine.runner import ModelRunner
 
@@ -187,34 +209,51 @@ class TPGroup:
         self._error: str | None = None
         self._closed = False
         self.workers = []
-        if launched_by_torchrun():  # the other ranks are torchrun's, maybe on other machines
-            if torchrun_rank(spec.world) != 0:
-                raise ValueError("tensor_parallel_size: only torchrun's rank 0 builds the engine; the others run "
-                                 "parallel.engine.run_torchrun_worker (the CLI does this)")
-            dist.init_process_group("gloo", init_method="env://", rank=0, world_size=spec.world, timeout=TIMEOUT)
-        else:
-            port = free_port()
-            ctx = mp.get_context("spawn")
-            self.workers = [ctx.Process(target=_worker, args=(r, spec, port, num_speculative_tokens), daemon=True,
-                                        name=f"qwen3next-tp{r}") for r in range(1, spec.world)]
-            for p in self.workers:
-                p.start()
-            try:
-                dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                        world_size=spec.world, timeout=TIMEOUT)
-            except BaseException:
-                self._kill()
-                raise
-        self.comm = TPComm()
+        try:
+            if launched_by_torchrun():  # the other ranks are torchrun's, maybe on other machines
+                if torchrun_rank(spec.world) != 0:
+                    raise ValueError("tensor_parallel_size: only torchrun's rank 0 builds the engine; the others run "
+                                     "parallel.engine.run_torchrun_worker (the CLI does this)")
+                dist.init_process_group("gloo", init_method="env://", rank=0, world_size=spec.world, timeout=TIMEOUT)
+            else:
+                self._spawn(spec, num_speculative_tokens)
+            self.comm = TPComm()
+        except BaseException:
+            self._kill()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            raise
         if self.comm.shm is not None:  # a wait on a dead worker ends with its error
-            self.comm.shm.check = self._check
+            self.comm.shm.check = self._check_error
         self._monitor = threading.Thread(target=self._watch, name="qwen3next-tp-monitor", daemon=True)
         self._monitor.start()
+
+    def _spawn(self, spec: ShardSpec, num_speculative_tokens: int) -> None:
+        """Start ranks 1..N-1 as processes of this one and join them over a TCPStore on loopback. Until every worker
+        has reached the store, their liveness is polled: one that dies while starting (an import error, the memory
+        limit) fails the start now instead of leaving rank 0 in the rendezvous for its whole timeout."""
+        store = dist.TCPStore("127.0.0.1", 0, spec.world, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
+        ctx = mp.get_context("spawn")
+        self.workers = [ctx.Process(target=_worker, args=(r, spec, store.port, num_speculative_tokens), daemon=True,
+                                    name=f"qwen3next-tp{r}") for r in range(1, spec.world)]
+        for p in self.workers:
+            p.start()
+        deadline = time.monotonic() + TIMEOUT.total_seconds()
+        while store.add(JOINED, 0) < spec.world - 1:
+            for r, p in enumerate(self.workers, start=1):
+                if not p.is_alive():
+                    raise RuntimeError(f"tensor-parallel worker rank {r} exited while starting (exit code "
+                                       f"{p.exitcode}); its error is printed above")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel workers did not start within {TIMEOUT}")
+            time.sleep(0.02)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=spec.world, timeout=TIMEOUT)
 
     def load(self) -> Qwen3NextForCausalLM:
         try:
             return load_shard(self.spec, self.comm)
-        except BaseException:
+        except BaseException as e:  # the workers may still be loading: stop them rather than wait for them
+            self.fail(f"rank 0 failed to load its shard: {e!r}")
             self.close()
             raise
 
@@ -226,8 +265,19 @@ class TPGroup:
         self.comm.broadcast_object(wire_batch(batch))
 
     def _check(self) -> None:
+        self._check_error()
+        if self._closed:
+            raise RuntimeError("the tensor-parallel group is closed")
+
+    def _check_error(self) -> None:
         if self._error is not None:
             raise RuntimeError(self._error)
+
+    def fail(self, reason: str) -> None:
+        """Mark the group broken (a step failed on rank 0, and the workers may be waiting inside it): later steps
+        raise `reason`, and `close` stops the workers without a goodbye message they could not receive."""
+        if self._error is None:
+            self._error = reason
 
     def stats(self) -> list[dict]:
         """`rank_stats` of every rank, rank 0 first (between steps)."""
@@ -239,7 +289,7 @@ class TPGroup:
 
     @property
     def error(self) -> str | None:
-        """Why the group is broken (a worker died), or None."""
+        """Why the group is broken (a worker died, a step failed), or None."""
         return self._error
 
     def _watch(self) -> None:
@@ -251,22 +301,29 @@ class TPGroup:
             threading.Event().wait(0.25)
 
     def close(self) -> None:
+        """Stop the workers: a healthy group tells them to leave and waits for them; a broken one (a worker dead, a
+        step failed) kills the local workers at once, since they may be waiting for a rank that will not answer.
+        Under torchrun, the remote ranks of a broken group end when this process exits (torchrun stops a job whose
+        rank failed)."""
         if self._closed:
             return
         self._closed = True
         if self._error is None:
             try:
                 self.comm.broadcast_object(None)
-            except Exception:  # a worker already gone: the others see the broken group and exit
-                pass
-        for p in self.workers:
-            p.join(timeout=10)
+            except Exception as e:  # a worker died just now
+                self._error = f"closing: {e}"
+        if self._error is None:
+            for p in self.workers:
+                p.join(timeout=10)
         self._kill()
         if dist.is_initialized():
             dist.destroy_process_group()
 
     def _kill(self) -> None:
         for p in self.workers:
+            if p.pid is None:  # never started (starting an earlier one failed)
+                continue
             if p.is_alive():
                 p.kill()
             p.join(timeout=5)

@@ -11,9 +11,10 @@ name that could outlive a killed process) and a sequence counter:
   operation safe to start: a rank that publishes operation n + 1 has finished reading operation n - 1's slots.
 - broadcast: the source writes the bytes (a tensor's, or a pickle) and publishes; the others copy them out. The
   next operation's wait (every rank publishes every operation) keeps the source from overwriting them too early.
-Waiting spins for a while, then yields, then sleeps in short naps (an idle engine's workers wait for the next step
-without burning a core). x86's store order (TSO) makes a published number imply the slot's bytes are visible; other
-architectures would need fences, so this is used on x86-64 only, gloo elsewhere (`available`).
+Waiting spins for a while, then yields, then sleeps in naps that lengthen as the wait goes on (an idle engine's
+workers wait for the next step without burning a core). x86's store order (TSO) makes a published number imply the
+slot's bytes are visible; other architectures would need fences, so this is used on x86-64 only, gloo elsewhere
+(`available`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ import torch
 import torch.distributed as dist
 
 SPIN = 2_000  # polls (a few microseconds each) before yielding the core
-NAP_S = 0.0002  # sleep between polls once a wait has lasted a while
 LONG_WAIT = 0.002  # seconds of yielding before napping
+# Naps between polls, by how long the wait has lasted: short while a peer is busy with its part of a step, longer
+# once the engine is idle (a worker waiting for the next step), so an idle worker wakes ~200 times a second instead
+# of thousands; the first step after a long idle spell then starts up to one long nap (5 ms) late.
+NAPS = ((0.1, 0.0002), (1.0, 0.001), (float("inf"), 0.005))  # (waited less than s, nap s)
+CHECK_EVERY = 0.25  # seconds between calls of `check` (is a peer gone?) during a long wait
 
 
 def available() -> bool:
@@ -66,19 +71,21 @@ class ShmChannel:
     def _publish_and_wait(self) -> None:
         seq = self.seq
         self.counters[self.rank] = seq
-        polls, t0 = 0, None
+        polls, t0, checked = 0, None, 0.0
         while bool((self.counters < seq).any()):
             polls += 1
             if polls < SPIN:
                 continue
             if t0 is None:
                 t0 = time.perf_counter()
-            if time.perf_counter() - t0 < LONG_WAIT:
+            waited = time.perf_counter() - t0
+            if waited < LONG_WAIT:
                 os.sched_yield()
-            else:
-                time.sleep(NAP_S)
-                if self.check is not None and polls % 256 == 0:
-                    self.check()
+                continue
+            time.sleep(next(nap for limit, nap in NAPS if waited < limit))
+            if self.check is not None and waited - checked >= CHECK_EVERY:
+                checked = waited
+                self.check()
 
     def fits(self, nbytes: int) -> bool:
         return nbytes <= self.slot_bytes
