@@ -23,7 +23,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,7 +33,7 @@ from torch import nn
 
 from .argtypes import QUANTIZE_BITS
 from .config import Qwen3NextConfig
-from .model.moe import Experts
+from .model.moe import Experts, SparseMoE
 from .model.qwen3_next import Qwen3NextForCausalLM
 from .progress import progress
 
@@ -215,6 +215,26 @@ class _TensorIndex:
         if not direct:
             out.copy_(buf)
 
+    def read_rows_into(self, name: str, rows: slice, out: torch.Tensor) -> None:
+        """Copy rows [start, stop) of tensor `name` (its first dimension) into `out`, reading only their bytes (a
+        rank's experts of a packed [E, ...] tensor)."""
+        e = self.entries[name]
+        shape = (rows.stop - rows.start, *e.shape[1:])
+        if tuple(out.shape) != shape or not 0 <= rows.start <= rows.stop <= (e.shape[0] if e.shape else 0):
+            raise CheckpointError(f"{e.file}: tensor {name!r} has shape {list(e.shape)}, the config implies rows "
+                                  f"{rows.start}:{rows.stop} of shape {list(out.shape)}")
+        if name in self.fp8:
+            out.copy_(self.read(name)[rows])
+            return
+        row_bytes = math.prod(e.shape[1:]) * e.dtype.itemsize
+        part = replace(e, shape=shape, start=e.start + rows.start * row_bytes,
+                       end=e.start + rows.stop * row_bytes)
+        direct = out.device.type == "cpu" and out.dtype == e.dtype and out.is_contiguous()
+        buf = out if direct else torch.empty(shape, dtype=e.dtype)
+        self._fill(part, name, buf)
+        if not direct:
+            out.copy_(buf)
+
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name` as stored; an FP8 weight (see `fp8`) comes dequantized, in float32."""
         if name in self.fp8:
@@ -260,26 +280,46 @@ _PACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _CONVERTERS: dict[str, Callable[[torch.Tensor, Qwen3NextConfig], torch.Tensor]] = {
     ".linear_attn.in_proj_qkvz.weight": qkvz_from_hf, ".linear_attn.in_proj_ba.weight": ba_from_hf}
 
-# One piece of a parameter: (index into the parameter, or None for all of it; checkpoint tensor name).
-_Piece = tuple[tuple | None, str]
+# One piece of a parameter: (index into the parameter, or None for all of it, or a slice: the whole parameter is
+# those rows of the checkpoint tensor; checkpoint tensor name).
+_Piece = tuple[tuple | slice | None, str]
 
 
-def _plan(params: dict[str, torch.Tensor], available: set[str]) -> dict[str, list[_Piece]]:
-    """For each parameter, the checkpoint tensors it is assembled from (official per-expert or packed experts)."""
+def _plan(params: dict[str, torch.Tensor], available: set[str],
+          expert_ranges: dict[str, tuple[int, int]] | None = None) -> dict[str, list[_Piece]]:
+    """For each parameter, the checkpoint tensors it is assembled from (official per-expert or packed experts).
+    `expert_ranges` (tensor parallelism): the experts [e0, e1) that the `...mlp.experts` module of that name holds,
+    its row e being checkpoint expert e0 + e."""
+    expert_ranges = expert_ranges or {}
     per_expert_prefixes = {m.group(1) for m in map(_EXPERT.match, available) if m}
     plan: dict[str, list[_Piece]] = {}
     for name, p in params.items():
         m = _PACKED.match(name)
-        if name in available or not m or m.group(1) not in per_expert_prefixes:
+        e0, e1 = expert_ranges.get(m.group(1), (0, None)) if m else (0, None)
+        if name in available:
+            plan[name] = [(None if e1 is None else slice(e0, e1), name)]
+        elif not m or m.group(1) not in per_expert_prefixes:
             plan[name] = [(None, name)]
         elif m.group(2) == "gate_up_proj":
             half = p.shape[1] // 2
             plan[name] = [piece for e in range(p.shape[0]) for piece in
-                          (((e, slice(0, half)), f"{m.group(1)}.{e}.gate_proj.weight"),
-                           ((e, slice(half, None)), f"{m.group(1)}.{e}.up_proj.weight"))]
+                          (((e, slice(0, half)), f"{m.group(1)}.{e0 + e}.gate_proj.weight"),
+                           ((e, slice(half, None)), f"{m.group(1)}.{e0 + e}.up_proj.weight"))]
         else:
-            plan[name] = [((e,), f"{m.group(1)}.{e}.down_proj.weight") for e in range(p.shape[0])]
+            plan[name] = [((e,), f"{m.group(1)}.{e0 + e}.down_proj.weight") for e in range(p.shape[0])]
     return plan
+
+
+def _other_ranks_experts(available: set[str], expert_ranges: dict[str, tuple[int, int]]) -> set[str]:
+    """The per-expert tensors of the experts a tensor-parallel rank does not hold (not read, not unexpected)."""
+    out = set()
+    for name in available:
+        m = _EXPERT.match(name)
+        if m and m.group(1) in expert_ranges:
+            e0, e1 = expert_ranges[m.group(1)]
+            if not e0 <= int(m.group(2)) < e1:
+                out.add(name)
+    return out
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
@@ -298,7 +338,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     keeps the big weights in bf16 storage with fp32 compute (`quant.quantize.store_bf16`; needs dtype float32).
     `hf_overrides` changes config.json's values before the model is built (`Qwen3NextConfig.from_pretrained`), e.g.
     YaRN rope scaling for long contexts. `shard` (a `parallel.plan.TPPlan`, `parallel.comm.TPComm` or None pair):
-    load only one tensor-parallel rank's share, layer by layer (peak: the share + one full layer).
+    load only one tensor-parallel rank's share, layer by layer, reading only its routed experts (peak: the share +
+    one layer's non-expert part).
     """
     bits = quantize_bits(quantize)
     path = Path(path)
@@ -378,8 +419,10 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
 
         pending = swap_in_empty_quantized(model, bits)
     # Tensor parallelism (parallel/): the decoder layers, the embedding and the LM head are taken out too and loaded
-    # one at a time, each cut to this rank's share at once: peak memory is the rank's shard + one full layer.
+    # one at a time, each cut to this rank's share at once; their routed experts are cut before allocation, so only
+    # the rank's experts are read: peak memory is the rank's shard + one layer's non-expert part.
     parts = _take_out_parts(model, shard, pending or quantized_sources) if shard is not None else {}
+    expert_ranges = _keep_local_experts(parts, shard[0]) if shard is not None else {}
     model = model.to_empty(device=device)
     if config.tie_word_embeddings and not parts:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -387,7 +430,7 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
     params = {n: p for n, p in model.named_parameters() if not (config.tie_word_embeddings and n == "lm_head.weight")}
     deferred = {f"{m}.{n}": p for m, module in (*pending.items(), *parts.items()) for n, p in module.named_parameters()
                 if not (config.tie_word_embeddings and m == "lm_head")}  # meta
-    plan = _plan({**params, **deferred}, available)
+    plan = _plan({**params, **deferred}, available, expert_ranges)
     needed = [src for pieces in plan.values() for _, src in pieces] + quantized_sources + fp8_scales
     missing = [src for src in needed if src not in available]
     if missing:
@@ -396,7 +439,8 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint ({where}): "
                               f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
     # a tied checkpoint may still carry lm_head.weight (a copy of the embedding): accept and ignore it
-    extra = sorted(available - set(needed) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    extra = sorted(available - set(needed) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+                   - _other_ranks_experts(available, expert_ranges))
     if extra and strict:
         raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s) in the checkpoint: "
                               f"{', '.join(f'{n} ({index.file(n).name})' for n in extra[:5])}"
@@ -451,6 +495,20 @@ def _take_out_parts(model: Qwen3NextForCausalLM, shard, other_work) -> dict[str,
     return parts
 
 
+def _keep_local_experts(parts: dict[str, nn.Module], plan) -> dict[str, tuple[int, int]]:
+    """Cut the routed experts of the taken-out (meta) layers to the rank's range before anything is allocated, so
+    only those are read: the `...mlp.experts` names and their ranges."""
+    from .parallel.shard import keep_local_experts
+
+    out = {}
+    for name, part in parts.items():
+        moe = getattr(part, "mlp", None)
+        if isinstance(moe, SparseMoE):
+            keep_local_experts(moe, plan)
+            out[f"{name}.mlp.experts"] = moe.local_experts
+    return out
+
+
 def _shard_part(model: Qwen3NextForCausalLM, name: str, part: nn.Module, shard) -> None:
     """Put a loaded full part back into `model`, cut to the rank's share (parallel/shard.py)."""
     from .parallel.shard import shard_embedding, shard_layer, shard_lm_head
@@ -478,6 +536,8 @@ def _fill(index: _TensorIndex, config: Qwen3NextConfig, name: str, param: torch.
                 raise CheckpointError(f"{index.file(src)}: tensor {src!r} has shape {list(t.shape)}, the config "
                                       f"implies {list(param.shape)}")
             param.copy_(convert(t, config))
+        elif isinstance(idx, slice):
+            index.read_rows_into(src, idx, param)
         else:
             index.read_into(src, param if idx is None else param[idx])
         bar.update()

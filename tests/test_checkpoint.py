@@ -271,23 +271,36 @@ def test_expected_interleaving_matches_official_row_formulas():
 
 
 # ---- transformers v5 packed experts ---------------------------------------------------------------------------------
-def test_packed_expert_layout_loads(base_model, saved, tmp_path):
-    c = base_model.config
-    tensors = load_file(saved / "model.safetensors")
+def pack_experts(src, dst=None) -> dict[str, torch.Tensor]:
+    """Rewrite the single-file checkpoint in `src` (into `dst`, default in place) with transformers v5's packed
+    experts: per layer one gate_up_proj [E, 2I, D] and one down_proj [E, D, I]; returns the tensors written."""
+    from pathlib import Path
+
+    src, dst = Path(src), Path(dst or src)
+    E = json.loads((src / "config.json").read_text())["num_experts"]
+    tensors = load_file(src / "model.safetensors")
     packed = {}
     for name, t in tensors.items():
         m = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", name)
         if m is None:
             packed[name] = t
     for prefix in {re.sub(r"\.\d+\.\w+\.weight$", "", n) for n in tensors if ".mlp.experts." in n}:
-        E = c.num_experts
         packed[f"{prefix}.gate_up_proj"] = torch.stack(
             [torch.cat([tensors[f"{prefix}.{e}.gate_proj.weight"], tensors[f"{prefix}.{e}.up_proj.weight"]])
              for e in range(E)])  # [E, 2I, D]
         packed[f"{prefix}.down_proj"] = torch.stack([tensors[f"{prefix}.{e}.down_proj.weight"] for e in range(E)])
-        assert packed[f"{prefix}.down_proj"].shape == (E, c.hidden_size, c.moe_intermediate_size)
-    save_file(packed, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text((saved / "config.json").read_text())
+    save_file(packed, dst / "model.safetensors")
+    if dst != src:
+        (dst / "config.json").write_text((src / "config.json").read_text())
+    return packed
+
+
+def test_packed_expert_layout_loads(base_model, saved, tmp_path):
+    c = base_model.config
+    tensors = load_file(saved / "model.safetensors")
+    packed = pack_experts(saved, tmp_path)
+    prefix = "model.layers.0.mlp.experts"
+    assert packed[f"{prefix}.down_proj"].shape == (c.num_experts, c.hidden_size, c.moe_intermediate_size)
     loaded = Qwen3NextForCausalLM.from_pretrained(tmp_path)
     assert_same_parameters(loaded, base_model)
     assert torch.equal(logits(loaded), logits(base_model))

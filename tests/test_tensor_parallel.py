@@ -360,7 +360,12 @@ def _alive(pid: int) -> bool:
 
 
 def _sharded_load(rank: int, model_dir: str, out_dir: str) -> None:
-    """This rank's share loaded layer by layer (load_model(shard=...)) against the full model, sharded after."""
+    """This rank's share loaded layer by layer (load_model(shard=...)) against the full model, sharded after; and
+    the checkpoint bytes the sharded load read."""
+    import re
+    from pathlib import Path
+
+    from qwen3next import checkpoint
     from qwen3next.checkpoint import load_model
     from qwen3next.parallel.comm import TPComm
     from qwen3next.parallel.shard import shard_model
@@ -371,20 +376,46 @@ def _sharded_load(rank: int, model_dir: str, out_dir: str) -> None:
     ids = torch.randint(0, full.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
     ref = full(ids)
     plan = TPPlan(full.config, comm.world, comm.rank)
-    local = load_model(model_dir, dtype="float32", shard=(plan, comm))
+    read = []
+    fill = checkpoint._TensorIndex._fill
+
+    def counting_fill(index, e, name, t):
+        read.append(e.end - e.start)
+        fill(index, e, name, t)
+
+    checkpoint._TensorIndex._fill = counting_fill
+    try:
+        local = load_model(model_dir, dtype="float32", shard=(plan, comm))
+    finally:
+        checkpoint._TensorIndex._fill = fill
     cut = shard_model(full, plan)  # unconnected: parameters only
     same = all(torch.equal(a, b) for (_, a), (_, b) in zip(sorted(local.named_parameters()),
                                                             sorted(cut.named_parameters())))
     names_equal = [n for n, _ in sorted(local.named_parameters())] == [n for n, _ in sorted(cut.named_parameters())]
     diff = (local(ids) - ref).abs().max().item()
+    # What the share needs of the files: everything but the other ranks' routed experts (per-expert tensors with
+    # their FP8 scales, or rows of packed ones).
+    e0, e1 = plan.experts()
+    E = full.config.num_experts
+    total = others = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        for name, e in checkpoint._read_header(f).items():
+            total += e.end - e.start
+            m = re.match(r".*\.mlp\.experts\.(\d+)\.", name)
+            if m and not e0 <= int(m.group(1)) < e1:
+                others += e.end - e.start
+            elif re.match(r".*\.mlp\.experts\.(gate_up_proj|down_proj)$", name):
+                others += (e.end - e.start) // E * (E - (e1 - e0))
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
-        json.dump({"same": same and names_equal, "diff": diff}, f)
+        json.dump({"same": same and names_equal, "diff": diff, "read": sum(read), "needed": total - others,
+                   "total": total}, f)
 
 
-@pytest.mark.parametrize("kind", ["tied", "fp8"])
+@pytest.mark.parametrize("kind", ["tied", "fp8", "packed"])
 def test_sharded_loading_reads_the_share_layer_by_layer(tmp_path, kind):
-    """A tied-embedding model and an FP8 checkpoint (official layout): each rank's layer-by-layer load holds exactly
-    the parameters of the full model cut to its share, and 2 ranks give the full model's logits."""
+    """A tied-embedding model, an FP8 checkpoint (official layout) and one with packed experts (transformers v5):
+    each rank's layer-by-layer load holds exactly the parameters of the full model cut to its share, reads only its
+    own experts from the files, and 2 ranks give the full model's logits."""
     src = tmp_path / "model"
     make_model("base", tie_word_embeddings=kind == "tied").save_pretrained(src)
     if kind == "fp8":
@@ -392,10 +423,15 @@ def test_sharded_loading_reads_the_share_layer_by_layer(tmp_path, kind):
 
         write_fp8(src, tmp_path / "fp8", (16, 16))
         src = tmp_path / "fp8"
+    elif kind == "packed":
+        from test_checkpoint import pack_experts
+
+        pack_experts(src)
     run_local(_sharded_load, 2, str(src), str(tmp_path))
     for r in range(2):
         rep = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert rep["same"] and rep["diff"] < TOL, rep
+        assert rep["read"] == rep["needed"] < 0.8 * rep["total"], rep
 
 
 def test_per_rank_footprint_of_the_official_80b(tmp_path, capsys):
