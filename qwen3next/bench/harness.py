@@ -887,14 +887,17 @@ def _run_parallel(args: argparse.Namespace) -> int:
 
     threads = args.threads or 1
     machine = describe_machine(threads)
-    load = BenchOptions(model=args.model, preset=args.preset, dtype=args.dtype, seed=args.seed,
-                        hf_overrides=args.hf_overrides)
-    model, _, _, source = _load(load, parse_dtype(args.dtype))
     with tempfile.TemporaryDirectory(prefix="qwen3next-tp-") as tmp:
-        model_dir = args.model if args.model is not None and args.hf_overrides is None else \
-            parallel_bench.save_random_model(model, tmp)
-        vocab = model.config.vocab_size
-        del model
+        if args.model is not None and args.hf_overrides is None:  # the ranks read it: no copy in this process
+            model_dir, source = str(args.model), str(args.model)
+            vocab = Qwen3NextConfig.from_pretrained(args.model).vocab_size
+        else:  # a preset, or a model changed by --hf-overrides: written to a directory for the ranks to read
+            load = BenchOptions(model=args.model, preset=args.preset, dtype=args.dtype, seed=args.seed,
+                                hf_overrides=args.hf_overrides)
+            model, _, _, source = _load(load, parse_dtype(args.dtype))
+            model_dir = parallel_bench.save_random_model(model, tmp)
+            vocab = model.config.vocab_size
+            del model
         opts = parallel_bench.ParallelBenchOptions(world=args.tensor_parallel_size, batches=list(args.batches),
                                                    prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
                                                    rounds=args.repeat, threads=threads, dtype=args.dtype)
