@@ -26,7 +26,7 @@ from ..config import Qwen3NextConfig
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer, generation_eos_ids
 from .block_manager import BlockManager
-from .memory import CachePlan, engine_cache_plan
+from .memory import CachePlan, default_budget, engine_cache_plan
 from .output import (
     CompletionOutput,
     Logprob,
@@ -158,8 +158,9 @@ class Engine:
         eos_token_id; stop strings and chat need the tokenizer.
         `tensor_parallel_size` (vLLM's name) N > 1: the model and its cache are split over N ranks on this machine
         (parallel/: attention and DeltaNet heads, experts, MLP channels, vocabulary), this process rank 0 and N - 1
-        worker processes, joined over gloo; `max_memory` is then per rank. Call `close()` (or use `LLM`, which
-        does) to stop the workers."""
+        worker processes, joined over gloo; `max_memory` is then per rank (default: the one-process default divided
+        among the ranks on this machine), and each rank runs at most this machine's CPUs / N torch threads. Call
+        `close()` (or use `LLM`, which does) to stop the workers."""
         self.speculative = SpeculativeConfig.parse(speculative_config)
         self.tp = None
         if tensor_parallel_size != 1:
@@ -202,6 +203,10 @@ class Engine:
             raise ValueError(f"prefix_snapshot_interval: {prefix_snapshot_interval} must be a multiple of block_size "
                              f"({block_size})")
         geometry = cache_geometry(self.model, block_size, include_mtp=spec_k > 0)
+        if self.tp is not None and max_memory is None:  # every rank allocates rank 0's plan: share the default
+            from ..parallel.engine import local_ranks
+
+            max_memory = default_budget(self.model.device) // local_ranks(self.tp.spec.world)
         self.plan: CachePlan = engine_cache_plan(geometry, max_memory, self.model.device, max_num_seqs, max_model_len,
                                                  prefix_snapshot_slots if enable_prefix_caching else 0)
         self.enable_prefix_caching = enable_prefix_caching

@@ -54,8 +54,13 @@ def rank_threads(world: int) -> int:
     threads each would oversubscribe the cores, and a rank that waits for a descheduled thread stalls the others at
     the next collective."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if launched_by_torchrun() else world
-    return max(1, min(torch.get_num_threads(), cpus // max(1, local)))
+    return max(1, min(torch.get_num_threads(), cpus // local_ranks(world)))
+
+
+def local_ranks(world: int) -> int:
+    """How many of the `world` ranks run on this machine: all of them when rank 0 spawns them, torchrun's
+    LOCAL_WORLD_SIZE under torchrun."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)) if launched_by_torchrun() else world)
 
 
 def peak_rss() -> int:
