@@ -339,7 +339,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     `hf_overrides` changes config.json's values before the model is built (`Qwen3NextConfig.from_pretrained`), e.g.
     YaRN rope scaling for long contexts. `shard` (a `parallel.plan.TPPlan`, `parallel.comm.TPComm` or None pair):
     load only one tensor-parallel rank's share, layer by layer, reading only its routed experts (peak: the share +
-    one layer's non-expert part).
+    one layer's non-expert part or the embedding / LM head, read whole before being cut).
     """
     bits = quantize_bits(quantize)
     path = Path(path)
@@ -420,7 +420,8 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
         pending = swap_in_empty_quantized(model, bits)
     # Tensor parallelism (parallel/): the decoder layers, the embedding and the LM head are taken out too and loaded
     # one at a time, each cut to this rank's share at once; their routed experts are cut before allocation, so only
-    # the rank's experts are read: peak memory is the rank's shard + one layer's non-expert part.
+    # the rank's experts are read: peak memory is the rank's shard + one layer's non-expert part (or the
+    # embedding / LM head, read whole and cut to the rank's vocabulary rows).
     parts = _take_out_parts(model, shard, pending or quantized_sources) if shard is not None else {}
     expert_ranges = _keep_local_experts(parts, shard[0]) if shard is not None else {}
     model = model.to_empty(device=device)

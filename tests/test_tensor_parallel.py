@@ -195,8 +195,14 @@ def test_failures_leave_no_group_and_a_failed_step_does_not_hang(model_dir, tmp_
     bare = tmp_path / "bare"
     shutil.copytree(model_dir, bare)
     (bare / "tokenizer.json").unlink()
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        Engine(bare, tensor_parallel_size=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a TP engine gives each rank its share of the CPUs, and this process back its own
+    try:
+        with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+            Engine(bare, tensor_parallel_size=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="max_model_len"):
         Engine(model_dir, tensor_parallel_size=2, max_model_len=10**9)
     assert not dist.is_initialized()
@@ -230,6 +236,41 @@ def test_failures_leave_no_group_and_a_failed_step_does_not_hang(model_dir, tmp_
     engine.add_request([5, 6, 7], params)
     with pytest.raises(RuntimeError, match="closed"):
         engine.step()
+
+
+_DIES_AFTER_LOADING = """
+import os, sys, time
+import qwen3next.parallel.engine as pe
+
+if __name__ != "__main__":  # the spawned worker: it loads its shard, then dies while rank 0 is closing
+    real = pe.load_shard
+
+    def load_then_die(spec, comm):
+        real(spec, comm)
+        time.sleep(2)
+        os._exit(9)
+
+    pe.load_shard = load_then_die
+
+if __name__ == "__main__":
+    from qwen3next.engine.llm import Engine
+    try:
+        Engine(sys.argv[1], tensor_parallel_size=2, max_model_len=10**9)
+    except ValueError as e:
+        print("raised", str(e)[:40])
+"""
+
+
+def test_a_worker_dying_while_rank_0_closes_does_not_hang_the_close(model_dir, tmp_path):
+    """Rank 0's setup fails (a bad max_model_len) and closes the group while the worker is still busy; the worker then
+    dies before it reads the goodbye: the close's wait notices it and the setup error comes out."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "dies.py"
+    script.write_text(_DIES_AFTER_LOADING)
+    r = subprocess.run([sys.executable, str(script), str(model_dir)], capture_output=True, text=True, timeout=120)
+    assert "raised max_model_len" in r.stdout, r.stderr[-2000:]
 
 
 def test_three_ranks_ignore_ctrl_c_and_a_dead_worker_ends_the_engine_at_once(model_dir):

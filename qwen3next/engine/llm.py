@@ -159,20 +159,26 @@ class Engine:
         `tensor_parallel_size` (vLLM's name) N > 1: the model and its cache are split over N ranks on this machine
         (parallel/: attention and DeltaNet heads, experts, MLP channels, vocabulary), this process rank 0 and N - 1
         worker processes, joined over gloo; `max_memory` is then per rank (default: the one-process default divided
-        among the ranks on this machine), and each rank runs at most this machine's CPUs / N torch threads. Call
-        `close()` (or use `LLM`, which does) to stop the workers."""
+        among the ranks on this machine), and each rank, this process included until `close()`, runs at most this
+        machine's CPUs / (ranks on it) torch threads. Call `close()` (or use `LLM`, which does) to stop the
+        workers."""
         self.speculative = SpeculativeConfig.parse(speculative_config)
         self.tp = None
+        self._threads = torch.get_num_threads()  # a tensor-parallel engine sets rank 0's share until it closes
         if tensor_parallel_size != 1:
             from ..parallel.engine import TPGroup
 
-            spec = _tensor_parallel_spec(model, tensor_parallel_size, dtype, device, quantize, hf_overrides,
-                                         compile_decode)
-            # The tokenizer first: a missing tokenizer.json fails before any worker starts.
-            self.tokenizer = None if skip_tokenizer_init else tokenizer or Tokenizer.from_dir(model)
-            spec_k = self.speculative.num_speculative_tokens if self.speculative is not None else 0
-            self.tp = TPGroup(spec, spec_k)
-            self.model = self.tp.load()
+            try:
+                spec = _tensor_parallel_spec(model, tensor_parallel_size, dtype, device, quantize, hf_overrides,
+                                             compile_decode)
+                # The tokenizer before the workers: a missing tokenizer.json fails before any of them starts.
+                self.tokenizer = None if skip_tokenizer_init else tokenizer or Tokenizer.from_dir(model)
+                spec_k = self.speculative.num_speculative_tokens if self.speculative is not None else 0
+                self.tp = TPGroup(spec, spec_k)
+                self.model = self.tp.load()
+            except BaseException:
+                torch.set_num_threads(self._threads)
+                raise
         else:
             self.model, self.tokenizer = _model_and_tokenizer(model, tokenizer, dtype, device, quantize,
                                                               hf_overrides, skip_tokenizer_init)
@@ -301,9 +307,11 @@ class Engine:
         return self.tp.error if self.tp is not None else None
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers (nothing to do on one rank)."""
+        """Stop the tensor-parallel workers and give this process back its torch threads (nothing to do on one
+        rank)."""
         if self.tp is not None:
             self.tp.close()
+            torch.set_num_threads(self._threads)
 
     def compile_grammar(self, params: SamplingParams) -> GrammarMatcher | None:
         """The matcher of `params.structured_outputs` (None without one); ValueError naming the field when it does

@@ -96,7 +96,7 @@ class ShardSpec:
 
 def load_shard(spec: ShardSpec, comm: TPComm) -> Qwen3NextForCausalLM:
     """This rank's shard: its share of the checkpoint, loaded layer by layer (only its experts read; peak: the share
-    + one layer's non-expert part), then quantized when asked."""
+    + one layer's non-expert part or the embedding / LM head), then quantized when asked."""
     plan = TPPlan(Qwen3NextConfig.from_pretrained(spec.model, spec.hf_overrides), comm.world, comm.rank)
     model = load_model(spec.model, dtype=parse_dtype(spec.dtype), hf_overrides=spec.hf_overrides,
                        shard=(plan, comm))
@@ -229,7 +229,7 @@ class TPGroup:
                 dist.destroy_process_group()
             raise
         if self.comm.shm is not None:  # a wait on a dead worker ends with its error
-            self.comm.shm.check = self._check_error
+            self.comm.shm.check = self._check_peers
         self._monitor = threading.Thread(target=self._watch, name="qwen3next-tp-monitor", daemon=True)
         self._monitor.start()
 
@@ -278,11 +278,23 @@ class TPGroup:
         if self._error is not None:
             raise RuntimeError(self._error)
 
+    def _check_peers(self) -> None:
+        """During a long wait on the other ranks: raise when the group is broken or a local worker is gone (polled
+        here too, not only by the monitor, which stops when `close` starts)."""
+        self._check_error()
+        for r, p in enumerate(self.workers, start=1):
+            if not p.is_alive():
+                self._set_error(f"tensor-parallel worker rank {r} exited (exit code {p.exitcode})")
+                self._check_error()
+
+    def _set_error(self, reason: str) -> None:
+        if self._error is None:  # the first cause stays
+            self._error = reason
+
     def fail(self, reason: str) -> None:
         """Mark the group broken (a step failed on rank 0, and the workers may be waiting inside it): later steps
         raise `reason`, and `close` stops the workers without a goodbye message they could not receive."""
-        if self._error is None:
-            self._error = reason
+        self._set_error(reason)
 
     def stats(self) -> list[dict]:
         """`rank_stats` of every rank, rank 0 first (between steps)."""
@@ -301,7 +313,7 @@ class TPGroup:
         while not self._closed:
             for r, p in enumerate(self.workers, start=1):
                 if not p.is_alive() and not self._closed:
-                    self._error = f"tensor-parallel worker rank {r} exited (exit code {p.exitcode})"
+                    self._set_error(f"tensor-parallel worker rank {r} exited (exit code {p.exitcode})")
                     return
             threading.Event().wait(0.25)
 
@@ -313,17 +325,19 @@ class TPGroup:
         if self._closed:
             return
         self._closed = True
-        if self._error is None:
-            try:
-                self.comm.broadcast_object(None)
-            except Exception as e:  # a worker died just now
-                self._error = f"closing: {e}"
-        if self._error is None:
-            for p in self.workers:
-                p.join(timeout=10)
-        self._kill()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        try:  # Ctrl-C while closing still kills the workers and ends the group (`finally`)
+            if self._error is None:
+                try:
+                    self.comm.broadcast_object(None)  # its wait polls the workers' liveness (`_check_peers`)
+                except Exception as e:  # a worker died meanwhile: the others are killed below
+                    self._set_error(f"closing: {e!r}")
+            if self._error is None:
+                for p in self.workers:
+                    p.join(timeout=10)
+        finally:
+            self._kill()
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     def _kill(self) -> None:
         for p in self.workers:
