@@ -286,17 +286,21 @@ _Piece = tuple[tuple | slice | None, str]
 
 
 def _plan(params: dict[str, torch.Tensor], available: set[str],
-          expert_ranges: dict[str, tuple[int, int]] | None = None) -> dict[str, list[_Piece]]:
+          expert_ranges: dict[str, tuple[int, int]] | None = None,
+          row_ranges: dict[str, tuple[int, int]] | None = None) -> dict[str, list[_Piece]]:
     """For each parameter, the checkpoint tensors it is assembled from (official per-expert or packed experts).
-    `expert_ranges` (tensor parallelism): the experts [e0, e1) that the `...mlp.experts` module of that name holds,
-    its row e being checkpoint expert e0 + e."""
-    expert_ranges = expert_ranges or {}
+    Tensor parallelism: `expert_ranges`, the experts [e0, e1) that the `...mlp.experts` module of that name holds,
+    its row e being checkpoint expert e0 + e; `row_ranges`, parameters that are rows [r0, r1) of the checkpoint
+    tensor of the same name (the rank's vocabulary rows of the embedding and the LM head)."""
+    expert_ranges, row_ranges = expert_ranges or {}, row_ranges or {}
     per_expert_prefixes = {m.group(1) for m in map(_EXPERT.match, available) if m}
     plan: dict[str, list[_Piece]] = {}
     for name, p in params.items():
         m = _PACKED.match(name)
         e0, e1 = expert_ranges.get(m.group(1), (0, None)) if m else (0, None)
-        if name in available:
+        if name in row_ranges and name in available:
+            plan[name] = [(slice(*row_ranges[name]), name)]
+        elif name in available:
             plan[name] = [(None if e1 is None else slice(e0, e1), name)]
         elif not m or m.group(1) not in per_expert_prefixes:
             plan[name] = [(None, name)]
@@ -338,8 +342,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     keeps the big weights in bf16 storage with fp32 compute (`quant.quantize.store_bf16`; needs dtype float32).
     `hf_overrides` changes config.json's values before the model is built (`Qwen3NextConfig.from_pretrained`), e.g.
     YaRN rope scaling for long contexts. `shard` (a `parallel.plan.TPPlan`, `parallel.comm.TPComm` or None pair):
-    load only one tensor-parallel rank's share, layer by layer, reading only its routed experts (peak: the share +
-    one layer's non-expert part or the embedding / LM head, read whole before being cut).
+    load only one tensor-parallel rank's share, layer by layer, reading only its routed experts and vocabulary rows
+    (peak: the share + one layer's non-expert part).
     """
     bits = quantize_bits(quantize)
     path = Path(path)
@@ -420,10 +424,10 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
         pending = swap_in_empty_quantized(model, bits)
     # Tensor parallelism (parallel/): the decoder layers, the embedding and the LM head are taken out too and loaded
     # one at a time, each cut to this rank's share at once; their routed experts are cut before allocation, so only
-    # the rank's experts are read: peak memory is the rank's shard + one layer's non-expert part (or the
-    # embedding / LM head, read whole and cut to the rank's vocabulary rows).
+    # the rank's experts are read, and the embedding and LM head to its vocabulary rows: peak memory is the rank's
+    # shard + one layer's non-expert part.
     parts = _take_out_parts(model, shard, pending or quantized_sources) if shard is not None else {}
-    expert_ranges = _keep_local_experts(parts, shard[0]) if shard is not None else {}
+    expert_ranges, row_ranges = _cut_before_loading(parts, shard[0], config) if shard is not None else ({}, {})
     model = model.to_empty(device=device)
     if config.tie_word_embeddings and not parts:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -431,7 +435,7 @@ def _load(index: _TensorIndex, config: Qwen3NextConfig, dtype: torch.dtype | str
     params = {n: p for n, p in model.named_parameters() if not (config.tie_word_embeddings and n == "lm_head.weight")}
     deferred = {f"{m}.{n}": p for m, module in (*pending.items(), *parts.items()) for n, p in module.named_parameters()
                 if not (config.tie_word_embeddings and m == "lm_head")}  # meta
-    plan = _plan({**params, **deferred}, available, expert_ranges)
+    plan = _plan({**params, **deferred}, available, expert_ranges, row_ranges)
     needed = [src for pieces in plan.values() for _, src in pieces] + quantized_sources + fp8_scales
     missing = [src for src in needed if src not in available]
     if missing:
@@ -496,18 +500,30 @@ def _take_out_parts(model: Qwen3NextForCausalLM, shard, other_work) -> dict[str,
     return parts
 
 
-def _keep_local_experts(parts: dict[str, nn.Module], plan) -> dict[str, tuple[int, int]]:
-    """Cut the routed experts of the taken-out (meta) layers to the rank's range before anything is allocated, so
-    only those are read: the `...mlp.experts` names and their ranges."""
+def _cut_before_loading(parts: dict[str, nn.Module], plan, config: Qwen3NextConfig
+                        ) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """Cut the taken-out (meta) parts whose share is a range of rows before anything is allocated, so that only
+    those rows are read: each layer's routed experts to the rank's experts, the embedding and an untied LM head to
+    the rank's vocabulary rows. Returns the `...mlp.experts` names with their expert ranges, and the parameters that
+    are row ranges of their checkpoint tensor."""
     from .parallel.shard import keep_local_experts
 
-    out = {}
-    for name, part in parts.items():
+    expert_ranges, row_ranges = {}, {}
+    v0, v1 = plan.vocab()
+    for name, part in list(parts.items()):
         moe = getattr(part, "mlp", None)
         if isinstance(moe, SparseMoE):
             keep_local_experts(moe, plan)
-            out[f"{name}.mlp.experts"] = moe.local_experts
-    return out
+            expert_ranges[f"{name}.mlp.experts"] = moe.local_experts
+        elif name == "model.embed_tokens":
+            with torch.device("meta"):
+                parts[name] = type(part)(v1 - v0, part.embedding_dim, dtype=part.weight.dtype)
+            row_ranges[f"{name}.weight"] = (v0, v1)
+        elif name == "lm_head" and not config.tie_word_embeddings:  # a tied head is cut from the embedding
+            with torch.device("meta"):
+                parts[name] = type(part)(part.in_features, v1 - v0, bias=False, dtype=part.weight.dtype)
+            row_ranges[f"{name}.weight"] = (v0, v1)
+    return expert_ranges, row_ranges
 
 
 def _shard_part(model: Qwen3NextForCausalLM, name: str, part: nn.Module, shard) -> None:

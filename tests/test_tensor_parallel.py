@@ -435,9 +435,11 @@ def _sharded_load(rank: int, model_dir: str, out_dir: str) -> None:
     names_equal = [n for n, _ in sorted(local.named_parameters())] == [n for n, _ in sorted(cut.named_parameters())]
     diff = (local(ids) - ref).abs().max().item()
     # What the share needs of the files: everything but the other ranks' routed experts (per-expert tensors with
-    # their FP8 scales, or rows of packed ones).
+    # their FP8 scales, or rows of packed ones) and vocabulary rows (embedding, LM head; a tied checkpoint's copy
+    # of the head is not read at all).
     e0, e1 = plan.experts()
-    E = full.config.num_experts
+    v0, v1 = plan.vocab()
+    E, V = full.config.num_experts, full.config.vocab_size
     total = others = 0
     for f in Path(model_dir).glob("*.safetensors"):
         for name, e in checkpoint._read_header(f).items():
@@ -447,6 +449,10 @@ def _sharded_load(rank: int, model_dir: str, out_dir: str) -> None:
                 others += e.end - e.start
             elif re.match(r".*\.mlp\.experts\.(gate_up_proj|down_proj)$", name):
                 others += (e.end - e.start) // E * (E - (e1 - e0))
+            elif name == "lm_head.weight" and full.config.tie_word_embeddings:
+                others += e.end - e.start
+            elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+                others += (e.end - e.start) // V * (V - (v1 - v0))
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump({"same": same and names_equal, "diff": diff, "read": sum(read), "needed": total - others,
                    "total": total}, f)
@@ -456,7 +462,7 @@ def _sharded_load(rank: int, model_dir: str, out_dir: str) -> None:
 def test_sharded_loading_reads_the_share_layer_by_layer(tmp_path, kind):
     """A tied-embedding model, an FP8 checkpoint (official layout) and one with packed experts (transformers v5):
     each rank's layer-by-layer load holds exactly the parameters of the full model cut to its share, reads only its
-    own experts from the files, and 2 ranks give the full model's logits."""
+    own experts and vocabulary rows from the files, and 2 ranks give the full model's logits."""
     src = tmp_path / "model"
     make_model("base", tie_word_embeddings=kind == "tied").save_pretrained(src)
     if kind == "fp8":

@@ -95,8 +95,8 @@ class ShardSpec:
 
 
 def load_shard(spec: ShardSpec, comm: TPComm) -> Qwen3NextForCausalLM:
-    """This rank's shard: its share of the checkpoint, loaded layer by layer (only its experts read; peak: the share
-    + one layer's non-expert part or the embedding / LM head), then quantized when asked."""
+    """This rank's shard: its share of the checkpoint, loaded layer by layer (only its experts and vocabulary rows read;
+    peak: the share + one layer's non-expert part), then quantized when asked."""
     plan = TPPlan(Qwen3NextConfig.from_pretrained(spec.model, spec.hf_overrides), comm.world, comm.rank)
     model = load_model(spec.model, dtype=parse_dtype(spec.dtype), hf_overrides=spec.hf_overrides,
                        shard=(plan, comm))

@@ -180,7 +180,9 @@ def shard_layer(layer: DecoderLayer, plan: TPPlan, comm: TPComm | None = None) -
 def shard_embedding(model: Qwen3NextForCausalLM, plan: TPPlan, comm: TPComm | None = None) -> None:
     v0, v1 = plan.vocab()
     embed = model.model.embed_tokens.weight.detach()
-    model.model.embed_tokens = VocabParallelEmbedding(embed[v0:v1].clone(), v0, comm)
+    if embed.shape[0] != v1 - v0:  # the whole table (the loader may have read only the rank's rows)
+        embed = embed[v0:v1].clone()
+    model.model.embed_tokens = VocabParallelEmbedding(embed, v0, comm)
 
 
 def shard_lm_head(model: Qwen3NextForCausalLM, plan: TPPlan, comm: TPComm | None = None) -> None:
@@ -191,7 +193,7 @@ def shard_lm_head(model: Qwen3NextForCausalLM, plan: TPPlan, comm: TPComm | None
     if config.tie_word_embeddings:
         model.lm_head = _linear(model.model.embed_tokens.weight.detach())
         model.lm_head.weight = model.model.embed_tokens.weight
-    else:
+    elif model.lm_head.weight.shape[0] != v1 - v0:  # the whole head (the loader may have read only the rank's rows)
         model.lm_head = _sliced(model.lm_head, rows=[(v0, v1)])
     if comm is not None:
         gather_logits(model, comm, [b - a for a, b in (split_range(config.vocab_size, plan.world, r)
