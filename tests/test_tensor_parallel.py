@@ -481,6 +481,41 @@ def test_sharded_loading_reads_the_share_layer_by_layer(tmp_path, kind):
         assert rep["read"] == rep["needed"] < 0.8 * rep["total"], rep
 
 
+def _quantized_load(rank: int, model_dir: str, out_dir: str) -> None:
+    """int8 and int4 on this rank's share (parallel.engine.load_shard) against the whole model quantized."""
+    from qwen3next.checkpoint import load_model
+    from qwen3next.ops.dispatch import set_threshold
+    from qwen3next.parallel.comm import TPComm
+    from qwen3next.parallel.engine import ShardSpec, load_shard
+    from qwen3next.quant import quantize_model
+
+    torch.set_flush_denormal(True)
+    set_threshold("int8_kernel", 0)  # fp32 activations throughout (the kernel casts them to bf16: its own rounding)
+    comm = TPComm()
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
+    diffs = {}
+    for scheme, bits in (("int8", 8), ("int4", 4)):
+        full = quantize_model(load_model(model_dir, dtype="float32"), bits)
+        local = load_shard(ShardSpec(model_dir, "float32", scheme, None, comm.world, 1), comm)
+        diffs[scheme] = (local(ids) - full(ids)).abs().max().item()
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(diffs, f)
+
+
+def test_quantizing_the_shares_gives_the_quantized_model(tmp_path):
+    """--quantize on each rank's share: int8 takes each row-parallel row's scale from the whole row (one max
+    all-reduce), int4's groups of 64 inputs fall the same where the split is a multiple of 64 (every split of this
+    model): 2 ranks give the logits of the whole model quantized, to fp32 rounding."""
+    src = tmp_path / "model"
+    make_model("base", hidden_size=128, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64,
+               intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+               vocab_size=97).save_pretrained(src)
+    run_local(_quantized_load, 2, str(src), str(tmp_path))
+    for r in range(2):
+        diffs = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert max(diffs.values()) < TOL, diffs
+
+
 def test_per_rank_footprint_of_the_official_80b(tmp_path, capsys):
     """`qwen3next info --tensor-parallel-size N` on the official config: per rank the K/V of its key/value heads
     (24 KiB per token in bf16 on one rank, SPEC; one of the two heads from 2 ranks on), its share of the DeltaNet

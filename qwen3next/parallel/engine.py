@@ -104,10 +104,25 @@ def load_shard(spec: ShardSpec, comm: TPComm) -> Qwen3NextForCausalLM:
         from ..checkpoint import quantize_bits
         from ..quant import quantize_model
 
-        quantize_model(model, quantize_bits(spec.quantize))
+        bits = quantize_bits(spec.quantize)
+        quantize_model(model, bits, row_absmax=full_row_absmax(model, comm) if bits == 8 else None)
         V = model.config.vocab_size
         gather_logits(model, comm, [b - a for a, b in (split_range(V, comm.world, r) for r in range(comm.world))])
     return model
+
+
+def full_row_absmax(model: Qwen3NextForCausalLM, comm: TPComm) -> dict[str, torch.Tensor]:
+    """Per row-parallel Linear of this shard (o_proj, out_proj, the MLPs' down_proj: each rank holds part of every
+    row), the largest |w| of each whole row: the maximum over the ranks, in one all-reduce. int8's per-row scales
+    then equal one rank's, and so does the quantized model (int4's groups of 64 inputs already match wherever the
+    split falls on a multiple of 64, as in the 80B at 2, 4 and 8 ranks)."""
+    names = [n for n, m in model.named_modules() if getattr(m, "tp_partial_rows", False)]
+    if comm.world == 1 or not names:
+        return {}
+    parts = [model.get_submodule(n).weight.detach().abs().amax(-1).float() for n in names]
+    flat = torch.cat(parts)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=comm.group)
+    return dict(zip(names, flat.split([p.numel() for p in parts])))
 
 
 @dataclass

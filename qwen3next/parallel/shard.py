@@ -48,7 +48,9 @@ def _sliced(lin: nn.Linear, rows: list[tuple[int, int]] | None = None,
         w = _rows(w, rows, 0)
     if cols is not None:
         w = _rows(w, cols, 1)
-    return _linear(w)
+    lin = _linear(w)
+    lin.tp_partial_rows = cols is not None  # row-parallel: each row of the weight is only part of the full row
+    return lin
 
 
 def shard_attention(a: GatedAttention, plan: TPPlan) -> None:

@@ -52,10 +52,13 @@ def _round_up_bf16(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---- int8 -----------------------------------------------------------------------------------------------------------
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., N, K] -> (q int8 [..., N, K], scale bf16 [..., N]) with |w - q·scale| <= scale / 2."""
+def quantize_int8(w: torch.Tensor, absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (q int8 [..., N, K], scale bf16 [..., N]) with |w - q·scale| <= scale / 2. `absmax` [..., N]:
+    the rows' largest |w| when `w` is only part of each row (a tensor-parallel rank's share of a row-parallel
+    layer), so that every part gets the whole row's scale."""
     w = w.detach().float()
-    scale = _round_up_bf16((w.abs().amax(-1) / 127).clamp_min(1e-30))
+    amax = w.abs().amax(-1) if absmax is None else absmax.float()
+    scale = _round_up_bf16((amax / 127).clamp_min(1e-30))
     q = torch.round(w / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 

@@ -59,7 +59,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
-                   quantize_lm_head: bool = True) -> Qwen3NextForCausalLM:
+                   quantize_lm_head: bool = True,
+                   row_absmax: dict[str, torch.Tensor] | None = None) -> Qwen3NextForCausalLM:
     """Swap the projections and experts of `model` for weight-only int8 (per output channel) or int4 (per group of
     `group_size` input channels) versions, in place; record the scheme in `model.config.quantization_config`.
     `bits=16` is `store_bf16(model)` (bf16 storage, not a quantization scheme).
@@ -68,7 +69,8 @@ def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
     int8: it is the largest matrix a decode step reads, int8 adds almost no drift there, while int4 raised the mean
     logit drift ~25% (demo model). An int4 model thus holds one int8 Linear (recorded as `lm_head_bits: 8`).
     Int4 modules whose input size `group_size` does not divide stay in high precision
-    and are listed in `modules_not_converted`.
+    and are listed in `modules_not_converted`. `row_absmax` (int8, tensor parallelism): per Linear name, the largest
+    |w| of each of its whole rows, for a rank holding only part of every row (parallel/engine.py `load_shard`).
     """
     if bits == 16:
         return store_bf16(model)
@@ -76,7 +78,7 @@ def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
     with torch.no_grad():
         for name, module in progress(targets.modules, desc=f"Quantizing to int{bits}", unit="module"):
             new = _empty_quantized(module, name, bits, group_size).to_empty(device=_device_of(module))
-            fill_quantized(new, module)
+            fill_quantized(new, module, (row_absmax or {}).get(name))
             _set_module(model, name, new)
     model.config.quantization_config = targets.config
     return model
@@ -137,7 +139,7 @@ def _empty_quantized(module: nn.Module, name: str, bits: int, group_size: int) -
         return Int4Linear(module.in_features, module.out_features, group_size)
 
 
-def fill_quantized(quantized: nn.Module, module: nn.Module) -> None:
+def fill_quantized(quantized: nn.Module, module: nn.Module, row_absmax: torch.Tensor | None = None) -> None:
     """Quantize the float weights of `module` (nn.Linear or Experts) into the allocated `quantized` module made for
     it (`Int8Linear.from_linear` / `Int4Linear.from_linear` / `QuantizedExperts.from_experts`, in place)."""
     with torch.no_grad():
@@ -149,7 +151,7 @@ def fill_quantized(quantized: nn.Module, module: nn.Module) -> None:
                          quantize_int4(w[e], quantized.group_size))
                     quantized.load_expert(p, e, *t)
         elif isinstance(quantized, Int8Linear):
-            quantized.load_quantized(*quantize_int8(module.weight))
+            quantized.load_quantized(*quantize_int8(module.weight, row_absmax))
         else:
             quantized.load_quantized(*quantize_int4(module.weight, quantized.group_size))
 
