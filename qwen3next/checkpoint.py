@@ -209,11 +209,7 @@ class _TensorIndex:
         if name in self.fp8:
             out.copy_(self.read(name))
             return
-        direct = out.device.type == "cpu" and out.dtype == e.dtype and out.is_contiguous()
-        buf = out if direct else torch.empty(e.shape, dtype=e.dtype)
-        self._fill(e, name, buf)
-        if not direct:
-            out.copy_(buf)
+        self._copy_into(e, name, out)
 
     def read_rows_into(self, name: str, rows: slice, out: torch.Tensor) -> None:
         """Copy rows [start, stop) of tensor `name` (its first dimension) into `out`, reading only their bytes (a
@@ -227,11 +223,15 @@ class _TensorIndex:
             out.copy_(self.read(name)[rows])
             return
         row_bytes = math.prod(e.shape[1:]) * e.dtype.itemsize
-        part = replace(e, shape=shape, start=e.start + rows.start * row_bytes,
-                       end=e.start + rows.stop * row_bytes)
+        self._copy_into(replace(e, shape=shape, start=e.start + rows.start * row_bytes,
+                                end=e.start + rows.stop * row_bytes), name, out)
+
+    def _copy_into(self, e: _Entry, name: str, out: torch.Tensor) -> None:
+        """The bytes of entry `e` (of tensor `name`) into `out` of its shape: read in place when `out` is a
+        contiguous CPU tensor of the stored dtype, else through a buffer and converted."""
         direct = out.device.type == "cpu" and out.dtype == e.dtype and out.is_contiguous()
-        buf = out if direct else torch.empty(shape, dtype=e.dtype)
-        self._fill(part, name, buf)
+        buf = out if direct else torch.empty(e.shape, dtype=e.dtype)
+        self._fill(e, name, buf)
         if not direct:
             out.copy_(buf)
 

@@ -175,13 +175,22 @@ def test_tensor_parallel_errors_are_clear(model_dir):
         Engine(model_dir, tensor_parallel_size=0)
 
 
+def _closes_within(closable, seconds: float) -> None:
+    """A hang guard: `closable.close()` returns within `seconds`."""
+    import threading
+
+    t = threading.Thread(target=closable.close)
+    t.start()
+    t.join(timeout=seconds)
+    assert not t.is_alive()
+
+
 def test_failures_leave_no_group_and_a_failed_step_does_not_hang(model_dir, tmp_path):
     """A worker that dies while starting fails the start at once; a missing tokenizer fails before any worker starts
     and a setup error after they started leaves no process group (the next engine starts); a step that fails on rank
     0 while the worker waits inside it marks the group broken: the next step raises instead of waiting forever, and
     close stops the worker at once; a closed group refuses steps."""
     import shutil
-    import threading
 
     import torch.distributed as dist
 
@@ -207,12 +216,6 @@ def test_failures_leave_no_group_and_a_failed_step_does_not_hang(model_dir, tmp_
         Engine(model_dir, tensor_parallel_size=2, max_model_len=10**9)
     assert not dist.is_initialized()
 
-    def close_quickly(closable) -> None:
-        t = threading.Thread(target=closable.close)
-        t.start()
-        t.join(timeout=5)  # a hang guard: a broken group's close kills its workers instead of waiting for them
-        assert not t.is_alive()
-
     engine = Engine(model_dir, tensor_parallel_size=2, max_memory="32MiB", max_model_len=128)
     workers = list(engine.tp.workers)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -228,7 +231,7 @@ def test_failures_leave_no_group_and_a_failed_step_does_not_hang(model_dir, tmp_
     assert "injected" in engine.error
     with pytest.raises(RuntimeError, match="injected"):
         engine.step()
-    close_quickly(engine)
+    _closes_within(engine, 5)  # a broken group's close kills its workers instead of waiting for them
     assert not any(p.is_alive() for p in workers)
 
     engine = Engine(model_dir, tensor_parallel_size=2, max_memory="32MiB", max_model_len=128)
@@ -279,7 +282,6 @@ def test_three_ranks_ignore_ctrl_c_and_a_dead_worker_ends_the_engine_at_once(mod
     the surviving worker, which waits for a collective that will never complete."""
     import os
     import signal
-    import threading
     import time
 
     from qwen3next.engine.llm import LLM
@@ -304,10 +306,7 @@ def test_three_ranks_ignore_ctrl_c_and_a_dead_worker_ends_the_engine_at_once(mod
         with pytest.raises(RuntimeError, match="rank 2 exited"):
             llm.submit([5, 6, 7], params)
     finally:
-        t = threading.Thread(target=llm.close)
-        t.start()
-        t.join(timeout=8)  # a hang guard (the close before this fix waited 10 s per surviving worker)
-    assert not t.is_alive()
+        _closes_within(llm, 8)  # the close before this fix waited 10 s per surviving worker
     assert not w1.is_alive()
 
 

@@ -260,10 +260,10 @@ class TPGroup:
             p.start()
         deadline = time.monotonic() + TIMEOUT.total_seconds()
         while store.add(JOINED, 0) < spec.world - 1:
-            for r, p in enumerate(self.workers, start=1):
-                if not p.is_alive():
-                    raise RuntimeError(f"tensor-parallel worker rank {r} exited while starting (exit code "
-                                       f"{p.exitcode}); its error is printed above")
+            dead = self._dead_worker()
+            if dead is not None:
+                raise RuntimeError(f"tensor-parallel worker rank {dead[0]} exited while starting (exit code "
+                                   f"{dead[1]}); its error is printed above")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"tensor-parallel workers did not start within {TIMEOUT}")
             time.sleep(0.02)
@@ -297,10 +297,19 @@ class TPGroup:
         """During a long wait on the other ranks: raise when the group is broken or a local worker is gone (polled
         here too, not only by the monitor, which stops when `close` starts)."""
         self._check_error()
-        for r, p in enumerate(self.workers, start=1):
-            if not p.is_alive():
-                self._set_error(f"tensor-parallel worker rank {r} exited (exit code {p.exitcode})")
-                self._check_error()
+        if self._note_dead_worker():
+            self._check_error()
+
+    def _dead_worker(self) -> tuple[int, int | None] | None:
+        """(rank, exit code) of the first local worker that is gone, or None."""
+        return next(((r, p.exitcode) for r, p in enumerate(self.workers, start=1) if not p.is_alive()), None)
+
+    def _note_dead_worker(self) -> bool:
+        """Record a gone local worker as the group's error (if it has none yet); whether one is gone."""
+        dead = self._dead_worker()
+        if dead is not None:
+            self._set_error(f"tensor-parallel worker rank {dead[0]} exited (exit code {dead[1]})")
+        return dead is not None
 
     def _set_error(self, reason: str) -> None:
         if self._error is None:  # the first cause stays
@@ -325,11 +334,10 @@ class TPGroup:
         return self._error
 
     def _watch(self) -> None:
-        while not self._closed:
-            for r, p in enumerate(self.workers, start=1):
-                if not p.is_alive() and not self._closed:
-                    self._set_error(f"tensor-parallel worker rank {r} exited (exit code {p.exitcode})")
-                    return
+        while not self._closed:  # workers leaving at close are no error
+            if self._dead_worker() is not None and not self._closed:
+                self._note_dead_worker()
+                return
             threading.Event().wait(0.25)
 
     def close(self) -> None:
