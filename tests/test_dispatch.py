@@ -21,7 +21,8 @@ def test_every_entry_names_real_code_for_both_twins():
         assert callable(dispatch.resolve(p.fast)), p.fast
         assert callable(dispatch.resolve(p.reference)), p.reference
         assert p.fast != p.reference, p.name
-        assert p.switch in (None, dispatch.FAST_DECODE_ENV, dispatch.LINEAR_ENV, dispatch.KERNELS_ENV), p.name
+        assert p.switch in (None, dispatch.FAST_DECODE_ENV, dispatch.LINEAR_ENV, dispatch.KERNELS_ENV,
+                            dispatch.AOT_ENV), p.name
 
 
 def test_default_thresholds():
@@ -107,6 +108,11 @@ def test_environment_switches():
                   "print(kernels.available(), dispatch.enabled('native_moe'))", QWEN3NEXT_KERNELS="0")
     assert off.returncode == 0, off.stderr
     assert off.stdout.split() == ["False", "False"]
+    for value, expected in (("0", "False"), ("1", "True")):
+        aot = _python("from qwen3next.ops import dispatch; print(dispatch.enabled('aot_decode_step'))",
+                      QWEN3NEXT_AOT=value)
+        assert aot.returncode == 0, aot.stderr
+        assert aot.stdout.split() == [expected]
     bad = _python("import qwen3next.ops.linear", QWEN3NEXT_LINEAR="mkl")
     assert bad.returncode != 0
     assert "ValueError: QWEN3NEXT_LINEAR: expected one of ('auto', 'torch'), got 'mkl'" in bad.stderr

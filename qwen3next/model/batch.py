@@ -297,6 +297,28 @@ class KVAccess:
         return pool[self.read_index]
 
 
+def decode_batch(positions: torch.Tensor, slots: torch.Tensor, write_rows: torch.Tensor, read_rows: torch.Tensor,
+                 mask: torch.Tensor) -> BatchInfo:
+    """A prepared decode step (one new token per sequence, index-based cache access) built from its tensors alone:
+    what `BatchInfo(...).prepare(views=False)` derives for such a step, for a traced step whose inputs are these
+    tensors (engine/aot_step.py). positions/slots/write_rows [B], read_rows [B, L], mask [B, 1, 1, L]."""
+    B, L = read_rows.shape
+    batch = BatchInfo.__new__(BatchInfo)
+    batch.seq_lens, batch.context_lens, batch.slots, batch.block_tables = None, None, None, None
+    batch.positions, batch.kv_write_rows, batch.capture_states, batch.snapshots = None, None, False, None
+    tokens = TokenLayout.__new__(TokenLayout)
+    tokens.batch_size, tokens.padded_len, tokens.is_decode, tokens.is_uniform = B, 1, True, False
+    tokens.seq_lens, tokens.positions, tokens.pad_index, tokens.mask = None, positions, None, None
+    state = SlotAccess.__new__(SlotAccess)
+    state.index, state.range = slots, None
+    kv = KVAccess.__new__(KVAccess)
+    kv.batch_size, kv.kv_len, kv.sees_all_keys, kv.view = B, L, False, None
+    kv.read_index, kv.write_index, kv.seq_lens, kv.context_lens = read_rows, write_rows, None, None
+    kv._mask, kv._mask_args = mask, None
+    batch.tokens, batch.state, batch.kv = tokens, state, kv
+    return batch
+
+
 def _strided_kv_view(tables: list[list[int]], totals: list[int], L: int, block_size: int,
                      num_blocks: int | None) -> tuple[int, int] | None:
     """(first row, stride) if sequence b's first L pool rows are rows first + b * stride ... + L - 1, i.e. its

@@ -1,0 +1,181 @@
+"""The ahead-of-time decode step (engine/aot_step.py) against the eager step it is built from: hidden states, the
+K/V rows and DeltaNet states it writes, greedy output through the engine, its disk cache and its failure modes.
+
+Each package costs ~20-40 s of compiling on 2 cores; the tests share one cache directory so that the fp32 package is
+built once (test_aot_step_matches_eager...) and loaded by the others."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_compiled_decode import needs_compiler
+
+from qwen3next.engine.aot_step import AOTDecodeStep, AOTStepError, package_path
+from qwen3next.engine.compiled import CompiledDecoder
+from qwen3next.model.batch import BatchInfo
+from qwen3next.model.cache import HybridCache
+from qwen3next.ops.dispatch import set_aot_decode
+from tiny_models import make_model, write_byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def aot_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("aot")
+
+
+@pytest.fixture
+def aot_on(aot_dir, monkeypatch):
+    monkeypatch.setenv("QWEN3NEXT_AOT_CACHE", str(aot_dir))
+    previous = set_aot_decode(True)
+    yield aot_dir
+    set_aot_decode(previous)
+
+
+def _no_torch_compile(*args, **kwargs):
+    raise AssertionError("this step should have run through the ahead-of-time library, not torch.compile")
+
+
+def _pools(cache: HybridCache) -> list[torch.Tensor]:
+    return [*cache.k.values(), *cache.v.values(), *(p for d in cache.state.values() for p in d.values())]
+
+
+def _cache(model, num_slots: int, num_blocks: int) -> HybridCache:
+    return HybridCache(model.config, num_slots=num_slots, num_blocks=num_blocks, block_size=4,
+                       layout=model.cache_layout(include_mtp=False))
+
+
+def _prefill(model, cache, lens, slots, tables, gen):
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen) for n in lens]
+    with torch.no_grad():
+        batch = BatchInfo(list(lens), [0] * len(lens), slots, tables)
+        model.hidden_states(torch.cat(prompts), model.context(batch, cache))
+
+
+def _steps_both_ways(model, compiled, cache, lens, slots, tables, steps, gen):
+    """Decode `steps` tokens for every sequence through the compiled decoder on `cache` and eagerly on a copy of
+    it; returns the largest |Δ| of the hidden states over the steps and the two caches."""
+    eager_cache = _cache(model, cache.num_slots, cache.num_blocks)
+    for a, b in zip(_pools(eager_cache), _pools(cache)):
+        a.copy_(b)
+    worst = 0.0
+    with torch.no_grad():
+        for t in range(steps):
+            tokens = torch.randint(0, model.config.vocab_size, (len(lens),), generator=gen)
+            ctx_lens = [n + t for n in lens]
+            fast, _ = compiled.forward(tokens, BatchInfo([1] * len(lens), ctx_lens, slots, tables), cache)
+            batch = BatchInfo([1] * len(lens), ctx_lens, slots, tables)
+            ref = model.hidden_states(tokens, model.context(batch, eager_cache))
+            worst = max(worst, (fast - ref).abs().max().item())
+    return worst, eager_cache
+
+
+@needs_compiler
+def test_aot_step_matches_eager_and_serves_every_batch_size_from_one_package(aot_on):
+    """Odd config (dense MLP layers, 3 heads, 5 experts), three sequences of different lengths in scattered slots and
+    blocks, four steps; then one sequence alone and a cache of another size: the same package, no second compile."""
+    model = make_model("mlp_only", vocab_size=261)  # the engine test's model: one package for both
+    cache = _cache(model, num_slots=6, num_blocks=16)
+    gen = torch.Generator().manual_seed(0)
+    lens, slots, tables = [5, 9, 2], [4, 1, 3], [[7, 2, 6], [0, 5, 9, 8], [11, 10]]
+    _prefill(model, cache, lens, slots, tables, gen)
+    built: list[str] = []
+    compiled = CompiledDecoder(model, log_fn=built.append)
+    compiled._stack = _no_torch_compile
+    worst, eager_cache = _steps_both_ways(model, compiled, cache, lens, slots, tables, 4, gen)
+    assert worst < 1e-5
+    for fast, ref in zip(_pools(cache), _pools(eager_cache)):  # the K/V rows and states it wrote, in place
+        assert (fast - ref).abs().max() < 1e-5
+    assert len(built) == 1 and package_path(model, cache).is_file()
+
+    # batch 1, a longer context, the same library
+    worst, _ = _steps_both_ways(model, compiled, cache, [9 + 4], [1], [[0, 5, 9, 8, 12]], 3, gen)
+    assert worst < 1e-5
+
+    # another engine's cache (other pool sizes) and a new decoder: loaded from disk, not compiled again
+    other = _cache(model, num_slots=3, num_blocks=7)
+    _prefill(model, other, [6], [2], [[3, 1]], gen)
+    again = CompiledDecoder(model, log_fn=built.append)
+    again._stack = _no_torch_compile
+    worst, _ = _steps_both_ways(model, again, other, [6], [2], [[3, 1, 4]], 2, gen)
+    assert worst < 1e-5 and len(built) == 1
+
+
+@needs_compiler
+def test_aot_int8_step_runs_the_native_kernels_like_eager(aot_on):
+    """An int8 model: the package calls the same native linear / MoE ops as the eager step."""
+    from qwen3next.quant.quantize import quantize_model
+
+    model = quantize_model(make_model("base", hidden_size=64, moe_intermediate_size=32), 8)
+    cache = _cache(model, num_slots=3, num_blocks=10)
+    gen = torch.Generator().manual_seed(1)
+    lens, slots, tables = [7, 3], [2, 0], [[4, 5, 9], [1, 8]]
+    _prefill(model, cache, lens, slots, tables, gen)
+    compiled = CompiledDecoder(model)
+    compiled._stack = _no_torch_compile
+    worst, eager_cache = _steps_both_ways(model, compiled, cache, lens, slots, tables, 3, gen)
+    assert worst < 1e-4
+    for fast, ref in zip(_pools(cache), _pools(eager_cache)):
+        assert (fast - ref).abs().max() < 1e-4
+
+
+@needs_compiler
+def test_engine_with_aot_step_decodes_exactly_like_eager(aot_on, tmp_path):
+    """`Engine(compile_decode=True)` with at most 3 sequences: warm-up builds (here: loads) only the library, every
+    decode step runs through it, and greedy tokens equal the eager loop's."""
+    from qwen3next.engine.llm import Engine
+    from qwen3next.engine.sampling import SamplingParams
+    from qwen3next.model.generate import generate_tokens
+    from qwen3next.tokenizer import Tokenizer
+
+    model = make_model("mlp_only", vocab_size=261)
+    write_byte_tokenizer(tmp_path)
+    engine = Engine(model, tokenizer=Tokenizer.from_dir(tmp_path), max_memory="32MiB", max_num_seqs=3,
+                    max_model_len=96, block_size=16, compile_decode=True)
+    compiled = engine.runner.compiled
+    assert compiled.aot_step(engine.runner.cache) is not None
+    compiled._stack = _no_torch_compile
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 23, 11, 1)]
+    lengths = (6, 9, 4, 7)
+    reqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+            for p, n in zip(prompts, lengths)]
+    while engine.step():
+        pass
+    for r, p, n in zip(reqs, prompts, lengths):
+        assert r.output().token_ids == list(generate_tokens(model, p, n))
+
+
+def test_aot_step_switched_off_stays_on_torch_compile(aot_dir, monkeypatch):
+    monkeypatch.setenv("QWEN3NEXT_AOT_CACHE", str(aot_dir))
+    model = make_model("base")
+    previous = set_aot_decode(False)
+    try:
+        assert CompiledDecoder(model).aot_step(_cache(model, 2, 4)) is None
+    finally:
+        set_aot_decode(previous)
+
+
+def test_a_corrupt_cached_package_is_a_clear_error_and_removed(aot_on):
+    model = make_model("base")
+    cache = _cache(model, 2, 4)
+    path = package_path(model, cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not a package")
+    with pytest.raises(AOTStepError, match="loading the ahead-of-time decode step failed"):
+        AOTDecodeStep(model, cache)
+    assert not path.exists()  # the next build compiles a fresh one
+
+
+def test_unusable_cache_dir_warns_and_falls_back(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("QWEN3NEXT_AOT_CACHE", str(blocker / "aot"))
+    previous = set_aot_decode(True)
+    try:
+        model = make_model("base")
+        decoder = CompiledDecoder(model)
+        with pytest.warns(RuntimeWarning, match="stay on torch.compile"):
+            assert decoder.aot_step(_cache(model, 2, 4)) is None
+        assert decoder.aot_step(_cache(model, 2, 4)) is None  # decided once: no second attempt, no second warning
+    finally:
+        set_aot_decode(previous)
