@@ -62,7 +62,7 @@ def _steps_both_ways(model, compiled, cache, lens, slots, tables, steps, gen):
         for t in range(steps):
             tokens = torch.randint(0, model.config.vocab_size, (len(lens),), generator=gen)
             ctx_lens = [n + t for n in lens]
-            fast, _ = compiled.forward(tokens, BatchInfo([1] * len(lens), ctx_lens, slots, tables), cache)
+            fast = compiled.hidden_states(tokens, BatchInfo([1] * len(lens), ctx_lens, slots, tables), cache)
             batch = BatchInfo([1] * len(lens), ctx_lens, slots, tables)
             ref = model.hidden_states(tokens, model.context(batch, eager_cache))
             worst = max(worst, (fast - ref).abs().max().item())
@@ -98,6 +98,10 @@ def test_aot_step_matches_eager_and_serves_every_batch_size_from_one_package(aot
     again._stack = _no_torch_compile
     worst, _ = _steps_both_ways(model, again, other, [6], [2], [[3, 1, 4]], 2, gen)
     assert worst < 1e-5 and len(built) == 1
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot hold 9 tokens"):  # 2 blocks of 4 rows
+        again.hidden_states(torch.zeros(1, dtype=torch.long), BatchInfo([1], [8], [2], [[3, 1]]), other)
+    with torch.no_grad(), pytest.raises(ValueError, match="outside the cache's 3 slots and 7 blocks"):
+        again.hidden_states(torch.zeros(1, dtype=torch.long), BatchInfo([1], [6], [2], [[3, 7]]), other)
 
 
 @needs_compiler

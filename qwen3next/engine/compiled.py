@@ -74,18 +74,19 @@ class CompiledDecoder:
                 and lens in ([1], [self.verify_tokens]))
 
     def hidden_states(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache) -> torch.Tensor:
-        """Flat tokens [B] of a decode step -> final normed hidden states [B, D]."""
+        """Flat tokens [B] of a decode step -> final normed hidden states [B, D]. Steps of up to
+        `aot_step.MAX_BATCH` sequences run through the ahead-of-time library when it is on and builds
+        (engine/aot_step.py), the others through torch.compile."""
+        step = self.aot_step(cache) if AOTDecodeStep.handles(batch) else None
+        if step is not None:
+            return step.hidden_states(tokens, batch, cache)
         return self.forward(tokens, batch, cache)[0]
 
     def forward(self, tokens: torch.Tensor, batch: BatchInfo,
                 cache: HybridCache) -> tuple[torch.Tensor, ForwardContext]:
         """Flat tokens of a decode step or a compiled verification -> (final normed hidden states, the context,
-        holding a verification's captured states). Decode steps of up to `aot_step.MAX_BATCH` sequences run through
-        the ahead-of-time library when it is on and builds (engine/aot_step.py)."""
+        holding a verification's captured states), through torch.compile."""
         ctx = self.model.context(batch, cache, views=False)
-        step = self.aot_step(cache) if AOTDecodeStep.handles(batch) else None
-        if step is not None:
-            return step.hidden_states(tokens, ctx), ctx
         return self._stack(self.model.model.embed_tokens(tokens), ctx), ctx
 
     def aot_step(self, cache: HybridCache) -> AOTDecodeStep | None:
