@@ -324,3 +324,79 @@ def test_bf16_experts_under_torch_compile_with_many_tokens():
         ref = experts_reference(x, weights, ids, experts.gate_up_proj.float(), experts.down_proj.float())
         compiled = torch.compile(experts, backend="aot_eager", fullgraph=True)
         assert rel_err(compiled(x, weights, ids), ref) < 1e-5
+
+
+# ---- decode attention ------------------------------------------------------------------------------------------------
+# D: a multiple of 16 (the vector code), of 8 only, and 12 (the scalar code); G = H / HKV query heads per K/V head.
+@pytest.mark.parametrize(("H", "HKV", "D"), [(8, 2, 64), (3, 1, 24), (6, 3, 12), (2, 2, 256)])
+def test_decode_attention_matches_its_twin(isa, H, HKV, D):
+    gen = torch.Generator().manual_seed(H * D)
+    B, R, L = 3, 200, 150  # more keys than one block of 64, rows scattered over the pools
+    q = torch.randn(B, H, D, generator=gen) * 2
+    k_pool, v_pool = torch.randn(R, HKV, D, generator=gen), torch.randn(R, HKV, D, generator=gen)
+    rows = torch.randint(0, R, (B, L), generator=gen)
+    lens = torch.tensor([150, 1, 65])
+    rows[1, 1:] = -5  # past lens: never read
+    got = kernels.decode_attention(q, k_pool, v_pool, rows, lens, D ** -0.5)
+    want = kernels.decode_attention_reference(q, k_pool, v_pool, rows.clamp_min(0), lens, D ** -0.5)
+    assert got.shape == (B, H, D)
+    assert rel_err(got, want) < 1e-5
+    # the twin is SDPA over the gathered keys with the mask (what the model ran before the kernel)
+    gathered_k = k_pool[rows.clamp_min(0)].transpose(1, 2)  # [B, HKV, L, D]
+    gathered_v = v_pool[rows.clamp_min(0)].transpose(1, 2)
+    mask = (torch.arange(L)[None, :] < lens[:, None])[:, None, None, :]
+    sdpa = F.scaled_dot_product_attention(q[:, :, None], gathered_k, gathered_v, attn_mask=mask,
+                                          enable_gqa=H != HKV)[:, :, 0]
+    assert rel_err(got, sdpa) < 1e-5
+
+
+def test_decode_attention_bad_arguments_are_clear_errors():
+    q, pool = torch.randn(1, 4, 8), torch.randn(10, 2, 8)
+    rows, lens = torch.zeros(1, 5, dtype=torch.long), torch.tensor([5])
+    with pytest.raises(RuntimeError, match="lens\\[0\\] = 6 outside \\[1, 5\\]"):
+        kernels.decode_attention(q, pool, pool, rows, torch.tensor([6]), 1.0)
+    with pytest.raises(RuntimeError, match="row 10 outside the pools' 10"):
+        kernels.decode_attention(q, pool, pool, torch.full((1, 5), 10), lens, 1.0)
+    with pytest.raises(RuntimeError, match="need a multiple"):
+        kernels.decode_attention(torch.randn(1, 3, 8), pool, pool, rows, lens, 1.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.decode_attention(q, pool.bfloat16(), pool.bfloat16(), rows, lens, 1.0)
+
+
+def test_compiled_style_decode_takes_the_native_attention_and_matches_sdpa():
+    """A decode step read by index (what the compiled and ahead-of-time steps do) runs the kernel; with the kernels
+    off it runs SDPA over the gathered rows: same hidden states."""
+    from qwen3next.model import attention
+    from qwen3next.model.batch import BatchInfo
+    from qwen3next.model.cache import HybridCache
+
+    model = make_model("base")
+    cache = HybridCache(model.config, num_slots=3, num_blocks=8, block_size=4, layout=model.cache_layout())
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        prompt = BatchInfo([6, 3], [0, 0], [2, 0], [[5, 1], [3]])
+        model.hidden_states(torch.randint(0, 97, (9,), generator=gen), model.context(prompt, cache))
+    pools = [*cache.k.values(), *cache.v.values(), *(t for d in cache.state.values() for t in d.values())]
+    saved = [t.clone() for t in pools]
+    calls = []
+    real = kernels.decode_attention
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    tokens = torch.randint(0, 97, (2,), generator=gen)
+    outs = []
+    for native in (True, False):
+        for t, s in zip(pools, saved):
+            t.copy_(s)
+        previous = kernels.set_enabled(native)
+        try:
+            with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+                mp.setattr(attention.kernels, "decode_attention", counting)
+                step = BatchInfo([1, 1], [6, 3], [2, 0], [[5, 1], [3]])
+                outs.append(model.hidden_states(tokens, model.context(step, cache, views=False)))
+        finally:
+            kernels.set_enabled(previous)
+        assert len(calls) == 1  # "base" has one attention layer: one call with the kernels on, none with them off
+    assert rel_err(outs[0], outs[1]) < 1e-5

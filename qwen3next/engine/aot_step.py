@@ -92,7 +92,8 @@ class _StepModule(nn.Module):
         rows = block_tables[:, (key_pos // bs).clamp(max=nb - 1)] * bs + key_pos % bs  # [B, L]
         valid = key_pos[None, :] <= context_lens[:, None]  # the context and the new token (at position ctx)
         write_rows = block_tables.gather(1, (context_lens // bs)[:, None]).squeeze(1) * bs + context_lens % bs
-        batch = decode_batch(context_lens, slots, write_rows, torch.where(valid, rows, 0), valid[:, None, None, :])
+        batch = decode_batch(context_lens, slots, write_rows, torch.where(valid, rows, 0), valid[:, None, None, :],
+                             context_lens + 1)
         cos, sin = rope_cos_sin(context_lens, self.rope_inv_freq, self.rope_scale, self.dtype)
         n = len(self.kv_keys)
         k = dict(zip(self.kv_keys, pools[:n]))

@@ -43,7 +43,8 @@ KERNELS_ENV = "QWEN3NEXT_KERNELS"
 FMT_F32, FMT_BF16, FMT_INT8, FMT_INT4 = 32, 16, 8, 4
 FORMATS = (FMT_F32, FMT_BF16, FMT_INT8, FMT_INT4)
 FLOAT_FORMATS = {torch.float32: FMT_F32, torch.bfloat16: FMT_BF16}  # the unquantized weight dtypes the ops take
-_SOURCES = (Path(__file__).with_name("decode_kernels.cpp"), Path(__file__).with_name("delta_rule.cpp"))
+_SOURCES = (Path(__file__).with_name("decode_kernels.cpp"), Path(__file__).with_name("delta_rule.cpp"),
+            Path(__file__).with_name("decode_attention.cpp"))
 _HEADERS = (Path(__file__).with_name("isa.h"),)  # part of the build's identity, not compiled on their own
 
 _enabled = os.environ.get(KERNELS_ENV, "1") != "0"
@@ -125,6 +126,10 @@ def _register_fakes() -> None:
     def _moe_fake(x, weights, ids, gate_up, gate_up_aux, down, down_aux, fmt, group_size):
         return x.new_empty(x.shape)
 
+    @torch.library.register_fake("qwen3next::decode_attention")
+    def _attention_fake(q, k_pool, v_pool, rows, lens, scale):
+        return q.new_empty(q.shape)
+
     @torch.library.register_fake("qwen3next::gated_delta_rule")
     def _delta_fake(q, k, v, g, beta, state):
         return v.new_empty(v.shape), state.new_empty(state.shape)
@@ -180,6 +185,16 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     return torch.ops.qwen3next.gated_delta_rule(q, k, v, g, beta, state)
 
 
+def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor,
+                     lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence over its paged K/V rows, in C++ (decode_attention.cpp): q [B, H, D] fp32, pools [R, HKV,
+    D] fp32 (H a multiple of HKV), rows [B, L] int64 pool rows of each key, lens [B] int64 keys per sequence (1..L;
+    rows past it are not read) -> [B, H, D]. Nothing is gathered; each K/V row is read once per key/value head.
+    Twin: `decode_attention_reference`."""
+    _require()
+    return torch.ops.qwen3next.decode_attention(q, k_pool, v_pool, rows, lens, scale)
+
+
 # ---- pure-torch twins ----------------------------------------------------------------------------------------------
 def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] fp32 -> (codes [M, K] in -127..127 as fp32, scale d [M, K/G], exact group sums [M, K/G]): the int4
@@ -227,3 +242,16 @@ def moe_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
             h = F.silu(g) * u
             out[t] += float(weights[t, j]) * linear_reference(h, down[e], da, fmt, group_size)[0].double()
     return out.float()
+
+
+def decode_attention_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor,
+                               lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """`decode_attention`'s math in torch (fp64): gather the rows, mask keys past lens, softmax, weighted sum."""
+    B, H, D = q.shape
+    G = H // k_pool.shape[1]
+    k = k_pool.double()[rows].repeat_interleave(G, dim=2)  # [B, L, H, D]
+    v = v_pool.double()[rows].repeat_interleave(G, dim=2)
+    scores = torch.einsum("bhd,blhd->bhl", q.double(), k) * scale
+    valid = torch.arange(rows.shape[1])[None, :] < lens[:, None]  # [B, L]
+    p = torch.softmax(scores.masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
+    return torch.einsum("bhl,blhd->bhd", p, v).to(q.dtype)

@@ -7,14 +7,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import Qwen3NextConfig
-from ..ops.dispatch import uses_context_split
+from ..ops.dispatch import enabled, fast_decode, native_kernels, uses_context_split
 from ..ops.norm import rms_norm_zero_centered
 from ..ops.rope import apply_partial_rope
 from .batch import ForwardContext
 from .layout import KVSpec
 from .linear import Linear
 from .norm import RMSNorm
+
+
+def uses_native_decode_attention(q: torch.Tensor, kv, pool: torch.Tensor, is_decode: bool) -> bool:
+    """The "native_decode_attention" fast path (ops.dispatch): a decode step reading K/V by index, fp32 on CPU."""
+    return (is_decode and kv.read_index is not None and kv.key_lens is not None and pool.dtype == torch.float32
+            and pool.device.type == "cpu" and fast_decode() and enabled("native_decode_attention")
+            and native_kernels(q))
 
 
 def context_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
@@ -85,6 +93,9 @@ class GatedAttention(nn.Module):
             k_pool, v_pool = cache.k[self.cache_key], cache.v[self.cache_key]
             kv.write(k_pool, k)
             kv.write(v_pool, v)
+            if uses_native_decode_attention(q, kv, k_pool, tokens.is_decode):
+                o = kernels.decode_attention(q, k_pool, v_pool, kv.read_index, kv.key_lens, Dh ** -0.5)  # [N, H, Dh]
+                return self.o_proj(o.reshape(N, H * Dh) * torch.sigmoid(gate.reshape(N, H * Dh)))
             kp = kv.read(k_pool).transpose(1, 2).to(q.dtype)  # [B, HKV, L, Dh]
             vp = kv.read(v_pool).transpose(1, 2).to(q.dtype)
             sees_all_keys = kv.sees_all_keys

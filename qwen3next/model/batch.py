@@ -243,6 +243,7 @@ class KVAccess:
         # (first row, row stride) when sequence b's L keys are pool rows first + b * stride ...: read as a view
         self.view = _strided_kv_view(block_tables, totals, L, block_size, num_blocks) if views else None
         self.read_index: torch.Tensor | None = None  # [B, L] pool rows, when K/V are gathered
+        self.key_lens: torch.Tensor | None = None  # [B] how many of those rows are keys, with read_index
         self.seq_lens, self.context_lens = list(seq_lens), list(context_lens)  # per sequence, as Python ints
         self._mask: torch.Tensor | None = None  # [B, 1, T, L] bool, True = attend; built when first read
         self._mask_args: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -256,7 +257,8 @@ class KVAccess:
         tables = torch.tensor([t + [0] * (nb - len(t)) for t in block_tables], dtype=torch.long, device=device)
         key_pos = torch.arange(L, device=device)
         rows = tables[:, (key_pos // block_size).clamp(max=nb - 1)] * block_size + key_pos % block_size  # [B, L]
-        valid = key_pos[None, :] < torch.tensor(totals, device=device)[:, None]
+        self.key_lens = torch.tensor(totals, device=device)  # [B] keys of each sequence in read_index's rows
+        valid = key_pos[None, :] < self.key_lens[:, None]
         self.read_index = torch.where(valid, rows, 0)
         if self.write_index is None:
             b_of = torch.repeat_interleave(torch.arange(len(totals), device=device), tokens.seq_lens)
@@ -298,10 +300,10 @@ class KVAccess:
 
 
 def decode_batch(positions: torch.Tensor, slots: torch.Tensor, write_rows: torch.Tensor, read_rows: torch.Tensor,
-                 mask: torch.Tensor) -> BatchInfo:
+                 mask: torch.Tensor, key_lens: torch.Tensor) -> BatchInfo:
     """A prepared decode step (one new token per sequence, index-based cache access) built from its tensors alone:
     what `BatchInfo(...).prepare(views=False)` derives for such a step, for a traced step whose inputs are these
-    tensors (engine/aot_step.py). positions/slots/write_rows [B], read_rows [B, L], mask [B, 1, 1, L]."""
+    tensors (engine/aot_step.py). positions/slots/write_rows/key_lens [B], read_rows [B, L], mask [B, 1, 1, L]."""
     B, L = read_rows.shape
     batch = BatchInfo.__new__(BatchInfo)
     batch.seq_lens, batch.context_lens, batch.slots, batch.block_tables = None, None, None, None
@@ -314,7 +316,7 @@ def decode_batch(positions: torch.Tensor, slots: torch.Tensor, write_rows: torch
     kv = KVAccess.__new__(KVAccess)
     kv.batch_size, kv.kv_len, kv.sees_all_keys, kv.view = B, L, False, None
     kv.read_index, kv.write_index, kv.seq_lens, kv.context_lens = read_rows, write_rows, None, None
-    kv._mask, kv._mask_args = mask, None
+    kv._mask, kv._mask_args, kv.key_lens = mask, None, key_lens
     batch.tokens, batch.state, batch.kv = tokens, state, kv
     return batch
 

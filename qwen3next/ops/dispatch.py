@@ -149,6 +149,16 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "kernels built and switched on; fast_decode(); CPU; fp32 x with at most threshold tokens",
         "qwen3next.kernels:moe", "qwen3next.kernels:moe_reference", threshold=16, switch=KERNELS_ENV),
     FastPath(
+        "native_decode_attention",
+        "the attention of a decode step (one query per sequence) in ONE C++ call (`qwen3next::decode_attention`): "
+        "keys and values read where they lie in the paged pools through the step's row index, each row once for the "
+        "query heads sharing it, online softmax over blocks of 64 keys; no [B, L] gather copy of the context and no "
+        "mask (the compiled and ahead-of-time steps read the cache by index: at a 4K context the gather was most of "
+        "the step's attention time)",
+        "kernels built and switched on; fast_decode(); CPU; fp32 q and pools; a decode step whose K/V are read by "
+        "index (`KVAccess.read_index`, i.e. not the view path)",
+        "qwen3next.kernels:decode_attention", "qwen3next.kernels:decode_attention_reference", switch=KERNELS_ENV),
+    FastPath(
         "cache_views",
         "the state rows of consecutive slots read and updated as VIEWS of the pools (no gather / scatter of the "
         "state per layer), and K/V of sequences whose blocks are consecutive read as a strided view of the pool "

@@ -1,0 +1,241 @@
+// Attention of one new token per sequence over its paged K/V rows, for CPUs (decode steps).
+//
+//   out[b, h] = Σ_l softmax_l(scale · q[b, h] · K[rows[b, l], h / G]) · V[rows[b, l], h / G],  l < lens[b]
+//
+// with G = H / HKV query heads per key/value head (GQA). The K/V rows are read where they lie in the pools, by the
+// row index of each key (the block table expanded): nothing is gathered into a copy first, and each K and V row is
+// read once for the G query heads that share it. Work items are (sequence, key/value head); each walks its keys in
+// blocks of 64: the block's scores for all G heads, then one rescale of the running output (online softmax: the
+// running max, its sum of exponentials, and the output are rescaled when a block raises the max), then the weighted
+// sum of the block's value rows.
+//
+// Twin: `decode_attention_reference` in qwen3next/kernels/__init__.py (gather + masked softmax in torch); the model's
+// own path without the kernel is SDPA over the gathered rows with the mask (model/attention.py).
+//
+// Registered as torch custom op qwen3next::decode_attention (a fragment of the library the decode kernels define).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "isa.h"
+
+namespace qk {
+namespace {
+
+constexpr int64_t kKeys = 64;  // keys per block
+
+struct AttnArgs {
+  const float *q, *k, *v;
+  const int64_t *rows, *lens;
+  float* o;
+  int64_t B, H, HKV, D, L, R;
+  float scale;
+};
+
+float dot_scalar(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+void axpy_scalar(float a, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+void scale_scalar(float a, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] *= a;
+}
+
+// One (sequence b, key/value head j): its G query heads over its keys. Scalar code (any D).
+void attend_scalar(const AttnArgs& a, int64_t b, int64_t j, float* scores, float* acc) {
+  const int64_t G = a.H / a.HKV, D = a.D, n = a.lens[b];
+  const float* q = a.q + (b * a.H + j * G) * D;  // the G query heads of this group, [G, D]
+  const int64_t* rows = a.rows + b * a.L;
+  std::vector<float> m(G, -std::numeric_limits<float>::infinity()), sum(G, 0.f);
+  std::fill(acc, acc + G * D, 0.f);
+  for (int64_t l0 = 0; l0 < n; l0 += kKeys) {
+    const int64_t nk = std::min(kKeys, n - l0);
+    for (int64_t t = 0; t < nk; ++t) {
+      const float* kr = a.k + (rows[l0 + t] * a.HKV + j) * D;
+      for (int64_t g = 0; g < G; ++g) scores[g * kKeys + t] = dot_scalar(q + g * D, kr, D) * a.scale;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* s = scores + g * kKeys;
+      const float new_max = std::max(m[g], *std::max_element(s, s + nk));
+      const float fix = std::exp(m[g] - new_max);  // 0 for the first block (m = -inf)
+      sum[g] *= fix;
+      scale_scalar(fix, acc + g * D, D);
+      m[g] = new_max;
+      for (int64_t t = 0; t < nk; ++t) {
+        s[t] = std::exp(s[t] - new_max);
+        sum[g] += s[t];
+      }
+    }
+    for (int64_t t = 0; t < nk; ++t) {
+      const float* vr = a.v + (rows[l0 + t] * a.HKV + j) * D;
+      for (int64_t g = 0; g < G; ++g) axpy_scalar(scores[g * kKeys + t], vr, acc + g * D, D);
+    }
+  }
+  float* o = a.o + (b * a.H + j * G) * D;
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = sum[g] > 0.f ? 1.f / sum[g] : 0.f;
+    for (int64_t d = 0; d < D; ++d) o[g * D + d] = acc[g * D + d] * inv;
+  }
+}
+
+#if QK_X86
+QK_AVX2 static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp of 8 floats <= 0 (Cephes' single-precision range reduction and polynomial; within 2 ulp of expf, inputs below
+// -87.3 give exp(-87.3) ~ 1e-38 instead of a denormal or 0)
+QK_AVX2 static inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// The same for D % 8 == 0, everything inlined: per block, the scores of each key row for the G heads (the row read
+// once, from memory), then per head and per 8 columns of the output one register accumulating over the block's value
+// rows (which stay in L1 after the first head).
+QK_AVX2 void attend_avx2(const AttnArgs& a, int64_t b, int64_t j, float* scores, float* acc) {
+  const int64_t G = a.H / a.HKV, D = a.D, n = a.lens[b];
+  const float* q = a.q + (b * a.H + j * G) * D;
+  const int64_t* rows = a.rows + b * a.L;
+  std::vector<float> m(G, -std::numeric_limits<float>::infinity()), sum(G, 0.f);
+  std::fill(acc, acc + G * D, 0.f);
+  const float* vrow[kKeys];
+  for (int64_t l0 = 0; l0 < n; l0 += kKeys) {
+    const int64_t nk = std::min(kKeys, n - l0);
+    for (int64_t t = 0; t < nk; ++t) {
+      const int64_t r = rows[l0 + t] * a.HKV + j;
+      const float* kr = a.k + r * D;
+      vrow[t] = a.v + r * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = q + g * D;
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16) {
+          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kr + d), s0);
+          s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d + 8), _mm256_loadu_ps(kr + d + 8), s1);
+        }
+        if (d < D) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kr + d), s0);
+        scores[g * kKeys + t] = hsum8(_mm256_add_ps(s0, s1)) * a.scale;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* s = scores + g * kKeys;
+      const float new_max = std::max(m[g], *std::max_element(s, s + nk));
+      const float fix = std::exp(m[g] - new_max);
+      sum[g] *= fix;
+      m[g] = new_max;
+      const __m256 mx = _mm256_set1_ps(new_max);
+      __m256 tot = _mm256_setzero_ps();
+      int64_t t = 0;
+      for (; t + 8 <= nk; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mx));
+        _mm256_storeu_ps(s + t, e);
+        tot = _mm256_add_ps(tot, e);
+      }
+      sum[g] += hsum8(tot);
+      for (; t < nk; ++t) {
+        s[t] = std::exp(s[t] - new_max);
+        sum[g] += s[t];
+      }
+      float* ag = acc + g * D;
+      const __m256 f = _mm256_set1_ps(fix);
+      for (int64_t d = 0; d < D; d += 8) {
+        __m256 r0 = _mm256_mul_ps(_mm256_loadu_ps(ag + d), f), r1 = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 2 <= nk; t += 2) {
+          r0 = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), _mm256_loadu_ps(vrow[t] + d), r0);
+          r1 = _mm256_fmadd_ps(_mm256_set1_ps(s[t + 1]), _mm256_loadu_ps(vrow[t + 1] + d), r1);
+        }
+        if (t < nk) r0 = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), _mm256_loadu_ps(vrow[t] + d), r0);
+        _mm256_storeu_ps(ag + d, _mm256_add_ps(r0, r1));
+      }
+    }
+  }
+  float* o = a.o + (b * a.H + j * G) * D;
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 inv = _mm256_set1_ps(sum[g] > 0.f ? 1.f / sum[g] : 0.f);
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + g * D + d, _mm256_mul_ps(_mm256_loadu_ps(acc + g * D + d), inv));
+  }
+}
+#endif
+
+}  // namespace
+
+// q [B, H, D], k_pool / v_pool [R, HKV, D] (fp32), rows [B, L] int64 (pool row of key l of sequence b; entries at
+// l >= lens[b] are not read), lens [B] int64 (1 <= lens[b] <= L) -> out [B, H, D].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                            const at::Tensor& rows, const at::Tensor& lens, double scale) {
+  const char* what = "qwen3next::decode_attention";
+  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.sizes() == k_pool.sizes(), what,
+              ": expected q [B, H, D] and k_pool, v_pool [R, HKV, D] of one shape");
+  for (const at::Tensor* t : {&q, &k_pool, &v_pool})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), what, ": q and the pools must be float32 CPU");
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), what, ": the pools must be contiguous");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), HKV = k_pool.size(1), R = k_pool.size(0);
+  TORCH_CHECK(k_pool.size(2) == D && HKV > 0 && H % HKV == 0, what, ": q has ", H, " heads of ", D,
+              ", the pools ", HKV, " of ", k_pool.size(2), " (need a multiple)");
+  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == B && rows.scalar_type() == at::kLong, what, ": rows must be int64 [B, L]");
+  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == B && lens.scalar_type() == at::kLong, what, ": lens must be int64 [B]");
+  const at::Tensor qc = q.contiguous(), rc = rows.contiguous(), lc = lens.contiguous();
+  const int64_t L = rc.size(1);
+  const int64_t* rp = rc.const_data_ptr<int64_t>();
+  const int64_t* lp = lc.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, what, ": lens[", b, "] = ", lp[b], " outside [1, ", L, "]");
+    for (int64_t l = 0; l < lp[b]; ++l)
+      TORCH_CHECK(rp[b * L + l] >= 0 && rp[b * L + l] < R, what, ": row ", rp[b * L + l], " outside the pools' ", R);
+  }
+  at::Tensor out = at::empty({B, H, D}, qc.options());
+  if (B == 0 || H == 0) return out;
+  const AttnArgs a{qc.const_data_ptr<float>(), k_pool.const_data_ptr<float>(), v_pool.const_data_ptr<float>(), rp, lp,
+                   out.data_ptr<float>(), B, H, HKV, D, L, R, float(scale)};
+  const int64_t G = H / HKV;
+  const bool avx = use_avx2() && D % 8 == 0;
+  at::parallel_for(0, B * HKV, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(G * kKeys), acc(G * D);
+    for (int64_t i = i0; i < i1; ++i) {
+#if QK_X86
+      if (avx) {
+        attend_avx2(a, i / HKV, i % HKV, scores.data(), acc.data());
+        continue;
+      }
+#endif
+      attend_scalar(a, i / HKV, i % HKV, scores.data(), acc.data());
+    }
+  });
+  return out;
+}
+
+}  // namespace qk
+
+TORCH_LIBRARY_FRAGMENT(qwen3next, m) {
+  m.def("decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor rows, Tensor lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qwen3next, CPU, m) { m.impl("decode_attention", &qk::decode_attention); }
