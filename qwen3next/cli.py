@@ -362,8 +362,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (faster steps; ~1 min of compiling at start; needs a C++ "
-                        "compiler)")
+                   help="compile the decode step (faster steps; needs a C++ compiler): torch.compile, and for steps "
+                        "of up to 8 sequences an AOTInductor library cached on disk (QWEN3NEXT_AOT=0: not that); "
+                        "~1-2 min of compiling at the first start, less once cached")
     add_speculative_arg(p)
     add_hf_overrides_arg(p)
     add_prefix_caching_args(p)

@@ -715,8 +715,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                         help="also decode with these weight-only quantized variants of the same model (int4: groups "
                              "of 64) and report their logits drift")
     parser.add_argument("--compile", action="store_true",
-                        help="also decode through the torch.compile'd decode step (row 'compiled'; compiling takes "
-                             "a minute or so and is not timed)")
+                        help="also decode through the compiled decode step (row 'compiled': the ahead-of-time library "
+                             "for batches of up to 8, torch.compile above; compiling takes a minute or so and is not "
+                             "timed; QWEN3NEXT_AOT=0 measures torch.compile alone)")
     parser.add_argument("--llama-bench", default=None, metavar="PATH",
                         help="--compare llama.cpp: the llama-bench executable (default: llama-bench on PATH)")
     parser.add_argument("--gguf", nargs="+", default=[], metavar="FORMAT=PATH",
