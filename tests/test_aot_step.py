@@ -149,6 +149,22 @@ def test_engine_with_aot_step_decodes_exactly_like_eager(aot_on, tmp_path):
         assert r.output().token_ids == list(generate_tokens(model, p, n))
 
 
+def test_one_library_per_block_size_and_dtype_not_per_pool_size():
+    from qwen3next.engine.compiled import layout_key
+
+    model = make_model("base")
+
+    def cache(slots, blocks, block_size, dtype=torch.float32):
+        return HybridCache(model.config, num_slots=slots, num_blocks=blocks, block_size=block_size, dtype=dtype,
+                           layout=model.cache_layout(include_mtp=False))
+
+    assert layout_key(cache(2, 4, 4)) == layout_key(cache(5, 9, 4))  # sizes are dynamic dimensions
+    assert layout_key(cache(2, 4, 4)) != layout_key(cache(2, 4, 8))  # the block size is in the row arithmetic
+    assert layout_key(cache(2, 4, 4)) != layout_key(cache(2, 4, 4, torch.bfloat16))
+    assert package_path(model, cache(2, 4, 4)) != package_path(model, cache(2, 4, 8))
+    assert package_path(model, cache(2, 4, 4)) == package_path(model, cache(5, 9, 4))
+
+
 def test_aot_step_switched_off_stays_on_torch_compile(aot_dir, monkeypatch):
     monkeypatch.setenv("QWEN3NEXT_AOT_CACHE", str(aot_dir))
     model = make_model("base")

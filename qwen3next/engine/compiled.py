@@ -34,6 +34,12 @@ from ..ops.dispatch import enabled, fast_decode
 from .aot_step import MAX_BATCH, AOTDecodeStep, AOTStepError
 
 
+def layout_key(cache: HybridCache) -> tuple:
+    """What an ahead-of-time step built for one cache needs to be the same in another to serve it: dtypes, block size
+    (baked into the graph's row arithmetic) and pool keys (pool sizes are dynamic)."""
+    return (cache.dtype, cache.state_dtype, cache.block_size, tuple(cache.k), tuple(cache.state))
+
+
 class CompileDecodeError(RuntimeError):
     """torch.compile of the decode step failed on this machine (no C++ compiler, unsupported op, ...)."""
 
@@ -95,7 +101,7 @@ class CompiledDecoder:
         the steps stay on torch.compile)."""
         if not enabled("aot_decode_step") or self._aot_error is not None:
             return None
-        key = (cache.dtype, cache.state_dtype, tuple(cache.k), tuple(cache.state))
+        key = layout_key(cache)
         step = self._aot.get(key)
         if step is None:
             try:
