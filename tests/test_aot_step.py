@@ -165,6 +165,56 @@ def test_one_library_per_block_size_and_dtype_not_per_pool_size():
     assert package_path(model, cache(2, 4, 4)) == package_path(model, cache(5, 9, 4))
 
 
+def test_the_package_key_covers_what_the_trace_depends_on():
+    """Weight strides, non-tensor module state (the int4 weight layout), the thread mode and the switches each give
+    another package (a package reused across them computed wrong hidden states, found in review)."""
+    from qwen3next import kernels
+    from qwen3next.engine.compiled import layout_key
+    from qwen3next.ops.dispatch import set_threshold
+    from qwen3next.quant.quantize import quantize_model
+
+    model = make_model("base")
+    cache = _cache(model, 2, 4)
+    base = package_path(model, cache)
+    strided = make_model("base")
+    w = strided.model.embed_tokens.weight
+    strided.model.embed_tokens.weight = torch.nn.Parameter(w.detach().t().contiguous().t())  # same values, strides
+    assert package_path(strided, cache) != base
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two_threads = (package_path(model, cache), layout_key(cache))
+    finally:
+        torch.set_num_threads(threads)
+    assert two_threads[0] != base and two_threads[1] != layout_key(cache)
+    key = layout_key(cache)
+    previous = set_threshold("native_moe", 4)
+    try:
+        assert layout_key(cache) != key and package_path(model, cache) != base
+    finally:
+        set_threshold("native_moe", previous)
+    if kernels.available():  # int4 weights in the kernel layout or not: a module attribute the trace branches on
+        sizes = {"hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 64,
+                 "shared_expert_intermediate_size": 64}
+        on = quantize_model(make_model("base", **sizes), 4, group_size=64)
+        was = kernels.set_enabled(False)
+        try:
+            off = quantize_model(make_model("base", **sizes), 4, group_size=64)  # torch's int4 layout
+        finally:
+            kernels.set_enabled(was)
+        int4_cache = _cache(on, 2, 4)
+        assert package_path(on, int4_cache) != package_path(off, int4_cache)
+
+
+def test_models_the_step_cannot_serve_are_refused_before_tracing(aot_on):
+    model = make_model("base", dtype=torch.bfloat16)
+    cache = HybridCache(model.config, num_slots=2, num_blocks=4, block_size=4, dtype=torch.bfloat16,
+                        layout=model.cache_layout(include_mtp=False))
+    with pytest.raises(AOTStepError, match=r"needs an fp32 model and the native kernels \(got torch.bfloat16"):
+        AOTDecodeStep(model, cache)
+    assert not any(aot_on.glob("*.tmp*"))  # nothing was exported or compiled
+
+
 def test_aot_step_switched_off_stays_on_torch_compile(aot_dir, monkeypatch):
     monkeypatch.setenv("QWEN3NEXT_AOT_CACHE", str(aot_dir))
     model = make_model("base")

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from .. import kernels
 from ..model.batch import BatchInfo, ForwardContext, decode_batch
 from ..model.cache import HybridCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
-from ..ops.dispatch import fast_decode
+from ..ops.dispatch import fast_decode, switch_state
 from ..ops.rope import rope_cos_sin
 
 log = logging.getLogger(__name__)
@@ -116,17 +117,9 @@ def _source_digest() -> str:
             if p.suffix in (".py", ".cpp", ".h"):
                 h.update(p.relative_to(root).as_posix().encode())
                 h.update(p.read_bytes())
+    h.update((root / "config.py").read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()
-
-
-def _paths() -> dict[str, object]:
-    """The fast-path switches and thresholds now: they decide which ops the traced step contains."""
-    from ..ops import dispatch
-
-    return {p.name: (dispatch.enabled(p.name), dispatch._thresholds.get(p.name)) for p in dispatch.FAST_PATHS} | {
-        "linear_backend": dispatch.linear_backend(),
-        "fast_decode": dispatch._fast_decode}  # the switch, not the grad mode
 
 
 def cache_dir() -> Path:
@@ -140,13 +133,18 @@ def package_path(model: Qwen3NextForCausalLM, cache: HybridCache) -> Path:
     kv_keys, state_keys = pool_names(cache, model)
     module = _StepModule(model, kv_keys, state_keys, cache.block_size)
     tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    # non-tensor module state the trace branches on (int4 weight layouts, group sizes, eps...)
+    plain = (bool, int, float, str, dict, tuple, list, type(None))
+    attrs = [(name, {k: v for k, v in vars(mod).items() if not k.startswith("_") and isinstance(v, plain)})
+             for name, mod in module.named_modules()]
     pools = ([cache.k[k] for k in kv_keys] + [cache.v[k] for k in kv_keys]
              + [cache.state[k][n] for k, n in state_keys])
     desc = {
         "version": PACKAGE_VERSION, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
-        "native": kernels.available(), "paths": _paths(),
+        "native": kernels.available(), "switches": switch_state(),
         "sources": _source_digest(), "config": model.config.to_dict(),
-        "weights": [(n, list(t.shape), str(t.dtype)) for n, t in tensors],
+        "weights": [(n, list(t.shape), list(t.stride()), str(t.dtype)) for n, t in tensors], "modules": attrs,
+        "parallel": torch.get_num_threads() > 1,  # inductor emits OpenMP loops only when compiling with threads
         "pools": [(str(p.dtype), list(p.shape[1:])) for p in pools], "kv": kv_keys, "state": state_keys,
         "block_size": cache.block_size,
     }
@@ -165,6 +163,10 @@ class AOTDecodeStep:
     def __init__(self, model: Qwen3NextForCausalLM, cache: HybridCache, log_fn=None):
         if model.device.type != "cpu":
             raise AOTStepError("the ahead-of-time decode step is built for CPU models only")
+        if model.dtype != torch.float32 or not kernels.available():
+            # bf16 activations or the torch paths switch kernels (gathered vs grouped experts...) inside 1..8 rows
+            raise AOTStepError("the ahead-of-time decode step needs an fp32 model and the native kernels (got "
+                               f"{model.dtype}, kernels {'on' if kernels.available() else 'off'})")
         self.model = model
         self.kv_keys, self.state_keys = pool_names(cache, model)
         kernels.available()  # load the native ops before tracing (the package calls them)
@@ -188,8 +190,9 @@ class AOTDecodeStep:
             self._runner.load_constants({n: names[n] for n in wanted}, check_full_update=True, user_managed=True)
         except AOTStepError:
             raise
-        except Exception as e:  # a corrupt or foreign package: rebuild next time
-            path.unlink(missing_ok=True)
+        except Exception as e:  # a corrupt or foreign package: rebuild next time (not for a full disk and the like)
+            if not isinstance(e, OSError):
+                path.unlink(missing_ok=True)
             raise AOTStepError(f"loading the ahead-of-time decode step failed ({type(e).__name__}: {e})") from e
 
     def _pools(self, cache: HybridCache) -> list[torch.Tensor]:
@@ -215,7 +218,7 @@ class AOTDecodeStep:
             with torch.no_grad():
                 ep = torch.export.export(self._module, tuple(example), dynamic_shapes=dynamic, strict=False)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.pt2")
+            tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}-{threading.get_ident()}.pt2")
             with inductor_config.patch({"aot_inductor.package_constants_in_so": False}):
                 torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
             tmp.replace(path)

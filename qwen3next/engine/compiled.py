@@ -21,6 +21,7 @@ rarely pays; the adaptive draft length sees what the eager verification of other
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -30,14 +31,16 @@ from .. import kernels
 from ..model.batch import BatchInfo, ForwardContext
 from ..model.cache import HybridCache, SequenceCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
-from ..ops.dispatch import enabled, fast_decode
+from ..ops.dispatch import enabled, fast_decode, switch_state
 from .aot_step import MAX_BATCH, AOTDecodeStep, AOTStepError
 
 
 def layout_key(cache: HybridCache) -> tuple:
     """What an ahead-of-time step built for one cache needs to be the same in another to serve it: dtypes, block size
-    (baked into the graph's row arithmetic) and pool keys (pool sizes are dynamic)."""
-    return (cache.dtype, cache.state_dtype, cache.block_size, tuple(cache.k), tuple(cache.state))
+    (baked into the graph's row arithmetic) and pool keys (pool sizes are dynamic); and what the process switched
+    since (the kernels, the fast-path switches and thresholds, one thread or several), which the trace depends on."""
+    return (cache.dtype, cache.state_dtype, cache.block_size, tuple(cache.k), tuple(cache.state), kernels.enabled(),
+            switch_state(), torch.get_num_threads() > 1)
 
 
 class CompileDecodeError(RuntimeError):
@@ -57,7 +60,8 @@ class CompiledDecoder:
         kernels.available()  # build / load the native kernels now: the traced step can then call them
         self._stack = torch.compile(model.model.forward)
         self._aot: dict[tuple, AOTDecodeStep] = {}  # per cache pool layout
-        self._aot_error: str | None = None
+        self._aot_errors: dict[tuple, str] = {}
+        self._aot_lock = threading.Lock()
         self._log = log_fn
         self._mtp = torch.compile(model.mtp.forward) if self.verify_tokens else None
 
@@ -99,17 +103,19 @@ class CompiledDecoder:
         """The ahead-of-time decode step for `cache`'s pool layout: built (or loaded from the disk cache) on first
         use; None when switched off (QWEN3NEXT_AOT=0) or when it cannot be built here (a warning says why, once, and
         the steps stay on torch.compile)."""
-        if not enabled("aot_decode_step") or self._aot_error is not None:
+        if not enabled("aot_decode_step"):
             return None
         key = layout_key(cache)
         step = self._aot.get(key)
-        if step is None:
-            try:
-                step = self._aot[key] = AOTDecodeStep(self.model, cache, log_fn=self._log)
-            except AOTStepError as e:
-                self._aot_error = str(e)
-                warnings.warn(f"{e}; decode steps stay on torch.compile", RuntimeWarning, stacklevel=3)
-                return None
+        if step is None and key not in self._aot_errors:
+            with self._aot_lock:
+                if key in self._aot or key in self._aot_errors:
+                    return self._aot.get(key)
+                try:
+                    step = self._aot[key] = AOTDecodeStep(self.model, cache, log_fn=self._log)
+                except AOTStepError as e:
+                    self._aot_errors[key] = str(e)
+                    warnings.warn(f"{e}; decode steps stay on torch.compile", RuntimeWarning, stacklevel=3)
         return step
 
     def mtp_hidden(self, hidden: torch.Tensor, next_tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -216,6 +216,11 @@ if _linear_backend not in _LINEAR_BACKENDS:
 _aot_decode = os.environ.get(AOT_ENV, "1") != "0"
 
 
+def switch_state() -> tuple:
+    """The switches and thresholds now, as one comparable value (a traced graph depends on them)."""
+    return (_fast_decode, _linear_backend, kernels.enabled(), tuple(sorted(_thresholds.items())))
+
+
 def set_aot_decode(enabled: bool) -> bool:
     """Turn the ahead-of-time decode step on or off; returns the previous setting."""
     global _aot_decode
