@@ -24,8 +24,10 @@ How it is built:
   ~30-90 s on 2 cores; loading a cached package ~0.1 s.
 
 Batches of more than `MAX_BATCH` sequences keep the torch.compile path: the native kernels' row limits (ops/linear.py)
-would flip inside the range and one library would need several graphs. Verification steps and the MTP head also
-stay on torch.compile. The twin is the eager step (`model.hidden_states`); tests/test_aot_step.py compares them.
+would flip inside the range and one library would need several graphs; for the same reason only fp32 models with the
+native kernels take it (bf16 activations and the torch paths switch ops within 1..8 rows). Verification steps and
+the MTP head also stay on torch.compile. The twin is the eager step (`model.hidden_states`); tests/test_aot_step.py
+compares them.
 """
 
 from __future__ import annotations
@@ -169,7 +171,6 @@ class AOTDecodeStep:
                                f"{model.dtype}, kernels {'on' if kernels.available() else 'off'})")
         self.model = model
         self.kv_keys, self.state_keys = pool_names(cache, model)
-        kernels.available()  # load the native ops before tracing (the package calls them)
         self._module = _StepModule(model, self.kv_keys, self.state_keys, cache.block_size)
         self.block_size = cache.block_size
         path = package_path(model, cache)
