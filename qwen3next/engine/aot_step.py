@@ -36,8 +36,10 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -176,8 +178,11 @@ class AOTDecodeStep:
         path = package_path(model, cache)
         if not path.is_file():
             t0 = time.perf_counter()
+            message = "compiling the ahead-of-time decode step (once per model shape and version; ~1 min)"
             if log_fn is not None:
-                log_fn("compiling the ahead-of-time decode step (once per model shape; ~1 min)")
+                log_fn(message)
+            else:  # like the kernels' build: a long silent wait at start is worse than a line on stderr
+                print(f"qwen3next: {message}; QWEN3NEXT_AOT=0 skips it", file=sys.stderr, flush=True)
             self._compile(cache, path)
             log.info("AOT decode step compiled in %.1f s: %s", time.perf_counter() - t0, path)
         try:
@@ -216,12 +221,14 @@ class AOTDecodeStep:
         import torch._inductor.config as inductor_config
 
         try:
-            with torch.no_grad():
-                ep = torch.export.export(self._module, tuple(example), dynamic_shapes=dynamic, strict=False)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}-{threading.get_ident()}.pt2")
-            with inductor_config.patch({"aot_inductor.package_constants_in_so": False}):
-                torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch's own
+                with torch.no_grad():
+                    ep = torch.export.export(self._module, tuple(example), dynamic_shapes=dynamic, strict=False)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}-{threading.get_ident()}.pt2")
+                with inductor_config.patch({"aot_inductor.package_constants_in_so": False}):
+                    torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
             tmp.replace(path)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
