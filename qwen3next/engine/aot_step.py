@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..model.batch import BatchInfo, ForwardContext, decode_batch
+from ..model.batch import BatchInfo, ForwardContext, check_tables_hold, decode_batch
 from ..model.cache import HybridCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..ops.dispatch import fast_decode, switch_state
@@ -76,6 +76,11 @@ def pool_names(cache: HybridCache, model: Qwen3NextForCausalLM) -> tuple[list[st
     kv_keys = sorted((k for k in cache.k if k in layers), key=int)
     state_keys = [(k, n) for k in sorted(cache.state, key=int) if k in layers for n in sorted(cache.state[k])]
     return kv_keys, state_keys
+
+
+def pool_tensors(cache: HybridCache, kv_keys: list[str], state_keys: list[tuple[str, str]]) -> list[torch.Tensor]:
+    """The pools in the step's input order: K of each attention layer, then V, then each DeltaNet state."""
+    return [cache.k[k] for k in kv_keys] + [cache.v[k] for k in kv_keys] + [cache.state[k][n] for k, n in state_keys]
 
 
 class _StepModule(nn.Module):
@@ -141,8 +146,7 @@ def package_path(model: Qwen3NextForCausalLM, cache: HybridCache) -> Path:
     plain = (bool, int, float, str, dict, tuple, list, type(None))
     attrs = [(name, {k: v for k, v in vars(mod).items() if not k.startswith("_") and isinstance(v, plain)})
              for name, mod in module.named_modules()]
-    pools = ([cache.k[k] for k in kv_keys] + [cache.v[k] for k in kv_keys]
-             + [cache.state[k][n] for k, n in state_keys])
+    pools = pool_tensors(cache, kv_keys, state_keys)
     desc = {
         "version": PACKAGE_VERSION, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
         "native": kernels.available(), "switches": switch_state(),
@@ -201,10 +205,6 @@ class AOTDecodeStep:
                 path.unlink(missing_ok=True)
             raise AOTStepError(f"loading the ahead-of-time decode step failed ({type(e).__name__}: {e})") from e
 
-    def _pools(self, cache: HybridCache) -> list[torch.Tensor]:
-        return ([cache.k[k] for k in self.kv_keys] + [cache.v[k] for k in self.kv_keys]
-                + [cache.state[k][n] for k, n in self.state_keys])
-
     def _compile(self, cache: HybridCache, path: Path) -> None:
         from torch.export import Dim
 
@@ -241,7 +241,7 @@ class AOTDecodeStep:
         return [tokens, torch.tensor(ctx_lens, dtype=torch.long, device=device),
                 torch.tensor(batch.slots, dtype=torch.long, device=device),
                 torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device),
-                torch.arange(max(ctx_lens) + 1, device=device), *self._pools(cache)]
+                torch.arange(max(ctx_lens) + 1, device=device), *pool_tensors(cache, self.kv_keys, self.state_keys)]
 
     @staticmethod
     def handles(batch: BatchInfo) -> bool:
@@ -254,10 +254,8 @@ class AOTDecodeStep:
         """Flat tokens [B] of a decode step `batch` (not prepared: only its context lengths, slots and block
         tables are read) -> final normed hidden states [B, D]; `cache`'s K/V rows and DeltaNet states are updated
         in place."""
-        for total, table, slot in zip(batch.context_lens, batch.block_tables, batch.slots):
-            if len(table) * self.block_size <= total:
-                raise ValueError(f"block_tables: a table of {len(table)} blocks of {self.block_size} cannot hold "
-                                 f"{total + 1} tokens")
+        check_tables_hold(batch.block_tables, [c + 1 for c in batch.context_lens], self.block_size)
+        for table, slot in zip(batch.block_tables, batch.slots):
             if not 0 <= slot < cache.num_slots or not all(0 <= i < cache.num_blocks for i in table):
                 raise ValueError(f"slot {slot} or block table {table} outside the cache's {cache.num_slots} slots "
                                  f"and {cache.num_blocks} blocks")

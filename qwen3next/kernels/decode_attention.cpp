@@ -90,13 +90,6 @@ void attend_scalar(const AttnArgs& a, int64_t b, int64_t j, float* scores, float
 }
 
 #if QK_X86
-QK_AVX2 static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // exp of 8 floats <= 0 (Cephes' single-precision range reduction and polynomial; within 2 ulp of expf, inputs below
 // -87.3 give exp(-87.3) ~ 1e-38 instead of a denormal or 0)
 QK_AVX2 static inline __m256 exp8(__m256 x) {
@@ -132,17 +125,7 @@ QK_AVX2 void attend_avx2(const AttnArgs& a, int64_t b, int64_t j, float* scores,
       const int64_t r = rows[l0 + t] * a.HKV + j;
       const float* kr = a.k + r * D;
       vrow[t] = a.v + r * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = q + g * D;
-        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-        int64_t d = 0;
-        for (; d + 16 <= D; d += 16) {
-          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kr + d), s0);
-          s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d + 8), _mm256_loadu_ps(kr + d + 8), s1);
-        }
-        if (d < D) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kr + d), s0);
-        scores[g * kKeys + t] = hsum8(_mm256_add_ps(s0, s1)) * a.scale;
-      }
+      for (int64_t g = 0; g < G; ++g) scores[g * kKeys + t] = dot8(q + g * D, kr, D) * a.scale;
     }
     for (int64_t g = 0; g < G; ++g) {
       float* s = scores + g * kKeys;

@@ -151,12 +151,6 @@ QK_AVX2 static inline __m256 load8(const uint16_t* p) {
 QK_AVX2 static inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-QK_AVX2 static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // One weight row against MB activation rows, U independent accumulators per activation row. Rows are walked one
 // after another: the weights stream through memory in order, which the hardware prefetcher follows (tiles of several
@@ -180,7 +174,7 @@ QK_AVX2 static void dot_row(const T* w, const float* x, int64_t ldx, int64_t K, 
   for (int m = 0; m < MB; ++m) {
     __m256 t = acc[m][0];
     for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[m][u]);
-    float v = hsum(t);
+    float v = hsum8(t);
     for (int64_t kk = k; kk < K; ++kk) v += to_f32(w[kk]) * x[m * ldx + kk];
     out[m * ldo] = v * scale;
   }
@@ -259,7 +253,7 @@ QK_AVX2 static void tile_i4(const Weights& w, int64_t n, const Acts& a, int64_t 
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MB; ++i) out[i * ldo + r] = hsum(acc[r][i]) + zpart[r][i];
+    for (int i = 0; i < MB; ++i) out[i * ldo + r] = hsum8(acc[r][i]) + zpart[r][i];
 }
 
 template <int R>

@@ -79,22 +79,6 @@ void item_scalar(const DeltaArgs& a, int64_t b, int64_t j, int64_t c0, int64_t n
 }
 
 #if QK_X86
-QK_AVX2 inline float dot_avx2(const float* x, const float* y, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), acc1);
-  }
-  acc0 = _mm256_add_ps(acc0, acc1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  float r = _mm_cvtss_f32(h);
-  for (; i < n; ++i) r += x[i] * y[i];
-  return r;
-}
-
 // AVX2 version for a block of NV * 8 columns. Per row of S: NV vectors updated and stored, 2 NV multiply-adds into the
 // next token's Sᵀk and Sᵀq (2 NV independent chains: with NV = 4 the adds' latency hides behind the other work).
 template <int NV>
@@ -126,7 +110,7 @@ QK_AVX2 void item_avx2(const DeltaArgs& a, int64_t b, int64_t j, int64_t c0) {
     const float* vt = a.v + b * a.vb + t * a.vt + j * a.vh + c0;
     const float al = std::exp(a.g[b * a.gb + t * a.gt + j * a.gh]);
     const float be = a.beta[b * a.bb + t * a.bt + j * a.bh];
-    const __m256 alv = _mm256_set1_ps(al), bev = _mm256_set1_ps(be), qkv = _mm256_set1_ps(dot_avx2(qt, kt, K));
+    const __m256 alv = _mm256_set1_ps(al), bev = _mm256_set1_ps(be), qkv = _mm256_set1_ps(dot8(qt, kt, K));
     float* ot = a.o + ((b * a.T + t) * a.HV + j) * V + c0;
     for (int n = 0; n < NV; ++n) {  // u = beta (v - a Sᵀk);  o = a Sᵀq + (q·k) u
       u[n] = _mm256_mul_ps(bev, _mm256_fnmadd_ps(alv, sk[n], _mm256_loadu_ps(vt + 8 * n)));

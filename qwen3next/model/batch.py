@@ -231,10 +231,7 @@ class KVAccess:
                  write_rows: list[int] | None = None):
         device = tokens.positions.device
         totals = [c + n for n, c in zip(seq_lens, context_lens)]
-        for total, table in zip(totals, block_tables):
-            if len(table) * block_size < total:
-                raise ValueError(f"block_tables: a table of {len(table)} blocks of {block_size} cannot hold "
-                                 f"{total} tokens")
+        check_tables_hold(block_tables, totals, block_size)
         L = max(totals)
         self.batch_size = len(totals)
         self.kv_len = L  # keys per sequence after this forward (the longest context + new tokens)
@@ -297,6 +294,14 @@ class KVAccess:
     def gather(self, pool: torch.Tensor) -> torch.Tensor:
         """The plain read (a copy of every sequence's context), the twin of `read_view`."""
         return pool[self.read_index]
+
+
+def check_tables_hold(block_tables: list[list[int]], totals: list[int], block_size: int) -> None:
+    """ValueError unless each block table has room for its sequence's total tokens (context + new)."""
+    for total, table in zip(totals, block_tables):
+        if len(table) * block_size < total:
+            raise ValueError(f"block_tables: a table of {len(table)} blocks of {block_size} cannot hold "
+                             f"{total} tokens")
 
 
 def decode_batch(positions: torch.Tensor, slots: torch.Tensor, write_rows: torch.Tensor, read_rows: torch.Tensor,
