@@ -249,3 +249,102 @@ def test_unusable_cache_dir_warns_and_falls_back(tmp_path, monkeypatch):
         assert decoder.aot_step(_cache(model, 2, 4)) is None  # decided once: no second attempt, no second warning
     finally:
         set_aot_decode(previous)
+
+
+def _spec_cache(model, num_slots: int, num_blocks: int) -> HybridCache:
+    return HybridCache(model.config, num_slots=num_slots, num_blocks=num_blocks, block_size=16,
+                       layout=model.cache_layout(include_mtp=True))
+
+
+@needs_compiler
+def test_aot_verification_and_drafting_match_the_eager_verification_and_mtp_head(aot_on):
+    """The speculative programs (T = 3 tokens per sequence, K = 2 drafts) against the eager model on a copy of the
+    cache: hidden states, every captured DeltaNet state, the K/V rows written; then commit + MTP drafting with
+    different accepted counts per sequence: the committed states, the MTP K/V rows and the drafts."""
+    from qwen3next.engine.aot_step import AOTDraftStep, AOTVerifyStep
+
+    model = make_model("mlp_only", vocab_size=261)
+    cache = _spec_cache(model, num_slots=5, num_blocks=12)
+    gen = torch.Generator().manual_seed(3)
+    for pool in _pools(cache):
+        pool.copy_(torch.randn(pool.shape, generator=gen) * 0.5)
+    eager_cache = _spec_cache(model, num_slots=5, num_blocks=12)
+    for a, b in zip(_pools(eager_cache), _pools(cache)):
+        a.copy_(b)
+    T, K = 3, 2
+    verify, draft = AOTVerifyStep(model, cache, T=T), AOTDraftStep(model, cache, T=T, K=K)
+    ctx_lens, slots, tables = [14, 30], [3, 1], [[7, 2], [0, 5, 9]]  # the second one's drafts cross a block
+    tokens = torch.randint(0, 261, (2 * T,), generator=gen)
+    with torch.no_grad():
+        hidden, captured = verify.run(tokens, BatchInfo([T] * 2, ctx_lens, slots, tables, capture_states=True), cache)
+        ctx = model.context(BatchInfo([T] * 2, ctx_lens, slots, tables, capture_states=True), eager_cache)
+        ref = model.hidden_states(tokens, ctx)
+        assert (hidden - ref).abs().max() < 1e-5
+        assert len(captured) == len(ctx.captured) > 0
+        for key, states in zip(verify.state_keys, captured):
+            assert (states - ctx.captured[key]).abs().max() < 1e-5
+        for a, b in zip(_pools(cache), _pools(eager_cache)):
+            assert (a - b).abs().max() < 1e-5
+
+        keep, bonus = [2, 3], [17, 200]
+        info = BatchInfo([T] * 2, ctx_lens, slots, tables)
+        assert draft.handles(info, keep)
+        drafts = draft.run(hidden, tokens, bonus, keep, info, captured, cache)
+        ctx.commit_captured(keep)
+        nxt = torch.cat([tokens.view(2, T)[:, 1:], torch.zeros(2, 1, dtype=torch.long)], dim=1)
+        for b in range(2):
+            nxt[b, keep[b] - 1] = bonus[b]
+        h = model.mtp_hidden(ref, nxt.reshape(-1), model.context(info, eager_cache)).view(2, T, -1)
+        h = h[torch.arange(2), torch.tensor(keep) - 1]
+        d = model.lm_head(h).argmax(-1)
+        expected = [d]
+        for j in range(1, K):
+            step = BatchInfo([1, 1], [c + n - 1 + j for c, n in zip(ctx_lens, keep)], slots, tables)
+            h = model.mtp_hidden(h, d, model.context(step, eager_cache))
+            d = model.lm_head(h).argmax(-1)
+            expected.append(d)
+        assert drafts.tolist() == torch.stack(expected, dim=1).tolist()
+        for a, b in zip(_pools(cache), _pools(eager_cache)):  # committed states, MTP K/V
+            assert (a - b).abs().max() < 1e-5
+        # a sequence whose blocks end before its lookahead position: not this program's step
+        assert not draft.handles(BatchInfo([T], [29], [1], [[0, 5]]), [3])
+
+
+@needs_compiler
+def test_engine_speculative_steps_take_the_aot_programs_and_decode_exactly_like_plain(aot_on, tmp_path):
+    """`Engine(compile_decode=True, speculative_config=k=2)`: uniform verifications and their drafting run through
+    the ahead-of-time programs, and greedy tokens equal plain eager decoding's."""
+    from qwen3next.engine import aot_step
+    from qwen3next.engine.llm import Engine
+    from qwen3next.engine.sampling import SamplingParams
+    from qwen3next.model.generate import generate_tokens
+    from qwen3next.tokenizer import Tokenizer
+
+    model = make_model("mlp_only", vocab_size=261)
+    write_byte_tokenizer(tmp_path)
+    engine = Engine(model, tokenizer=Tokenizer.from_dir(tmp_path), max_memory="32MiB", max_num_seqs=3,
+                    max_model_len=96, block_size=16, compile_decode=True,
+                    speculative_config={"method": "mtp", "num_speculative_tokens": 2, "adaptive": False})
+    compiled = engine.runner.compiled
+    compiled._stack = _no_torch_compile
+    compiled._mtp = _no_torch_compile
+    calls = {"verify": 0, "draft": 0}
+    for cls, kind in ((aot_step.AOTVerifyStep, "verify"), (aot_step.AOTDraftStep, "draft")):
+        program = compiled._aot_program(cls, engine.runner.cache, T=3, **({"K": 2} if kind == "draft" else {}))
+        run = program.run
+
+        def counted(*args, _run=run, _kind=kind):
+            calls[_kind] += 1
+            return _run(*args)
+
+        program.run = counted
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 23, 11)]
+    lengths = (12, 17, 9)
+    reqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+            for p, n in zip(prompts, lengths)]
+    while engine.step():
+        pass
+    for r, p, n in zip(reqs, prompts, lengths):
+        assert r.output().token_ids == list(generate_tokens(model, p, n))
+    assert calls["verify"] > 0 and calls["draft"] > 0

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..model.batch import BatchInfo, ForwardContext, check_tables_hold, decode_batch
+from ..model.batch import BatchInfo, ForwardContext, check_tables_hold, indexed_batch
 from ..model.cache import HybridCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..ops.dispatch import fast_decode, switch_state
@@ -83,11 +83,30 @@ def pool_tensors(cache: HybridCache, kv_keys: list[str], state_keys: list[tuple[
     return [cache.k[k] for k in kv_keys] + [cache.v[k] for k in kv_keys] + [cache.state[k][n] for k, n in state_keys]
 
 
-class _StepModule(nn.Module):
-    """The traced step. Besides the tokens it takes only what changes per step in its plainest form (context
-    lengths, slots, padded block tables, and `key_pos` = arange(L) whose length carries the number of keys) and
-    derives positions, the K/V rows written and read, the mask and RoPE inside the graph: one fused kernel instead
-    of ~25 small eager ops per step (`BatchInfo.prepare` + `rope_cos_sin`, ~0.35 ms on `small`)."""
+def _key_rows(block_tables: torch.Tensor, key_pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The pool row of every key position `key_pos` [L] of each sequence's block table [B, W] -> [B, L] (positions
+    past a table read its last block; they are never keys)."""
+    # token p of sequence b sits at row block_tables[b, p // bs] * bs + p % bs (model/layout.py: paged_row)
+    nb = block_tables.shape[1]
+    return block_tables[:, (key_pos // block_size).clamp(max=nb - 1)] * block_size + key_pos % block_size
+
+
+def _query_batch(first: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, key_pos: torch.Tensor,
+                 T: int, block_size: int, capture_states: bool = False) -> tuple[BatchInfo, torch.Tensor]:
+    """A prepared batch of T new tokens per sequence at positions first[b] .. first[b] + T - 1 (`indexed_batch`):
+    rows written, rows read per query (its keys: every position up to its own) -> (batch, positions [B * T])."""
+    rows = _key_rows(block_tables, key_pos, block_size)  # [B, L]
+    pos = first[:, None] + torch.arange(T, device=first.device)  # [B, T]
+    write_rows = rows.gather(1, pos).reshape(-1)
+    valid = key_pos[None, None, :] <= pos[:, :, None]  # [B, T, L]
+    read_rows = torch.where(valid, rows[:, None, :], 0).reshape(-1, key_pos.shape[0])
+    positions = pos.reshape(-1)
+    return indexed_batch(positions, slots, write_rows, read_rows, positions + 1, T, capture_states), positions
+
+
+class _TracedBase(nn.Module):
+    """What the traced programs share: the model, RoPE, and the cache pools they take as inputs (`kv_keys`: K then V
+    pools of those attention layers, `state_keys`: DeltaNet state pools), wrapped as a cache for the layers."""
 
     def __init__(self, model: Qwen3NextForCausalLM, kv_keys: list[str], state_keys: list[tuple[str, str]],
                  block_size: int):
@@ -97,24 +116,90 @@ class _StepModule(nn.Module):
         self.rope_scale, self.dtype = model.rope_scale, model.dtype
         self.kv_keys, self.state_keys, self.block_size = kv_keys, state_keys, block_size
 
-    def forward(self, tokens: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
-                block_tables: torch.Tensor, key_pos: torch.Tensor, *pools: torch.Tensor) -> torch.Tensor:
-        bs, nb = self.block_size, block_tables.shape[1]
-        # token p of sequence b sits at row block_tables[b, p // bs] * bs + p % bs (model/layout.py: paged_row)
-        rows = block_tables[:, (key_pos // bs).clamp(max=nb - 1)] * bs + key_pos % bs  # [B, L]
-        valid = key_pos[None, :] <= context_lens[:, None]  # the context and the new token (at position ctx)
-        write_rows = block_tables.gather(1, (context_lens // bs)[:, None]).squeeze(1) * bs + context_lens % bs
-        batch = decode_batch(context_lens, slots, write_rows, torch.where(valid, rows, 0), valid[:, None, None, :],
-                             context_lens + 1)
-        cos, sin = rope_cos_sin(context_lens, self.rope_inv_freq, self.rope_scale, self.dtype)
+    def _context(self, batch: BatchInfo, positions: torch.Tensor, pools: tuple[torch.Tensor, ...]) -> ForwardContext:
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, self.rope_scale, self.dtype)
         n = len(self.kv_keys)
         k = dict(zip(self.kv_keys, pools[:n]))
         v = dict(zip(self.kv_keys, pools[n:2 * n]))
         state: dict[str, dict[str, torch.Tensor]] = {}
         for (key, name), pool in zip(self.state_keys, pools[2 * n:]):
             state.setdefault(key, {})[name] = pool
-        ctx = ForwardContext(batch=batch, cos=cos, sin=sin, cache=_Pools(k, v, state))  # type: ignore[arg-type]
-        return self.model(self.model.embed_tokens(tokens), ctx)
+        return ForwardContext(batch=batch, cos=cos, sin=sin, cache=_Pools(k, v, state))  # type: ignore[arg-type]
+
+
+class _StepModule(_TracedBase):
+    """The traced decode step. Besides the tokens it takes only what changes per step in its plainest form (context
+    lengths, slots, padded block tables, and `key_pos` = arange(L) whose length carries the number of keys) and
+    derives positions, the K/V rows written and read and RoPE inside the graph: one fused kernel instead of ~25 small
+    eager ops per step (`BatchInfo.prepare` + `rope_cos_sin`, ~0.35 ms on `small`)."""
+
+    def forward(self, tokens: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
+                block_tables: torch.Tensor, key_pos: torch.Tensor, *pools: torch.Tensor) -> torch.Tensor:
+        batch, positions = _query_batch(context_lens, slots, block_tables, key_pos, 1, self.block_size)
+        return self.model(self.model.embed_tokens(tokens), self._context(batch, positions, pools))
+
+
+class _VerifyModule(_TracedBase):
+    """The traced speculative verification: T tokens per sequence (the last emitted one and T - 1 drafts) at
+    positions context_lens .. context_lens + T - 1, every DeltaNet state after every token captured and nothing
+    committed -> (final normed hidden states [B * T, D], then the captured states in `state_keys` order, each
+    [B, T, *state shape])."""
+
+    def __init__(self, model: Qwen3NextForCausalLM, kv_keys: list[str], state_keys: list[tuple[str, str]],
+                 block_size: int, T: int):
+        super().__init__(model, kv_keys, state_keys, block_size)
+        self.T = T
+
+    def forward(self, tokens: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
+                block_tables: torch.Tensor, key_pos: torch.Tensor, *pools: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch, positions = _query_batch(context_lens, slots, block_tables, key_pos, self.T, self.block_size,
+                                        capture_states=True)
+        ctx = self._context(batch, positions, pools)
+        hidden = self.model(self.model.embed_tokens(tokens), ctx)
+        # contiguous: the captured states are views (transposed, unfolded) that the program's outputs do not keep
+        return (hidden, *(ctx.captured[key].contiguous() for key in self.state_keys))
+
+
+class _DraftModule(_TracedBase):
+    """The traced step after a verification's sampling: commit the DeltaNet states of each sequence's last kept
+    token, run the MTP head over the verified positions (main hidden state at t, the token at t + 1: the next draft,
+    or the emitted bonus token at the last kept position) writing its K/V, then K greedy drafts from the last kept
+    position (the head's own hidden state and its last draft, one position further each time) -> drafts [B, K].
+
+    Inputs: the verification's hidden states [B * T, D] and tokens [B * T], bonus [B] (the token sampled after the
+    accepted drafts), keep [B] (1 + accepted drafts), context lengths, slots, padded block tables (holding
+    positions up to context + keep - 1 + K - 1), key_pos = arange(L) (L past that too), the captured states, then
+    the pools (MTP K, MTP V, DeltaNet states)."""
+
+    def __init__(self, model: Qwen3NextForCausalLM, kv_keys: list[str], state_keys: list[tuple[str, str]],
+                 block_size: int, T: int, K: int):
+        super().__init__(model, kv_keys, state_keys, block_size)
+        self.mtp, self.lm_head = model.mtp, model.lm_head
+        self.T, self.K = T, K
+
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, bonus: torch.Tensor, keep: torch.Tensor,
+                context_lens: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, key_pos: torch.Tensor,
+                *rest: torch.Tensor) -> torch.Tensor:
+        T, D = self.T, hidden.shape[-1]
+        captured, pools = rest[:len(self.state_keys)], rest[len(self.state_keys):]
+        state_pools = pools[2 * len(self.kv_keys):]
+        B = slots.shape[0]
+        seqs, last = torch.arange(B, device=slots.device), keep - 1
+        for states, pool in zip(captured, state_pools):  # commit the state after each sequence's last kept token
+            pool.index_copy_(0, slots, states[seqs, last].to(pool.dtype))
+        nxt = torch.cat([tokens.view(B, T)[:, 1:], tokens.new_zeros(B, 1)], dim=1)
+        nxt = nxt.scatter(1, last[:, None], bonus[:, None]).reshape(-1)
+        batch, positions = _query_batch(context_lens, slots, block_tables, key_pos, T, self.block_size)
+        h = self.mtp(hidden, self.model.embed_tokens(nxt), self._context(batch, positions, pools))
+        h = h.view(B, T, D)[seqs, last]  # [B, D] at each last kept position
+        draft = self.lm_head(h).argmax(-1)
+        drafts = [draft]
+        for j in range(1, self.K):
+            batch, positions = _query_batch(context_lens + last + j, slots, block_tables, key_pos, 1, self.block_size)
+            h = self.mtp(h, self.model.embed_tokens(draft), self._context(batch, positions, pools))
+            draft = self.lm_head(h).argmax(-1)
+            drafts.append(draft)
+        return torch.stack(drafts, dim=1)
 
 
 def _source_digest() -> str:
@@ -136,11 +221,25 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "qwen3next" / "aot"
 
 
-def package_path(model: Qwen3NextForCausalLM, cache: HybridCache) -> Path:
-    """Where the package for `model` stepping on `cache`'s pool layout is cached: named by a hash of everything the
-    compiled code depends on (see the module docstring), never of the weights' values or the pools' sizes."""
+def _programs(model: Qwen3NextForCausalLM, cache: HybridCache, kind: str, T: int = 1,
+              K: int = 0) -> tuple[nn.Module, list[str], list[tuple[str, str]]]:
+    """The module traced for program `kind` ("step", "verify" or "draft") and the pools it takes (K/V keys, state
+    keys)."""
     kv_keys, state_keys = pool_names(cache, model)
-    module = _StepModule(model, kv_keys, state_keys, cache.block_size)
+    if kind == "step":
+        return _StepModule(model, kv_keys, state_keys, cache.block_size), kv_keys, state_keys
+    if kind == "verify":
+        return _VerifyModule(model, kv_keys, state_keys, cache.block_size, T), kv_keys, state_keys
+    mtp_keys = ["mtp0"]
+    return _DraftModule(model, mtp_keys, state_keys, cache.block_size, T, K), mtp_keys, state_keys
+
+
+def package_path(model: Qwen3NextForCausalLM, cache: HybridCache, kind: str = "step", T: int = 1,
+                 K: int = 0) -> Path:
+    """Where the package of program `kind` for `model` stepping on `cache`'s pool layout is cached: named by a hash
+    of everything the compiled code depends on (see the module docstring), never of the weights' values or the pools'
+    sizes."""
+    module, kv_keys, state_keys = _programs(model, cache, kind, T, K)
     tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
     # non-tensor module state the trace branches on (int4 weight layouts, group sizes, eps...)
     plain = (bool, int, float, str, dict, tuple, list, type(None))
@@ -154,41 +253,57 @@ def package_path(model: Qwen3NextForCausalLM, cache: HybridCache) -> Path:
         "weights": [(n, list(t.shape), list(t.stride()), str(t.dtype)) for n, t in tensors], "modules": attrs,
         "parallel": torch.get_num_threads() > 1,  # inductor emits OpenMP loops only when compiling with threads
         "pools": [(str(p.dtype), list(p.shape[1:])) for p in pools], "kv": kv_keys, "state": state_keys,
-        "block_size": cache.block_size,
+        "block_size": cache.block_size, "kind": kind, "T": T, "K": K,
     }
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return cache_dir() / f"step-{key}.pt2"
+    prefix = "step" if kind == "step" else f"{kind}{T}-{K}" if kind == "draft" else f"{kind}{T}"
+    return cache_dir() / f"{prefix}-{key}.pt2"
 
 
-class AOTDecodeStep:
-    """An AOTInductor-compiled decode step for `model` (batches of 1..MAX_BATCH sequences, one token each).
+def _check_step(batch: BatchInfo, cache: HybridCache, totals: list[int]) -> None:
+    """ValueError unless `batch`'s slots and blocks lie in `cache` and its tables hold `totals` tokens."""
+    check_tables_hold(batch.block_tables, totals, cache.block_size)
+    for table, slot in zip(batch.block_tables, batch.slots):
+        if not 0 <= slot < cache.num_slots or not all(0 <= i < cache.num_blocks for i in table):
+            raise ValueError(f"slot {slot} or block table {table} outside the cache's {cache.num_slots} slots "
+                             f"and {cache.num_blocks} blocks")
 
-    Build with `AOTDecodeStep(model, cache)` (compiles, or loads a cached package); `handles(batch)` says whether a
-    step can take it, `hidden_states(tokens, batch, cache)` runs it. Raises AOTStepError when export, compilation
-    or loading fails.
-    """
 
-    def __init__(self, model: Qwen3NextForCausalLM, cache: HybridCache, log_fn=None):
+def _tables(batch: BatchInfo, device: torch.device) -> list[torch.Tensor]:
+    """Context lengths, slots and padded block tables of `batch` as the programs' inputs."""
+    tables = batch.block_tables
+    width = max(len(t) for t in tables)
+    return [torch.tensor(batch.context_lens, dtype=torch.long, device=device),
+            torch.tensor(batch.slots, dtype=torch.long, device=device),
+            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)]
+
+
+class _AOTProgram:
+    """One AOTInductor program for `model` on `cache`'s pool layout: compiled (or loaded from the disk cache) at
+    construction; AOTStepError when export, compilation or loading fails."""
+
+    kind, what = "step", "decode step"
+
+    def __init__(self, model: Qwen3NextForCausalLM, cache: HybridCache, log_fn=None, T: int = 1, K: int = 0):
         if model.device.type != "cpu":
-            raise AOTStepError("the ahead-of-time decode step is built for CPU models only")
+            raise AOTStepError(f"the ahead-of-time {self.what} is built for CPU models only")
         if model.dtype != torch.float32 or not kernels.available():
             # bf16 activations or the torch paths switch kernels (gathered vs grouped experts...) inside 1..8 rows
-            raise AOTStepError("the ahead-of-time decode step needs an fp32 model and the native kernels (got "
+            raise AOTStepError(f"the ahead-of-time {self.what} needs an fp32 model and the native kernels (got "
                                f"{model.dtype}, kernels {'on' if kernels.available() else 'off'})")
-        self.model = model
-        self.kv_keys, self.state_keys = pool_names(cache, model)
-        self._module = _StepModule(model, self.kv_keys, self.state_keys, cache.block_size)
+        self.model, self.T, self.K = model, T, K
+        self._module, self.kv_keys, self.state_keys = _programs(model, cache, self.kind, T, K)
         self.block_size = cache.block_size
-        path = package_path(model, cache)
+        path = package_path(model, cache, self.kind, T, K)
         if not path.is_file():
             t0 = time.perf_counter()
-            message = "compiling the ahead-of-time decode step (once per model shape and version; ~1 min)"
+            message = f"compiling the ahead-of-time {self.what} (once per model shape and version; ~1 min)"
             if log_fn is not None:
                 log_fn(message)
             else:  # like the kernels' build: a long silent wait at start is worse than a line on stderr
                 print(f"qwen3next: {message}; QWEN3NEXT_AOT=0 skips it", file=sys.stderr, flush=True)
             self._compile(cache, path)
-            log.info("AOT decode step compiled in %.1f s: %s", time.perf_counter() - t0, path)
+            log.info("AOT %s compiled in %.1f s: %s", self.what, time.perf_counter() - t0, path)
         try:
             self._runner = torch._inductor.aoti_load_package(str(path))
             names = dict(self._module.named_parameters(remove_duplicate=False))
@@ -203,24 +318,18 @@ class AOTDecodeStep:
         except Exception as e:  # a corrupt or foreign package: rebuild next time (not for a full disk and the like)
             if not isinstance(e, OSError):
                 path.unlink(missing_ok=True)
-            raise AOTStepError(f"loading the ahead-of-time decode step failed ({type(e).__name__}: {e})") from e
+            raise AOTStepError(f"loading the ahead-of-time {self.what} failed ({type(e).__name__}: {e})") from e
+
+    def _example(self, cache: HybridCache) -> tuple[list[torch.Tensor], list]:
+        """Example inputs on a small cache of `cache`'s layout (the trace only reads shapes), and their dynamic
+        dimensions."""
+        raise NotImplementedError
 
     def _compile(self, cache: HybridCache, path: Path) -> None:
-        from torch.export import Dim
-
-        B = 2  # an example step on a small cache of the same layout (the trace only reads shapes)
-        example_cache = HybridCache(cache.config, num_slots=B, num_blocks=2 * B, block_size=cache.block_size,
-                                    dtype=cache.dtype, device=cache.device, state_dtype=cache.state_dtype,
-                                    layout=cache.layout)
-        batch = BatchInfo([1] * B, [2] * B, list(range(B)), [[2 * i, 2 * i + 1] for i in range(B)])
-        example = self._inputs(torch.zeros(B, dtype=torch.long), batch, example_cache)
-        b = Dim("batch", min=1, max=MAX_BATCH)
-        n = len(self.kv_keys)
-        pools = tuple([{0: Dim("kv_rows", min=2)}] * (2 * n) + [{0: Dim("slots", min=2)}] * len(self.state_keys))
-        dynamic = [{0: b}, {0: b}, {0: b}, {0: b, 1: Dim("blocks", min=1)}, {0: Dim("keys", min=2)}, pools]
         import torch._inductor.config as inductor_config
 
         try:
+            example, dynamic = self._example(cache)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch's own
                 with torch.no_grad():
@@ -232,16 +341,44 @@ class AOTDecodeStep:
             tmp.replace(path)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-            raise AOTStepError(f"the ahead-of-time decode step failed to build ({type(e).__name__}: {first})") from e
+            raise AOTStepError(f"the ahead-of-time {self.what} failed to build ({type(e).__name__}: {first})") from e
+
+    def _example_cache(self, cache: HybridCache, B: int, blocks_per_seq: int) -> HybridCache:
+        return HybridCache(cache.config, num_slots=B, num_blocks=blocks_per_seq * B, block_size=cache.block_size,
+                           dtype=cache.dtype, device=cache.device, state_dtype=cache.state_dtype, layout=cache.layout)
+
+    def _pool_dims(self) -> tuple:
+        from torch.export import Dim
+
+        n = len(self.kv_keys)
+        return tuple([{0: Dim("kv_rows", min=2)}] * (2 * n) + [{0: Dim("slots", min=2)}] * len(self.state_keys))
+
+    def _pools(self, cache: HybridCache) -> list[torch.Tensor]:
+        return pool_tensors(cache, self.kv_keys, self.state_keys)
+
+
+class AOTDecodeStep(_AOTProgram):
+    """An AOTInductor-compiled decode step for `model` (batches of 1..MAX_BATCH sequences, one token each).
+
+    Build with `AOTDecodeStep(model, cache)` (compiles, or loads a cached package); `handles(batch)` says whether a
+    step can take it, `hidden_states(tokens, batch, cache)` runs it. Raises AOTStepError when export, compilation
+    or loading fails.
+    """
+
+    def _example(self, cache: HybridCache) -> tuple[list[torch.Tensor], list]:
+        from torch.export import Dim
+
+        B = 2
+        example_cache = self._example_cache(cache, B, 2)
+        batch = BatchInfo([1] * B, [2] * B, list(range(B)), [[2 * i, 2 * i + 1] for i in range(B)])
+        example = self._inputs(torch.zeros(B, dtype=torch.long), batch, example_cache)
+        b = Dim("batch", min=1, max=MAX_BATCH)
+        dynamic = [{0: b}, {0: b}, {0: b}, {0: b, 1: Dim("blocks", min=1)}, {0: Dim("keys", min=2)}, self._pool_dims()]
+        return example, dynamic
 
     def _inputs(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache) -> list[torch.Tensor]:
-        ctx_lens, tables = batch.context_lens, batch.block_tables
-        width = max(len(t) for t in tables)
-        device = tokens.device
-        return [tokens, torch.tensor(ctx_lens, dtype=torch.long, device=device),
-                torch.tensor(batch.slots, dtype=torch.long, device=device),
-                torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device),
-                torch.arange(max(ctx_lens) + 1, device=device), *pool_tensors(cache, self.kv_keys, self.state_keys)]
+        return [tokens, *_tables(batch, tokens.device), torch.arange(max(batch.context_lens) + 1, device=tokens.device),
+                *self._pools(cache)]
 
     @staticmethod
     def handles(batch: BatchInfo) -> bool:
@@ -254,9 +391,103 @@ class AOTDecodeStep:
         """Flat tokens [B] of a decode step `batch` (not prepared: only its context lengths, slots and block
         tables are read) -> final normed hidden states [B, D]; `cache`'s K/V rows and DeltaNet states are updated
         in place."""
-        check_tables_hold(batch.block_tables, [c + 1 for c in batch.context_lens], self.block_size)
-        for table, slot in zip(batch.block_tables, batch.slots):
-            if not 0 <= slot < cache.num_slots or not all(0 <= i < cache.num_blocks for i in table):
-                raise ValueError(f"slot {slot} or block table {table} outside the cache's {cache.num_slots} slots "
-                                 f"and {cache.num_blocks} blocks")
+        _check_step(batch, cache, [c + 1 for c in batch.context_lens])
         return self._runner(*self._inputs(tokens, batch, cache))
+
+
+def max_verify_batch(T: int) -> int:
+    """The most sequences a verification (or drafting) program of T tokens per sequence serves: MAX_BATCH rows."""
+    return MAX_BATCH // T
+
+
+class AOTVerifyStep(_AOTProgram):
+    """An AOTInductor-compiled speculative verification of T tokens per sequence (1..max_verify_batch(T)
+    sequences): `run(tokens, batch, cache)` -> (hidden states [B * T, D], the captured DeltaNet states in
+    `state_keys` order, [B, T, ...] each); the K/V of all T positions are written, no state is committed."""
+
+    kind, what = "verify", "speculative verification"
+
+    def _example(self, cache: HybridCache) -> tuple[list[torch.Tensor], list]:
+        from torch.export import Dim
+
+        B, T = 2, self.T
+        example_cache = self._example_cache(cache, B, 2 + -(-T // cache.block_size))
+        nb = example_cache.num_blocks // B
+        batch = BatchInfo([T] * B, [2] * B, list(range(B)), [list(range(nb * i, nb * (i + 1))) for i in range(B)])
+        example = self._inputs(torch.zeros(B * T, dtype=torch.long), batch, example_cache)
+        top = max_verify_batch(T)
+        b = Dim("batch", min=1, max=top) if top > 1 else None  # one sequence: a static shape
+        dims = (lambda: {0: b}) if b is not None else (lambda: None)
+        tok = {0: T * b} if b is not None else None
+        tables = {0: b, 1: Dim("blocks", min=1)} if b is not None else {1: Dim("blocks", min=1)}
+        dynamic = [tok, dims(), dims(), tables, {0: Dim("keys", min=T + 1)}, self._pool_dims()]
+        return example, dynamic
+
+    def _inputs(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache) -> list[torch.Tensor]:
+        return [tokens, *_tables(batch, tokens.device),
+                torch.arange(max(batch.context_lens) + self.T, device=tokens.device), *self._pools(cache)]
+
+    def handles(self, batch: BatchInfo) -> bool:
+        return (fast_decode() and batch.capture_states and not batch.snapshots
+                and 1 <= batch.batch_size <= max_verify_batch(self.T) and all(n == self.T for n in batch.seq_lens)
+                and batch.context_lens is not None and batch.slots is not None and batch.block_tables is not None)
+
+    def run(self, tokens: torch.Tensor, batch: BatchInfo,
+            cache: HybridCache) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        _check_step(batch, cache, [c + self.T for c in batch.context_lens])
+        hidden, *captured = self._runner(*self._inputs(tokens, batch, cache))
+        return hidden, captured
+
+
+class AOTDraftStep(_AOTProgram):
+    """An AOTInductor-compiled commit + MTP drafting after a verification of T tokens per sequence (see
+    `_DraftModule`): `run(...)` -> drafts [B, K]."""
+
+    kind, what = "draft", "MTP drafting step"
+
+    def __init__(self, model: Qwen3NextForCausalLM, cache: HybridCache, log_fn=None, T: int = 2, K: int = 1):
+        if model.mtp is None or "mtp0" not in cache.k:
+            raise AOTStepError("the ahead-of-time MTP drafting step needs a model with an MTP head and its K/V pools")
+        super().__init__(model, cache, log_fn, T, K)
+
+    def _example(self, cache: HybridCache) -> tuple[list[torch.Tensor], list]:
+        from torch.export import Dim
+
+        B, T, K = 2, self.T, self.K
+        example_cache = self._example_cache(cache, B, 2 + -(-(T + K) // cache.block_size))
+        nb = example_cache.num_blocks // B
+        batch = BatchInfo([T] * B, [2] * B, list(range(B)), [list(range(nb * i, nb * (i + 1))) for i in range(B)])
+        D = self.model.config.hidden_size
+        captured = [torch.zeros(B, T, *example_cache.state[k][n].shape[1:], dtype=example_cache.state[k][n].dtype)
+                    for k, n in self.state_keys]
+        example = self._inputs(torch.zeros(B * T, D), torch.zeros(B * T, dtype=torch.long),
+                               torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.long), batch, captured,
+                               example_cache)
+        top = max_verify_batch(T)
+        b = Dim("batch", min=1, max=top) if top > 1 else None
+        dims = (lambda: {0: b}) if b is not None else (lambda: None)
+        rows = {0: T * b} if b is not None else None
+        tables = {0: b, 1: Dim("blocks", min=1)} if b is not None else {1: Dim("blocks", min=1)}
+        dynamic = [rows, rows, dims(), dims(), dims(), dims(), tables, {0: Dim("keys", min=T + K)},
+                   tuple(dims() for _ in captured) + self._pool_dims()]
+        return example, dynamic
+
+    def _inputs(self, hidden: torch.Tensor, tokens: torch.Tensor, bonus: torch.Tensor, keep: torch.Tensor,
+                batch: BatchInfo, captured: list[torch.Tensor], cache: HybridCache) -> list[torch.Tensor]:
+        device = tokens.device
+        return [hidden, tokens, bonus, keep, *_tables(batch, device),
+                torch.arange(max(batch.context_lens) + self.T + self.K - 1, device=device), *captured,
+                *self._pools(cache)]
+
+    def handles(self, batch: BatchInfo, keep: list[int]) -> bool:
+        """Whether the drafts after `batch`'s verification (keeping keep[b] tokens of sequence b) fit the program:
+        every sequence's blocks hold the K - 1 positions drafted after its last kept one."""
+        bs = self.block_size
+        return all(c + n - 1 + self.K - 1 < len(t) * bs
+                   for c, n, t in zip(batch.context_lens, keep, batch.block_tables))
+
+    def run(self, hidden: torch.Tensor, tokens: torch.Tensor, bonus: list[int], keep: list[int], batch: BatchInfo,
+            captured: list[torch.Tensor], cache: HybridCache) -> torch.Tensor:
+        device = tokens.device
+        return self._runner(*self._inputs(hidden, tokens, torch.tensor(bonus, dtype=torch.long, device=device),
+                                          torch.tensor(keep, dtype=torch.long, device=device), batch, captured, cache))

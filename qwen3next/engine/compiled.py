@@ -32,7 +32,7 @@ from ..model.batch import BatchInfo, ForwardContext
 from ..model.cache import HybridCache, SequenceCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..ops.dispatch import enabled, fast_decode, switch_state
-from .aot_step import MAX_BATCH, AOTDecodeStep, AOTStepError
+from .aot_step import MAX_BATCH, AOTDecodeStep, AOTDraftStep, AOTStepError, AOTVerifyStep
 
 
 def layout_key(cache: HybridCache) -> tuple:
@@ -59,7 +59,7 @@ class CompiledDecoder:
         self.verify_tokens = verify_tokens if model.mtp is not None else 0
         kernels.available()  # build / load the native kernels now: the traced step can then call them
         self._stack = torch.compile(model.model.forward)
-        self._aot: dict[tuple, AOTDecodeStep] = {}  # per cache pool layout
+        self._aot: dict[tuple, object] = {}  # ahead-of-time programs per (kind, cache pool layout, shape)
         self._aot_errors: dict[tuple, str] = {}
         self._aot_lock = threading.Lock()
         self._log = log_fn
@@ -103,20 +103,37 @@ class CompiledDecoder:
         """The ahead-of-time decode step for `cache`'s pool layout: built (or loaded from the disk cache) on first
         use; None when switched off (QWEN3NEXT_AOT=0) or when it cannot be built here (a warning says why, once, and
         the steps stay on torch.compile)."""
+        return self._aot_program(AOTDecodeStep, cache)
+
+    def aot_verify(self, batch: BatchInfo, cache: HybridCache) -> AOTVerifyStep | None:
+        """The ahead-of-time verification of `verify_tokens` tokens per sequence, when `batch` is one it serves
+        (every sequence verifying that many tokens, at most aot_step.max_verify_batch of them)."""
+        if self.verify_tokens < 2 or not batch.capture_states:
+            return None
+        program = self._aot_program(AOTVerifyStep, cache, T=self.verify_tokens)
+        return program if program is not None and program.handles(batch) else None
+
+    def aot_draft(self, cache: HybridCache) -> AOTDraftStep | None:
+        """The ahead-of-time commit + MTP drafting (verify_tokens - 1 drafts) after an ahead-of-time verification."""
+        if self.verify_tokens < 2:
+            return None
+        return self._aot_program(AOTDraftStep, cache, T=self.verify_tokens, K=self.verify_tokens - 1)
+
+    def _aot_program(self, cls, cache: HybridCache, **shape):
         if not enabled("aot_decode_step"):
             return None
-        key = layout_key(cache)
-        step = self._aot.get(key)
-        if step is None and key not in self._aot_errors:
+        key = (cls.kind, layout_key(cache), tuple(sorted(shape.items())))
+        program = self._aot.get(key)
+        if program is None and key not in self._aot_errors:
             with self._aot_lock:
                 if key in self._aot or key in self._aot_errors:
                     return self._aot.get(key)
                 try:
-                    step = self._aot[key] = AOTDecodeStep(self.model, cache, log_fn=self._log)
+                    program = self._aot[key] = cls(self.model, cache, log_fn=self._log, **shape)
                 except AOTStepError as e:
                     self._aot_errors[key] = str(e)
-                    warnings.warn(f"{e}; decode steps stay on torch.compile", RuntimeWarning, stacklevel=3)
-        return step
+                    warnings.warn(f"{e}; these steps stay on torch.compile", RuntimeWarning, stacklevel=3)
+        return program
 
     def mtp_hidden(self, hidden: torch.Tensor, next_tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """`model.mtp_hidden` through the compiled graph (when `handles_mtp(ctx)`)."""
@@ -156,6 +173,8 @@ class CompiledDecoder:
                 tokens = torch.zeros(batch_size, dtype=torch.long, device=self.model.device)
                 self.hidden_states(tokens, batch, cache)
             T = self.verify_tokens
+            if T > 1 and self.aot_draft(cache) is not None and self._aot_program(AOTVerifyStep, cache, T=T):
+                T = 0  # verifications of T tokens and their drafting take the ahead-of-time programs
             for context in ((1, 2) if T > 1 else ()):
                 blocks = [0, 1] if context + T > cache.block_size else [0]
                 batch = BatchInfo([T], [context], [0], [blocks], capture_states=True)

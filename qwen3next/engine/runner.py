@@ -102,8 +102,14 @@ class ModelRunner:
                          snapshots=None if batch.has_drafts else batch.snapshots or None)  # else: _split_forward's
         tokens = torch.tensor(batch.input_ids, dtype=torch.long, device=model.device)
         ctx, compiled_verify, verified = None, False, list(range(len(batch.entries)))
+        aot_verify = self.compiled.aot_verify(info, self.cache) if self.compiled is not None else None
         if self.compiled is not None and self.compiled.handles(info):
             hidden = self.compiled.hidden_states(tokens, info, self.cache)
+        elif aot_verify is not None:
+            hidden, captured = aot_verify.run(tokens, info, self.cache)
+            out = self._sample(batch, hidden)
+            out.drafts = self._after_aot_verify(batch, info, tokens, hidden, captured, out, aot_verify.state_keys)
+            return out
         elif self.compiled is not None and self.compiled.handles_verify(info):
             hidden, ctx = self.compiled.forward(tokens, info, self.cache)
             compiled_verify = True
@@ -125,6 +131,33 @@ class ModelRunner:
             out.drafts = self._mtp(batch, info, mtp_ctx, hidden, out, compiled_verify)
             out.grammar_seconds += self.draft_grammar_seconds
         return out
+
+    def _after_aot_verify(self, batch: ScheduledBatch, info: BatchInfo, tokens: torch.Tensor, hidden: torch.Tensor,
+                          captured: list[torch.Tensor], out: StepOutput,
+                          state_keys: list[tuple[str, str]]) -> list[list[int]]:
+        """After an ahead-of-time verification (every entry verifying, in entry order): commit each sequence's
+        state after its last kept token and draft `num_lookahead` tokens, in one ahead-of-time call when the
+        drafting program serves the step (no grammar, the lookahead positions' blocks allocated), else the commit
+        here and the MTP head eagerly. Returns the drafts."""
+        keep = [1 + a for a in out.num_accepted]
+        K = batch.num_lookahead
+        entries = [batch.entries[i] for i in batch.sample_indices]
+        draft = self.compiled.aot_draft(self.cache) if K > 0 else None
+        if (draft is not None and K <= draft.K and draft.handles(info, keep)
+                and all(e.seq.grammar is None for e in entries)):
+            bonus = [run[-1] for run in out.tokens]
+            return [d[:K] for d in draft.run(hidden, tokens, bonus, keep, info, captured, self.cache).tolist()]
+        slots = torch.tensor(info.slots, dtype=torch.long, device=hidden.device)
+        last = torch.tensor(keep, dtype=torch.long, device=hidden.device) - 1
+        seqs = torch.arange(len(keep), device=hidden.device)
+        for (key, name), states in zip(state_keys, captured):
+            pool = self.cache.state[key][name]
+            pool.index_copy_(0, slots, states[seqs, last].to(pool.dtype))
+        if K == 0:
+            return []
+        return self._mtp(batch, BatchInfo(info.seq_lens, info.context_lens, info.slots, info.block_tables,
+                                          positions=info.positions, kv_write_rows=info.kv_write_rows), None, hidden,
+                         out)
 
     def _split_forward(self, batch: ScheduledBatch,
                        tokens: torch.Tensor) -> tuple[torch.Tensor, ForwardContext, list[int]]:

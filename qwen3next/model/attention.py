@@ -19,10 +19,11 @@ from .norm import RMSNorm
 
 
 def uses_native_decode_attention(q: torch.Tensor, kv, pool: torch.Tensor, is_decode: bool) -> bool:
-    """The "native_decode_attention" fast path (ops.dispatch): a decode step reading K/V by index, fp32 on CPU."""
-    return (is_decode and kv.read_index is not None and kv.key_lens is not None and pool.dtype == torch.float32
-            and pool.device.type == "cpu" and fast_decode() and enabled("native_decode_attention")
-            and native_kernels(q))
+    """The "native_decode_attention" fast path (ops.dispatch): a decode step reading K/V by index, or a step whose
+    K/V rows are given per query (`KVAccess.per_query`), fp32 on CPU."""
+    return ((is_decode or kv.per_query) and kv.read_index is not None and kv.key_lens is not None
+            and pool.dtype == torch.float32 and pool.device.type == "cpu" and fast_decode()
+            and enabled("native_decode_attention") and native_kernels(q))
 
 
 def context_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
@@ -95,6 +96,9 @@ class GatedAttention(nn.Module):
             kv.write(v_pool, v)
             if uses_native_decode_attention(q, kv, k_pool, tokens.is_decode):
                 o = kernels.decode_attention(q, k_pool, v_pool, kv.read_index, kv.key_lens, Dh ** -0.5)  # [N, H, Dh]
+                return self.o_proj(o.reshape(N, H * Dh) * torch.sigmoid(gate.reshape(N, H * Dh)))
+            if kv.per_query:  # rows per query and no mask: the kernel's twin
+                o = kernels.decode_attention_reference(q, k_pool, v_pool, kv.read_index, kv.key_lens, Dh ** -0.5)
                 return self.o_proj(o.reshape(N, H * Dh) * torch.sigmoid(gate.reshape(N, H * Dh)))
             kp = kv.read(k_pool).transpose(1, 2).to(q.dtype)  # [B, HKV, L, Dh]
             vp = kv.read(v_pool).transpose(1, 2).to(q.dtype)

@@ -241,6 +241,8 @@ class KVAccess:
         self.view = _strided_kv_view(block_tables, totals, L, block_size, num_blocks) if views else None
         self.read_index: torch.Tensor | None = None  # [B, L] pool rows, when K/V are gathered
         self.key_lens: torch.Tensor | None = None  # [B] how many of those rows are keys, with read_index
+        # read_index / key_lens hold a row per QUERY token, not per sequence (indexed_batch: no mask needed)
+        self.per_query = False
         self.seq_lens, self.context_lens = list(seq_lens), list(context_lens)  # per sequence, as Python ints
         self._mask: torch.Tensor | None = None  # [B, 1, T, L] bool, True = attend; built when first read
         self._mask_args: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -304,24 +306,28 @@ def check_tables_hold(block_tables: list[list[int]], totals: list[int], block_si
                              f"{total} tokens")
 
 
-def decode_batch(positions: torch.Tensor, slots: torch.Tensor, write_rows: torch.Tensor, read_rows: torch.Tensor,
-                 mask: torch.Tensor, key_lens: torch.Tensor) -> BatchInfo:
-    """A prepared decode step (one new token per sequence, index-based cache access) built from its tensors alone:
-    what `BatchInfo(...).prepare(views=False)` derives for such a step, for a traced step whose inputs are these
-    tensors (engine/aot_step.py). positions/slots/write_rows/key_lens [B], read_rows [B, L], mask [B, 1, 1, L]."""
-    B, L = read_rows.shape
+def indexed_batch(positions: torch.Tensor, slots: torch.Tensor, write_rows: torch.Tensor, read_rows: torch.Tensor,
+                  key_lens: torch.Tensor, tokens_per_seq: int = 1, capture_states: bool = False) -> BatchInfo:
+    """A prepared step of `tokens_per_seq` new tokens per sequence (a decode step for 1, a speculative verification
+    for more) with index-based cache access, built from its tensors alone, for a traced step whose inputs are these
+    tensors (engine/aot_step.py). B sequences, N = B x tokens_per_seq tokens in sequence order: positions /
+    write_rows / key_lens [N], slots [B], read_rows [N, L]: one row of key rows PER QUERY, of which its first
+    key_lens are its keys (its context and the new tokens up to itself: causal without a mask), read by the decode
+    attention (`KVAccess.per_query`)."""
+    N, L = read_rows.shape
     batch = BatchInfo.__new__(BatchInfo)
     batch.seq_lens, batch.context_lens, batch.slots, batch.block_tables = None, None, None, None
-    batch.positions, batch.kv_write_rows, batch.capture_states, batch.snapshots = None, None, False, None
+    batch.positions, batch.kv_write_rows, batch.capture_states, batch.snapshots = None, None, capture_states, None
     tokens = TokenLayout.__new__(TokenLayout)
-    tokens.batch_size, tokens.padded_len, tokens.is_decode, tokens.is_uniform = B, 1, True, False
+    tokens.batch_size, tokens.padded_len = slots.shape[0], tokens_per_seq
+    tokens.is_decode, tokens.is_uniform = tokens_per_seq == 1, False
     tokens.seq_lens, tokens.positions, tokens.pad_index, tokens.mask = None, positions, None, None
     state = SlotAccess.__new__(SlotAccess)
     state.index, state.range = slots, None
     kv = KVAccess.__new__(KVAccess)
-    kv.batch_size, kv.kv_len, kv.sees_all_keys, kv.view = B, L, False, None
+    kv.batch_size, kv.kv_len, kv.sees_all_keys, kv.view, kv.per_query = slots.shape[0], L, False, None, True
     kv.read_index, kv.write_index, kv.seq_lens, kv.context_lens = read_rows, write_rows, None, None
-    kv._mask, kv._mask_args, kv.key_lens = mask, None, key_lens
+    kv._mask, kv._mask_args, kv.key_lens = None, None, key_lens
     batch.tokens, batch.state, batch.kv = tokens, state, kv
     return batch
 
