@@ -25,9 +25,18 @@ How it is built:
 
 Batches of more than `MAX_BATCH` sequences keep the torch.compile path: the native kernels' row limits (ops/linear.py)
 would flip inside the range and one library would need several graphs; for the same reason only fp32 models with the
-native kernels take it (bf16 activations and the torch paths switch ops within 1..8 rows). Verification steps and
-the MTP head also stay on torch.compile. The twin is the eager step (`model.hidden_states`); tests/test_aot_step.py
-compares them.
+native kernels take it (bf16 activations and the torch paths switch ops within 1..8 rows). The twin is the eager step
+(`model.hidden_states`); tests/test_aot_step.py compares them.
+
+Speculative decoding (MTP) has two more programs of the same kind, for k drafts (T = k + 1 tokens per sequence, up to
+`MAX_BATCH` rows: 1..MAX_BATCH // T sequences):
+- `AOTVerifyStep` (`_VerifyModule`): the verification forward with every DeltaNet state captured after every token
+  and nothing committed -> the hidden states and the captured states. Attention reads K/V rows given per query (each
+  new token sees the context and the new tokens up to itself: `model.batch.indexed_batch`), through the decode
+  attention kernel, so no mask is built.
+- `AOTDraftStep` (`_DraftModule`): after sampling, one call commits each sequence's state after its last kept token,
+  runs the MTP head over the verified positions (writing its K/V) and drafts k tokens greedily.
+Their twins are the eager verification (`capture_states`), `ForwardContext.commit_captured` and `model.mtp_hidden`.
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ dynamo guards, no Python between kernels; ~20% faster per step on `small`), buil
 The compiled graph reads the cache through index tensors only (`BatchInfo.prepare(views=False)`), so slot and block
 layouts do not multiply the graphs. `warm_up(cache)` compiles before serving.
 
-With speculative decoding (`verify_tokens` = 1 + the most drafts), the verification of a single sequence feeding
-exactly that many tokens and the MTP head's forwards over those positions and over one drafted position are
-compiled too (batch 1 only: more graphs per batch size would double the warm-up, and at larger batches drafting
-rarely pays; the adaptive draft length sees what the eager verification of other shapes costs).
+With speculative decoding (`verify_tokens` = 1 + the most drafts), verifications where every sequence feeds exactly
+that many tokens (up to 8 rows) run through an ahead-of-time verification program, and the commit of the accepted
+states plus the MTP head's drafting through a second one (aot_step.py: AOTVerifyStep, AOTDraftStep); with the
+ahead-of-time programs off or failing, a batch-1 verification and the MTP head's forwards are torch.compile'd
+instead. Other verifications (fewer drafts, varlen) run eagerly; the adaptive draft length sees what they cost.
 """
 
 from __future__ import annotations
