@@ -127,8 +127,6 @@ def test_engine_with_aot_step_decodes_exactly_like_eager(aot_on, tmp_path):
     """`Engine(compile_decode=True)` with at most 3 sequences: warm-up builds (here: loads) only the library, every
     decode step runs through it, and greedy tokens equal the eager loop's."""
     from qwen3next.engine.llm import Engine
-    from qwen3next.engine.sampling import SamplingParams
-    from qwen3next.model.generate import generate_tokens
     from qwen3next.tokenizer import Tokenizer
 
     model = make_model("mlp_only", vocab_size=261)
@@ -138,9 +136,17 @@ def test_engine_with_aot_step_decodes_exactly_like_eager(aot_on, tmp_path):
     compiled = engine.runner.compiled
     assert compiled.aot_step(engine.runner.cache) is not None
     compiled._stack = _no_torch_compile
-    gen = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 23, 11, 1)]
-    lengths = (6, 9, 4, 7)
+    _assert_greedy_like_eager(engine, model, 2, (5, 23, 11, 1), (6, 9, 4, 7))
+
+
+def _assert_greedy_like_eager(engine, model, seed: int, prompt_lens: tuple, lengths: tuple) -> None:
+    """Random prompts of `prompt_lens` tokens through `engine` (greedy, `lengths` new tokens each) give the tokens
+    of the plain eager loop."""
+    from qwen3next.engine.sampling import SamplingParams
+    from qwen3next.model.generate import generate_tokens
+
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in prompt_lens]
     reqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
             for p, n in zip(prompts, lengths)]
     while engine.step():
@@ -316,8 +322,6 @@ def test_engine_speculative_steps_take_the_aot_programs_and_decode_exactly_like_
     the ahead-of-time programs, and greedy tokens equal plain eager decoding's."""
     from qwen3next.engine import aot_step
     from qwen3next.engine.llm import Engine
-    from qwen3next.engine.sampling import SamplingParams
-    from qwen3next.model.generate import generate_tokens
     from qwen3next.tokenizer import Tokenizer
 
     model = make_model("mlp_only", vocab_size=261)
@@ -338,13 +342,5 @@ def test_engine_speculative_steps_take_the_aot_programs_and_decode_exactly_like_
             return _run(*args)
 
         program.run = counted
-    gen = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 23, 11)]
-    lengths = (12, 17, 9)
-    reqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-            for p, n in zip(prompts, lengths)]
-    while engine.step():
-        pass
-    for r, p, n in zip(reqs, prompts, lengths):
-        assert r.output().token_ids == list(generate_tokens(model, p, n))
+    _assert_greedy_like_eager(engine, model, 4, (5, 23, 11), (12, 17, 9))
     assert calls["verify"] > 0 and calls["draft"] > 0
