@@ -319,7 +319,8 @@ def test_aot_verification_and_drafting_match_the_eager_verification_and_mtp_head
 @needs_compiler
 def test_engine_speculative_steps_take_the_aot_programs_and_decode_exactly_like_plain(aot_on, tmp_path):
     """`Engine(compile_decode=True, speculative_config=k=2)`: uniform verifications and their drafting run through
-    the ahead-of-time programs, and greedy tokens equal plain eager decoding's."""
+    the ahead-of-time programs, and greedy tokens equal plain eager decoding's; so they do when every other
+    drafting falls back to the eager commit and MTP head after an ahead-of-time verification."""
     from qwen3next.engine import aot_step
     from qwen3next.engine.llm import Engine
     from qwen3next.tokenizer import Tokenizer
@@ -344,3 +345,15 @@ def test_engine_speculative_steps_take_the_aot_programs_and_decode_exactly_like_
         program.run = counted
     _assert_greedy_like_eager(engine, model, 4, (5, 23, 11), (12, 17, 9))
     assert calls["verify"] > 0 and calls["draft"] > 0
+
+    draft = compiled.aot_draft(engine.runner.cache)
+    handles, declined = draft.handles, []
+
+    def every_other(batch, keep):  # the steps a grammar or missing lookahead blocks keep off the program
+        declined.append(len(declined) % 2 == 0)
+        return not declined[-1] and handles(batch, keep)
+
+    draft.handles = every_other
+    verified = calls["verify"]
+    _assert_greedy_like_eager(engine, model, 5, (7, 19), (15, 11))
+    assert calls["verify"] > verified and any(declined)

@@ -353,8 +353,28 @@ class _AOTProgram:
             raise AOTStepError(f"the ahead-of-time {self.what} failed to build ({type(e).__name__}: {first})") from e
 
     def _example_cache(self, cache: HybridCache, B: int, blocks_per_seq: int) -> HybridCache:
+        B = max(B, 2)  # the pools' sizes are dynamic dimensions of at least 2
         return HybridCache(cache.config, num_slots=B, num_blocks=blocks_per_seq * B, block_size=cache.block_size,
                            dtype=cache.dtype, device=cache.device, state_dtype=cache.state_dtype, layout=cache.layout)
+
+    def _multi_token_example(self, cache: HybridCache, positions: int) -> tuple[HybridCache, BatchInfo, dict | None,
+                                                                               dict | None, dict]:
+        """For the speculative programs: an example batch of 2 sequences (1 when only 1 fits) feeding T tokens after
+        2 cached ones, on a small cache of `cache`'s layout whose tables hold `positions` more per sequence, and the
+        dynamic dimensions of a per-sequence input, a per-row input (T rows per sequence) and the block tables. With
+        room for one sequence only (max_verify_batch(T) == 1: k = 4) the batch dimensions are static (None)."""
+        from torch.export import Dim
+
+        T = self.T
+        B = min(2, max_verify_batch(T))
+        example_cache = self._example_cache(cache, B, 2 + -(-positions // cache.block_size))
+        nb = example_cache.num_blocks // B
+        batch = BatchInfo([T] * B, [2] * B, list(range(B)), [list(range(nb * i, nb * (i + 1))) for i in range(B)])
+        blocks = Dim("blocks", min=1)
+        if max_verify_batch(T) == 1:
+            return example_cache, batch, None, None, {1: blocks}
+        b = Dim("batch", min=1, max=max_verify_batch(T))
+        return example_cache, batch, {0: b}, {0: T * b}, {0: b, 1: blocks}
 
     def _pool_dims(self) -> tuple:
         from torch.export import Dim
@@ -419,17 +439,9 @@ class AOTVerifyStep(_AOTProgram):
     def _example(self, cache: HybridCache) -> tuple[list[torch.Tensor], list]:
         from torch.export import Dim
 
-        B, T = 2, self.T
-        example_cache = self._example_cache(cache, B, 2 + -(-T // cache.block_size))
-        nb = example_cache.num_blocks // B
-        batch = BatchInfo([T] * B, [2] * B, list(range(B)), [list(range(nb * i, nb * (i + 1))) for i in range(B)])
-        example = self._inputs(torch.zeros(B * T, dtype=torch.long), batch, example_cache)
-        top = max_verify_batch(T)
-        b = Dim("batch", min=1, max=top) if top > 1 else None  # one sequence: a static shape
-        dims = (lambda: {0: b}) if b is not None else (lambda: None)
-        tok = {0: T * b} if b is not None else None
-        tables = {0: b, 1: Dim("blocks", min=1)} if b is not None else {1: Dim("blocks", min=1)}
-        dynamic = [tok, dims(), dims(), tables, {0: Dim("keys", min=T + 1)}, self._pool_dims()]
+        example_cache, batch, per_seq, per_row, tables = self._multi_token_example(cache, self.T)
+        example = self._inputs(torch.zeros(batch.num_tokens, dtype=torch.long), batch, example_cache)
+        dynamic = [per_row, per_seq, per_seq, tables, {0: Dim("keys", min=self.T + 1)}, self._pool_dims()]
         return example, dynamic
 
     def _inputs(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache) -> list[torch.Tensor]:
@@ -462,23 +474,16 @@ class AOTDraftStep(_AOTProgram):
     def _example(self, cache: HybridCache) -> tuple[list[torch.Tensor], list]:
         from torch.export import Dim
 
-        B, T, K = 2, self.T, self.K
-        example_cache = self._example_cache(cache, B, 2 + -(-(T + K) // cache.block_size))
-        nb = example_cache.num_blocks // B
-        batch = BatchInfo([T] * B, [2] * B, list(range(B)), [list(range(nb * i, nb * (i + 1))) for i in range(B)])
-        D = self.model.config.hidden_size
+        T, K = self.T, self.K
+        example_cache, batch, per_seq, per_row, tables = self._multi_token_example(cache, T + K)
+        B, D = batch.batch_size, self.model.config.hidden_size
         captured = [torch.zeros(B, T, *example_cache.state[k][n].shape[1:], dtype=example_cache.state[k][n].dtype)
                     for k, n in self.state_keys]
         example = self._inputs(torch.zeros(B * T, D), torch.zeros(B * T, dtype=torch.long),
                                torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.long), batch, captured,
                                example_cache)
-        top = max_verify_batch(T)
-        b = Dim("batch", min=1, max=top) if top > 1 else None
-        dims = (lambda: {0: b}) if b is not None else (lambda: None)
-        rows = {0: T * b} if b is not None else None
-        tables = {0: b, 1: Dim("blocks", min=1)} if b is not None else {1: Dim("blocks", min=1)}
-        dynamic = [rows, rows, dims(), dims(), dims(), dims(), tables, {0: Dim("keys", min=T + K)},
-                   tuple(dims() for _ in captured) + self._pool_dims()]
+        dynamic = [per_row, per_row, per_seq, per_seq, per_seq, per_seq, tables, {0: Dim("keys", min=T + K)},
+                   tuple(per_seq for _ in captured) + self._pool_dims()]
         return example, dynamic
 
     def _inputs(self, hidden: torch.Tensor, tokens: torch.Tensor, bonus: torch.Tensor, keep: torch.Tensor,

@@ -103,13 +103,11 @@ class ModelRunner:
         tokens = torch.tensor(batch.input_ids, dtype=torch.long, device=model.device)
         ctx, compiled_verify, verified = None, False, list(range(len(batch.entries)))
         aot_verify = self.compiled.aot_verify(info, self.cache) if self.compiled is not None else None
+        captured = None  # the ahead-of-time verification's captured states
         if self.compiled is not None and self.compiled.handles(info):
             hidden = self.compiled.hidden_states(tokens, info, self.cache)
         elif aot_verify is not None:
             hidden, captured = aot_verify.run(tokens, info, self.cache)
-            out = self._sample(batch, hidden)
-            out.drafts = self._after_aot_verify(batch, info, tokens, hidden, captured, out, aot_verify.state_keys)
-            return out
         elif self.compiled is not None and self.compiled.handles_verify(info):
             hidden, ctx = self.compiled.forward(tokens, info, self.cache)
             compiled_verify = True
@@ -121,6 +119,14 @@ class ModelRunner:
         out = self._sample(batch, hidden) if batch.logits_indices else StepOutput(None, [], [], [], [])
         if batch.prompt_logprob_spans:
             out.prompt_logprobs = self._prompt_logprobs(batch, hidden)
+        if captured is not None:
+            drafts = self._aot_drafts(batch, info, tokens, hidden, captured, out)
+            if drafts is not None:
+                out.drafts = drafts
+                return out
+            # not the drafting program's step: commit and draft below, from a context holding the captured states
+            ctx = model.context(info, self.cache, views=False)
+            ctx.captured = dict(zip(aot_verify.state_keys, captured))
         if ctx is not None and ctx.captures_states:
             sample_of = {b: j for j, b in enumerate(batch.sample_indices)}
             ctx.commit_captured([1 + out.num_accepted[sample_of[b]] for b in verified])
@@ -132,32 +138,20 @@ class ModelRunner:
             out.grammar_seconds += self.draft_grammar_seconds
         return out
 
-    def _after_aot_verify(self, batch: ScheduledBatch, info: BatchInfo, tokens: torch.Tensor, hidden: torch.Tensor,
-                          captured: list[torch.Tensor], out: StepOutput,
-                          state_keys: list[tuple[str, str]]) -> list[list[int]]:
+    def _aot_drafts(self, batch: ScheduledBatch, info: BatchInfo, tokens: torch.Tensor, hidden: torch.Tensor,
+                    captured: list[torch.Tensor], out: StepOutput) -> list[list[int]] | None:
         """After an ahead-of-time verification (every entry verifying, in entry order): commit each sequence's
-        state after its last kept token and draft `num_lookahead` tokens, in one ahead-of-time call when the
-        drafting program serves the step (no grammar, the lookahead positions' blocks allocated), else the commit
-        here and the MTP head eagerly. Returns the drafts."""
-        keep = [1 + a for a in out.num_accepted]
+        state after its last kept token and draft `num_lookahead` tokens in one ahead-of-time call. None when the
+        drafting program does not serve the step (no drafts asked for, a grammar, lookahead blocks not allocated):
+        nothing is done then."""
         K = batch.num_lookahead
-        entries = [batch.entries[i] for i in batch.sample_indices]
+        keep = [1 + a for a in out.num_accepted]
         draft = self.compiled.aot_draft(self.cache) if K > 0 else None
-        if (draft is not None and K <= draft.K and draft.handles(info, keep)
-                and all(e.seq.grammar is None for e in entries)):
-            bonus = [run[-1] for run in out.tokens]
-            return [d[:K] for d in draft.run(hidden, tokens, bonus, keep, info, captured, self.cache).tolist()]
-        slots = torch.tensor(info.slots, dtype=torch.long, device=hidden.device)
-        last = torch.tensor(keep, dtype=torch.long, device=hidden.device) - 1
-        seqs = torch.arange(len(keep), device=hidden.device)
-        for (key, name), states in zip(state_keys, captured):
-            pool = self.cache.state[key][name]
-            pool.index_copy_(0, slots, states[seqs, last].to(pool.dtype))
-        if K == 0:
-            return []
-        return self._mtp(batch, BatchInfo(info.seq_lens, info.context_lens, info.slots, info.block_tables,
-                                          positions=info.positions, kv_write_rows=info.kv_write_rows), None, hidden,
-                         out)
+        if (draft is None or not draft.handles(info, keep)
+                or any(batch.entries[i].seq.grammar is not None for i in batch.sample_indices)):
+            return None
+        bonus = [run[-1] for run in out.tokens]
+        return [d[:K] for d in draft.run(hidden, tokens, bonus, keep, info, captured, self.cache).tolist()]
 
     def _split_forward(self, batch: ScheduledBatch,
                        tokens: torch.Tensor) -> tuple[torch.Tensor, ForwardContext, list[int]]:
