@@ -39,8 +39,8 @@ def _pools(cache: HybridCache) -> list[torch.Tensor]:
     return [*cache.k.values(), *cache.v.values(), *(p for d in cache.state.values() for p in d.values())]
 
 
-def _cache(model, num_slots: int, num_blocks: int) -> HybridCache:
-    return HybridCache(model.config, num_slots=num_slots, num_blocks=num_blocks, block_size=4,
+def _cache(model, num_slots: int, num_blocks: int, block_size: int = 4) -> HybridCache:
+    return HybridCache(model.config, num_slots=num_slots, num_blocks=num_blocks, block_size=block_size,
                        layout=model.cache_layout(include_mtp=False))
 
 
@@ -54,7 +54,7 @@ def _prefill(model, cache, lens, slots, tables, gen):
 def _steps_both_ways(model, compiled, cache, lens, slots, tables, steps, gen):
     """Decode `steps` tokens for every sequence through the compiled decoder on `cache` and eagerly on a copy of
     it; returns the largest |Δ| of the hidden states over the steps and the two caches."""
-    eager_cache = _cache(model, cache.num_slots, cache.num_blocks)
+    eager_cache = _cache(model, cache.num_slots, cache.num_blocks, cache.block_size)
     for a, b in zip(_pools(eager_cache), _pools(cache)):
         a.copy_(b)
     worst = 0.0
@@ -73,10 +73,10 @@ def _steps_both_ways(model, compiled, cache, lens, slots, tables, steps, gen):
 def test_aot_step_matches_eager_and_serves_every_batch_size_from_one_package(aot_on):
     """Odd config (dense MLP layers, 3 heads, 5 experts), three sequences of different lengths in scattered slots and
     blocks, four steps; then one sequence alone and a cache of another size: the same package, no second compile."""
-    model = make_model("mlp_only", vocab_size=261)  # the engine test's model: one package for both
-    cache = _cache(model, num_slots=6, num_blocks=16)
+    model = make_model("mlp_only", vocab_size=261)  # the engine tests' model and block size: one package for all
+    cache = _cache(model, num_slots=6, num_blocks=16, block_size=16)
     gen = torch.Generator().manual_seed(0)
-    lens, slots, tables = [5, 9, 2], [4, 1, 3], [[7, 2, 6], [0, 5, 9, 8], [11, 10]]
+    lens, slots, tables = [13, 30, 2], [4, 1, 3], [[7, 2], [0, 5, 9], [11]]  # the first two cross a block
     _prefill(model, cache, lens, slots, tables, gen)
     built: list[str] = []
     compiled = CompiledDecoder(model, log_fn=built.append)
@@ -88,18 +88,18 @@ def test_aot_step_matches_eager_and_serves_every_batch_size_from_one_package(aot
     assert len(built) == 1 and package_path(model, cache).is_file()
 
     # batch 1, a longer context, the same library
-    worst, _ = _steps_both_ways(model, compiled, cache, [9 + 4], [1], [[0, 5, 9, 8, 12]], 3, gen)
+    worst, _ = _steps_both_ways(model, compiled, cache, [30 + 4], [1], [[0, 5, 9, 8, 12]], 3, gen)
     assert worst < 1e-5
 
     # another engine's cache (other pool sizes) and a new decoder: loaded from disk, not compiled again
-    other = _cache(model, num_slots=3, num_blocks=7)
+    other = _cache(model, num_slots=3, num_blocks=7, block_size=16)
     _prefill(model, other, [6], [2], [[3, 1]], gen)
     again = CompiledDecoder(model, log_fn=built.append)
     again._stack = _no_torch_compile
     worst, _ = _steps_both_ways(model, again, other, [6], [2], [[3, 1, 4]], 2, gen)
     assert worst < 1e-5 and len(built) == 1
-    with torch.no_grad(), pytest.raises(ValueError, match="cannot hold 9 tokens"):  # 2 blocks of 4 rows
-        again.hidden_states(torch.zeros(1, dtype=torch.long), BatchInfo([1], [8], [2], [[3, 1]]), other)
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot hold 33 tokens"):  # 2 blocks of 16 rows
+        again.hidden_states(torch.zeros(1, dtype=torch.long), BatchInfo([1], [32], [2], [[3, 1]]), other)
     with torch.no_grad(), pytest.raises(ValueError, match="outside the cache's 3 slots and 7 blocks"):
         again.hidden_states(torch.zeros(1, dtype=torch.long), BatchInfo([1], [6], [2], [[3, 7]]), other)
 
