@@ -12,13 +12,17 @@ package adds three ops, registered with torch as `torch.ops.qwen3next.*` (opaque
   over stacked weights [E, 2I, D] / [E, D, I] in one call (pairs grouped by expert; SwiGLU; weighted sum).
 - `dequantize(w, aux, fmt, group_size)`: an int8 / int4 weight as fp32, in one pass (prefill: then one GEMM).
 
-Numerics: fp32 activations and accumulation; for int4 weights the activations are quantized per weight group to
-int8 (scale amax / 127, round half to even) and the constant part of each group uses the exact fp32 sum of x:
+Numerics: fp32 activations and accumulation for fp32 and bf16 weights. For int4 weights the activations are
+quantized per weight group to int8 (scale amax / 127, round half to even) and the constant part of each group uses
+the exact fp32 sum of x:
     y[m, n] = Σ_g s[n,g] · d[m,g] · Σ_{k∈g} q[n,k] · c[m,k] + (z[n,g] - 8 s[n,g]) · Σ_{k∈g} x[m,k]
-(c the activation codes, d their scale). That is what lets the int4 dot products run as integer multiply-adds, the
-same trade llama.cpp makes for its k-quants. `linear_reference` / `moe_reference` state this math in torch (fp64
-accumulation) and are what the parity tests compare against; the model-level reference is still the dequantized
-fp32 weight (quant/linear.py).
+(c the activation codes, d their scale). For int8 weights (when K is a multiple of 32) the activations are quantized
+the same way per block of 32 columns (`INT8_ACT_BLOCK`, llama.cpp's Q8_0 block), y[m, n] = s[n] · Σ_b d[m,b] ·
+Σ_{k∈b} q[n,k] · c[m,k]; other K keep fp32 activations. That is what lets the dot products run as integer
+multiply-adds (AVX2 maddubs: 32 products per instruction, against 8 fp32 FMAs), the trade llama.cpp makes for its
+quantized formats. Every row is quantized on its own: its codes do not depend on the other rows.
+`linear_reference` / `moe_reference` state this math in torch (fp64 accumulation) and are what the parity tests
+compare against; the model-level reference is still the dequantized fp32 weight (quant/linear.py).
 
 Build: `torch.utils.cpp_extension.load` with the system C++ compiler (and ninja), once per source and torch version,
 cached under torch's extension directory (TORCH_EXTENSIONS_DIR): 15-20 s of compiler time the first time, a line on
@@ -43,6 +47,7 @@ KERNELS_ENV = "QWEN3NEXT_KERNELS"
 FMT_F32, FMT_BF16, FMT_INT8, FMT_INT4 = 32, 16, 8, 4
 FORMATS = (FMT_F32, FMT_BF16, FMT_INT8, FMT_INT4)
 FLOAT_FORMATS = {torch.float32: FMT_F32, torch.bfloat16: FMT_BF16}  # the unquantized weight dtypes the ops take
+INT8_ACT_BLOCK = 32  # int8 weights: activation codes per block of this many columns (when K is a multiple of it)
 _SOURCES = (Path(__file__).with_name("decode_kernels.cpp"), Path(__file__).with_name("delta_rule.cpp"),
             Path(__file__).with_name("decode_attention.cpp"))
 _HEADERS = (Path(__file__).with_name("isa.h"),)  # part of the build's identity, not compiled on their own
@@ -214,6 +219,13 @@ def linear_reference(x: torch.Tensor, w: torch.Tensor, aux: torch.Tensor | None,
     x2 = x.reshape(-1, x.shape[-1]).float()
     if fmt in (FMT_F32, FMT_BF16):
         y = x2.double() @ w.double().T
+    elif fmt == FMT_INT8 and x2.shape[-1] % INT8_ACT_BLOCK == 0:  # activation codes per block of 32
+        N, K = w.shape
+        nb = K // INT8_ACT_BLOCK
+        c, d, _ = quantize_activations(x2, INT8_ACT_BLOCK)
+        dots = torch.einsum("mbk,nbk->mnb", c.double().reshape(-1, nb, INT8_ACT_BLOCK),
+                            w.double().reshape(N, nb, INT8_ACT_BLOCK))
+        y = (dots * d.double()[:, None, :]).sum(-1) * aux.double()[None, :]
     elif fmt == FMT_INT8:  # q · scale is exact in fp32 (8-bit by 8-bit significands)
         y = x2.double() @ dequantize_int8(w, aux, torch.float64).T
     else:

@@ -26,6 +26,10 @@ namespace qk {
 
 enum Fmt : int64_t { I4 = 4, I8 = 8, BF16 = 16, F32 = 32 };
 
+// int8 weights: activations are quantized to int8 per block of this many columns (llama.cpp's Q8_0 block) when K is a
+// multiple of it, so that the products run as integer multiply-adds; other K keep fp32 activations.
+constexpr int64_t I8_BLOCK = 32;
+
 static int g_isa = -1;  // -1: not decided yet; 0: scalar; 1: AVX2 + FMA
 
 bool use_avx2() {  // also used by delta_rule.cpp
@@ -73,12 +77,60 @@ struct Acts {
   Acts(const float* x_, int64_t M_, int64_t K_) : x(x_), M(M_), K(K_) {}
 };
 
+#if QK_X86
+// One group of G (% 8 == 0) activations -> codes in column order, its scale and its sum. Same arithmetic as the
+// scalar code below (IEEE division, round half to even), vectorised; only the order of the sum's additions differs.
+QK_AVX2 static void quantize_group_avx2(const float* x, int64_t G, int8_t* codes, float* d_out, float* sum_out) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+  for (int64_t k = 0; k < G; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v, abs_mask));
+    sum = _mm256_add_ps(sum, v);
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float d = _mm_cvtss_f32(m4) / 127.f;
+  *d_out = d;
+  *sum_out = hsum8(sum);
+  if (d == 0.f) {
+    std::memset(codes, 0, G);
+    return;
+  }
+  const __m256 dv = _mm256_set1_ps(d);
+  for (int64_t k = 0; k < G; k += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), dv),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i i32 = _mm256_cvtps_epi32(r);
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + k), _mm_packs_epi16(i16, i16));
+  }
+}
+#endif
+
 static void quantize_acts(Acts& a, int64_t G, bool permuted) {
   const int64_t M = a.M, K = a.K, ng = K / G;
   a.permuted = permuted;
-  a.q.assign(M * K, 0);
-  a.d.assign(M * ng, 0.f);
-  a.xsum.assign(M * ng, 0.f);
+  a.q.resize(M * K);
+  a.d.resize(M * ng);
+  a.xsum.resize(M * ng);
+#if QK_X86
+  if (use_avx2() && G % 8 == 0) {
+    int8_t tmp[64];
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < ng; ++g) {
+        int8_t* out = a.q.data() + m * K + g * G;
+        quantize_group_avx2(a.x + m * K + g * G, G, out, &a.d[m * ng + g], &a.xsum[m * ng + g]);
+        if (permuted)  // G % 64 == 0: each 64-column chunk as (even columns, odd columns)
+          for (int64_t c = 0; c < G; c += 64) {
+            std::memcpy(tmp, out + c, 64);
+            for (int j = 0; j < 64; ++j) out[c + (j & 1) * 32 + (j >> 1)] = tmp[j];
+          }
+      }
+    return;
+  }
+#endif
   for (int64_t m = 0; m < M; ++m) {
     const float* x = a.x + m * a.K;
     for (int64_t g = 0; g < ng; ++g) {
@@ -116,6 +168,27 @@ static void rows_scalar(const T* w, const Acts& a, int64_t m0, int64_t M, int64_
       float acc = 0.f;
       for (int64_t k = 0; k < K; ++k) acc += to_f32(wr[k]) * x[k];
       y[(m - m0) * ldy + n] = scales ? acc * s : acc;
+    }
+  }
+}
+
+// int8 weights against int8 activation codes (blocks of I8_BLOCK columns, each with its scale d):
+// y[m, n] = s[n] · Σ_b d[m, b] · Σ_{k∈b} q[n, k] · c[m, k]
+static void rows_i8q_scalar(const Weights& w, const Acts& a, int64_t m0, int64_t M, int64_t n0, int64_t n1, float* y,
+                            int64_t ldy) {
+  const int64_t K = w.K, nb = K / I8_BLOCK;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = static_cast<const int8_t*>(w.data) + n * K;
+    const float s = bf16_to_f32(w.aux[n]);
+    for (int64_t m = m0; m < m0 + M; ++m) {
+      const int8_t* q = a.q.data() + m * K;
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t dot = 0;
+        for (int64_t k = b * I8_BLOCK; k < (b + 1) * I8_BLOCK; ++k) dot += int32_t(wr[k]) * int32_t(q[k]);
+        acc += float(dot) * a.d[m * nb + b];
+      }
+      y[(m - m0) * ldy + n] = acc * s;
     }
   }
 }
@@ -208,20 +281,164 @@ QK_AVX2 static void rows_avx2(const T* w, const Acts& a, int64_t m0, int64_t M, 
   }
 }
 
-// int4 weight rows n .. n + R - 1 (G % 64 == 0) against MB rows of per-group int8 activation codes (permuted
-// layout): each 64-column chunk of a weight row is unpacked once and used MB times.
+// One int8 weight row against MB rows of int8 activation codes, per block of 32 columns: |w| · (x with w's sign) as
+// unsigned x signed byte products (maddubs; |w| <= 128 and |c| <= 127 keep the pair sums in int16), pairs summed to
+// int32, converted, scaled by the block's activation scale into U interleaved fp32 accumulators (U blocks in flight:
+// one accumulator chain would wait on the FMA latency).
+template <int MB, int U>
+QK_AVX2 static inline void i8q_block(const int8_t* wr, int64_t K, const Acts& a, int64_t m, int64_t b, int64_t nb,
+                                     __m256 (&acc)[MB][U], int u) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * I8_BLOCK));
+  const __m256i aw = _mm256_abs_epi8(wv);
+  for (int i = 0; i < MB; ++i) {
+    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + (m + i) * K + b * I8_BLOCK));
+    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xq, wv)), ones);
+    acc[i][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&a.d[(m + i) * nb + b]), acc[i][u]);
+  }
+}
+
+template <int MB, int U>
+QK_AVX2 static void tile_i8q(const Weights& w, int64_t n, const Acts& a, int64_t m, float* out, int64_t ldo) {
+  const int64_t K = w.K, nb = K / I8_BLOCK;
+  const int8_t* wr = static_cast<const int8_t*>(w.data) + n * K;
+  __m256 acc[MB][U];
+  for (int i = 0; i < MB; ++i)
+    for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + U <= nb; b += U)
+    for (int u = 0; u < U; ++u) i8q_block<MB, U>(wr, K, a, m, b + u, nb, acc, u);
+  for (; b < nb; ++b) i8q_block<MB, U>(wr, K, a, m, b, nb, acc, 0);
+  const float s = bf16_to_f32(w.aux[n]);
+  for (int i = 0; i < MB; ++i) {
+    __m256 t = acc[i][0];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[i][u]);
+    out[i * ldo] = hsum8(t) * s;
+  }
+}
+
+QK_AVX2 static void tile_i8q_rows(const Weights& w, int64_t n, const Acts& a, int64_t m0, int64_t M, float* y,
+                                  int64_t ldy) {
+  for (int64_t m = m0; m < m0 + M;) {
+    float* o = y + (m - m0) * ldy + n;
+    const int64_t left = m0 + M - m;
+    if (left >= 4) {
+      tile_i8q<4, 1>(w, n, a, m, o, ldy);
+      m += 4;
+    } else if (left >= 2) {
+      tile_i8q<2, 2>(w, n, a, m, o, ldy);
+      m += 2;
+    } else {
+      tile_i8q<1, 4>(w, n, a, m, o, ldy);
+      m += 1;
+    }
+  }
+}
+
+// One activation row against four weight rows, each walked to its end before the next (interleaved short streams
+// defeat the hardware prefetcher on weights that stream from memory), two accumulators per row; the four sums are
+// reduced together and scaled as one vector.
+QK_AVX2 static void quad_i8q(const Weights& w, int64_t n, const Acts& a, int64_t m, float* out) {
+  const int64_t K = w.K, nb = K / I8_BLOCK;
+  const int8_t* q = a.q.data() + m * K;
+  const float* d = a.d.data() + m * nb;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 sums[4];
+  for (int r = 0; r < 4; ++r) {
+    const int8_t* wr = static_cast<const int8_t*>(w.data) + (n + r) * K;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * I8_BLOCK));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + (b + 1) * I8_BLOCK));
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * I8_BLOCK));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (b + 1) * I8_BLOCK));
+      const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0)), ones);
+      const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1)), ones);
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(d + b), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(d + b + 1), acc1);
+    }
+    if (b < nb) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * I8_BLOCK));
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * I8_BLOCK));
+      const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0)), ones);
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(d + b), acc0);
+    }
+    sums[r] = _mm256_add_ps(acc0, acc1);
+  }
+  // [a0..a7], [b0..b7], [c..], [e..] -> (Σa, Σb, Σc, Σe)
+  const __m256 ab = _mm256_hadd_ps(sums[0], sums[1]), ce = _mm256_hadd_ps(sums[2], sums[3]);
+  const __m256 abce = _mm256_hadd_ps(ab, ce);  // per 128-bit lane: a, b, c, e partial sums
+  const __m128 total = _mm_add_ps(_mm256_castps256_ps128(abce), _mm256_extractf128_ps(abce, 1));
+  const __m128i sc = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.aux + n)));
+  _mm_storeu_ps(out, _mm_mul_ps(total, _mm_castsi128_ps(_mm_slli_epi32(sc, 16))));
+}
+
+QK_AVX2 static void rows_i8q_avx2(const Weights& w, const Acts& a, int64_t m0, int64_t M, int64_t n0, int64_t n1,
+                                  float* y, int64_t ldy) {
+  int64_t n = n0;
+  if (M == 1)
+    for (; n + 4 <= n1; n += 4) quad_i8q(w, n, a, m0, y + n);
+  // Several activation rows: one weight row at a time (two side by side measured no better with the weights
+  // streaming from memory, 1 thread: 3 rows 1.2x faster at K = 512, 1.25x slower at K = 2048)
+  for (; n < n1; ++n) tile_i8q_rows(w, n, a, m0, M, y, ldy);
+}
+
+// int4 weights, the vector code (G % 64 == 0). Rows are taken in blocks of 8 (`Block8`): their scales and zeros, which
+// lie side by side in scale_zero [K/G, N, 2], are turned into floats 8 at a time, and per activation row i the
+// factors s·d[i, g] and the constant part Σ_g (z - 8s)·Σx are computed as vectors over the 8 rows. The integer dot
+// products then only need a convert and an FMA per group. A row's groups lie N * 4 bytes apart in scale_zero: the
+// next block's lines are fetched ahead (the hardware prefetcher does not follow that stride).
+struct Block8 {
+  int64_t ng = 0, MB = 0;
+  std::vector<float> sd;    // [MB][ng][8]: s[n + r, g] · d[m + i, g]
+  std::vector<float> zsum;  // [MB][8]: Σ_g (z - 8 s)[n + r, g] · xsum[m + i, g]
+};
+
+// Rows n .. n + rows - 1 (rows <= 8; the missing ones get zero factors).
+QK_AVX2 static void block8_factors(const Weights& w, int64_t n, int rows, const Acts& a, int64_t m, int64_t MB,
+                                   Block8& f) {
+  const int64_t ng = w.K / w.G;
+  f.ng = ng;
+  f.MB = MB;
+  f.sd.resize(MB * ng * 8);
+  f.zsum.resize(MB * 8);
+  __m256 zs[4];
+  for (int64_t i = 0; i < MB; ++i) zs[i] = _mm256_setzero_ps();
+  const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
+  for (int64_t g = 0; g < ng; ++g) {
+    // 8 (scale, zero) bf16 pairs = 8 int32: scale in the low half, zero in the high half
+    const uint16_t* src = w.aux + (g * w.N + n) * 2;
+    __m256i sz;
+    if (rows == 8) {
+      sz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    } else {
+      uint16_t part[16] = {0};
+      std::memcpy(part, src, rows * 2 * sizeof(uint16_t));
+      sz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(part));
+    }
+    const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(sz, 16));
+    const __m256 zc = _mm256_castsi256_ps(_mm256_and_si256(sz, hi_mask));
+    const __m256 zp = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), sc, zc);  // z - 8 s
+    for (int64_t i = 0; i < MB; ++i) {
+      _mm256_storeu_ps(&f.sd[(i * ng + g) * 8], _mm256_mul_ps(sc, _mm256_set1_ps(a.d[(m + i) * ng + g])));
+      zs[i] = _mm256_fmadd_ps(zp, _mm256_set1_ps(a.xsum[(m + i) * ng + g]), zs[i]);
+    }
+  }
+  for (int64_t i = 0; i < MB; ++i) _mm256_storeu_ps(&f.zsum[i * 8], zs[i]);
+}
+
+// Weight rows n + r0 .. n + r0 + R - 1 of a block of 8 against MB activation rows (the block's factors in f):
+// each 64-column chunk of a weight row is unpacked once and used MB times.
 template <int R, int MB>
-QK_AVX2 static void tile_i4(const Weights& w, int64_t n, const Acts& a, int64_t m, float* out, int64_t ldo) {
+QK_AVX2 static void tile_i4(const Weights& w, int64_t n, int r0, const Acts& a, int64_t m, const Block8& f, float* out,
+                            int64_t ldo) {
   const int64_t K = w.K, G = w.G, ng = K / G;
-  const uint8_t* wr = static_cast<const uint8_t*>(w.data) + n * (K / 2);
+  const uint8_t* wr = static_cast<const uint8_t*>(w.data) + (n + r0) * (K / 2);
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[R][MB];
-  float zpart[R][MB];
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MB; ++i) {
-      acc[r][i] = _mm256_setzero_ps();
-      zpart[r][i] = 0.f;
-    }
+    for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     __m256i isum[R][MB];
     for (int r = 0; r < R; ++r)
@@ -243,62 +460,48 @@ QK_AVX2 static void tile_i4(const Weights& w, int64_t n, const Acts& a, int64_t 
         }
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const float s = w.scale(g, n + r), z = w.zero(g, n + r);
-      for (int i = 0; i < MB; ++i) {
-        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][i]), _mm256_set1_ps(s * a.d[(m + i) * ng + g]),
-                                    acc[r][i]);
-        zpart[r][i] += (z - 8.f * s) * a.xsum[(m + i) * ng + g];
-      }
-    }
+    for (int i = 0; i < MB; ++i)
+      for (int r = 0; r < R; ++r)
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][i]),
+                                    _mm256_broadcast_ss(&f.sd[(i * ng + g) * 8 + r0 + r]), acc[r][i]);
   }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MB; ++i) out[i * ldo + r] = hsum8(acc[r][i]) + zpart[r][i];
+    for (int i = 0; i < MB; ++i) out[i * ldo + r0 + r] = hsum8(acc[r][i]) + f.zsum[i * 8 + r0 + r];
 }
 
-template <int R>
-QK_AVX2 static void tile_i4_rows(const Weights& w, int64_t n, const Acts& a, int64_t m0, int64_t M, float* y,
-                                 int64_t ldy) {
-  constexpr int MB_MAX = R >= 2 ? 2 : 4;  // registers: R * MB integer and float accumulators
-  for (int64_t m = m0; m < m0 + M;) {
-    float* o = y + (m - m0) * ldy + n;
-    const int64_t left = m0 + M - m;
-    if (left >= MB_MAX) {
-      tile_i4<R, MB_MAX>(w, n, a, m, o, ldy);
-      m += MB_MAX;
-    } else if (left >= 2) {
-      tile_i4<R, 2>(w, n, a, m, o, ldy);
-      m += 2;
-    } else {
-      tile_i4<R, 1>(w, n, a, m, o, ldy);
-      m += 1;
-    }
-  }
+template <int MB>
+QK_AVX2 static void block8_i4(const Weights& w, int64_t n, int rows, const Acts& a, int64_t m, Block8& f, float* out,
+                              int64_t ldo) {
+  block8_factors(w, n, rows, a, m, MB, f);
+  int r = 0;
+  if (MB <= 2)  // two rows side by side: measured 10-20% faster than one at a time for one or two activation rows
+    for (; r + 2 <= rows; r += 2) tile_i4<2, MB>(w, n, r, a, m, f, out, ldo);
+  for (; r < rows; ++r) tile_i4<1, MB>(w, n, r, a, m, f, out, ldo);
 }
 
 QK_AVX2 static void rows_i4_avx2(const Weights& w, const Acts& a, int64_t m0, int64_t M, int64_t n0, int64_t n1,
                                  float* y, int64_t ldy) {
   const int64_t ng = w.K / w.G;
-  int64_t fetched = -1;
-  // scale_zero is [K/G, N, 2]: a row's groups lie N * 4 bytes apart, one cache line per group serves 16 rows.
-  // Fetch the next 16 rows' lines ahead (the hardware prefetcher does not follow this stride).
-  auto prefetch = [&](int64_t n) {
-    const int64_t block = (n >> 4) + 1;
-    if (block != fetched && block * 16 < w.N) {
-      fetched = block;
+  Block8 f;
+  for (int64_t n = n0; n < n1; n += 8) {
+    const int rows = int(std::min<int64_t>(8, n1 - n));
+    if (n + 16 <= w.N)
       for (int64_t g = 0; g < ng; ++g)
-        _mm_prefetch(reinterpret_cast<const char*>(w.aux + (g * w.N + block * 16) * 2), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w.aux + (g * w.N + n + 8) * 2), _MM_HINT_T0);
+    for (int64_t m = m0; m < m0 + M;) {
+      float* o = y + (m - m0) * ldy + n;
+      const int64_t left = m0 + M - m;
+      if (left >= 4) {
+        block8_i4<4>(w, n, rows, a, m, f, o, ldy);
+        m += 4;
+      } else if (left >= 2) {
+        block8_i4<2>(w, n, rows, a, m, f, o, ldy);
+        m += 2;
+      } else {
+        block8_i4<1>(w, n, rows, a, m, f, o, ldy);
+        m += 1;
+      }
     }
-  };
-  int64_t n = n0;
-  if (M <= 2)  // two rows side by side: measured 10-20% faster than one at a time for one or two activation rows
-    for (; n + 2 <= n1; n += 2) {
-      prefetch(n);
-      tile_i4_rows<2>(w, n, a, m0, M, y, ldy);
-    }
-  for (; n < n1; ++n) {
-    prefetch(n);
-    tile_i4_rows<1>(w, n, a, m0, M, y, ldy);
   }
 }
 #endif
@@ -313,7 +516,9 @@ static void rows(const Weights& w, const Acts& a, int64_t m0, int64_t M, int64_t
     switch (w.fmt) {
       case F32: return rows_avx2(static_cast<const float*>(w.data), a, m0, M, n0, n1, y, ldy, nullptr);
       case BF16: return rows_avx2(static_cast<const uint16_t*>(w.data), a, m0, M, n0, n1, y, ldy, nullptr);
-      case I8: return rows_avx2(static_cast<const int8_t*>(w.data), a, m0, M, n0, n1, y, ldy, w.aux);
+      case I8:
+        if (!a.q.empty()) return rows_i8q_avx2(w, a, m0, M, n0, n1, y, ldy);
+        return rows_avx2(static_cast<const int8_t*>(w.data), a, m0, M, n0, n1, y, ldy, w.aux);
       case I4:
         if (a.permuted) return rows_i4_avx2(w, a, m0, M, n0, n1, y, ldy);
         break;
@@ -323,13 +528,16 @@ static void rows(const Weights& w, const Acts& a, int64_t m0, int64_t M, int64_t
   switch (w.fmt) {
     case F32: return rows_scalar(static_cast<const float*>(w.data), a, m0, M, n0, n1, y, ldy, nullptr);
     case BF16: return rows_scalar(static_cast<const uint16_t*>(w.data), a, m0, M, n0, n1, y, ldy, nullptr);
-    case I8: return rows_scalar(static_cast<const int8_t*>(w.data), a, m0, M, n0, n1, y, ldy, w.aux);
+    case I8:
+      if (!a.q.empty()) return rows_i8q_scalar(w, a, m0, M, n0, n1, y, ldy);
+      return rows_scalar(static_cast<const int8_t*>(w.data), a, m0, M, n0, n1, y, ldy, w.aux);
     case I4: return rows_i4_scalar(w, a, m0, M, n0, n1, y, ldy);
   }
 }
 
 static void prepare(Acts& a, const Weights& w) {
   if (w.fmt == I4) quantize_acts(a, w.G, use_avx2() && i4_vector_ok(w));
+  if (w.fmt == I8 && w.K % I8_BLOCK == 0) quantize_acts(a, I8_BLOCK, false);
 }
 
 // ---- argument checks -----------------------------------------------------------------------------------------------
@@ -380,7 +588,8 @@ static Weights view_of(const at::Tensor& w, const c10::optional<at::Tensor>& aux
 }
 
 // Rows per work item: big enough to amortise the scheduling, small enough to split over threads.
-static int64_t row_block(int64_t N) { return std::max<int64_t>(16, std::min<int64_t>(256, N / 8)); }
+// A multiple of 8: the int4 code takes rows in blocks of 8.
+static int64_t row_block(int64_t N) { return (std::max<int64_t>(16, std::min<int64_t>(256, N / 8)) + 7) / 8 * 8; }
 
 // ---- ops -----------------------------------------------------------------------------------------------------------
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& aux, int64_t fmt,

@@ -19,7 +19,8 @@ canonical layout, and run few-row products (decode) faster than torch's kernel; 
 weight natively (`qwen3next::dequantize`), then F.linear.
 
 With the native kernels, a few fp32 rows run through `qwen3next::linear` for int8 and int4 alike ("native_linear" in
-`ops.dispatch`): no bf16 cast of the activations (int4: quantized per group to int8 inside the kernel).
+`ops.dispatch`): no bf16 cast of the activations; inside the kernel they are quantized to int8 (int4: per weight
+group; int8: per block of 32 columns, as llama.cpp's Q8_0 does), so the products are integer multiply-adds.
 """
 
 from __future__ import annotations
