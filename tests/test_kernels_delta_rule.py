@@ -124,3 +124,73 @@ def test_the_layer_takes_the_native_path_and_matches_the_torch_path(use_cache, m
     native_out = run(True)
     assert len(calls) == (2 if use_cache else 1) * len(model.config.linear_layers)
     torch.testing.assert_close(native_out, torch_out, atol=2e-4, rtol=1e-4)
+
+
+# ---- one decode token, in place in the pool (qwen3next::gated_delta_decode) -----------------------------------------
+@pytest.mark.parametrize("shape", [
+    (1, 2, 4, 16, 32, 5),   # one 32-column block, grouped heads
+    (3, 1, 3, 5, 48, 7),    # a 32-column block and a 16-column one, odd K
+    (2, 2, 2, 12, 24, 4),   # a 24-column tail: the scalar code under AVX2
+    (4, 2, 2, 64, 8, 9),    # an 8-column block
+])
+def test_decode_step_matches_the_recurrence_in_place(isa, shape):
+    """One token for B sequences in scattered slots: o and the new state equal the literal recurrence (float64);
+    the state lands in its own pool row and no other row changes."""
+    B, H, HV, K, V, S = shape
+    q, k, v, g, beta, _ = _inputs(B, 1, H, HV, K, V, seed=sum(shape))
+    pool = torch.randn(S, HV, K, V, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    slots = torch.randperm(S, generator=torch.Generator().manual_seed(5))[:B]
+    o_ref, s_ref = naive_gated_delta_rule(q, k, v, g, beta, pool[slots])
+    # strided inputs, as the layer passes them: k a slice of a wider tensor, v a view with a row stride
+    qk = torch.cat([q[:, 0], k[:, 0]], dim=1).float()
+    v_wide = torch.cat([torch.zeros(B, HV, 3, dtype=torch.float64), v[:, 0]], dim=-1).float()[:, :, 3:]
+    assert v_wide.stride(1) == V + 3 and qk[:, H:].stride(0) == 2 * H * K
+    got = pool.float()
+    before = got.clone()
+    o = kernels.gated_delta_decode(qk[:, :H].contiguous(), qk[:, H:], v_wide, g[:, 0].float(), beta[:, 0].float(),
+                                   got, slots)
+    torch.testing.assert_close(o.double(), o_ref[:, 0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[slots].double(), s_ref, atol=2e-5, rtol=1e-5)
+    others = torch.ones(S, dtype=torch.bool)
+    others[slots] = False
+    assert torch.equal(got[others], before[others])
+
+
+def test_decode_step_bad_arguments_are_clear_errors():
+    q, k, v, g, beta, _ = (None if x is None else x.float()[:, 0] for x in _inputs(2, 1, 1, 2, 8, 8, state=False))
+    pool = torch.zeros(3, 2, 8, 8)
+    with pytest.raises(RuntimeError, match="slot 3 outside the pool's 3 slots"):
+        kernels.gated_delta_decode(q, k, v, g, beta, pool, torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="slot 1 appears twice"):
+        kernels.gated_delta_decode(q, k, v, g, beta, pool, torch.tensor([1, 1]))
+    with pytest.raises(RuntimeError, match="pool must be a contiguous"):
+        kernels.gated_delta_decode(q, k, v, g, beta, pool[:, :1], torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="slots must be int64"):
+        kernels.gated_delta_decode(q, k, v, g, beta, pool, torch.tensor([0, 1], dtype=torch.int32))
+
+
+def test_decode_steps_take_the_native_path_and_match_the_torch_path(monkeypatch):
+    """Greedy decoding through the cache (the torch path updates the pool rows through a view) with the
+    kernels on equals the torch path's logits to fp32 rounding, and the in-place kernel really ran."""
+    model = make_model(seed=6).float().eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+
+    def run(native: bool) -> torch.Tensor:
+        previous = kernels.set_enabled(native)
+        try:
+            with torch.no_grad():
+                cache = model.new_cache(2, 20)
+                logits = [model(prompt, cache)[:, -1]]
+                for _ in range(5):
+                    logits.append(model(logits[-1].argmax(-1, keepdim=True), cache)[:, -1])
+                return torch.stack(logits, 1)
+        finally:
+            kernels.set_enabled(previous)
+
+    torch_out = run(False)
+    calls = []
+    real = kernels.gated_delta_decode
+    monkeypatch.setattr(kernels, "gated_delta_decode", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    native_out = run(True)
+    assert len(calls) == 5 * len(model.config.linear_layers)
+    torch.testing.assert_close(native_out, torch_out, atol=2e-4, rtol=1e-4)

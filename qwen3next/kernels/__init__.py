@@ -3,7 +3,7 @@
 Decode with a few tokens is a stream of weight reads: every step reads each active weight once. torch has no CPU
 kernel that streams bf16-stored, int8 or int4 weights at memory bandwidth on machines without bf16 units (its int8
 and int4 kernels want bf16 activations, a cast per call, and cost more per call than the bytes they save), so this
-package adds three ops, registered with torch as `torch.ops.qwen3next.*` (opaque to torch.compile):
+package adds these ops, registered with torch as `torch.ops.qwen3next.*` (opaque to torch.compile):
 
 - `linear(x, w, aux, fmt, group_size)`: y = x · Wᵀ for x fp32 [M, K] (few rows) and W stored as fp32 (`fmt` 32),
   bf16 (16), int8 with a bf16 scale per output row (8; `aux` = scales [N]) or int4 (4; `aux` = scale_zero
@@ -11,6 +11,9 @@ package adds three ops, registered with torch as `torch.ops.qwen3next.*` (opaque
 - `moe(x, weights, ids, gate_up, gate_up_aux, down, down_aux, fmt, group_size)`: the routed experts of a MoE layer
   over stacked weights [E, 2I, D] / [E, D, I] in one call (pairs grouped by expert; SwiGLU; weighted sum).
 - `dequantize(w, aux, fmt, group_size)`: an int8 / int4 weight as fp32, in one pass (prefill: then one GEMM).
+- `gated_delta_rule(q, k, v, g, beta, state)`: a prompt's delta rule token by token (delta_rule.cpp);
+  `gated_delta_decode(q, k, v, g, beta, pool, slots)`: one decode token, the state updated in place in its pool row.
+- `decode_attention(q, k_pool, v_pool, rows, lens, scale)`: a decode step's attention over paged K/V rows.
 
 Numerics: fp32 activations and accumulation for fp32 and bf16 weights. For int4 weights the activations are
 quantized per weight group to int8 (scale amax / 127, round half to even) and the constant part of each group uses
@@ -135,6 +138,10 @@ def _register_fakes() -> None:
     def _attention_fake(q, k_pool, v_pool, rows, lens, scale):
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("qwen3next::gated_delta_decode")
+    def _delta_decode_fake(q, k, v, g, beta, pool, slots):
+        return v.new_empty(v.shape[0], v.shape[1], v.shape[2])
+
     @torch.library.register_fake("qwen3next::gated_delta_rule")
     def _delta_fake(q, k, v, g, beta, state):
         return v.new_empty(v.shape), state.new_empty(state.shape)
@@ -188,6 +195,16 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     if state is None:
         state = q.new_zeros(q.shape[0], v.shape[2], q.shape[3], v.shape[3])
     return torch.ops.qwen3next.gated_delta_rule(q, k, v, g, beta, state)
+
+
+def gated_delta_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                       pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """One decode token per sequence through the gated delta rule, in C++ (delta_rule.cpp), the recurrent state
+    updated IN PLACE in the pool: fp32 q, k [B, H, K] (normalised, q scaled), v [B, HV, V], g, beta [B, HV], pool
+    [S, HV, K, V] contiguous, slots [B] int64 (distinct) -> o [B, HV, V]. Each state is read once and written once,
+    where it lies (no gather, no copy back). Twin: `ops.gated_delta.gated_delta_step` on the gathered rows."""
+    _require()
+    return torch.ops.qwen3next.gated_delta_decode(q, k, v, g, beta, pool, slots)
 
 
 def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor,

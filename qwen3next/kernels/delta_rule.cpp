@@ -146,6 +146,73 @@ QK_AVX2 void item_avx2(const DeltaArgs& a, int64_t b, int64_t j, int64_t c0) {
 }
 #endif
 
+// ---- one decode token, in place in the pool (gated_delta_decode) ------------------------------------------------
+struct DecodeArgs {
+  const float *q, *k, *v, *g, *beta;
+  float *pool, *o;
+  const int64_t* slots;
+  int64_t H, HV, K, V;
+  int64_t qb, qh, kb, kh, vb, vh, gb, bb;  // strides (the last dims are contiguous)
+};
+
+// Scalar: sequence b, value head j, columns c0 .. c0 + nc - 1 of its state row in the pool.
+void decode_scalar(const DecodeArgs& a, int64_t b, int64_t j, int64_t c0, int64_t nc) {
+  const int64_t K = a.K, V = a.V, hk = j / (a.HV / a.H);
+  float* S = a.pool + ((a.slots[b] * a.HV + j) * K) * V + c0;
+  const float *kt = a.k + b * a.kb + hk * a.kh, *qt = a.q + b * a.qb + hk * a.qh, *vt = a.v + b * a.vb + j * a.vh + c0;
+  const float al = std::exp(a.g[b * a.gb + j]), be = a.beta[b * a.bb + j];
+  float qk = 0.f;
+  for (int64_t r = 0; r < K; ++r) qk += qt[r] * kt[r];
+  std::vector<float> sk(nc, 0.f), sq(nc, 0.f), u(nc);
+  for (int64_t r = 0; r < K; ++r)
+    for (int64_t c = 0; c < nc; ++c) {
+      sk[c] += kt[r] * S[r * V + c];
+      sq[c] += qt[r] * S[r * V + c];
+    }
+  float* ot = a.o + (b * a.HV + j) * V + c0;
+  for (int64_t c = 0; c < nc; ++c) {
+    u[c] = be * (vt[c] - al * sk[c]);
+    ot[c] = al * sq[c] + qk * u[c];
+  }
+  for (int64_t r = 0; r < K; ++r)
+    for (int64_t c = 0; c < nc; ++c) S[r * V + c] = al * S[r * V + c] + kt[r] * u[c];
+}
+
+#if QK_X86
+// AVX2, NV * 8 columns: one pass over the block for Sᵀk and Sᵀq, one that rewrites it (the block, K x NV * 8 floats,
+// is still in L1 for the second).
+template <int NV>
+QK_AVX2 void decode_avx2(const DecodeArgs& a, int64_t b, int64_t j, int64_t c0) {
+  const int64_t K = a.K, V = a.V, hk = j / (a.HV / a.H);
+  float* S = a.pool + ((a.slots[b] * a.HV + j) * K) * V + c0;
+  const float *kt = a.k + b * a.kb + hk * a.kh, *qt = a.q + b * a.qb + hk * a.qh, *vt = a.v + b * a.vb + j * a.vh + c0;
+  const float al = std::exp(a.g[b * a.gb + j]), be = a.beta[b * a.bb + j];
+  __m256 sk[NV], sq[NV], u[NV];
+  for (int n = 0; n < NV; ++n) sk[n] = sq[n] = _mm256_setzero_ps();
+  for (int64_t r = 0; r < K; ++r) {
+    const __m256 kr = _mm256_set1_ps(kt[r]), qr = _mm256_set1_ps(qt[r]);
+    for (int n = 0; n < NV; ++n) {
+      const __m256 x = _mm256_loadu_ps(S + r * V + 8 * n);
+      sk[n] = _mm256_fmadd_ps(kr, x, sk[n]);
+      sq[n] = _mm256_fmadd_ps(qr, x, sq[n]);
+    }
+  }
+  const __m256 alv = _mm256_set1_ps(al), bev = _mm256_set1_ps(be), qkv = _mm256_set1_ps(dot8(qt, kt, K));
+  float* ot = a.o + (b * a.HV + j) * V + c0;
+  for (int n = 0; n < NV; ++n) {  // u = beta (v - a Sᵀk);  o = a Sᵀq + (q·k) u
+    u[n] = _mm256_mul_ps(bev, _mm256_fnmadd_ps(alv, sk[n], _mm256_loadu_ps(vt + 8 * n)));
+    _mm256_storeu_ps(ot + 8 * n, _mm256_fmadd_ps(qkv, u[n], _mm256_mul_ps(alv, sq[n])));
+  }
+  for (int64_t r = 0; r < K; ++r) {  // S = a S + k uᵀ
+    const __m256 kr = _mm256_set1_ps(kt[r]);
+    for (int n = 0; n < NV; ++n) {
+      float* p = S + r * V + 8 * n;
+      _mm256_storeu_ps(p, _mm256_fmadd_ps(kr, u[n], _mm256_mul_ps(alv, _mm256_loadu_ps(p))));
+    }
+  }
+}
+#endif
+
 void check(const at::Tensor& x, const char* name, int64_t dim) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "gated_delta_rule: ", name,
               " must be a float32 CPU tensor");
@@ -210,10 +277,78 @@ std::tuple<at::Tensor, at::Tensor> gated_delta_rule(const at::Tensor& q, const a
   return {o, s1};
 }
 
+// One decode token per sequence, the recurrent state updated IN PLACE in its row of the slot pool: q, k [B, H, K],
+// v [B, HV, V], g, beta [B, HV] (last dims contiguous), pool [S, HV, K, V] contiguous, slots [B] int64 (distinct, in
+// 0..S-1). Returns o [B, HV, V]. The state is read once and written once; nothing is gathered or copied back.
+at::Tensor gated_delta_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                              const at::Tensor& beta, at::Tensor& pool, const at::Tensor& slots) {
+  check(q, "q", 3);
+  check(k, "k", 3);
+  check(v, "v", 3);
+  check(g, "g", 2);
+  check(beta, "beta", 2);
+  check(pool, "pool", 4);
+  const int64_t B = q.size(0), H = q.size(1), K = q.size(2), HV = v.size(1), V = v.size(2), S = pool.size(0);
+  TORCH_CHECK(k.sizes() == q.sizes() && H > 0 && K > 0, "gated_delta_decode: k must have q's shape [B, H, K]");
+  TORCH_CHECK(v.size(0) == B && HV % H == 0, "gated_delta_decode: v must be [B, HV, V] with HV % H == 0");
+  TORCH_CHECK(g.size(0) == B && g.size(1) == HV && beta.sizes() == g.sizes(),
+              "gated_delta_decode: g and beta must be [B, HV]");
+  TORCH_CHECK(pool.is_contiguous() && pool.size(1) == HV && pool.size(2) == K && pool.size(3) == V,
+              "gated_delta_decode: pool must be a contiguous [S, HV, K, V] = [S, ", HV, ", ", K, ", ", V, "]");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && g.stride(1) == 1 && beta.stride(1) == 1,
+              "gated_delta_decode: q, k, v, g, beta need a contiguous last dimension");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == B && slots.scalar_type() == at::kLong && slots.device().is_cpu(),
+              "gated_delta_decode: slots must be int64 [B]");
+  const at::Tensor sl = slots.contiguous();
+  const int64_t* sp = sl.const_data_ptr<int64_t>();
+  {
+    std::vector<bool> seen(S, false);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(sp[b] >= 0 && sp[b] < S, "gated_delta_decode: slot ", sp[b], " outside the pool's ", S, " slots");
+      TORCH_CHECK(!seen[sp[b]], "gated_delta_decode: slot ", sp[b], " appears twice");
+      seen[sp[b]] = true;
+    }
+  }
+  at::Tensor o = at::empty({B, HV, V}, q.options());
+  DecodeArgs a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), g.data_ptr<float>(),
+               beta.data_ptr<float>(), pool.data_ptr<float>(), o.data_ptr<float>(), sp, H, HV, K, V,
+               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
+               beta.stride(0)};
+  const int64_t blocks = (V + kBlock - 1) / kBlock, items = B * HV * blocks;
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, items, 4, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (HV * blocks), j = (i / blocks) % HV, c0 = (i % blocks) * kBlock;
+      const int64_t nc = std::min(kBlock, V - c0);
+#if QK_X86
+      if (avx2 && nc == kBlock) {
+        decode_avx2<4>(a, b, j, c0);
+        continue;
+      }
+      if (avx2 && nc == 16) {
+        decode_avx2<2>(a, b, j, c0);
+        continue;
+      }
+      if (avx2 && nc == 8) {
+        decode_avx2<1>(a, b, j, c0);
+        continue;
+      }
+#endif
+      decode_scalar(a, b, j, c0, nc);
+    }
+  });
+  return o;
+}
+
 }  // namespace qk
 
 TORCH_LIBRARY_FRAGMENT(qwen3next, m) {
   m.def("gated_delta_rule(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor state) -> (Tensor, Tensor)");
+  m.def("gated_delta_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) pool, Tensor slots) "
+        "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(qwen3next, CPU, m) { m.impl("gated_delta_rule", &qk::gated_delta_rule); }
+TORCH_LIBRARY_IMPL(qwen3next, CPU, m) {
+  m.impl("gated_delta_rule", &qk::gated_delta_rule);
+  m.impl("gated_delta_decode", &qk::gated_delta_decode);
+}

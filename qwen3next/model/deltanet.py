@@ -214,8 +214,11 @@ class GatedDeltaNet(nn.Module):
         v = qkv[:, 2 * self.key_dim:].view(B, HV, V)
         beta = torch.sigmoid(b.to(dtype))
         g = F.softplus(a.to(dtype) + self.dt_bias.to(dtype)).mul_(torch.exp(self.A_log.to(dtype)).neg_())
-        o = gated_delta_step(q, k, v, g, beta, rec_rows.read())
-        rec_rows.commit()
+        if native_kernels(q) and dtype == torch.float32:  # in C++, in place in the pool rows (no gather, no copy back)
+            o = kernels.gated_delta_decode(q, k, v, g, beta, rec_rows.pool, rec_rows.slots.index)
+        else:
+            o = gated_delta_step(q, k, v, g, beta, rec_rows.read())
+            rec_rows.commit()
         z = qkvz[:, self.conv_dim:].reshape(B, HV, V)
         return self.out_proj(self.norm(o, z).reshape(B, HV * V))
 
