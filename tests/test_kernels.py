@@ -90,7 +90,8 @@ def test_int4_twin_is_the_dequantized_product_up_to_activation_rounding():
 
 def test_int8_activations_are_rounded_per_block_of_32_only_where_k_allows():
     """int8 weights: with K a multiple of 32 the activations are rounded to int8 per 32 columns (the only
-    approximation, ~1/254 of a block's largest entry); other K keep fp32 activations, exactly the dequantized product."""
+    approximation, ~1/254 of a block's largest entry); other K keep fp32 activations, exactly the dequantized
+    product."""
     from qwen3next.quant.linear import dequantize_int8
     gen = torch.Generator().manual_seed(2)
     for K, bound in ((256, 1e-2), (200, 1e-5), (33, 1e-5)):

@@ -142,10 +142,10 @@ FAST_PATHS: tuple[FastPath, ...] = (
     FastPath(
         "native_linear",
         "`x Wᵀ` for a few rows through the C++ weight-streaming kernel `qwen3next::linear` (qwen3next/kernels): fp32, "
-        "bf16-stored, int8 and int4 weights, fp32 activations (int8/int4: quantized to int8 per block of 32 columns / per "
-        "weight group inside the kernel). Measured, 1 thread, "
-        "one row, 32000 x 512: fp32 2.8 ms vs oneDNN 5.0; bf16 1.7 vs 4.1 (F.linear in bf16); int8 1.1 vs 1.7 "
-        "(`_weight_int8pack_mm`); int4 0.65 vs 0.97 (`_weight_int4pack_mm_for_cpu`). More rows of an int8/int4 weight "
+        "bf16-stored, int8 and int4 weights, fp32 activations (int8 / int4: rounded to int8 per block of 32 columns / "
+        "per weight group inside the kernel). Measured, 1 thread, one row, 32000 x 512: fp32 2.8 ms vs oneDNN 5.0; "
+        "bf16 1.7 vs 4.1 (F.linear in bf16); int8 0.62 vs 1.7 (`_weight_int8pack_mm`); int4 0.46 vs 0.97 "
+        "(`_weight_int4pack_mm_for_cpu`). More rows of an int8/int4 weight "
         "(prefill): the weight dequantized by the native `qwen3next::dequantize`, then one fp32 GEMM",
         "kernels built and switched on; CPU; fp32 x; no gradient; at most threshold x NATIVE_ROWS_FACTOR rows "
         "(ops/linear.py, measured per format: fp32 and int8 8, bf16 16, int4 64); fp32 weights of at least "
