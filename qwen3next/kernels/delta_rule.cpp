@@ -213,10 +213,9 @@ QK_AVX2 void decode_avx2(const DecodeArgs& a, int64_t b, int64_t j, int64_t c0) 
 }
 #endif
 
-void check(const at::Tensor& x, const char* name, int64_t dim) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "gated_delta_rule: ", name,
-              " must be a float32 CPU tensor");
-  TORCH_CHECK(x.dim() == dim, "gated_delta_rule: ", name, " must have ", dim, " dims, got ", x.dim());
+void check(const at::Tensor& x, const char* name, int64_t dim, const char* op = "gated_delta_rule") {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, op, ": ", name, " must be a float32 CPU tensor");
+  TORCH_CHECK(x.dim() == dim, op, ": ", name, " must have ", dim, " dims, got ", x.dim());
 }
 
 }  // namespace
@@ -282,12 +281,13 @@ std::tuple<at::Tensor, at::Tensor> gated_delta_rule(const at::Tensor& q, const a
 // 0..S-1). Returns o [B, HV, V]. The state is read once and written once; nothing is gathered or copied back.
 at::Tensor gated_delta_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                               const at::Tensor& beta, at::Tensor& pool, const at::Tensor& slots) {
-  check(q, "q", 3);
-  check(k, "k", 3);
-  check(v, "v", 3);
-  check(g, "g", 2);
-  check(beta, "beta", 2);
-  check(pool, "pool", 4);
+  const char* op = "gated_delta_decode";
+  check(q, "q", 3, op);
+  check(k, "k", 3, op);
+  check(v, "v", 3, op);
+  check(g, "g", 2, op);
+  check(beta, "beta", 2, op);
+  check(pool, "pool", 4, op);
   const int64_t B = q.size(0), H = q.size(1), K = q.size(2), HV = v.size(1), V = v.size(2), S = pool.size(0);
   TORCH_CHECK(k.sizes() == q.sizes() && H > 0 && K > 0, "gated_delta_decode: k must have q's shape [B, H, K]");
   TORCH_CHECK(v.size(0) == B && HV % H == 0, "gated_delta_decode: v must be [B, HV, V] with HV % H == 0");

@@ -215,7 +215,7 @@ class GatedDeltaNet(nn.Module):
         beta = torch.sigmoid(b.to(dtype))
         g = F.softplus(a.to(dtype) + self.dt_bias.to(dtype)).mul_(torch.exp(self.A_log.to(dtype)).neg_())
         if native_kernels(q) and dtype == torch.float32:  # in C++, in place in the pool rows (no gather, no copy back)
-            o = kernels.gated_delta_decode(q, k, v, g, beta, rec_rows.pool, rec_rows.slots.index)
+            o = kernels.gated_delta_decode(q, k, v.to(dtype), g, beta, rec_rows.pool, rec_rows.slots.index)
         else:
             o = gated_delta_step(q, k, v, g, beta, rec_rows.read())
             rec_rows.commit()
