@@ -281,19 +281,27 @@ QK_AVX2 static void rows_avx2(const T* w, const Acts& a, int64_t m0, int64_t M, 
   }
 }
 
-// One int8 weight row against MB rows of int8 activation codes, per block of 32 columns: |w| · (x with w's sign) as
-// unsigned x signed byte products (maddubs; |w| <= 128 and |c| <= 127 keep the pair sums in int16), pairs summed to
-// int32, converted, scaled by the block's activation scale into U interleaved fp32 accumulators (U blocks in flight:
-// one accumulator chain would wait on the FMA latency).
+// Σ w·c over one block of 32 int8 weights and 32 activation codes, as 8 int32 partial sums: |w| · (c with w's sign)
+// as unsigned x signed byte products (maddubs; |w| <= 128 and |c| <= 127 keep the pair sums in int16), pairs summed
+// to int32.
+QK_AVX2 static inline __m256i dot32_i8(__m256i wv, const int8_t* codes) {
+  const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xq, wv)), _mm256_set1_epi16(1));
+}
+
+QK_AVX2 static inline __m256i load32(const int8_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// One int8 weight row against MB rows of int8 activation codes, per block of 32 columns (`dot32_i8`), each block's
+// sums converted and scaled by its activation scale into U interleaved fp32 accumulators (U blocks in flight: one
+// accumulator chain would wait on the FMA latency).
 template <int MB, int U>
 QK_AVX2 static inline void i8q_block(const int8_t* wr, int64_t K, const Acts& a, int64_t m, int64_t b, int64_t nb,
                                      __m256 (&acc)[MB][U], int u) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * I8_BLOCK));
-  const __m256i aw = _mm256_abs_epi8(wv);
+  const __m256i wv = load32(wr + b * I8_BLOCK);
   for (int i = 0; i < MB; ++i) {
-    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + (m + i) * K + b * I8_BLOCK));
-    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xq, wv)), ones);
+    const __m256i p = dot32_i8(wv, a.q.data() + (m + i) * K + b * I8_BLOCK);
     acc[i][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&a.d[(m + i) * nb + b]), acc[i][u]);
   }
 }
@@ -342,28 +350,20 @@ QK_AVX2 static void quad_i8q(const Weights& w, int64_t n, const Acts& a, int64_t
   const int64_t K = w.K, nb = K / I8_BLOCK;
   const int8_t* q = a.q.data() + m * K;
   const float* d = a.d.data() + m * nb;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 sums[4];
   for (int r = 0; r < 4; ++r) {
     const int8_t* wr = static_cast<const int8_t*>(w.data) + (n + r) * K;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * I8_BLOCK));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + (b + 1) * I8_BLOCK));
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * I8_BLOCK));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (b + 1) * I8_BLOCK));
-      const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0)), ones);
-      const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1)), ones);
+      const __m256i p0 = dot32_i8(load32(wr + b * I8_BLOCK), q + b * I8_BLOCK);
+      const __m256i p1 = dot32_i8(load32(wr + (b + 1) * I8_BLOCK), q + (b + 1) * I8_BLOCK);
       acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(d + b), acc0);
       acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(d + b + 1), acc1);
     }
-    if (b < nb) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * I8_BLOCK));
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * I8_BLOCK));
-      const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0)), ones);
-      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(d + b), acc0);
-    }
+    if (b < nb)
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(load32(wr + b * I8_BLOCK), q + b * I8_BLOCK)),
+                             _mm256_broadcast_ss(d + b), acc0);
     sums[r] = _mm256_add_ps(acc0, acc1);
   }
   // [a0..a7], [b0..b7], [c..], [e..] -> (Σa, Σb, Σc, Σe)
@@ -390,7 +390,6 @@ QK_AVX2 static void rows_i8q_avx2(const Weights& w, const Acts& a, int64_t m0, i
 // products then only need a convert and an FMA per group. A row's groups lie N * 4 bytes apart in scale_zero: the
 // next block's lines are fetched ahead (the hardware prefetcher does not follow that stride).
 struct Block8 {
-  int64_t ng = 0, MB = 0;
   std::vector<float> sd;    // [MB][ng][8]: s[n + r, g] · d[m + i, g]
   std::vector<float> zsum;  // [MB][8]: Σ_g (z - 8 s)[n + r, g] · xsum[m + i, g]
 };
@@ -399,8 +398,6 @@ struct Block8 {
 QK_AVX2 static void block8_factors(const Weights& w, int64_t n, int rows, const Acts& a, int64_t m, int64_t MB,
                                    Block8& f) {
   const int64_t ng = w.K / w.G;
-  f.ng = ng;
-  f.MB = MB;
   f.sd.resize(MB * ng * 8);
   f.zsum.resize(MB * 8);
   __m256 zs[4];
