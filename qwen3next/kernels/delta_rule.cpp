@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "isa.h"
@@ -213,6 +214,20 @@ QK_AVX2 void decode_avx2(const DecodeArgs& a, int64_t b, int64_t j, int64_t c0) 
 }
 #endif
 
+#if QK_X86
+// Runs run(std::integral_constant<int, NV>{}) for a block of NV * 8 = 32, 16 or 8 columns and returns true; other
+// widths return false (the caller runs the scalar code).
+template <class F>
+bool with_vectors(int64_t nc, F&& run) {
+  switch (nc) {
+    case 32: run(std::integral_constant<int, 4>{}); return true;
+    case 16: run(std::integral_constant<int, 2>{}); return true;
+    case 8: run(std::integral_constant<int, 1>{}); return true;
+    default: return false;
+  }
+}
+#endif
+
 void check(const at::Tensor& x, const char* name, int64_t dim, const char* op = "gated_delta_rule") {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, op, ": ", name, " must be a float32 CPU tensor");
   TORCH_CHECK(x.dim() == dim, op, ": ", name, " must have ", dim, " dims, got ", x.dim());
@@ -257,18 +272,7 @@ std::tuple<at::Tensor, at::Tensor> gated_delta_rule(const at::Tensor& q, const a
       const int64_t b = i / (HV * blocks), j = (i / blocks) % HV, c0 = (i % blocks) * kBlock;
       const int64_t nc = std::min(kBlock, V - c0);
 #if QK_X86
-      if (avx2 && nc == kBlock) {
-        item_avx2<4>(a, b, j, c0);
-        continue;
-      }
-      if (avx2 && nc == 16) {
-        item_avx2<2>(a, b, j, c0);
-        continue;
-      }
-      if (avx2 && nc == 8) {
-        item_avx2<1>(a, b, j, c0);
-        continue;
-      }
+      if (avx2 && with_vectors(nc, [&](auto nv) { item_avx2<decltype(nv)::value>(a, b, j, c0); })) continue;
 #endif
       item_scalar(a, b, j, c0, nc);
     }
@@ -321,18 +325,7 @@ at::Tensor gated_delta_decode(const at::Tensor& q, const at::Tensor& k, const at
       const int64_t b = i / (HV * blocks), j = (i / blocks) % HV, c0 = (i % blocks) * kBlock;
       const int64_t nc = std::min(kBlock, V - c0);
 #if QK_X86
-      if (avx2 && nc == kBlock) {
-        decode_avx2<4>(a, b, j, c0);
-        continue;
-      }
-      if (avx2 && nc == 16) {
-        decode_avx2<2>(a, b, j, c0);
-        continue;
-      }
-      if (avx2 && nc == 8) {
-        decode_avx2<1>(a, b, j, c0);
-        continue;
-      }
+      if (avx2 && with_vectors(nc, [&](auto nv) { decode_avx2<decltype(nv)::value>(a, b, j, c0); })) continue;
 #endif
       decode_scalar(a, b, j, c0, nc);
     }
