@@ -354,8 +354,9 @@ def test_bf16_experts_under_torch_compile_with_many_tokens():
 
 
 # ---- decode attention ------------------------------------------------------------------------------------------------
-# D: a multiple of 16 (the vector code), of 8 only, and 12 (the scalar code); G = H / HKV query heads per K/V head.
-@pytest.mark.parametrize(("H", "HKV", "D"), [(8, 2, 64), (3, 1, 24), (6, 3, 12), (2, 2, 256)])
+# D: multiples of 64 (the vector code's 64-column value blocks), 72 (one block and a tail of 8), a multiple of 8 only,
+# and 12 (the scalar code); G = H / HKV query heads per K/V head.
+@pytest.mark.parametrize(("H", "HKV", "D"), [(8, 2, 64), (4, 2, 72), (3, 1, 24), (6, 3, 12), (2, 2, 256)])
 def test_decode_attention_matches_its_twin(isa, H, HKV, D):
     gen = torch.Generator().manual_seed(H * D)
     B, R, L = 3, 200, 150  # more keys than one block of 64, rows scattered over the pools

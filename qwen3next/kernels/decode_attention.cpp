@@ -109,23 +109,59 @@ QK_AVX2 static inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// The same for D % 8 == 0, everything inlined: per block, the scores of each key row for the G heads (the row read
-// once, from memory), then per head and per 8 columns of the output one register accumulating over the block's value
-// rows (which stay in L1 after the first head).
+// q · k for eight key rows at once (D % 8 == 0): eight independent accumulators (one dot product at a time would wait
+// on the FMA latency and end in a horizontal sum per score), reduced together into one vector of the 8 scores.
+QK_AVX2 static inline __m256 dot_8keys(const float* q, const float* const* k, int64_t D) {
+  __m256 s[8];
+  for (int i = 0; i < 8; ++i) s[i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int i = 0; i < 8; ++i) s[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i] + d), s[i]);
+  }
+  // hadd pairs, twice: [key 0..3 (lanes 0-3 summed) | key 0..3 (lanes 4-7)] and the same for keys 4..7
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// acc[0 .. 8 W) = fix · acc + Σ_t p[t] · v[t][0 .. 8 W): W registers accumulating over the keys, independent chains.
+template <int W>
+QK_AVX2 static inline void weighted_rows(float* acc, float fix, const float* p, const float* const* v, int64_t nk,
+                                         int64_t d0) {
+  __m256 r[W];
+  const __m256 f = _mm256_set1_ps(fix);
+  for (int i = 0; i < W; ++i) r[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), f);
+  for (int64_t t = 0; t < nk; ++t) {
+    const __m256 w = _mm256_set1_ps(p[t]);
+    for (int i = 0; i < W; ++i) r[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v[t] + d0 + 8 * i), r[i]);
+  }
+  for (int i = 0; i < W; ++i) _mm256_storeu_ps(acc + 8 * i, r[i]);
+}
+
+// The same for D % 8 == 0, everything inlined: per block, the scores of the G heads eight keys at a time (the key rows
+// come from memory for the first head, from L1 for the others), then per head the running output rescaled and the
+// block's value rows added, 64 columns at a time in eight registers.
 QK_AVX2 void attend_avx2(const AttnArgs& a, int64_t b, int64_t j, float* scores, float* acc) {
   const int64_t G = a.H / a.HKV, D = a.D, n = a.lens[b];
   const float* q = a.q + (b * a.H + j * G) * D;
   const int64_t* rows = a.rows + b * a.L;
   std::vector<float> m(G, -std::numeric_limits<float>::infinity()), sum(G, 0.f);
   std::fill(acc, acc + G * D, 0.f);
+  const float* krow[kKeys];
   const float* vrow[kKeys];
+  const __m256 scale = _mm256_set1_ps(a.scale);
   for (int64_t l0 = 0; l0 < n; l0 += kKeys) {
     const int64_t nk = std::min(kKeys, n - l0);
     for (int64_t t = 0; t < nk; ++t) {
       const int64_t r = rows[l0 + t] * a.HKV + j;
-      const float* kr = a.k + r * D;
+      krow[t] = a.k + r * D;
       vrow[t] = a.v + r * D;
-      for (int64_t g = 0; g < G; ++g) scores[g * kKeys + t] = dot8(q + g * D, kr, D) * a.scale;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* s = scores + g * kKeys;
+      int64_t t = 0;
+      for (; t + 8 <= nk; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(dot_8keys(q + g * D, krow + t, D), scale));
+      for (; t < nk; ++t) s[t] = dot8(q + g * D, krow[t], D) * a.scale;
     }
     for (int64_t g = 0; g < G; ++g) {
       float* s = scores + g * kKeys;
@@ -147,17 +183,9 @@ QK_AVX2 void attend_avx2(const AttnArgs& a, int64_t b, int64_t j, float* scores,
         sum[g] += s[t];
       }
       float* ag = acc + g * D;
-      const __m256 f = _mm256_set1_ps(fix);
-      for (int64_t d = 0; d < D; d += 8) {
-        __m256 r0 = _mm256_mul_ps(_mm256_loadu_ps(ag + d), f), r1 = _mm256_setzero_ps();
-        int64_t t = 0;
-        for (; t + 2 <= nk; t += 2) {
-          r0 = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), _mm256_loadu_ps(vrow[t] + d), r0);
-          r1 = _mm256_fmadd_ps(_mm256_set1_ps(s[t + 1]), _mm256_loadu_ps(vrow[t + 1] + d), r1);
-        }
-        if (t < nk) r0 = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), _mm256_loadu_ps(vrow[t] + d), r0);
-        _mm256_storeu_ps(ag + d, _mm256_add_ps(r0, r1));
-      }
+      int64_t d = 0;
+      for (; d + 64 <= D; d += 64) weighted_rows<8>(ag + d, fix, s, vrow, nk, d);
+      for (; d < D; d += 8) weighted_rows<1>(ag + d, fix, s, vrow, nk, d);
     }
   }
   float* o = a.o + (b * a.H + j * G) * D;
