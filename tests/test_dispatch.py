@@ -22,7 +22,7 @@ def test_every_entry_names_real_code_for_both_twins():
         assert callable(dispatch.resolve(p.reference)), p.reference
         assert p.fast != p.reference, p.name
         assert p.switch in (None, dispatch.FAST_DECODE_ENV, dispatch.LINEAR_ENV, dispatch.KERNELS_ENV,
-                            dispatch.AOT_ENV), p.name
+                            dispatch.AOT_ENV, dispatch.HUGEPAGES_ENV), p.name
 
 
 def test_default_thresholds():

@@ -43,6 +43,7 @@ from ..config import Qwen3NextConfig
 from ..engine.compiled import CompiledDecoder
 from ..engine.speculative import SpeculativeConfig
 from ..model.qwen3_next import Qwen3NextForCausalLM
+from ..ops.hugepages import place_weights
 from ..tokenizer import Tokenizer
 from ..train.presets import PRESETS, preset_config
 from . import ablation, llamacpp, measure
@@ -319,12 +320,14 @@ def _load(opts: BenchOptions, dtype: torch.dtype) -> tuple[Qwen3NextForCausalLM,
         if not Path(opts.model).is_dir():
             raise ValueError(f"model: {opts.model} is not a model directory")
         model = load_model(opts.model, dtype=dtype, hf_overrides=opts.hf_overrides)
+        place_weights(model)  # as the engine's runner does
         has_tokenizer = (Path(opts.model) / "tokenizer.json").is_file()
         tokenizer = Tokenizer.from_dir(opts.model) if has_tokenizer else synthetic_tokenizer(model.config.vocab_size)
         return model, tokenizer, has_tokenizer, opts.model
     if opts.preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {opts.preset!r}")
     model = random_model(opts.preset, dtype, opts.seed, opts.hf_overrides)
+    place_weights(model)
     return (model, synthetic_tokenizer(model.config.vocab_size), False,
             f"preset {opts.preset} (random weights, seed {opts.seed})")
 
@@ -353,7 +356,9 @@ def _build_variant(s: _Session, name: str) -> tuple[Qwen3NextForCausalLM | None,
     from ..quant.quantize import quantize_model
 
     try:
-        return quantize_model(copy.deepcopy(s.model), **QUANT_VARIANTS[name]), dict(QUANT_VARIANTS[name])
+        variant = quantize_model(copy.deepcopy(s.model), **QUANT_VARIANTS[name])
+        place_weights(variant)
+        return variant, dict(QUANT_VARIANTS[name])
     except ValueError as e:
         s.log(f"error   {name}: cannot build this variant ({e}); skipped")
         return None, {"error": str(e), **QUANT_VARIANTS[name]}

@@ -13,6 +13,7 @@ import torch
 from ..model.batch import BatchInfo, ForwardContext
 from ..model.cache import HybridCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
+from ..ops.hugepages import place_weights
 from ..parallel.comm import TPComm
 from .memory import CacheGeometry, CachePlan
 from .sampler import SampleOutput, SamplingBatch, sample
@@ -74,6 +75,8 @@ class ModelRunner:
         together; rank 0 samples and broadcasts its tokens."""
         if tp is not None and compile_decode:
             raise ValueError("compile_decode: not with tensor_parallel_size > 1 (the compiled step has no collectives)")
+        if model.device.type == "cpu":
+            place_weights(model)  # the weights on huge pages where the system allows it (ops/hugepages.py)
         self.model, self.tp = model, tp
         self.draft_grammar_seconds = 0.0  # of the current step's drafting, in grammar masks
         self.speculative = speculative = num_speculative_tokens > 0

@@ -11,6 +11,7 @@ Switches, read once from the environment at import:
 
 - `QWEN3NEXT_AOT=0` (or `set_aot_decode(False)`): the compiled decoder runs every step through torch.compile, never
   through the ahead-of-time library (engine/aot_step.py).
+- `QWEN3NEXT_HUGEPAGES=0` (or `set_hugepages(False)`): the weights stay where torch allocated them (ops/hugepages.py).
 - `QWEN3NEXT_KERNELS=0` (or `kernels.set_enabled(False)`): the torch code instead of the native C++ kernels
   (qwen3next/kernels); `native_kernels(x)` says whether they may run for an input.
 """
@@ -31,6 +32,7 @@ FAST_DECODE_ENV = "QWEN3NEXT_FAST_DECODE"
 LINEAR_ENV = "QWEN3NEXT_LINEAR"
 KERNELS_ENV = kernels.KERNELS_ENV
 AOT_ENV = "QWEN3NEXT_AOT"
+HUGEPAGES_ENV = "QWEN3NEXT_HUGEPAGES"
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,15 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "library built (first use: ~40 s of compiling, then loaded from the cache)",
         "qwen3next.engine.aot_step:AOTDecodeStep.hidden_states",
         "qwen3next.model.qwen3_next:Qwen3NextForCausalLM.hidden_states", switch=AOT_ENV),
+    FastPath(
+        "hugepage_weights",
+        "the model's parameters and buffers copied, once, into one anonymous mapping advised for transparent huge "
+        "pages (2 MiB: one TLB entry and no prefetcher stop per 2 MiB of weights streamed instead of per 4 KiB); "
+        "measured, 1 thread, weights streaming from memory: a 32000 x 512 int8 product 741 -> 580 us, 3072 x 512 "
+        "int4 74 -> 66 us",
+        "Linux with transparent huge pages not \"never\"; CPU tensors of at least 4 KiB, contiguous, not sharing "
+        "storage; done by the engine's model runner and the bench before any step",
+        "qwen3next.ops.hugepages:place_weights", "qwen3next.ops.hugepages:leave_weights", switch=HUGEPAGES_ENV),
 )
 _BY_NAME = {p.name: p for p in FAST_PATHS}
 _thresholds = {p.name: p.threshold for p in FAST_PATHS if p.threshold is not None}
@@ -224,6 +235,15 @@ if _linear_backend not in _LINEAR_BACKENDS:
 
 
 _aot_decode = os.environ.get(AOT_ENV, "1") != "0"
+_hugepages = os.environ.get(HUGEPAGES_ENV, "1") != "0"
+
+
+def set_hugepages(enabled: bool) -> bool:
+    """Turn the placement of weights on huge pages on or off (for models placed from now on); returns the previous
+    setting."""
+    global _hugepages
+    previous, _hugepages = _hugepages, bool(enabled)
+    return previous
 
 
 def switch_state() -> tuple:
@@ -285,6 +305,7 @@ _SWITCHES: dict[str, tuple[str, Callable[[], bool]]] = {
     LINEAR_ENV: ("torch", lambda: _linear_backend == "auto"),
     KERNELS_ENV: ("0", kernels.enabled),
     AOT_ENV: ("0", lambda: _aot_decode),
+    HUGEPAGES_ENV: ("0", lambda: _hugepages),
 }
 
 
