@@ -347,6 +347,25 @@ def test_draft_length_policy_compares_lengths_over_the_same_period_and_explores_
     assert tail.count(2) > 0.7 * len(tail) and 1 in tail  # mostly the best, its neighbour still timed
 
 
+def test_draft_length_policy_keeps_to_the_lengths_it_is_given():
+    """A compiled engine has a compiled verification of max_k drafts only: the policy never picks a length in
+    between, neither to time it first nor to explore it, and still turns drafting off when that is faster."""
+    policy = DraftLengthPolicy(3, window=8, explore_every=4, min_samples=2, margin=0.0, lengths=(0, 3))
+    for _ in range(200):
+        policy.record_acceptance(3, 3)
+    chosen = []
+    for step in range(300):
+        k = policy.choose(1)
+        chosen.append(k)
+        policy.record_step(1, k, {0: 1.0, 3: 2.0}[k] if step < 150 else {0: 1.0, 3: 9.0}[k])
+    assert set(chosen) == {0, 3}
+    assert chosen[100:150].count(3) > 40 and chosen[-50:].count(0) > 40  # 4 tokens per 2.0 wins; then 1 per 1.0
+    with pytest.raises(ValueError, match=r"lengths: expected draft lengths in 0..2 including 2"):
+        DraftLengthPolicy(2, lengths=(0, 1))
+    with pytest.raises(ValueError, match="lengths"):
+        DraftLengthPolicy(2, lengths=(0, 3))
+
+
 def test_spec_stats():
     s = SpecStats()
     s.record(3, 1)

@@ -230,7 +230,9 @@ class Engine:
                                        prefill_chunk_size=prefill_chunk_size,
                                        eos_token_ids=eos, snapshot_policy=policy)
         self.block_manager = BlockManager.from_plan(self.plan, self.enable_prefix_caching)
-        policy = DraftLengthPolicy(spec_k, self.speculative.adaptive) if spec_k else None
+        # compiled: only a verification of spec_k drafts has a compiled program, shorter ones would run eagerly
+        lengths = (0, spec_k) if compile_decode else None
+        policy = DraftLengthPolicy(spec_k, self.speculative.adaptive, lengths=lengths) if spec_k else None
         self.scheduler = Scheduler(sched_config, self.block_manager, policy)
         if self.tp is not None:
             self.tp.start(self.plan)

@@ -110,11 +110,18 @@ class DraftLengthPolicy:
     50%, 16x less often beyond (exploring costs: a step at a worse length, two for a longer one, which has no
     drafts to verify at its first step, and after a step without drafts, one more whose drafts are still missing).
     Only samples from the last `horizon` steps count while there are `min_samples` of them. With `adaptive=False`
-    it always returns `max_k`.
+    it always returns `max_k`. `lengths`: the draft lengths it may pick (default 0..max_k; "neighbours" are then the
+    adjacent ones in that list). The engine with a compiled decoder passes (0, max_k): only a verification of
+    max_k drafts has a compiled program, a shorter one runs eagerly at several times the cost of a step (measured on
+    the demo model: 16-20 ms against 2-6 ms), and timing it every so often cost ~10% of the decode time.
     """
 
     def __init__(self, max_k: int, adaptive: bool = True, window: int = 16, explore_every: int = 32,
-                 min_samples: int = 3, margin: float = 0.05):
+                 min_samples: int = 3, margin: float = 0.05, lengths: tuple[int, ...] | None = None):
+        self.lengths = sorted(set(range(max_k + 1) if lengths is None else lengths))
+        if not self.lengths or not all(isinstance(k, int) and 0 <= k <= max_k for k in self.lengths) or (
+                max_k not in self.lengths):
+            raise ValueError(f"lengths: expected draft lengths in 0..{max_k} including {max_k}, got {lengths!r}")
         self.max_k, self.adaptive = max_k, adaptive
         self.window, self.explore_every, self.min_samples, self.margin = window, explore_every, min_samples, margin
         self.horizon = 16 * explore_every * max(1, max_k) * min_samples  # the sparsest exploration still counts
@@ -146,7 +153,7 @@ class DraftLengthPolicy:
         if not self.adaptive:
             return self.max_k
         bucket = _bucket(batch_size)
-        for k in range(self.max_k, -1, -1):  # untimed lengths first
+        for k in reversed(self.lengths):  # untimed lengths first
             if len(self._times.get((bucket, k), ())) < self.min_samples:
                 return k
         k, left = self._episode.get(bucket, (0, 0))
@@ -156,8 +163,10 @@ class DraftLengthPolicy:
         best, lead = self._rank(bucket)
         step = self._steps.get(bucket, 0)
         every = self.explore_every * (1 if lead < 1.1 else 4 if lead < 1.5 else 16)
-        if step % every == every - 1:  # time another length now and then
-            others = sorted({k for k in (best - 1, best + 1, 0) if 0 <= k <= self.max_k} - {best})
+        i = self.lengths.index(best)
+        neighbours = set(self.lengths[max(0, i - 1):i + 2]) | ({0} & set(self.lengths))
+        others = sorted(neighbours - {best})
+        if others and step % every == every - 1:  # time another length now and then
             n = self._explored.get(bucket, 0)
             self._explored[bucket] = n + 1
             k = others[n % len(others)]
@@ -175,7 +184,7 @@ class DraftLengthPolicy:
             recent = [t for step, t in samples if step >= now - self.horizon]
             return statistics.median(recent if len(recent) >= self.min_samples else [t for _, t in samples])
 
-        rate = {k: self.expected_tokens(k) / max(seconds(k), 1e-12) for k in range(self.max_k + 1)}
+        rate = {k: self.expected_tokens(k) / max(seconds(k), 1e-12) for k in self.lengths}
         best = max(rate, key=rate.get)
         current = self._best.get(bucket)
         # Turning drafting on or off costs a step more (the MTP head's drafts are missing, or wasted): a larger
