@@ -108,6 +108,32 @@ def test_switch_off_and_the_twin_leave_weights_where_they_are():
     assert {n: t.data_ptr() for n, t in model.state_dict().items()} == ptrs
 
 
+def _status_mib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) // 1024
+
+
+@needs_thp
+def test_peak_memory_is_the_model_plus_about_one_tensor():
+    """Each tensor is dropped once its copy is in place: placing 12 tensors of 8 MiB raises the peak resident size by
+    about one of them, not by all twelve."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets this process's peak resident size (VmHWM)
+    except OSError:
+        pytest.skip("this kernel cannot reset the peak resident size")
+    module = torch.nn.Module()
+    for i in range(6):
+        module.register_buffer(f"b{i}", torch.ones(2 << 20))  # 8 MiB each
+        module.register_parameter(f"p{i}", torch.nn.Parameter(torch.ones(2 << 20)))
+    before = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    assert place_weights(module) >= 96 << 20
+    assert _status_mib("VmHWM") - before < 32  # the whole copy at once would be +96 MiB
+    assert all(bool((t == 1).all()) and is_placed(t) for t in [*module.parameters(), *module.buffers()])
+
+
 @needs_thp
 def test_the_mapping_lives_as_long_as_its_tensors():
     model = make_model("base", seed=5)

@@ -75,45 +75,43 @@ def place_weights(model: nn.Module) -> int:
 
     if not enabled("hugepage_weights") or not supported():
         return 0
-    slots: list[tuple[nn.Module, str, bool]] = []  # (module, name, is_parameter), every place a tensor is held
-    by_id: dict[int, torch.Tensor] = {}
+    buffer_holders: dict[int, list[tuple[nn.Module, str]]] = {}  # tensor id -> (module, name) of each buffer slot
+    tensors: dict[int, torch.Tensor] = {}
     storages: dict[int, set[int]] = {}  # storage pointer -> ids of the distinct tensors on it
     for module in model.modules():
-        for table, is_param in ((module._parameters, True), (module._buffers, False)):
+        for table in (module._parameters, module._buffers):
             for name, t in table.items():
                 if t is None:
                     continue
-                slots.append((module, name, is_param))
-                by_id[id(t)] = t
+                if table is module._buffers:
+                    buffer_holders.setdefault(id(t), []).append((module, name))
+                tensors[id(t)] = t
                 storages.setdefault(t.untyped_storage().data_ptr(), set()).add(id(t))
     shared = {ptr for ptr, ids in storages.items() if len(ids) > 1}
-    chosen = [t for t in by_id.values() if _placeable(t, shared)]
+    chosen = [i for i, t in tensors.items() if _placeable(t, shared)]
     if not chosen:
         return 0
     offsets, size = {}, 0
-    for t in chosen:
-        offsets[id(t)] = size
-        size += (t.nbytes + ALIGN - 1) // ALIGN * ALIGN
+    for i in chosen:
+        offsets[i] = size
+        size += (tensors[i].nbytes + ALIGN - 1) // ALIGN * ALIGN
     arena = _Arena(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
     arena.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the pages are huge from the start where possible
     arena.base = torch.frombuffer(arena, dtype=torch.uint8, count=1).data_ptr()
     _arenas.add(arena)
     start = (-arena.base) % HUGE_PAGE  # the first 2 MiB boundary: huge pages cover aligned 2 MiB ranges only
-    new: dict[int, torch.Tensor] = {}
-    for t in chosen:
-        copy = torch.frombuffer(arena, dtype=torch.uint8, count=t.nbytes, offset=start + offsets[id(t)])
+    for i in chosen:  # one tensor at a time, the old one dropped before the next is copied
+        t = tensors.pop(i)
+        copy = torch.frombuffer(arena, dtype=torch.uint8, count=t.nbytes, offset=start + offsets[i])
         copy = copy.view(t.dtype).view(t.shape)
         copy.copy_(t)
-        new[id(t)] = copy
-    for module, name, is_param in slots:
-        t = (module._parameters if is_param else module._buffers)[name]
-        if id(t) not in new:
-            continue
-        if is_param:
-            t.data = new[id(t)]  # the same Parameter object: ties and optimizer references hold
+        if isinstance(t, nn.Parameter):
+            t.data = copy  # the same Parameter object in every module holding it: ties and optimizer references hold
         else:
-            module._buffers[name] = new[id(t)]
+            for module, name in buffer_holders[i]:
+                module._buffers[name] = copy
+        del t, copy
     return size
 
 
