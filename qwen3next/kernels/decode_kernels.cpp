@@ -24,7 +24,6 @@
 
 namespace qk {
 
-
 enum Fmt : int64_t { I4 = 4, I8 = 8, BF16 = 16, F32 = 32 };
 
 // int8 weights: activations are quantized to int8 per block of this many columns (llama.cpp's Q8_0 block) when K is a
