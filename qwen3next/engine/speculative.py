@@ -119,8 +119,7 @@ class DraftLengthPolicy:
     def __init__(self, max_k: int, adaptive: bool = True, window: int = 16, explore_every: int = 32,
                  min_samples: int = 3, margin: float = 0.05, lengths: tuple[int, ...] | None = None):
         self.lengths = sorted(set(range(max_k + 1) if lengths is None else lengths))
-        if not self.lengths or not all(isinstance(k, int) and 0 <= k <= max_k for k in self.lengths) or (
-                max_k not in self.lengths):
+        if max_k not in self.lengths or not all(isinstance(k, int) and 0 <= k <= max_k for k in self.lengths):
             raise ValueError(f"lengths: expected draft lengths in 0..{max_k} including {max_k}, got {lengths!r}")
         self.max_k, self.adaptive = max_k, adaptive
         self.window, self.explore_every, self.min_samples, self.margin = window, explore_every, min_samples, margin
