@@ -115,23 +115,24 @@ def _status_mib(field: str) -> int:
 
 @needs_thp
 def test_peak_memory_is_the_model_plus_about_one_tensor():
-    """Each tensor is dropped once its copy is in place: placing 6 tensors of 40 MiB raises the peak resident size by
-    about one of them, not by all six. (Above glibc's largest mmap threshold, 32 MiB, so that a freed tensor goes
-    back to the system whatever the process allocated before.)"""
+    """Each tensor is dropped once its copy is in place: placing 10 tensors of 40 MiB raises the peak resident size
+    by about one of them (with a margin for what other threads of the session allocate meanwhile), not by all ten.
+    The tensors are above glibc's largest mmap threshold, 32 MiB, so that a freed one goes back to the system
+    whatever the process allocated before."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets this process's peak resident size (VmHWM)
     except OSError:
         pytest.skip("this kernel cannot reset the peak resident size")
     module = torch.nn.Module()
-    for i in range(3):
+    for i in range(5):
         module.register_buffer(f"b{i}", torch.ones(10 << 20))  # 40 MiB each
         module.register_parameter(f"p{i}", torch.nn.Parameter(torch.ones(10 << 20)))
     before = _status_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    assert place_weights(module) >= 240 << 20
-    assert _status_mib("VmHWM") - before < 80  # the whole copy at once would be +240 MiB
+    assert place_weights(module) >= 400 << 20
+    assert _status_mib("VmHWM") - before < 160  # the whole copy at once would be +400 MiB
     assert all(bool((t == 1).all()) and is_placed(t) for t in [*module.parameters(), *module.buffers()])
 
 
