@@ -30,7 +30,8 @@ from qwen3next.tokenizer import Tokenizer
 # that both sides score; the numbers in the README come from it
 DEFAULT_TEXT = Path(__file__).with_name("drift_text.txt")
 
-FORMATS = {"bf16": {"bits": 16}, "int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 64}}
+FORMATS = {"bf16": {"bits": 16}, "int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 64},
+           "int4-g32": {"bits": 4, "group_size": 32}}
 
 
 @torch.no_grad()

@@ -96,9 +96,9 @@ def test_int8_error_is_within_half_a_step():
 
 
 @pytest.mark.parametrize("group_size", [8, 16, 40])
-def test_int4_error_is_within_half_a_step(group_size):
+def test_int4_minmax_error_is_within_half_a_step(group_size):
     w = odd_weights(24, 80, seed=1)
-    packed, scale, zero = quantize_int4(w, group_size)
+    packed, scale, zero = quantize_int4(w, group_size, search=False)
     assert packed.dtype == torch.uint8 and packed.shape == (24, 40)
     assert scale.shape == zero.shape == (24, 80 // group_size) and scale.dtype == zero.dtype == torch.bfloat16
     err = (w - dequantize_int4(packed, scale, zero)).abs()
@@ -106,6 +106,49 @@ def test_int4_error_is_within_half_a_step(group_size):
     assert bool((err <= bound * (1 + 1e-5) + 1e-6).all())
     # the row offset far from zero (where a bf16-rounded zero could slip) is still within half a step
     assert float(err[2].max()) <= float(scale[2].float().max()) / 2 * (1 + 1e-5)
+
+
+def _group_errors(w: torch.Tensor, t: tuple, G: int) -> torch.Tensor:
+    """Per group: the search's objective Σ (rms + |x|)·(ŵ - x)² (float64)."""
+    g = w.double().reshape(w.shape[0], -1, G)
+    d = dequantize_int4(*t, torch.float64).reshape(g.shape) - g
+    wt = g.square().mean(-1, keepdim=True).sqrt() + g.abs()
+    return (wt * d.square()).sum(-1)
+
+
+def check_int4_search(quantize, group_size: int) -> None:
+    """`quantize(w, G)` -> int4 tensors: never worse per group than the min-max grid by the search's own objective
+    (the min-max grid is one of its candidates), and on Gaussian weights more than 10% below its plain MSE (~15%
+    measured). An outlier may be clipped; all-zero rows stay exactly zero; a row far from zero stays accurate."""
+    w = torch.randn(48, 192, generator=torch.Generator().manual_seed(3)) * 0.02
+    w[5, 7] = 0.4  # an outlier
+    w[9] = 0.0
+    w[11] += 3.0  # a row offset far from zero
+    t = quantize(w, group_size)
+    minmax = quantize_int4(w, group_size, search=False)
+    assert t[0].shape == (48, 96) and t[1].shape == t[2].shape == (48, 192 // group_size)
+    assert t[1].dtype == t[2].dtype == torch.bfloat16 and bool((t[1].float() > 0).all())
+    ours, base = int4_group_errors(w, t, group_size), int4_group_errors(w, minmax, group_size)
+    assert bool((ours <= base * (1 + 1e-5) + 1e-12).all())
+    normal = [r for r in range(48) if r not in (5, 9, 11)]
+    mse = lambda r: float((dequantize_int4(*(x[normal] for x in r)) - w[normal]).square().mean())  # noqa: E731
+    assert mse(t) < 0.9 * mse(minmax)
+    assert float(dequantize_int4(*t)[9].abs().max()) == 0
+    assert float((dequantize_int4(*t)[11] - w[11]).abs().max()) < 0.02
+
+
+def int4_group_errors(w: torch.Tensor, t: tuple, G: int) -> torch.Tensor:
+    """Per group: the search's objective Σ (rms + |x|)·(ŵ - x)² (float64)."""
+    g = w.double().reshape(w.shape[0], -1, G)
+    d = dequantize_int4(*t, torch.float64).reshape(g.shape) - g
+    wt = g.square().mean(-1, keepdim=True).sqrt() + g.abs()
+    return (wt * d.square()).sum(-1)
+
+
+@pytest.mark.parametrize("group_size", [16, 32, 64])
+def test_int4_search_beats_the_minmax_grid(group_size):
+    """The torch search (here the kernels are off; test_kernels.py checks the native one the same way)."""
+    check_int4_search(quantize_int4, group_size)
 
 
 def test_int4_packing_round_trips_and_is_low_nibble_first():

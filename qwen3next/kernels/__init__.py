@@ -11,6 +11,7 @@ package adds these ops, registered with torch as `torch.ops.qwen3next.*` (opaque
 - `moe(x, weights, ids, gate_up, gate_up_aux, down, down_aux, fmt, group_size)`: the routed experts of a MoE layer
   over stacked weights [E, 2I, D] / [E, D, I] in one call (pairs grouped by expert; SwiGLU; weighted sum).
 - `dequantize(w, aux, fmt, group_size)`: an int8 / int4 weight as fp32, in one pass (prefill: then one GEMM).
+- `quantize_int4(w, group_size)`: fp32 weight -> int4 with the searched (scale, zero) grids (quant/linear.py).
 - `gated_delta_rule(q, k, v, g, beta, state)`: a prompt's delta rule token by token (delta_rule.cpp);
   `gated_delta_decode(q, k, v, g, beta, pool, slots)`: one decode token, the state updated in place in its pool row.
 - `decode_attention(q, k_pool, v_pool, rows, lens, scale)`: a decode step's attention over paged K/V rows.
@@ -183,6 +184,13 @@ def dequantize(w: torch.Tensor, aux: torch.Tensor, fmt: int, group_size: int = 0
     prefill-sized products, which then run as one fp32 GEMM (twin: `quant.linear.dequantize_int8 / _int4`)."""
     _require()
     return torch.ops.qwen3next.dequantize(w, aux, fmt, group_size)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w fp32 [N, K] (contiguous, CPU) -> int4 (canonical packed [N, K/2], scale, zero bf16 [N, K/G]) with each
+    group's grid chosen by the search of `quant.linear.quantize_int4` (its torch twin: `quantize_int4_search`)."""
+    _require()
+    return torch.ops.qwen3next.quantize_int4(w, group_size)
 
 
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "isa.h"
@@ -122,12 +123,14 @@ static void quantize_acts(Acts& a, int64_t G, bool permuted) {
       for (int64_t g = 0; g < ng; ++g) {
         int8_t* out = a.q.data() + m * K + g * G;
         quantize_group_avx2(a.x + m * K + g * G, G, out, &a.d[m * ng + g], &a.xsum[m * ng + g]);
-        if (permuted)  // G % 64 == 0: each 64-column chunk as (even columns, odd columns)
-          for (int64_t c = 0; c < G; c += 64) {
-            std::memcpy(tmp, out + c, 64);
-            for (int j = 0; j < 64; ++j) out[c + (j & 1) * 32 + (j >> 1)] = tmp[j];
-          }
       }
+    if (permuted)  // K % 64 == 0: each 64-column chunk as (even columns, odd columns), across group boundaries
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < K; c += 64) {
+          int8_t* out = a.q.data() + m * K + c;
+          std::memcpy(tmp, out, 64);
+          for (int j = 0; j < 64; ++j) out[(j & 1) * 32 + (j >> 1)] = tmp[j];
+        }
     return;
   }
 #endif
@@ -384,7 +387,7 @@ QK_AVX2 static void rows_i8q_avx2(const Weights& w, const Acts& a, int64_t m0, i
   for (; n < n1; ++n) tile_i8q_rows(w, n, a, m0, M, y, ldy);
 }
 
-// int4 weights, the vector code (G % 64 == 0). Rows are taken in blocks of 8 (`Block8`): their scales and zeros, which
+// int4 weights, the vector code (G % 64 == 0; G == 32: `tile_i4_g32` below). Rows are taken in blocks of 8 (`Block8`): their scales and zeros, which
 // lie side by side in scale_zero [K/G, N, 2], are turned into floats 8 at a time, and per activation row i the
 // factors s·d[i, g] and the constant part Σ_g (z - 8s)·Σx are computed as vectors over the 8 rows. The integer dot
 // products then only need a convert and an FMA per group. A row's groups lie N * 4 bytes apart in scale_zero: the
@@ -473,6 +476,45 @@ QK_AVX2 static void tile_i4(const Weights& w, int64_t n, int r0, const Acts& a, 
     for (int i = 0; i < MB; ++i) out[i * ldo + r0 + r] = hsum8(acc[r][i]) + f.zsum[i * 8 + r0 + r];
 }
 
+// The same for groups of 32 (K % 64 == 0): a 64-column chunk holds two groups. In the int32 sums of a chunk, lane j
+// holds columns 8j .. 8j + 7 (maddubs pairs neighbouring bytes, madd neighbouring pairs; byte b of the low nibbles is
+// column 2b, of the high ones column 2b + 1), so lanes 0-3 belong to the first group and lanes 4-7 to the second:
+// one factor vector [f(g) x4 | f(g + 1) x4] scales both.
+template <int R, int MB>
+QK_AVX2 static void tile_i4_g32(const Weights& w, int64_t n, int r0, const Acts& a, int64_t m, const Block8& f,
+                                float* out, int64_t ldo) {
+  const int64_t K = w.K, ng = K / 32;
+  const uint8_t* wr = static_cast<const uint8_t*>(w.data) + (n + r0) * (K / 2);
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < K; c += 64) {
+    const int64_t g = c / 32;
+    __m256i lo[R], hi[R];
+    if (R == 1) _mm_prefetch(reinterpret_cast<const char*>(wr + c / 2 + kI4PrefetchBytes), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + r * (K / 2) + c / 2));
+      lo[r] = _mm256_and_si256(v, low);
+      hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    for (int i = 0; i < MB; ++i) {
+      const int8_t* q = a.q.data() + (m + i) * K + c;
+      const __m256i qe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+      const __m256i qo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+      const float* sd = &f.sd[(i * ng + g) * 8 + r0];
+      for (int r = 0; r < R; ++r) {
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], qe), _mm256_maddubs_epi16(hi[r], qo));
+        const __m256 fac = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(sd + r)),
+                                                _mm_broadcast_ss(sd + 8 + r), 1);
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), fac, acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MB; ++i) out[i * ldo + r0 + r] = hsum8(acc[r][i]) + f.zsum[i * 8 + r0 + r];
+}
+
 template <int MB>
 QK_AVX2 static void block8_i4(const Weights& w, int64_t n, int rows, const Acts& a, int64_t m, Block8& f, float* out,
                               int64_t ldo) {
@@ -483,6 +525,12 @@ QK_AVX2 static void block8_i4(const Weights& w, int64_t n, int rows, const Acts&
   // order, which the hardware prefetcher follows (measured, 1 thread, 60 matrices in turn so that they come from
   // memory: 3072 x 512 132 -> 83 us, 512 x 1024 67 -> 47 us, 512 x 2048 143 -> 113 us against four rows side by
   // side, whose loads stalled).
+  if (w.G == 32) {
+    if (MB == 2)
+      for (; r + 2 <= rows; r += 2) tile_i4_g32<2, MB>(w, n, r, a, m, f, out, ldo);
+    for (; r < rows; ++r) tile_i4_g32<1, MB>(w, n, r, a, m, f, out, ldo);
+    return;
+  }
   if (MB == 2)
     for (; r + 2 <= rows; r += 2) tile_i4<2, MB>(w, n, r, a, m, f, out, ldo);
   for (; r < rows; ++r) tile_i4<1, MB>(w, n, r, a, m, f, out, ldo);
@@ -515,7 +563,7 @@ QK_AVX2 static void rows_i4_avx2(const Weights& w, const Acts& a, int64_t m0, in
 }
 #endif
 
-static bool i4_vector_ok(const Weights& w) { return w.G % 64 == 0; }
+static bool i4_vector_ok(const Weights& w) { return w.G % 64 == 0 || (w.G == 32 && w.K % 64 == 0); }
 
 // y[(m - m0) * ldy + n] for m in [m0, m0 + M), n in [n0, n1).
 static void rows(const Weights& w, const Acts& a, int64_t m0, int64_t M, int64_t n0, int64_t n1, float* y,
@@ -725,6 +773,177 @@ at::Tensor dequantize(const at::Tensor& w, const c10::optional<at::Tensor>& aux,
   return out;
 }
 
+// ---- int4 quantization: the (scale, zero) search of quant/linear.py `quantize_int4_search`, per group ---------------
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch converts
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+static inline float bf16_round(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+constexpr int kI4SearchSteps = 20;  // INT4_SEARCH_STEPS
+
+// Σ w·(ŵ - x)² with the codes of grid (s, z) re-rounded: clamp(round((x - z) / s), -8, 7)
+static inline __attribute__((always_inline)) float group_error(const float* x, const float* wt, int64_t G, float s, float z) {
+  float e = 0.f;
+  for (int64_t i = 0; i < G; ++i) {
+    const float q = std::min(7.f, std::max(-8.f, std::nearbyint((x[i] - z) / s)));
+    const float d = q * s + z - x[i];
+    e += wt[i] * d * d;
+  }
+  return e;
+}
+
+#if QK_X86
+// The two loops above, 8 lanes wide (G % 8 == 0); same arithmetic per element, sums in 8 partial sums.
+QK_AVX2 static inline float group_error_avx2(const float* x, const float* wt, int64_t G, float s, float z) {
+  const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z), lo = _mm256_set1_ps(-8.f), hi = _mm256_set1_ps(7.f);
+  __m256 e = _mm256_setzero_ps();
+  for (int64_t i = 0; i < G; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(xv, zv), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(hi, _mm256_max_ps(lo, q));
+    const __m256 d = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(q, sv), zv), xv);
+    e = _mm256_add_ps(e, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(wt + i), d), d));
+  }
+  return hsum8(e);
+}
+
+QK_AVX2 static inline void candidate_sums_avx2(const float* x, const float* wt, int64_t G, float lo, float inv,
+                                               float* swq, float* swqq, float* swqx) {
+  const __m256 lov = _mm256_set1_ps(lo), iv = _mm256_set1_ps(inv), zero = _mm256_setzero_ps(),
+               top = _mm256_set1_ps(15.f);
+  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps(), c = _mm256_setzero_ps();
+  for (int64_t i = 0; i < G; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(xv, lov), iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(top, _mm256_max_ps(zero, q));
+    const __m256 wq = _mm256_mul_ps(_mm256_loadu_ps(wt + i), q);
+    a = _mm256_add_ps(a, wq);
+    b = _mm256_add_ps(b, _mm256_mul_ps(wq, q));
+    c = _mm256_add_ps(c, _mm256_mul_ps(wq, xv));
+  }
+  *swq = hsum8(a);
+  *swqq = hsum8(b);
+  *swqx = hsum8(c);
+}
+#endif
+
+template <bool AVX2>
+static inline __attribute__((always_inline)) void search_group(const float* x, int64_t G, float* wt, float* q,
+                                                              uint8_t* codes, uint16_t* s_out, uint16_t* z_out) {
+  float lo = x[0], hi = x[0], sq = 0.f;
+  for (int64_t i = 0; i < G; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+    sq += x[i] * x[i];
+  }
+  const float rms = std::sqrt(sq / float(G)), rng = hi - lo;
+  float sw = 0.f, swx = 0.f;
+  for (int64_t i = 0; i < G; ++i) {
+    wt[i] = rms + std::fabs(x[i]);
+    sw += wt[i];
+    swx += wt[i] * x[i];
+  }
+  // the min-max grid: zero rounded first, then the smallest bf16 step that spans [lo, hi]
+  float best_z = bf16_round(lo + rng * float(8.0 / 15.0));
+  const float need = std::max(std::max((best_z - lo) / 8.f, (hi - best_z) / 7.f), 1e-30f);
+  uint16_t sb = f32_to_bf16(need);
+  if (bf16_to_f32(sb) < need) ++sb;
+  float best_s = bf16_to_f32(sb);
+  auto error = [&](float sc, float zc) {
+#if QK_X86
+    if (AVX2 && G % 8 == 0) return group_error_avx2(x, wt, G, sc, zc);
+#endif
+    return group_error(x, wt, G, sc, zc);
+  };
+  float best = error(best_s, best_z);
+  const float span = rng > 0.f ? rng : 1.f;
+  for (int step = 0; step <= kI4SearchSteps && rng > 0.f; ++step) {
+    const float inv = float(15.0 + (2.0 * step / kI4SearchSteps - 1.0)) / span;
+    float swq = 0.f, swqq = 0.f, swqx = 0.f;
+#if QK_X86
+    if (AVX2 && G % 8 == 0) {
+      candidate_sums_avx2(x, wt, G, lo, inv, &swq, &swqq, &swqx);
+    } else
+#endif
+      for (int64_t i = 0; i < G; ++i) {
+        q[i] = std::min(15.f, std::max(0.f, std::nearbyint((x[i] - lo) * inv)));
+        const float wq = wt[i] * q[i];
+        swq += wq;
+        swqq += wq * q[i];
+        swqx += wq * x[i];
+      }
+    const float det = sw * swqq - swq * swq;
+    if (!(det > 1e-12f * sw * swqq)) continue;
+    const float a = (sw * swqx - swq * swx) / det;
+    if (!(a > 0.f)) continue;
+    const float b = (swx - a * swq) / sw;
+    const float s = bf16_round(a), z = bf16_round(b + 8.f * a);
+    if (!(s > 0.f)) continue;
+    const float e = error(s, z);
+    if (e < best) {
+      best = e;
+      best_s = s;
+      best_z = z;
+    }
+  }
+  for (int64_t i = 0; i < G; ++i)
+    codes[i] = uint8_t(std::min(7.f, std::max(-8.f, std::nearbyint((x[i] - best_z) / best_s))) + 8.f);
+  *s_out = f32_to_bf16(best_s);
+  *z_out = f32_to_bf16(best_z);
+}
+
+// Rows n0 .. n1 - 1: the AVX2 code (the candidates' sums and errors 8 lanes wide) or the scalar code. The sums' order
+// is the only difference between the two, and from the torch twin; no FMA contraction.
+#define QK_SEARCH_ROWS                                                                                            \
+  std::vector<float> wt(G), q(G);                                                                                  \
+  std::vector<uint8_t> codes(K);                                                                                   \
+  for (int64_t n = n0; n < n1; ++n) {                                                                              \
+    for (int64_t g = 0; g < K / G; ++g)                                                                            \
+      search_group<AVX2>(x + n * K + g * G, G, wt.data(), q.data(), codes.data() + g * G, sp + n * (K / G) + g,          \
+                   zp + n * (K / G) + g);                                                                          \
+    for (int64_t j = 0; j < K / 2; ++j) pk[n * (K / 2) + j] = uint8_t(codes[2 * j] | (codes[2 * j + 1] << 4));     \
+  }
+static void search_rows_scalar(const float* x, int64_t n0, int64_t n1, int64_t K, int64_t G, uint8_t* pk,
+                               uint16_t* sp, uint16_t* zp) {
+  constexpr bool AVX2 = false;
+  QK_SEARCH_ROWS
+}
+#if QK_X86
+QK_AVX2 static void search_rows_avx2(const float* x, int64_t n0, int64_t n1, int64_t K, int64_t G, uint8_t* pk,
+                                     uint16_t* sp, uint16_t* zp) {
+  constexpr bool AVX2 = true;
+  QK_SEARCH_ROWS
+}
+#endif
+#undef QK_SEARCH_ROWS
+
+// w fp32 [N, K] -> (canonical packed uint8 [N, K/2], scale bf16 [N, K/G], zero bf16 [N, K/G])
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4(const at::Tensor& w, int64_t group_size) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.device().is_cpu(),
+              "qwen3next::quantize_int4: expected a contiguous 2-D float32 CPU weight");
+  const int64_t N = w.size(0), K = w.size(1), G = group_size;
+  TORCH_CHECK(G >= 2 && G % 2 == 0 && K % G == 0, "qwen3next::quantize_int4: group_size ", G,
+              " must be even and divide K = ", K);
+  at::Tensor packed = at::empty({N, K / 2}, w.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({N, K / G}, w.options().dtype(at::kBFloat16));
+  at::Tensor zero = at::empty({N, K / G}, w.options().dtype(at::kBFloat16));
+  const float* x = w.const_data_ptr<float>();
+  uint8_t* pk = packed.data_ptr<uint8_t>();
+  uint16_t* sp = reinterpret_cast<uint16_t*>(scale.data_ptr());
+  uint16_t* zp = reinterpret_cast<uint16_t*>(zero.data_ptr());
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+#if QK_X86
+    if (use_avx2()) return search_rows_avx2(x, n0, n1, K, G, pk, sp, zp);
+#endif
+    search_rows_scalar(x, n0, n1, K, G, pk, sp, zp);
+  });
+  return {packed, scale, zero};
+}
+
 int64_t kernel_isa(int64_t isa) {
   const int64_t previous = use_avx2() ? 1 : 0;
   if (isa == 0) {
@@ -743,6 +962,7 @@ TORCH_LIBRARY(qwen3next, m) {
   m.def("moe(Tensor x, Tensor weights, Tensor ids, Tensor gate_up, Tensor? gate_up_aux, Tensor down, "
         "Tensor? down_aux, int fmt, int group_size) -> Tensor");
   m.def("dequantize(Tensor w, Tensor? aux, int fmt, int group_size) -> Tensor");
+  m.def("quantize_int4(Tensor w, int group_size) -> (Tensor, Tensor, Tensor)");
   m.def("kernel_isa(int isa) -> int", &qk::kernel_isa);
 }
 
@@ -750,4 +970,5 @@ TORCH_LIBRARY_IMPL(qwen3next, CPU, m) {
   m.impl("linear", &qk::linear);
   m.impl("moe", &qk::moe);
   m.impl("dequantize", &qk::dequantize);
+  m.impl("quantize_int4", &qk::quantize_int4);
 }

@@ -334,7 +334,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF model directory (unquantized)")
     p.add_argument("--out", required=True, help="output directory (config.json, safetensors, tokenizer files)")
     p.add_argument("--bits", type=int, choices=[8, 4], required=True)
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64, help="int4 group size")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64,
+                   help="int4 group size (32: less drift, 5.0 instead of 4.5 bits per weight)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype of the modules kept in high precision (default: the checkpoint's)")
     p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=True,
