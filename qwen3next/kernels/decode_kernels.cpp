@@ -434,6 +434,26 @@ QK_AVX2 static void block8_factors(const Weights& w, int64_t n, int rows, const 
 // 512 bytes less). The int8 row walk gains nothing from it (its lm_head already streams at ~25 GB/s).
 constexpr int64_t kI4PrefetchBytes = 2048;
 
+// The 64-column chunk at column c of R weight rows K / 2 bytes apart, unpacked: low nibbles (even columns) and high
+// nibbles (odd columns), as bytes. One row alone is prefetched ahead (kI4PrefetchBytes).
+template <int R>
+QK_AVX2 static inline void unpack_chunk_i4(const uint8_t* wr, int64_t K, int64_t c, __m256i* lo, __m256i* hi) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  if (R == 1) _mm_prefetch(reinterpret_cast<const char*>(wr + c / 2 + kI4PrefetchBytes), _MM_HINT_T0);
+  for (int r = 0; r < R; ++r) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + r * (K / 2) + c / 2));
+    lo[r] = _mm256_and_si256(v, low);
+    hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  }
+}
+
+// One chunk's products with the activation codes of its even (qe) and odd (qo) columns, as 8 int32 sums: lane j holds
+// columns 8j .. 8j + 7 (maddubs pairs neighbouring bytes, madd neighbouring pairs).
+QK_AVX2 static inline __m256i chunk_dot_i4(__m256i lo, __m256i hi, __m256i qe, __m256i qo) {
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, qe), _mm256_maddubs_epi16(hi, qo));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
 // Weight rows n + r0 .. n + r0 + R - 1 of a block of 8 against MB activation rows (the block's factors in f):
 // each 64-column chunk of a weight row is unpacked once and used MB times.
 template <int R, int MB>
@@ -441,7 +461,6 @@ QK_AVX2 static void tile_i4(const Weights& w, int64_t n, int r0, const Acts& a, 
                             int64_t ldo) {
   const int64_t K = w.K, G = w.G, ng = K / G;
   const uint8_t* wr = static_cast<const uint8_t*>(w.data) + (n + r0) * (K / 2);
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps();
@@ -451,20 +470,12 @@ QK_AVX2 static void tile_i4(const Weights& w, int64_t n, int r0, const Acts& a, 
       for (int i = 0; i < MB; ++i) isum[r][i] = _mm256_setzero_si256();
     for (int64_t c = g * G; c < (g + 1) * G; c += 64) {
       __m256i lo[R], hi[R];
-      if (R == 1) _mm_prefetch(reinterpret_cast<const char*>(wr + c / 2 + kI4PrefetchBytes), _MM_HINT_T0);
-      for (int r = 0; r < R; ++r) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + r * (K / 2) + c / 2));
-        lo[r] = _mm256_and_si256(v, low);
-        hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      }
+      unpack_chunk_i4<R>(wr, K, c, lo, hi);
       for (int i = 0; i < MB; ++i) {
         const int8_t* q = a.q.data() + (m + i) * K + c;
         const __m256i qe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
         const __m256i qo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
-        for (int r = 0; r < R; ++r) {
-          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], qe), _mm256_maddubs_epi16(hi[r], qo));
-          isum[r][i] = _mm256_add_epi32(isum[r][i], _mm256_madd_epi16(p, ones));
-        }
+        for (int r = 0; r < R; ++r) isum[r][i] = _mm256_add_epi32(isum[r][i], chunk_dot_i4(lo[r], hi[r], qe, qo));
       }
     }
     for (int i = 0; i < MB; ++i)
@@ -476,38 +487,29 @@ QK_AVX2 static void tile_i4(const Weights& w, int64_t n, int r0, const Acts& a, 
     for (int i = 0; i < MB; ++i) out[i * ldo + r0 + r] = hsum8(acc[r][i]) + f.zsum[i * 8 + r0 + r];
 }
 
-// The same for groups of 32 (K % 64 == 0): a 64-column chunk holds two groups. In the int32 sums of a chunk, lane j
-// holds columns 8j .. 8j + 7 (maddubs pairs neighbouring bytes, madd neighbouring pairs; byte b of the low nibbles is
-// column 2b, of the high ones column 2b + 1), so lanes 0-3 belong to the first group and lanes 4-7 to the second:
-// one factor vector [f(g) x4 | f(g + 1) x4] scales both.
+// The same for groups of 32 (K % 64 == 0): a 64-column chunk holds two groups. Its int32 sums (`chunk_dot_i4`) hold
+// columns 0-31 in lanes 0-3 and columns 32-63 in lanes 4-7, so one factor vector [f(g) x4 | f(g + 1) x4] scales both.
 template <int R, int MB>
 QK_AVX2 static void tile_i4_g32(const Weights& w, int64_t n, int r0, const Acts& a, int64_t m, const Block8& f,
                                 float* out, int64_t ldo) {
   const int64_t K = w.K, ng = K / 32;
   const uint8_t* wr = static_cast<const uint8_t*>(w.data) + (n + r0) * (K / 2);
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t c = 0; c < K; c += 64) {
     const int64_t g = c / 32;
     __m256i lo[R], hi[R];
-    if (R == 1) _mm_prefetch(reinterpret_cast<const char*>(wr + c / 2 + kI4PrefetchBytes), _MM_HINT_T0);
-    for (int r = 0; r < R; ++r) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + r * (K / 2) + c / 2));
-      lo[r] = _mm256_and_si256(v, low);
-      hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    }
+    unpack_chunk_i4<R>(wr, K, c, lo, hi);
     for (int i = 0; i < MB; ++i) {
       const int8_t* q = a.q.data() + (m + i) * K + c;
       const __m256i qe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
       const __m256i qo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
       const float* sd = &f.sd[(i * ng + g) * 8 + r0];
       for (int r = 0; r < R; ++r) {
-        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], qe), _mm256_maddubs_epi16(hi[r], qo));
         const __m256 fac = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(sd + r)),
                                                 _mm_broadcast_ss(sd + 8 + r), 1);
-        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), fac, acc[r][i]);
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_dot_i4(lo[r], hi[r], qe, qo)), fac, acc[r][i]);
       }
     }
   }
