@@ -387,11 +387,12 @@ QK_AVX2 static void rows_i8q_avx2(const Weights& w, const Acts& a, int64_t m0, i
   for (; n < n1; ++n) tile_i8q_rows(w, n, a, m0, M, y, ldy);
 }
 
-// int4 weights, the vector code (G % 64 == 0; G == 32: `tile_i4_g32` below). Rows are taken in blocks of 8 (`Block8`): their scales and zeros, which
-// lie side by side in scale_zero [K/G, N, 2], are turned into floats 8 at a time, and per activation row i the
-// factors s·d[i, g] and the constant part Σ_g (z - 8s)·Σx are computed as vectors over the 8 rows. The integer dot
-// products then only need a convert and an FMA per group. A row's groups lie N * 4 bytes apart in scale_zero: the
-// next block's lines are fetched ahead (the hardware prefetcher does not follow that stride).
+// int4 weights, the vector code (G % 64 == 0; G == 32: `tile_i4_g32` below). Rows are taken in blocks of 8
+// (`Block8`): their scales and zeros, which lie side by side in scale_zero [K/G, N, 2], are turned into floats 8 at a
+// time, and per activation row i the factors s·d[i, g] and the constant part Σ_g (z - 8s)·Σx are computed as vectors
+// over the 8 rows. The integer dot products then only need a convert and an FMA per group. A row's groups lie N * 4
+// bytes apart in scale_zero: the next block's lines are fetched ahead (the hardware prefetcher does not follow that
+// stride).
 struct Block8 {
   std::vector<float> sd;    // [MB][ng][8]: s[n + r, g] · d[m + i, g]
   std::vector<float> zsum;  // [MB][8]: Σ_g (z - 8 s)[n + r, g] · xsum[m + i, g]
@@ -788,7 +789,8 @@ static inline float bf16_round(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 constexpr int kI4SearchSteps = 20;  // INT4_SEARCH_STEPS
 
 // Σ w·(ŵ - x)² with the codes of grid (s, z) re-rounded: clamp(round((x - z) / s), -8, 7)
-static inline __attribute__((always_inline)) float group_error(const float* x, const float* wt, int64_t G, float s, float z) {
+static inline __attribute__((always_inline)) float group_error(const float* x, const float* wt, int64_t G, float s,
+                                                               float z) {
   float e = 0.f;
   for (int64_t i = 0; i < G; ++i) {
     const float q = std::min(7.f, std::max(-8.f, std::nearbyint((x[i] - z) / s)));
@@ -805,7 +807,8 @@ QK_AVX2 static inline float group_error_avx2(const float* x, const float* wt, in
   __m256 e = _mm256_setzero_ps();
   for (int64_t i = 0; i < G; i += 8) {
     const __m256 xv = _mm256_loadu_ps(x + i);
-    __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(xv, zv), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(xv, zv), sv),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     q = _mm256_min_ps(hi, _mm256_max_ps(lo, q));
     const __m256 d = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(q, sv), zv), xv);
     e = _mm256_add_ps(e, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(wt + i), d), d));
@@ -820,7 +823,8 @@ QK_AVX2 static inline void candidate_sums_avx2(const float* x, const float* wt, 
   __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps(), c = _mm256_setzero_ps();
   for (int64_t i = 0; i < G; i += 8) {
     const __m256 xv = _mm256_loadu_ps(x + i);
-    __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(xv, lov), iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(xv, lov), iv),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     q = _mm256_min_ps(top, _mm256_max_ps(zero, q));
     const __m256 wq = _mm256_mul_ps(_mm256_loadu_ps(wt + i), q);
     a = _mm256_add_ps(a, wq);
@@ -834,8 +838,8 @@ QK_AVX2 static inline void candidate_sums_avx2(const float* x, const float* wt, 
 #endif
 
 template <bool AVX2>
-static inline __attribute__((always_inline)) void search_group(const float* x, int64_t G, float* wt, float* q,
-                                                              uint8_t* codes, uint16_t* s_out, uint16_t* z_out) {
+static inline __attribute__((always_inline)) void search_group(const float* x, int64_t G, float* wt, uint8_t* codes,
+                                                              uint16_t* s_out, uint16_t* z_out) {
   float lo = x[0], hi = x[0], sq = 0.f;
   for (int64_t i = 0; i < G; ++i) {
     lo = std::min(lo, x[i]);
@@ -872,10 +876,10 @@ static inline __attribute__((always_inline)) void search_group(const float* x, i
     } else
 #endif
       for (int64_t i = 0; i < G; ++i) {
-        q[i] = std::min(15.f, std::max(0.f, std::nearbyint((x[i] - lo) * inv)));
-        const float wq = wt[i] * q[i];
+        const float q = std::min(15.f, std::max(0.f, std::nearbyint((x[i] - lo) * inv)));
+        const float wq = wt[i] * q;
         swq += wq;
-        swqq += wq * q[i];
+        swqq += wq * q;
         swqx += wq * x[i];
       }
     const float det = sw * swqq - swq * swq;
@@ -898,30 +902,31 @@ static inline __attribute__((always_inline)) void search_group(const float* x, i
   *z_out = f32_to_bf16(best_z);
 }
 
-// Rows n0 .. n1 - 1: the AVX2 code (the candidates' sums and errors 8 lanes wide) or the scalar code. The sums' order
-// is the only difference between the two, and from the torch twin; no FMA contraction.
-#define QK_SEARCH_ROWS                                                                                            \
-  std::vector<float> wt(G), q(G);                                                                                  \
-  std::vector<uint8_t> codes(K);                                                                                   \
-  for (int64_t n = n0; n < n1; ++n) {                                                                              \
-    for (int64_t g = 0; g < K / G; ++g)                                                                            \
-      search_group<AVX2>(x + n * K + g * G, G, wt.data(), q.data(), codes.data() + g * G, sp + n * (K / G) + g,          \
-                   zp + n * (K / G) + g);                                                                          \
-    for (int64_t j = 0; j < K / 2; ++j) pk[n * (K / 2) + j] = uint8_t(codes[2 * j] | (codes[2 * j + 1] << 4));     \
+// Rows n0 .. n1 - 1. Inlined into the two entry points below, so that the AVX2 one compiles it with AVX2 (rounding in
+// one instruction, the candidates' sums and errors 8 lanes wide). The sums' order is the only difference between the
+// two, and from the torch twin; no FMA contraction.
+template <bool AVX2>
+static inline __attribute__((always_inline)) void search_rows(const float* x, int64_t n0, int64_t n1, int64_t K,
+                                                             int64_t G, uint8_t* pk, uint16_t* sp, uint16_t* zp) {
+  std::vector<float> wt(G);
+  std::vector<uint8_t> codes(K);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t g = 0; g < K / G; ++g)
+      search_group<AVX2>(x + n * K + g * G, G, wt.data(), codes.data() + g * G, sp + n * (K / G) + g,
+                         zp + n * (K / G) + g);
+    for (int64_t j = 0; j < K / 2; ++j) pk[n * (K / 2) + j] = uint8_t(codes[2 * j] | (codes[2 * j + 1] << 4));
   }
+}
 static void search_rows_scalar(const float* x, int64_t n0, int64_t n1, int64_t K, int64_t G, uint8_t* pk,
                                uint16_t* sp, uint16_t* zp) {
-  constexpr bool AVX2 = false;
-  QK_SEARCH_ROWS
+  search_rows<false>(x, n0, n1, K, G, pk, sp, zp);
 }
 #if QK_X86
 QK_AVX2 static void search_rows_avx2(const float* x, int64_t n0, int64_t n1, int64_t K, int64_t G, uint8_t* pk,
                                      uint16_t* sp, uint16_t* zp) {
-  constexpr bool AVX2 = true;
-  QK_SEARCH_ROWS
+  search_rows<true>(x, n0, n1, K, G, pk, sp, zp);
 }
 #endif
-#undef QK_SEARCH_ROWS
 
 // w fp32 [N, K] -> (canonical packed uint8 [N, K/2], scale bf16 [N, K/G], zero bf16 [N, K/G])
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4(const at::Tensor& w, int64_t group_size) {
