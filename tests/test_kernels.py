@@ -22,7 +22,16 @@ from qwen3next.model.linear import Linear
 from qwen3next.model.moe import Experts
 from qwen3next.ops.moe import experts_reference, route_topk
 from qwen3next.quant import Int4Linear, Int8Linear, QuantizedExperts, quantize_model
-from qwen3next.quant.linear import quantize_int4, quantize_int4_search, quantize_int8, scale_zero_of
+from qwen3next.quant.linear import (
+    coded_scale_zero,
+    decode_int4_grid,
+    dequantize_int4,
+    quantize_int4,
+    quantize_int4_coded,
+    quantize_int4_search,
+    quantize_int8,
+    scale_zero_of,
+)
 from tiny_models import make_model
 
 DEMO = Path(__file__).resolve().parents[1] / "qwen3next" / "data" / "demo"
@@ -44,8 +53,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def weight_in(fmt: int, N: int, K: int, group_size: int, gen: torch.Generator):
-    """A random [N, K] weight stored in format `fmt`: (tensor, aux)."""
+def weight_in(fmt: int, N: int, K: int, group_size: int, gen: torch.Generator, coded: bool = False):
+    """A random [N, K] weight stored in format `fmt`: (tensor, aux); int4 `coded`: coded group parameters."""
     w = torch.randn(N, K, generator=gen) * 0.1
     if fmt == kernels.FMT_F32:
         return w, None
@@ -53,14 +62,19 @@ def weight_in(fmt: int, N: int, K: int, group_size: int, gen: torch.Generator):
         return w.bfloat16(), None
     if fmt == kernels.FMT_INT8:
         return quantize_int8(w)
+    if coded:
+        q, sc, zc, factors = quantize_int4_coded(w, group_size)
+        return q, coded_scale_zero(sc, zc, factors)
     q, s, z = quantize_int4(w, group_size)
     return q, scale_zero_of(s, z)
 
 
 # K: a multiple of the vector widths, one with a tail of each, and one shorter than a vector; int4: groups of 64
-# and 32 (the vector code; 32: two groups per 64-column chunk), 32 with K not a multiple of 64 and 16 (scalar code)
+# and of 32 and 16 (the vector code; two or four groups per 64-column chunk), of 32 and 16 with K not a multiple of
+# 64 (scalar code)
 SHAPES = [(37, 128, 64), (64, 200, 64), (33, 11, 64), (16, 3, 64)]
-INT4_SHAPES = [(37, 128, 64), (48, 256, 128), (33, 48, 16), (16, 64, 64), (41, 192, 32), (24, 96, 32)]
+INT4_SHAPES = [(37, 128, 64), (48, 256, 128), (33, 48, 16), (16, 64, 64), (41, 192, 32), (24, 96, 32),
+               (43, 128, 16)]
 
 
 @pytest.mark.parametrize("fmt", kernels.FORMATS)
@@ -74,6 +88,24 @@ def test_linear_matches_its_twin(isa, fmt, rows):
         ref = kernels.linear_reference(x, w, aux, fmt, G if fmt == kernels.FMT_INT4 else 0)
         assert y.shape == (rows, N) and y.dtype == torch.float32
         assert rel_err(y, ref) < 1e-5, (fmt, N, K, G)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_coded_int4_matches_its_twin(isa, rows):
+    """int4 with coded group parameters (uint8 scale_zero [K/G + 2, N, 2]): the same products as the twin, the group
+    size taken from the parameters' shape (group_size 0), and `dequantize` equal to the torch dequantization."""
+    gen = torch.Generator().manual_seed(rows)
+    for N, K, G in INT4_SHAPES:
+        w, aux = weight_in(kernels.FMT_INT4, N, K, G, gen, coded=True)
+        x = torch.randn(rows, K, generator=gen)
+        y = kernels.linear(x, w, aux, kernels.FMT_INT4, G)
+        assert rel_err(y, kernels.linear_reference(x, w, aux, kernels.FMT_INT4)) < 1e-5, (N, K, G)
+        assert torch.equal(kernels.linear(x, w, aux, kernels.FMT_INT4, 0), y)
+        # a block of rows (the prefill path dequantizes [:, a:b] slices)
+        assert rel_err(kernels.linear(x, w[5:21], aux[:, 5:21].contiguous(), kernels.FMT_INT4), y[:, 5:21]) < 1e-6
+        from qwen3next.quant.linear import split_coded_scale_zero
+        expected = dequantize_int4(w, *decode_int4_grid(*split_coded_scale_zero(aux)))
+        assert torch.equal(kernels.dequantize(w, aux, kernels.FMT_INT4), expected)
 
 
 def test_int4_twin_is_the_dequantized_product_up_to_activation_rounding():
@@ -154,14 +186,33 @@ def test_moe_matches_its_twin(isa, fmt, tokens):
     assert y.shape == x.shape and rel_err(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_moe_with_coded_int4_and_a_group_size_per_projection(isa, tokens):
+    """Coded int4 experts with gate_up in groups of 32 and down in groups of 16 (each size read from its own
+    parameters: group_size 0), against the twin."""
+    gen = torch.Generator().manual_seed(40 + tokens)
+    E, D, inter, k = 5, 128, 64, 2
+    gu = [weight_in(kernels.FMT_INT4, 2 * inter, D, 32, gen, coded=True) for _ in range(E)]
+    dn = [weight_in(kernels.FMT_INT4, D, inter, 16, gen, coded=True) for _ in range(E)]
+    args = tuple(torch.stack([m[i] for m in mats]) for mats in (gu, dn) for i in (0, 1)) + (kernels.FMT_INT4, 0)
+    weights, ids = route_topk(torch.randn(tokens, E, generator=gen), k, True)
+    x = torch.randn(tokens, D, generator=gen)
+    y = kernels.moe(x, weights, ids, *args)
+    assert rel_err(y, kernels.moe_reference(x, weights, ids, *args)) < 1e-5
+
+
 def test_bad_arguments_are_clear_errors():
     x = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="fmt 8 needs an int8 weight"):
         kernels.linear(x, torch.randn(8, 64), torch.ones(8, dtype=torch.bfloat16), 8)
     with pytest.raises(RuntimeError, match="x has 64 columns, the weight 32"):
         kernels.linear(x, torch.randn(8, 32), None, 32)
-    with pytest.raises(RuntimeError, match="group_size 48 must be even and divide K = 64"):
+    with pytest.raises(RuntimeError, match="group_size 48 but the scale_zero holds groups of 64"):
         kernels.linear(x, torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(1, 8, 2, dtype=torch.bfloat16), 4, 48)
+    with pytest.raises(RuntimeError, match="has 3 groups, which does not divide K = 64"):
+        kernels.linear(x, torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(5, 8, 2, dtype=torch.uint8), 4)
+    with pytest.raises(RuntimeError, match="int4 scale_zero: expected contiguous bfloat16"):
+        kernels.linear(x, torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(4, 8, 2), 4)
     gu, dn = torch.randn(3, 16, 64), torch.randn(3, 64, 8)
     with pytest.raises(RuntimeError, match="expert id 3 out of range"):
         kernels.moe(x, torch.ones(2, 1), torch.tensor([[0], [3]]), gu, None, dn, None, 32)

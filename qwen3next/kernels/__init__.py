@@ -7,7 +7,9 @@ package adds these ops, registered with torch as `torch.ops.qwen3next.*` (opaque
 
 - `linear(x, w, aux, fmt, group_size)`: y = x · Wᵀ for x fp32 [M, K] (few rows) and W stored as fp32 (`fmt` 32),
   bf16 (16), int8 with a bf16 scale per output row (8; `aux` = scales [N]) or int4 (4; `aux` = scale_zero
-  [K/G, N, 2], the weight packed [N, K/2] with column 2j in the low nibble of byte j).
+  [K/G, N, 2] bf16, or coded group parameters uint8 [K/G + 2, N, 2] (quant/linear.py `coded_scale_zero`), the
+  weight packed [N, K/2] with column 2j in the low nibble of byte j). int4's group size G comes from aux's shape
+  (`group_size`, when not 0, must match it); the vector code takes G = 64k, and G = 32 or 16 when K % 64 == 0.
 - `moe(x, weights, ids, gate_up, gate_up_aux, down, down_aux, fmt, group_size)`: the routed experts of a MoE layer
   over stacked weights [E, 2I, D] / [E, D, I] in one call (pairs grouped by expert; SwiGLU; weighted sum).
 - `dequantize(w, aux, fmt, group_size)`: an int8 / int4 weight as fp32, in one pass (prefill: then one GEMM).
@@ -239,7 +241,7 @@ def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor
 def linear_reference(x: torch.Tensor, w: torch.Tensor, aux: torch.Tensor | None, fmt: int,
                      group_size: int = 0) -> torch.Tensor:
     """The math of `linear` in torch (fp64), for the parity tests."""
-    from ..quant.linear import dequantize_int8, unpack_int4  # (quant.linear imports this module)
+    from ..quant.linear import dequantize_int8, int4_grid, unpack_int4  # (quant.linear imports this module)
 
     x2 = x.reshape(-1, x.shape[-1]).float()
     if fmt in (FMT_F32, FMT_BF16):
@@ -256,9 +258,10 @@ def linear_reference(x: torch.Tensor, w: torch.Tensor, aux: torch.Tensor | None,
     else:
         N, K = w.shape[0], w.shape[1] * 2
         codes = unpack_int4(w).double()  # [N, K] in 0..15
+        s, z = (t.double() for t in int4_grid(aux))  # [N, K/G]
+        ng = s.shape[-1]
+        group_size = K // ng  # from the parameters' shape, as the kernel takes it
         c, d, xsum = quantize_activations(x2, group_size)
-        ng = K // group_size
-        s, z = aux[..., 0].T.double(), aux[..., 1].T.double()  # [N, K/G]
         dots = torch.einsum("mgk,ngk->mng", c.double().reshape(-1, ng, group_size),
                             codes.reshape(N, ng, group_size))
         y = (dots * s[None] * d.double()[:, None, :]).sum(-1) + xsum.double() @ (z - 8 * s).T

@@ -55,15 +55,29 @@ static inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
 static inline float to_f32(int8_t v) { return float(v); }
 
 // One weight matrix [N, K]. int4: `data` is uint8 [N, K/2], column 2j in the low nibble of byte j.
+// int4 group parameters come in two forms: bf16 (scale, zero) pairs `aux` [K/G, N, 2], or coded ones `codes` uint8
+// [K/G + 2, N, 2]: per group a scale code (uint8) and a zero code (int8), scale = code · fs[n], zero = code · fz[n],
+// with bf16 row factors (fs, fz) stored byte-planar in the last two rows (low bytes, then high bytes), so that a
+// slice of rows [:, a:b] is still a valid coded tensor.
 struct Weights {
   int64_t fmt, N, K, G;
   const void* data;
-  const uint16_t* aux;  // int8: bf16 scales [N]; int4: bf16 scale_zero [K/G, N, 2]; else null
+  const uint16_t* aux;            // int8: bf16 scales [N]; int4: bf16 scale_zero [K/G, N, 2]; else null
+  const uint8_t* codes = nullptr; // int4 with coded group parameters (then aux is null)
 
   // int4: the code (0..15) of column k of row `row`, and the scale and zero of group g of row n
   static int32_t code(const uint8_t* row, int64_t k) { return (k & 1) ? (row[k >> 1] >> 4) : (row[k >> 1] & 15); }
-  float scale(int64_t g, int64_t n) const { return bf16_to_f32(aux[(g * N + n) * 2]); }
-  float zero(int64_t g, int64_t n) const { return bf16_to_f32(aux[(g * N + n) * 2 + 1]); }
+  float scale(int64_t g, int64_t n) const {
+    return codes ? float(codes[(g * N + n) * 2]) * factor(n, 0) : bf16_to_f32(aux[(g * N + n) * 2]);
+  }
+  float zero(int64_t g, int64_t n) const {
+    return codes ? float(int8_t(codes[(g * N + n) * 2 + 1])) * factor(n, 1) : bf16_to_f32(aux[(g * N + n) * 2 + 1]);
+  }
+  // coded: row n's factor p (0: scales, 1: zeros)
+  float factor(int64_t n, int p) const {
+    const int64_t ng = K / G;
+    return bf16_to_f32(uint16_t(codes[(ng * N + n) * 2 + p] | (codes[((ng + 1) * N + n) * 2 + p] << 8)));
+  }
 };
 
 // Activation rows [M, K] (fp32, contiguous) and, for int4 weights, their per-group int8 codes.
@@ -387,42 +401,90 @@ QK_AVX2 static void rows_i8q_avx2(const Weights& w, const Acts& a, int64_t m0, i
   for (; n < n1; ++n) tile_i8q_rows(w, n, a, m0, M, y, ldy);
 }
 
-// int4 weights, the vector code (G % 64 == 0; G == 32: `tile_i4_g32` below). Rows are taken in blocks of 8
-// (`Block8`): their scales and zeros, which lie side by side in scale_zero [K/G, N, 2], are turned into floats 8 at a
-// time, and per activation row i the factors s·d[i, g] and the constant part Σ_g (z - 8s)·Σx are computed as vectors
-// over the 8 rows. The integer dot products then only need a convert and an FMA per group. A row's groups lie N * 4
-// bytes apart in scale_zero: the next block's lines are fetched ahead (the hardware prefetcher does not follow that
-// stride).
+// int4 weights, the vector code (G % 64 == 0; G == 32 or 16: `tile_i4_small` below). Rows are taken in blocks of 8
+// (`Block8`): their scales and zeros, which lie side by side in scale_zero [K/G, N, 2] (or its codes), are turned
+// into floats 8 at a time, and per activation row i the factors s·d[i, g] and the constant part Σ_g (z - 8s)·Σx are
+// computed as vectors over the 8 rows. The integer dot products then only need a convert and an FMA per group. A
+// row's groups lie N * 4 (coded: N * 2) bytes apart: the next block's lines are fetched ahead (the hardware
+// prefetcher does not follow that stride).
 struct Block8 {
-  std::vector<float> sd;    // [MB][ng][8]: s[n + r, g] · d[m + i, g]
+  std::vector<float> sd;    // G >= 64: [MB][ng][8]: s[n + r, g] · d[m + i, g]
+  std::vector<float> sdx;   // G = 32 or 16: [MB][K/64][8][8]: per row r, the chunk's lane factor vector (see tiles)
   std::vector<float> zsum;  // [MB][8]: Σ_g (z - 8 s)[n + r, g] · xsum[m + i, g]
 };
+
+// The lane factor vectors of one 64-column chunk for 8 rows, from its groups' factors v[j] (8 rows each): row r gets
+// [v0[r] x4 | v1[r] x4] (G = 32) or [v0[r] x2 | v1[r] x2 | v2[r] x2 | v3[r] x2] (G = 16), as `tile_i4_small` wants.
+QK_AVX2 static inline void chunk_lane_factors(const __m256* v, int per, float* out) {
+  if (per == 2) {  // t0 = [v0 v1 rows 0, 1 | rows 4, 5], t1 = [rows 2, 3 | rows 6, 7]
+    const __m256 t[2] = {_mm256_unpacklo_ps(v[0], v[1]), _mm256_unpackhi_ps(v[0], v[1])};
+    for (int r = 0; r < 8; ++r) {
+      const int lane = (r & 4) + 2 * (r & 1);  // where row r's (v0, v1) pair sits in t[(r >> 1) & 1]
+      const __m256i idx = _mm256_setr_epi32(lane, lane, lane, lane, lane + 1, lane + 1, lane + 1, lane + 1);
+      _mm256_storeu_ps(out + r * 8, _mm256_permutevar8x32_ps(t[(r >> 1) & 1], idx));
+    }
+    return;
+  }
+  // per == 4: u[k] = [v0 v1 v2 v3 of row k | of row k + 4]
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                       _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+  const __m256i lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+  for (int r = 0; r < 8; ++r) _mm256_storeu_ps(out + r * 8, _mm256_permutevar8x32_ps(u[r & 3], r < 4 ? lo : hi));
+}
 
 // Rows n .. n + rows - 1 (rows <= 8; the missing ones get zero factors).
 QK_AVX2 static void block8_factors(const Weights& w, int64_t n, int rows, const Acts& a, int64_t m, int64_t MB,
                                    Block8& f) {
   const int64_t ng = w.K / w.G;
-  f.sd.resize(MB * ng * 8);
+  const bool small = w.G < 64;
+  const int per = small ? int(64 / w.G) : 1;  // groups per 64-column chunk
+  (small ? f.sdx : f.sd).resize(small ? MB * (w.K / 64) * 64 : MB * ng * 8);
   f.zsum.resize(MB * 8);
-  __m256 zs[4];
+  __m256 zs[4], grp[4][4];
   for (int64_t i = 0; i < MB; ++i) zs[i] = _mm256_setzero_ps();
   const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
+  __m256 fs = _mm256_setzero_ps(), fz = fs;
+  if (w.codes) {  // the rows' bf16 factors: low bytes and high bytes of (fs, fz) pairs in the last two code rows
+    const uint8_t* lo = w.codes + (ng * w.N + n) * 2;
+    const uint8_t* hi = w.codes + ((ng + 1) * w.N + n) * 2;
+    uint8_t lpart[16] = {0}, hpart[16] = {0};
+    std::memcpy(lpart, lo, rows * 2);
+    std::memcpy(hpart, hi, rows * 2);
+    const __m128i l = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lpart));
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(hpart));
+    const __m256i pairs = _mm256_set_m128i(_mm_unpackhi_epi8(l, h), _mm_unpacklo_epi8(l, h));  // 8 x (fs, fz) bf16
+    fs = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    fz = _mm256_castsi256_ps(_mm256_and_si256(pairs, hi_mask));
+  }
   for (int64_t g = 0; g < ng; ++g) {
-    // 8 (scale, zero) bf16 pairs = 8 int32: scale in the low half, zero in the high half
-    const uint16_t* src = w.aux + (g * w.N + n) * 2;
-    __m256i sz;
-    if (rows == 8) {
-      sz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-    } else {
+    __m256 sc, zc;
+    if (w.codes) {  // 8 (scale code, zero code) byte pairs -> 8 int32 (code | zero code << 8) -> floats · factors
+      const uint8_t* src = w.codes + (g * w.N + n) * 2;
+      uint8_t part[16] = {0};
+      if (rows < 8) std::memcpy(part, src, rows * 2);
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows == 8 ? src : part));
+      const __m256i v = _mm256_cvtepu16_epi32(b);
+      sc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(255))), fs);
+      zc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24)), fz);
+    } else {  // 8 (scale, zero) bf16 pairs = 8 int32: scale in the low half, zero in the high half
+      const uint16_t* src = w.aux + (g * w.N + n) * 2;
       uint16_t part[16] = {0};
-      std::memcpy(part, src, rows * 2 * sizeof(uint16_t));
-      sz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(part));
+      if (rows < 8) std::memcpy(part, src, rows * 2 * sizeof(uint16_t));
+      const __m256i sz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows == 8 ? src : part));
+      sc = _mm256_castsi256_ps(_mm256_slli_epi32(sz, 16));
+      zc = _mm256_castsi256_ps(_mm256_and_si256(sz, hi_mask));
     }
-    const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(sz, 16));
-    const __m256 zc = _mm256_castsi256_ps(_mm256_and_si256(sz, hi_mask));
     const __m256 zp = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), sc, zc);  // z - 8 s
     for (int64_t i = 0; i < MB; ++i) {
-      _mm256_storeu_ps(&f.sd[(i * ng + g) * 8], _mm256_mul_ps(sc, _mm256_set1_ps(a.d[(m + i) * ng + g])));
+      const __m256 sd = _mm256_mul_ps(sc, _mm256_set1_ps(a.d[(m + i) * ng + g]));
+      if (!small) {
+        _mm256_storeu_ps(&f.sd[(i * ng + g) * 8], sd);
+      } else {
+        grp[i][g % per] = sd;
+        if (g % per == per - 1) chunk_lane_factors(grp[i], per, &f.sdx[(i * (w.K / 64) + g / per) * 64]);
+      }
       zs[i] = _mm256_fmadd_ps(zp, _mm256_set1_ps(a.xsum[(m + i) * ng + g]), zs[i]);
     }
   }
@@ -488,30 +550,29 @@ QK_AVX2 static void tile_i4(const Weights& w, int64_t n, int r0, const Acts& a, 
     for (int i = 0; i < MB; ++i) out[i * ldo + r0 + r] = hsum8(acc[r][i]) + f.zsum[i * 8 + r0 + r];
 }
 
-// The same for groups of 32 (K % 64 == 0): a 64-column chunk holds two groups. Its int32 sums (`chunk_dot_i4`) hold
-// columns 0-31 in lanes 0-3 and columns 32-63 in lanes 4-7, so one factor vector [f(g) x4 | f(g + 1) x4] scales both.
+// The same for groups of G = 32 or 16 (K % 64 == 0): a 64-column chunk holds 64 / G groups. Its int32 sums
+// (`chunk_dot_i4`) hold columns 8j .. 8j + 7 in lane j, so one factor vector scales them all: [f(g) x4 | f(g + 1) x4]
+// for G = 32, [f(g) x2 | f(g + 1) x2 | f(g + 2) x2 | f(g + 3) x2] for G = 16, built per row and chunk beforehand
+// (`Block8::sdx`).
 template <int R, int MB>
-QK_AVX2 static void tile_i4_g32(const Weights& w, int64_t n, int r0, const Acts& a, int64_t m, const Block8& f,
-                                float* out, int64_t ldo) {
-  const int64_t K = w.K, ng = K / 32;
+QK_AVX2 static void tile_i4_small(const Weights& w, int64_t n, int r0, const Acts& a, int64_t m, const Block8& f,
+                                  float* out, int64_t ldo) {
+  const int64_t K = w.K, nc = K / 64;
   const uint8_t* wr = static_cast<const uint8_t*>(w.data) + (n + r0) * (K / 2);
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t c = 0; c < K; c += 64) {
-    const int64_t g = c / 32;
     __m256i lo[R], hi[R];
     unpack_chunk_i4<R>(wr, K, c, lo, hi);
     for (int i = 0; i < MB; ++i) {
       const int8_t* q = a.q.data() + (m + i) * K + c;
       const __m256i qe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
       const __m256i qo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
-      const float* sd = &f.sd[(i * ng + g) * 8 + r0];
-      for (int r = 0; r < R; ++r) {
-        const __m256 fac = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(sd + r)),
-                                                _mm_broadcast_ss(sd + 8 + r), 1);
-        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_dot_i4(lo[r], hi[r], qe, qo)), fac, acc[r][i]);
-      }
+      const float* fac = &f.sdx[((i * nc + c / 64) * 8 + r0) * 8];
+      for (int r = 0; r < R; ++r)
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_dot_i4(lo[r], hi[r], qe, qo)),
+                                    _mm256_loadu_ps(fac + r * 8), acc[r][i]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -528,10 +589,10 @@ QK_AVX2 static void block8_i4(const Weights& w, int64_t n, int rows, const Acts&
   // order, which the hardware prefetcher follows (measured, 1 thread, 60 matrices in turn so that they come from
   // memory: 3072 x 512 132 -> 83 us, 512 x 1024 67 -> 47 us, 512 x 2048 143 -> 113 us against four rows side by
   // side, whose loads stalled).
-  if (w.G == 32) {
+  if (w.G < 64) {  // 32 or 16
     if (MB == 2)
-      for (; r + 2 <= rows; r += 2) tile_i4_g32<2, MB>(w, n, r, a, m, f, out, ldo);
-    for (; r < rows; ++r) tile_i4_g32<1, MB>(w, n, r, a, m, f, out, ldo);
+      for (; r + 2 <= rows; r += 2) tile_i4_small<2, MB>(w, n, r, a, m, f, out, ldo);
+    for (; r < rows; ++r) tile_i4_small<1, MB>(w, n, r, a, m, f, out, ldo);
     return;
   }
   if (MB == 2)
@@ -547,7 +608,9 @@ QK_AVX2 static void rows_i4_avx2(const Weights& w, const Acts& a, int64_t m0, in
     const int rows = int(std::min<int64_t>(8, n1 - n));
     if (n + 16 <= w.N)
       for (int64_t g = 0; g < ng; ++g)
-        _mm_prefetch(reinterpret_cast<const char*>(w.aux + (g * w.N + n + 8) * 2), _MM_HINT_T0);
+        _mm_prefetch(w.codes ? reinterpret_cast<const char*>(w.codes + (g * w.N + n + 8) * 2)
+                             : reinterpret_cast<const char*>(w.aux + (g * w.N + n + 8) * 2),
+                     _MM_HINT_T0);
     for (int64_t m = m0; m < m0 + M;) {
       float* o = y + (m - m0) * ldy + n;
       const int64_t left = m0 + M - m;
@@ -566,7 +629,7 @@ QK_AVX2 static void rows_i4_avx2(const Weights& w, const Acts& a, int64_t m0, in
 }
 #endif
 
-static bool i4_vector_ok(const Weights& w) { return w.G % 64 == 0 || (w.G == 32 && w.K % 64 == 0); }
+static bool i4_vector_ok(const Weights& w) { return w.G % 64 == 0 || ((w.G == 32 || w.G == 16) && w.K % 64 == 0); }
 
 // y[(m - m0) * ldy + n] for m in [m0, m0 + M), n in [n0, n1).
 static void rows(const Weights& w, const Acts& a, int64_t m0, int64_t M, int64_t n0, int64_t n1, float* y,
@@ -623,11 +686,23 @@ static void check_weight(const at::Tensor& w, const c10::optional<at::Tensor>& a
                 what, ": int8 scales: expected contiguous bfloat16 [..., N]");
   } else if (fmt == I4) {
     TORCH_CHECK(aux.has_value(), what, ": int4 needs its scale_zero");
-    TORCH_CHECK(G >= 2 && G % 2 == 0 && K % G == 0, what, ": group_size ", G, " must be even and divide K = ", K);
-    TORCH_CHECK(aux->scalar_type() == at::kBFloat16 && aux->is_contiguous() && aux->dim() == 3 + lead &&
-                    aux->size(lead) == K / G && aux->size(lead + 1) == N && aux->size(lead + 2) == 2,
-                what, ": int4 scale_zero: expected contiguous bfloat16 [..., K/G, N, 2]");
+    const bool coded = aux->scalar_type() == at::kByte;
+    TORCH_CHECK((aux->scalar_type() == at::kBFloat16 || coded) && aux->is_contiguous() && aux->dim() == 3 + lead &&
+                    aux->size(lead + 1) == N && aux->size(lead + 2) == 2,
+                what, ": int4 scale_zero: expected contiguous bfloat16 [..., K/G, N, 2] or uint8 (coded) "
+                "[..., K/G + 2, N, 2]");
+    const int64_t groups = aux->size(lead) - (coded ? 2 : 0);
+    TORCH_CHECK(groups >= 1 && K % groups == 0, what, ": int4 scale_zero has ", groups, " groups, which does not ",
+                "divide K = ", K);
+    const int64_t g = K / groups;  // the group size, from the parameters' shape
+    TORCH_CHECK(G == 0 || G == g, what, ": group_size ", G, " but the scale_zero holds groups of ", g);
+    TORCH_CHECK(g >= 2 && g % 2 == 0, what, ": group size ", g, " must be even");
   }
+}
+
+// int4: the group size of a checked weight, from its parameters' shape
+static int64_t i4_group(int64_t K, const at::Tensor& aux, int64_t lead) {
+  return K / (aux.size(lead) - (aux.scalar_type() == at::kByte ? 2 : 0));
 }
 
 static Weights view_of(const at::Tensor& w, const c10::optional<at::Tensor>& aux, int64_t fmt, int64_t G, int64_t e,
@@ -636,13 +711,17 @@ static Weights view_of(const at::Tensor& w, const c10::optional<at::Tensor>& aux
   v.fmt = fmt;
   v.N = w.size(lead);
   v.K = packed_k(fmt, w.size(lead + 1));
-  v.G = G;
+  v.G = fmt == I4 ? i4_group(v.K, *aux, lead) : G;
   const int64_t row_bytes = w.size(lead + 1) * w.element_size();
   v.data = static_cast<const char*>(w.const_data_ptr()) + e * v.N * row_bytes;
   v.aux = nullptr;
-  if (fmt == I8 || fmt == I4) {
-    const int64_t per = fmt == I8 ? v.N : (v.K / G) * v.N * 2;
-    v.aux = static_cast<const uint16_t*>(aux->const_data_ptr()) + e * per;
+  if (fmt == I8) v.aux = static_cast<const uint16_t*>(aux->const_data_ptr()) + e * v.N;
+  if (fmt == I4) {
+    const int64_t per = aux->size(lead) * v.N * 2;  // elements per matrix
+    if (aux->scalar_type() == at::kByte)
+      v.codes = static_cast<const uint8_t*>(aux->const_data_ptr()) + e * per;
+    else
+      v.aux = static_cast<const uint16_t*>(aux->const_data_ptr()) + e * per;
   }
   return v;
 }

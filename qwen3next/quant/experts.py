@@ -23,13 +23,16 @@ from .linear import (
     dequantize_int4,
     dequantize_int8,
     from_kernel_layout,
+    int4_grid,
     int4_linear,
+    int4_saved_tensors,
+    int4_scale_zero_of,
+    int4_scale_zero_shape,
     int8_kernel_supported,
     int8_linear,
     pick_int4_layout,
-    quantize_int4,
+    quantize_int4_for,
     quantize_int8,
-    scale_zero_of,
 )
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -41,14 +44,19 @@ class QuantizedExperts(nn.Module):
 
     - int8: `{p}_qweight` int8 [E, N, K], `{p}_scales` bf16 [E, N]
     - int4: `{p}_qweight` uint8 [E, N, K/2] (kernel layout per expert when `is_kernel_layout[p]`), `{p}_scale_zero`
-      bf16 [E, K/G, N, 2]
+      bf16 [E, K/G, N, 2], or with `coded=True` uint8 [E, K/G + 2, N, 2] (quant/linear.py `coded_scale_zero`)
+
+    int4 group sizes: `group_size`, or per projection `group_sizes[p]` (e.g. smaller groups for down_proj).
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bits: int, group_size: int = 64):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bits: int, group_size: int = 64,
+                 coded: bool = False, group_sizes: dict[str, int] | None = None):
         super().__init__()
         if bits not in (8, 4):
             raise ValueError(f"bits: expected 8 or 4, got {bits!r}")
         self.num_experts, self.bits, self.group_size = num_experts, bits, group_size
+        self.coded = bool(coded) and bits == 4
+        self.group_sizes = {p: (group_sizes or {}).get(p, group_size) for p in PROJECTIONS}
         E, D, intermediate = num_experts, hidden_size, intermediate_size
         self.shapes = {"gate_up_proj": (2 * intermediate, D), "down_proj": (D, intermediate)}
         self.is_kernel_layout = {p: False for p in PROJECTIONS}
@@ -57,25 +65,34 @@ class QuantizedExperts(nn.Module):
                 self.register_buffer(f"{p}_qweight", torch.zeros(E, N, K, dtype=torch.int8))
                 self.register_buffer(f"{p}_scales", torch.ones(E, N, dtype=SCALE_DTYPE))
             else:
-                check_group_size(group_size, K)
+                G = self.group_sizes[p]
+                check_group_size(G, K)
                 self.register_buffer(f"{p}_qweight", torch.zeros(E, N, K // 2, dtype=torch.uint8))
-                self.register_buffer(f"{p}_scale_zero", torch.zeros(E, K // group_size, N, 2, dtype=SCALE_DTYPE))
+                self.register_buffer(f"{p}_scale_zero", torch.zeros(E, *int4_scale_zero_shape(N, K, G, self.coded),
+                                                                    dtype=torch.uint8 if self.coded else SCALE_DTYPE))
 
     @classmethod
-    def from_experts(cls, experts: Experts, bits: int, group_size: int = 64) -> QuantizedExperts:
+    def from_experts(cls, experts: Experts, bits: int, group_size: int = 64, coded: bool = False,
+                     group_sizes: dict[str, int] | None = None) -> QuantizedExperts:
         E, two_i, D = experts.gate_up_proj.shape
-        m = cls(E, D, two_i // 2, bits, group_size).to(experts.gate_up_proj.device)
+        m = cls(E, D, two_i // 2, bits, group_size, coded, group_sizes).to(experts.gate_up_proj.device)
+        m.quantize_from(experts)
+        return m
+
+    def quantize_from(self, experts: Experts) -> None:
+        """Fill every expert from the float `experts` (one expert at a time: the fp32 temporaries stay one matrix
+        big)."""
         for p in PROJECTIONS:
             w = getattr(experts, p)
-            for e in range(E):  # one expert at a time: the fp32 temporaries stay one matrix big
-                t = quantize_int8(w[e]) if bits == 8 else quantize_int4(w[e], group_size)
-                m.load_expert(p, e, *t)
-        return m
+            for e in range(self.num_experts):
+                t = (quantize_int8(w[e]) if self.bits == 8 else
+                     quantize_int4_for(w[e], self.group_sizes[p], self.coded))
+                self.load_expert(p, e, *t)
 
     # ---- the saved form, one expert at a time -------------------------------------------------------------------
     def load_expert(self, proj: str, e: int, *tensors: torch.Tensor) -> None:
         """Fill expert `e` of `proj` from the saved tensors: int8 (qweight [N, K], scales [N]); int4 (canonical packed
-        qweight [N, K/2], scales [N, K/G], zeros [N, K/G])."""
+        qweight [N, K/2], scales [N, K/G], zeros [N, K/G], and when coded their factors [N, 2])."""
         q = getattr(self, f"{proj}_qweight")
         with torch.no_grad():
             if self.bits == 8:
@@ -83,9 +100,13 @@ class QuantizedExperts(nn.Module):
                 q[e].copy_(qweight)
                 getattr(self, f"{proj}_scales")[e].copy_(scales)
                 return
-            qweight, scales, zeros = tensors
-            getattr(self, f"{proj}_scale_zero")[e].copy_(scale_zero_of(scales, zeros))
-            held, is_kernel = pick_int4_layout(qweight.to(q.device), self.group_size)
+            qweight, scales, zeros, *factors = tensors
+            if bool(factors) != self.coded:
+                raise ValueError(f"{proj}: these experts hold {'coded' if self.coded else 'bf16'} int4 group "
+                                 f"parameters, the tensors are {'coded' if factors else 'bf16'}")
+            sz = int4_scale_zero_of(scales, zeros, factors[0] if factors else None)
+            getattr(self, f"{proj}_scale_zero")[e].copy_(sz)
+            held, is_kernel = pick_int4_layout(qweight.to(q.device), self.group_sizes[proj], self.coded)
             if e > 0 and is_kernel != self.is_kernel_layout[proj]:
                 raise AssertionError(f"{proj}: experts disagree on the int4 layout")
             self.is_kernel_layout[proj] = is_kernel
@@ -96,17 +117,16 @@ class QuantizedExperts(nn.Module):
         q = getattr(self, f"{proj}_qweight")[e]
         if self.bits == 8:
             return {"qweight": q, "scales": getattr(self, f"{proj}_scales")[e]}
-        sz = getattr(self, f"{proj}_scale_zero")[e]
-        return {"qweight": from_kernel_layout(q) if self.is_kernel_layout[proj] else q,
-                "scales": sz[..., 0].T, "zeros": sz[..., 1].T}
+        return int4_saved_tensors(from_kernel_layout(q) if self.is_kernel_layout[proj] else q,
+                                  getattr(self, f"{proj}_scale_zero")[e])
 
     def dequantize(self, proj: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [E, N, K] of `proj`."""
         mats = []
         for e in range(self.num_experts):
             t = self.expert_tensors(proj, e)
-            mats.append(dequantize_int8(t["qweight"], t["scales"], dtype) if self.bits == 8
-                        else dequantize_int4(t["qweight"], t["scales"], t["zeros"], dtype))
+            mats.append(dequantize_int8(t["qweight"], t["scales"], dtype) if self.bits == 8 else
+                        dequantize_int4(t["qweight"], *int4_grid(getattr(self, f"{proj}_scale_zero")[e]), dtype))
         return torch.stack(mats)
 
     # ---- forward -------------------------------------------------------------------------------------------------
@@ -114,15 +134,15 @@ class QuantizedExperts(nn.Module):
         q = getattr(self, f"{proj}_qweight")[e]
         if self.bits == 8:
             return int8_linear(x, q, getattr(self, f"{proj}_scales")[e])
-        return int4_linear(x, q, getattr(self, f"{proj}_scale_zero")[e], self.group_size, self.is_kernel_layout[proj])
+        return int4_linear(x, q, getattr(self, f"{proj}_scale_zero")[e], self.group_sizes[proj],
+                           self.is_kernel_layout[proj])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Σ_k w[n,k] · SwiGLU_{ids[n,k]}(x[n]) over the hit experts. x: [N, D]; weights, ids: [N, k] -> [N, D]."""
         if fast_decode() and x.shape[0] <= threshold("native_moe") and self._native_usable(x):
             aux = "scales" if self.bits == 8 else "scale_zero"
             return kernels.moe(x, weights, ids, self.gate_up_proj_qweight, getattr(self, f"gate_up_proj_{aux}"),
-                               self.down_proj_qweight, getattr(self, f"down_proj_{aux}"), self.bits,
-                               self.group_size if self.bits == 4 else 0)
+                               self.down_proj_qweight, getattr(self, f"down_proj_{aux}"), self.bits)
         if torch.compiler.is_compiling() and self.bits == 8:
             return self._forward_gathered(x, weights, ids)
         if fast_decode() and x.shape[0] <= threshold("quant_experts_few_tokens") and self._kernels_usable(x):
@@ -150,7 +170,7 @@ class QuantizedExperts(nn.Module):
         q = getattr(self, f"{proj}_qweight")[e]
         if self.bits == 8:
             return torch._weight_int8pack_mm(xb, q, getattr(self, f"{proj}_scales")[e])
-        return torch._weight_int4pack_mm_for_cpu(xb, q, self.group_size, getattr(self, f"{proj}_scale_zero")[e])
+        return torch._weight_int4pack_mm_for_cpu(xb, q, self.group_sizes[proj], getattr(self, f"{proj}_scale_zero")[e])
 
     def _forward_few_tokens(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Decode fast path (a few tokens, inference): activations cast to bf16 once, pairs grouped by expert on the
@@ -198,8 +218,9 @@ class QuantizedExperts(nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         for p in PROJECTIONS:
-            name = f"{p}_scales" if self.bits == 8 else f"{p}_scale_zero"
-            setattr(self, name, getattr(self, name).to(SCALE_DTYPE))
+            if not self.coded:
+                name = f"{p}_scales" if self.bits == 8 else f"{p}_scale_zero"
+                setattr(self, name, getattr(self, name).to(SCALE_DTYPE))
             q = getattr(self, f"{p}_qweight")
             if self.is_kernel_layout[p] and q.device.type != "cpu":  # the kernel layout is CPU-only
                 setattr(self, f"{p}_qweight", torch.stack([from_kernel_layout(q[e]) for e in range(q.shape[0])]))
@@ -209,5 +230,6 @@ class QuantizedExperts(nn.Module):
     def extra_repr(self) -> str:
         E = self.num_experts
         (two_i, D) = self.shapes["gate_up_proj"]
-        g = f", group_size={self.group_size}, kernel_layout={self.is_kernel_layout}" if self.bits == 4 else ""
+        g = (f", group_sizes={self.group_sizes}, coded={self.coded}, kernel_layout={self.is_kernel_layout}"
+             if self.bits == 4 else "")
         return f"num_experts={E}, hidden_size={D}, intermediate_size={two_i // 2}, bits={self.bits}{g}"

@@ -232,6 +232,85 @@ def _search_rows(w: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor, t
     return pack_int4(q.reshape(N, K)), best_s.squeeze(-1).to(SCALE_DTYPE), best_z.squeeze(-1).to(SCALE_DTYPE)
 
 
+# ---- int4 with coded group parameters --------------------------------------------------------------------------------
+# Each group's (scale, zero) as two 8-bit codes under bf16 factors per row (the idea of llama.cpp's k-quants, whose
+# Q4_K codes 6-bit scales and minimums under fp16 factors per 256 weights): scale = sc · fs[n] with sc in 1..255,
+# zero = zc · fz[n] with zc in -127..127. 2 bytes per group instead of 4, so groups of 32 cost the bytes of groups of
+# 64 with bf16 pairs (4.5 bits per weight), and groups of 16 cost 5.0. Held as one uint8 tensor per matrix, the
+# kernels' `scale_zero` [K/G + 2, N, 2]: rows 0 .. K/G - 1 the (sc, zc) byte pairs, the last two rows the bytes of the
+# bf16 factors (fs, fz) of each row (low bytes, then high bytes: a slice [:, a:b] of rows is still valid).
+SCALE_CODE_MAX, ZERO_CODE_MAX = 255, 127
+
+
+def code_int4_grid(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, zero) [..., N, K/G] -> (scale codes uint8, zero codes int8 [..., N, K/G], factors bf16 [..., N, 2]).
+    The factors are each row's largest |value| over the code range, rounded up to bf16, so every code fits."""
+    s, z = scale.float(), zero.float()
+    fs = _round_up_bf16((s.amax(-1) / SCALE_CODE_MAX).clamp_min(1e-30))
+    fz = _round_up_bf16((z.abs().amax(-1) / ZERO_CODE_MAX).clamp_min(1e-30))
+    sc = torch.round(s / fs.float()[..., None]).clamp_(1, SCALE_CODE_MAX).to(torch.uint8)
+    zc = torch.round(z / fz.float()[..., None]).clamp_(-ZERO_CODE_MAX, ZERO_CODE_MAX).to(torch.int8)
+    return sc, zc, torch.stack((fs, fz), -1)
+
+
+def decode_int4_grid(scale_codes: torch.Tensor, zero_codes: torch.Tensor,
+                     factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coded group parameters -> (scale, zero) fp32 [..., N, K/G], the products the kernels form (fp32)."""
+    f = factors.float()
+    return scale_codes.float() * f[..., 0:1], zero_codes.float() * f[..., 1:2]
+
+
+def coded_scale_zero(scale_codes: torch.Tensor, zero_codes: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Coded parameters ([..., N, K/G] codes, [..., N, 2] factors) -> the kernels' uint8 [..., K/G + 2, N, 2]."""
+    pairs = torch.stack((scale_codes, zero_codes.view(torch.uint8)), -1).transpose(-3, -2)  # [..., K/G, N, 2]
+    fbytes = factors.to(torch.bfloat16).contiguous().view(torch.uint8)  # [..., N, 4]: fs lo, fs hi, fz lo, fz hi
+    planes = fbytes.unflatten(-1, (2, 2)).permute(*range(fbytes.ndim - 2), -1, -3, -2)  # [..., 2 (lo/hi), N, 2]
+    return torch.cat((pairs, planes), dim=-3).contiguous()
+
+
+def split_coded_scale_zero(aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `coded_scale_zero`: uint8 [..., K/G + 2, N, 2] -> (scale codes, zero codes, factors bf16)."""
+    pairs, planes = aux[..., :-2, :, :], aux[..., -2:, :, :]
+    fbytes = planes.permute(*range(planes.ndim - 3), -2, -1, -3).contiguous()  # [..., N, 2 (fs/fz), 2 (lo/hi)]
+    factors = fbytes.flatten(-2).view(torch.bfloat16)  # [..., N, 2]
+    codes = pairs.transpose(-3, -2)  # [..., N, K/G, 2]
+    return codes[..., 0].contiguous(), codes[..., 1].contiguous().view(torch.int8), factors
+
+
+def is_coded(scale_zero: torch.Tensor) -> bool:
+    """Whether an int4 `scale_zero` holds coded group parameters (uint8) rather than bf16 pairs."""
+    return scale_zero.dtype == torch.uint8
+
+
+def int4_grid(scale_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) [..., N, K/G] of either form of `scale_zero` (bf16 pairs: as stored; coded: fp32 products)."""
+    if is_coded(scale_zero):
+        return decode_int4_grid(*split_coded_scale_zero(scale_zero))
+    return scale_zero[..., 0].transpose(-1, -2), scale_zero[..., 1].transpose(-1, -2)
+
+
+def quantize_int4_coded(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
+    """w [..., N, K] -> (canonical packed uint8 [..., N, K/2], scale codes uint8, zero codes int8 [..., N, K/G],
+    factors bf16 [..., N, 2]): the searched grids of `quantize_int4`, their scales coded, each zero refitted by
+    weighted least squares to the codes under the coded scale (same importance as the search), then coded, and the
+    codes re-rounded to the coded grid. Demo model, fake-quantized, prefill paths: the same drift as bf16 pairs at the
+    same group size (mean KLD 0.00164 for both at G = 32) for half the parameter bytes."""
+    packed, scale, _ = quantize_int4(w, group_size)
+    *lead, N, K = w.shape
+    g = w.detach().float().reshape(*lead, N, K // group_size, group_size)
+    fs = _round_up_bf16((scale.float().amax(-1) / SCALE_CODE_MAX).clamp_min(1e-30))
+    sc = torch.round(scale.float() / fs.float()[..., None]).clamp_(1, SCALE_CODE_MAX)
+    s = (sc * fs.float()[..., None])[..., None]
+    q = unpack_int4(packed).reshape(g.shape).float() - 8
+    wt = g.square().mean(-1, keepdim=True).sqrt() + g.abs()
+    zero = (wt * (g - q * s)).sum(-1) / wt.sum(-1).clamp_min(1e-30)
+    fz = _round_up_bf16((zero.abs().amax(-1) / ZERO_CODE_MAX).clamp_min(1e-30))
+    zc = torch.round(zero / fz.float()[..., None]).clamp_(-ZERO_CODE_MAX, ZERO_CODE_MAX)
+    q = torch.round((g - (zc * fz.float()[..., None])[..., None]) / s).clamp_(-8, 7).add_(8)
+    return (pack_int4(q.reshape(*lead, N, K)), sc.to(torch.uint8), zc.to(torch.int8),
+            torch.stack((fs, fz), -1))
+
+
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(canonical packed [..., N, K/2], scale, zero [..., N, K/G]) -> w [..., N, K] in `dtype` (fp32 math)."""
@@ -291,18 +370,19 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor
     """x [..., K] @ W.T -> [..., N] in x's dtype, W the int4 weight.
 
     qweight: [N, K/2] uint8 (kernel layout when `is_kernel_layout`, else canonical); scale_zero: [K/G, N, 2] bf16
-    (scale, zero), the kernel's own argument. Kernel layout -> `_weight_int4pack_mm_for_cpu` on bf16 activations;
-    canonical -> dequantize to x's dtype and F.linear.
+    (scale, zero), the kernel's own argument, or coded parameters uint8 [K/G + 2, N, 2] (`coded_scale_zero`; always
+    with the canonical layout). Kernel layout -> `_weight_int4pack_mm_for_cpu` on bf16 activations; canonical ->
+    the native kernels, or dequantize to x's dtype and F.linear.
     """
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    group_size = K // scale_zero.shape[0]
+    group_size = K // (scale_zero.shape[0] - (2 if is_coded(scale_zero) else 0))
     if not is_kernel_layout and native_rows(x, K, kernels.FMT_INT4):
         return kernels.linear(x, qweight, scale_zero, kernels.FMT_INT4, group_size)
     if not is_kernel_layout and native_kernels(x):  # prefill: dequantized natively, block by block, then GEMMs
         return _blockwise_linear(x, N, K, lambda a, b: kernels.dequantize(
             qweight[a:b], scale_zero[:, a:b].contiguous(), kernels.FMT_INT4, group_size), lambda y, a, b: y)
     if not is_kernel_layout:
-        scale, zero = scale_zero[..., 0].T, scale_zero[..., 1].T  # [N, K/G]
+        scale, zero = int4_grid(scale_zero)  # [N, K/G]
         return _blockwise_linear(x, N, K, lambda a, b: dequantize_int4(qweight[a:b], scale[a:b], zero[a:b], x.dtype),
                                  lambda y, a, b: y)
     x2 = x.reshape(-1, K)
@@ -371,71 +451,110 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
 
 
+def int4_scale_zero_shape(N: int, K: int, group_size: int, coded: bool) -> tuple[int, int, int]:
+    """Shape of the kernels' `scale_zero` of an [N, K] int4 weight: bf16 pairs [K/G, N, 2], coded [K/G + 2, N, 2]."""
+    return (K // group_size + (2 if coded else 0), N, 2)
+
+
+def int4_saved_tensors(qweight: torch.Tensor, scale_zero: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The saved form of one int4 matrix (canonical `qweight`): {"qweight", "scales", "zeros"} ([N, K/G]: bf16, or
+    uint8 / int8 codes) and, when coded, "factors" bf16 [N, 2]."""
+    if is_coded(scale_zero):
+        sc, zc, factors = split_coded_scale_zero(scale_zero)
+        return {"qweight": qweight, "scales": sc, "zeros": zc, "factors": factors}
+    return {"qweight": qweight, "scales": scale_zero[..., 0].T, "zeros": scale_zero[..., 1].T}
+
+
+def int4_scale_zero_of(scales: torch.Tensor, zeros: torch.Tensor, factors: torch.Tensor | None) -> torch.Tensor:
+    """The saved tensors' group parameters -> the kernels' `scale_zero` (coded when `factors` is given)."""
+    return scale_zero_of(scales, zeros) if factors is None else coded_scale_zero(scales, zeros, factors)
+
+
+def quantize_int4_for(w: torch.Tensor, group_size: int, coded: bool) -> tuple[torch.Tensor, ...]:
+    """`quantize_int4_coded` or `quantize_int4`: the saved tensors of either form, in `load_quantized`'s order."""
+    return quantize_int4_coded(w, group_size) if coded else quantize_int4(w, group_size)
+
+
 class Int4Linear(nn.Module):
     """Bias-free Linear with group-wise int4 weight: `qweight` uint8 [N, K/2] (kernel layout on CPU when the shape
-    allows, else canonical) and `scale_zero` bf16 [K/G, N, 2]."""
+    allows, else canonical) and `scale_zero` bf16 [K/G, N, 2], or with `coded=True` the coded group parameters uint8
+    [K/G + 2, N, 2] (see `coded_scale_zero`; canonical layout)."""
 
-    def __init__(self, in_features: int, out_features: int, group_size: int):
+    def __init__(self, in_features: int, out_features: int, group_size: int, coded: bool = False):
         super().__init__()
         check_group_size(group_size, in_features)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.coded = bool(coded)
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scale_zero", torch.zeros(in_features // group_size, out_features, 2, dtype=SCALE_DTYPE))
+        self.register_buffer("scale_zero", torch.zeros(int4_scale_zero_shape(out_features, in_features, group_size,
+                                                                             self.coded),
+                                                       dtype=torch.uint8 if self.coded else SCALE_DTYPE))
         self.is_kernel_layout = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int, coded: bool = False) -> Int4Linear:
         if linear.bias is not None:
             raise ValueError("linear: quantization supports bias-free nn.Linear only (Qwen3-Next has no biases)")
-        m = cls(linear.in_features, linear.out_features, group_size).to(linear.weight.device)
-        m.load_quantized(*quantize_int4(linear.weight, group_size))
+        m = cls(linear.in_features, linear.out_features, group_size, coded).to(linear.weight.device)
+        m.load_quantized(*quantize_int4_for(linear.weight, group_size, coded))
         return m
 
-    def load_quantized(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
-        """Fill from the saved tensors: canonical packed [N, K/2], scales and zeros [N, K/G]."""
+    def load_quantized(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       factors: torch.Tensor | None = None) -> None:
+        """Fill from the saved tensors: canonical packed [N, K/2], scales and zeros [N, K/G] (bf16; coded: uint8 and
+        int8 codes, with their `factors` bf16 [N, 2])."""
+        if (factors is not None) != self.coded:
+            raise ValueError(f"int4: this module holds {'coded' if self.coded else 'bf16'} group parameters, the "
+                             f"tensors are {'coded' if factors is not None else 'bf16'}")
         with torch.no_grad():
-            self.scale_zero.copy_(scale_zero_of(scales, zeros))
-            self.qweight, self.is_kernel_layout = pick_int4_layout(qweight.to(self.qweight.device), self.group_size)
+            self.scale_zero.copy_(int4_scale_zero_of(scales, zeros, factors))
+            self.qweight, self.is_kernel_layout = pick_int4_layout(qweight.to(self.qweight.device), self.group_size,
+                                                                   self.coded)
 
     def quantized_tensors(self) -> dict[str, torch.Tensor]:
-        """The saved form: {"qweight": canonical packed uint8 [N, K/2], "scales", "zeros": bf16 [N, K/G]}."""
+        """The saved form (`int4_saved_tensors`): {"qweight": canonical packed uint8 [N, K/2], "scales", "zeros"
+        [N, K/G] (+ "factors" [N, 2] when coded)}."""
         q = from_kernel_layout(self.qweight) if self.is_kernel_layout else self.qweight
-        return {"qweight": q, "scales": self.scale_zero[..., 0].T, "zeros": self.scale_zero[..., 1].T}
+        return int4_saved_tensors(q, self.scale_zero)
+
+    def _canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = from_kernel_layout(self.qweight) if self.is_kernel_layout else self.qweight
+        return (q, *int4_grid(self.scale_zero))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        t = self.quantized_tensors()
-        return dequantize_int4(t["qweight"], t["scales"], t["zeros"], dtype)
+        return dequantize_int4(*self._canonical(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int4_linear(x, self.qweight, self.scale_zero, self.group_size, self.is_kernel_layout)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.quantized_tensors()
-        return int4_linear_reference(x, t["qweight"], t["scales"], t["zeros"])
+        return int4_linear_reference(x, *self._canonical())
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.scale_zero = self.scale_zero.to(SCALE_DTYPE)
+        if not self.coded:
+            self.scale_zero = self.scale_zero.to(SCALE_DTYPE)
         if self.is_kernel_layout and self.qweight.device.type != "cpu":  # the kernel layout is CPU-only
             self.qweight, self.is_kernel_layout = from_kernel_layout(self.qweight), False
         return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
-                f"group_size={self.group_size}, kernel_layout={self.is_kernel_layout}")
+                f"group_size={self.group_size}, coded={self.coded}, kernel_layout={self.is_kernel_layout}")
 
 
 def native_int4_preferred(group_size: int, K: int) -> bool:
     """Hold int4 weights in the canonical layout for the native kernel: its vector code takes groups of 64k columns,
-    and groups of 32 when K is a multiple of 64 (two groups per 64-column chunk)."""
-    return (group_size % 64 == 0 or (group_size == 32 and K % 64 == 0)) and kernels.available()
+    and groups of 32 or 16 when K is a multiple of 64 (two or four groups per 64-column chunk)."""
+    return (group_size % 64 == 0 or (group_size in (32, 16) and K % 64 == 0)) and kernels.available()
 
 
-def pick_int4_layout(packed: torch.Tensor, group_size: int) -> tuple[torch.Tensor, bool]:
+def pick_int4_layout(packed: torch.Tensor, group_size: int, coded: bool = False) -> tuple[torch.Tensor, bool]:
     """Canonical packed [N, K/2] -> (the tensor to hold, whether it is in the kernel layout). The kernel layout is
-    used only where the kernel takes the shape and converting back gives the same bytes (checked once, at load)."""
+    used only where the kernel takes the shape and converting back gives the same bytes (checked once, at load), and
+    never for coded group parameters (torch's kernel takes bf16 pairs only)."""
     N, K = packed.shape[0], packed.shape[1] * 2
-    if packed.device.type == "cpu" and native_int4_preferred(group_size, K):  # the native kernel reads this layout
+    if coded or (packed.device.type == "cpu" and native_int4_preferred(group_size, K)):  # the native kernel's layout
         return packed.contiguous(), False
     if packed.device.type != "cpu" or not int4_kernel_supported(N, K, group_size):
         return packed.contiguous(), False
