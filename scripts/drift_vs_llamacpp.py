@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from qwen3next.checkpoint import load_model
-from qwen3next.quant.quantize import quantize_model
+from qwen3next.quant import Int4Linear, Int8Linear, QuantizedExperts
+from qwen3next.quant.quantize import INT4_SENSITIVE, quantize_model
 from qwen3next.tokenizer import Tokenizer
 
 # 2,462 demo-tokenizer tokens the demo model itself sampled (temperature 0.8, four Austen-style openings): fixed text
@@ -31,7 +32,26 @@ from qwen3next.tokenizer import Tokenizer
 DEFAULT_TEXT = Path(__file__).with_name("drift_text.txt")
 
 FORMATS = {"bf16": {"bits": 16}, "int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 64},
-           "int4-g32": {"bits": 4, "group_size": 32}}
+           "int4-g32": {"bits": 4, "group_size": 32},
+           "int4-g32c": {"bits": 4, "group_size": 32, "scale_format": "coded8"},
+           # what `qwen3next quantize --bits 4` writes
+           "int4-mix": {"bits": 4, "group_size": 32, "scale_format": "coded8",
+                        "group_size_overrides": {p: 16 for p in INT4_SENSITIVE}}}
+
+
+def bytes_per_token(model) -> float:
+    """Bytes of the quantized matrices one decoded token reads: every quantized Linear outside the MTP head (lm_head
+    included) and, of the routed experts, the share a token uses (num_experts_per_tok / num_experts)."""
+    share = model.config.num_experts_per_tok / model.config.num_experts
+    total = 0.0
+    for name, m in model.named_modules():
+        if name.startswith("mtp"):  # the MTP head drafts; plain decoding does not read it
+            continue
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            total += sum(b.numel() * b.element_size() for b in m.buffers())
+        elif isinstance(m, QuantizedExperts):
+            total += share * sum(b.numel() * b.element_size() for b in m.buffers())
+    return total
 
 
 @torch.no_grad()
@@ -54,6 +74,7 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=128, help="tokens per chunk (llama-perplexity -c)")
     p.add_argument("--decode", action="store_true", help="score through one-token decode steps")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ids = Tokenizer.from_dir(args.model).encode(open(args.text, encoding="utf-8").read())
@@ -64,7 +85,7 @@ def main() -> None:
     base = [chunk_logprobs(fp32, c, args.decode) for c in chunks]
     first = args.ctx // 2
     print(f"{len(ids)} tokens, {len(chunks)} chunks of {args.ctx}, {'decode' if args.decode else 'prefill'} paths")
-    for name in ("fp32", *FORMATS):
+    for name in ("fp32", *args.formats):
         model = fp32 if name == "fp32" else quantize_model(copy.deepcopy(fp32), **FORMATS[name])
         nll = kl = same = n = 0.0
         for chunk, b in zip(chunks, base):
@@ -74,8 +95,9 @@ def main() -> None:
             kl += (b[pos].exp() * (b[pos] - lp[pos])).sum().item()
             same += (b[pos].argmax(-1) == lp[pos].argmax(-1)).sum().item()
             n += len(pos)
-        print(f"{name:5s} PPL {math.exp(nll / n):.4f}  mean KLD {kl / n:.6f}  same top-1 {100 * same / n:.2f}%  "
-              f"({int(n)} positions)")
+        size = "" if name in ("fp32", "bf16") else f"  {bytes_per_token(model) / 1e6:.2f} MB per token"
+        print(f"{name:9s} PPL {math.exp(nll / n):.4f}  mean KLD {kl / n:.6f}  same top-1 {100 * same / n:.2f}%  "
+              f"({int(n)} positions){size}")
 
 
 if __name__ == "__main__":

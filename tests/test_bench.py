@@ -120,12 +120,12 @@ def test_decode_weight_bytes_of_a_model(name, overrides):
 def test_bench_quantized_variants_report_speed_roofline_and_drift():
     # The shipped trained model: on random weights the logits are nearly flat and top-1 agreement means little.
     report = bench(BenchOptions(model=str(DEFAULT_MODEL), threads=1, batches=[1, 2], prompt_len=8, decode_tokens=2,
-                                prefill_lens=[8], repeat=1, bandwidth_mib=8, quantize=["int8", "int4"]))
+                                prefill_lens=[8], repeat=1, bandwidth_mib=8, quantize=["int8", "int4", "int4-mix"]))
     assert report["drift_prompts"] == "text"
     rows = {(r["impl"], r["batch"]) for r in report["measurements"] if r["kind"] == "decode"}
     assert {("ours-int8", 1), ("ours-int8", 2), ("ours-int4", 1), ("ours-int4", 2)} <= rows
     floats = {r["batch"]: r for r in report["measurements"] if r["impl"] == "ours" and r["kind"] == "decode"}
-    for name, bits in (("int8", 8), ("int4", 4)):
+    for name, bits in (("int8", 8), ("int4", 4), ("int4-mix", 4)):
         q = report["quantized"][name]
         assert q["bits"] == bits
         assert q["weight_bytes_per_token"] < report["roofline"]["weight_bytes_per_token"] / 2
@@ -134,8 +134,9 @@ def test_bench_quantized_variants_report_speed_roofline_and_drift():
         assert 0 < d["mean_abs"] <= d["max_abs"] < d["ref_max_abs"]
         for r in q["decode"]:
             assert r["vs_float"] == pytest.approx(r["tokens_per_s"] / floats[r["batch"]]["tokens_per_s"])
-    # int4 rounds far more coarsely than int8
+    # int4 rounds far more coarsely than int8; the mixed recipe (coded groups of 32 and 16) holds finer groups
     assert report["quantized"]["int4"]["drift"]["mean_abs"] > report["quantized"]["int8"]["drift"]["mean_abs"]
+    assert report["quantized"]["int4-mix"]["scale_format"] == "coded8"
     with pytest.raises(ValueError, match="quantize"):
         bench(BenchOptions(preset="tiny", threads=1, quantize=["int2"]))
 

@@ -44,6 +44,7 @@ from ..engine.compiled import CompiledDecoder
 from ..engine.speculative import SpeculativeConfig
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..ops.hugepages import place_weights
+from ..quant.quantize import INT4_SENSITIVE
 from ..tokenizer import Tokenizer
 from ..train.presets import PRESETS, preset_config
 from . import ablation, llamacpp, measure
@@ -54,7 +55,11 @@ from . import structured as structured_bench
 
 IMPLS = ("ours", "engine", "compiled", "transformers")  # compiled: ours through engine.compiled (--compile)
 # bf16: weights stored bf16, activations fp32 (quantize_model(bits=16)); a variant this build cannot make is reported
-QUANT_VARIANTS = {"bf16": {"bits": 16}, "int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 64}}
+# int4: what --quantize int4 loads (groups of 64, bf16 group parameters); int4-mix: what `qwen3next quantize --bits 4`
+# writes (coded groups of 32, and of 16 for the drift-sensitive matrices; quant/quantize.py INT4_SENSITIVE)
+QUANT_VARIANTS = {"bf16": {"bits": 16}, "int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 64},
+                  "int4-mix": {"bits": 4, "group_size": 32, "scale_format": "coded8",
+                               "group_size_overrides": {p: 16 for p in INT4_SENSITIVE}}}
 COMPARE = ("transformers", "llama.cpp")
 DRIFT_PROMPTS, DRIFT_LEN = 4, 64  # logits drift of a quantized variant: this many random prompts of this length
 
@@ -718,7 +723,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                         help="buffer for the bandwidth measurement (default: 16 x LLC, 256 MiB to 1 GiB)")
     parser.add_argument("--quantize", nargs="+", choices=sorted(QUANT_VARIANTS), default=[],
                         help="also decode with these weight-only quantized variants of the same model (int4: groups "
-                             "of 64) and report their logits drift")
+                             "of 64, as --quantize int4 loads; int4-mix: as `qwen3next quantize --bits 4` writes) "
+                             "and report their logits drift")
     parser.add_argument("--compile", action="store_true",
                         help="also decode through the compiled decode step (row 'compiled': the ahead-of-time library "
                              "for batches of up to 8, torch.compile above; compiling takes a minute or so and is not "

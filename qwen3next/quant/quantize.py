@@ -8,15 +8,27 @@ they are small, and the router and gates decide which experts run): the router `
 
 Saved format (our own; transformers does not load it). `config.json` gains
     "quantization_config": {"quant_method": "qwen3next", "bits": 8 | 4, "group_size": G (int4) | null,
-                            "modules_not_converted": [name or dotted suffix, ...], "lm_head_bits": 8 | null}
+                            "modules_not_converted": [name or dotted suffix, ...], "lm_head_bits": 8 | null,
+                            "scale_format": "bf16" | "coded8" (int4; absent: bf16),
+                            "group_size_overrides": {dotted suffix: G, ...} (int4; absent: none)}
 and the safetensors keep the official HF names and layouts of the unquantized checkpoint (per-expert tensors,
 interleaved `in_proj_qkvz` rows), with each quantized `<module>.weight` [N, K] replaced by
     int8: `<module>.qweight` int8 [N, K], `<module>.scales` bf16 [N]            w = qweight · scales[:, None]
     int4: `<module>.qweight` uint8 [N, K/2] (column 2j in the low nibble, 2j+1 in the high one),
           `<module>.scales`, `<module>.zeros` bf16 [N, K/G]                       w = (q - 8) · scale + zero
           (scale and zero of column k are those of group k // G)
+    int4, "scale_format": "coded8": `<module>.scales` uint8 and `<module>.zeros` int8 [N, K/G] are codes, and
+          `<module>.factors` bf16 [N, 2] holds each row's (fs, fz):      scale = scales · fs, zero = zeros · fz
+    (quant/linear.py `quantize_int4_coded`: 8-bit codes of the searched grids, 2 bytes per group instead of 4).
+    `group_size_overrides` gives some modules their own group size (matched like `modules_not_converted`; the
+    routed experts' projections as `<experts>.gate_up_proj` / `<experts>.down_proj`).
+
 e.g. `model.layers.0.mlp.experts.3.gate_proj.qweight`. Which modules are quantized is read from the tensors present
 (an int4 checkpoint's int8 `lm_head` is the Linear without `zeros`).
+
+`qwen3next quantize --bits 4` writes coded8 with groups of 32 and groups of 16 for the matrices whose int4 error
+moves the logits most (`INT4_SENSITIVE`: DeltaNet's in_proj_qkvz and out_proj, every down projection): on the demo
+model that drifts less than llama.cpp's Q4_K_M for fewer bytes per token (README, the drift table).
 """
 
 from __future__ import annotations
@@ -34,23 +46,47 @@ from ..model.moe import Experts
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..progress import progress
 from .experts import PROJECTIONS, QuantizedExperts
-from .linear import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from .linear import Int4Linear, Int8Linear, quantize_int4_for, quantize_int8
 
 QUANT_METHOD = "qwen3next"
 # Kept in high precision, as names or dotted suffixes of module names.
 HIGH_PRECISION = ("lm_head", "mlp.gate", "mlp.shared_expert_gate", "linear_attn.in_proj_ba")
 _QKVZ = ".linear_attn.in_proj_qkvz"
+SCALE_FORMATS = ("bf16", "coded8")
+# int4: the matrices given smaller groups by `qwen3next quantize` (dotted suffixes). Measured on the demo model by
+# fake quantization (one matrix kind at int4, the rest fp32): in_proj_qkvz moves the logits most (mean KLD 0.00108),
+# then out_proj (0.00069) and the experts' down projections (0.00059); attention projections < 0.0001 each.
+INT4_SENSITIVE = ("linear_attn.in_proj_qkvz", "linear_attn.out_proj", "down_proj")
 
 
 def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def _check_bits(bits: int, group_size: int) -> None:
+def _check_bits(bits: int, group_size: int, scale_format: str = "bf16",
+                group_size_overrides: dict[str, int] | None = None) -> None:
     if bits not in (8, 4):
         raise ValueError(f"bits: expected 8 or 4, got {bits!r}")
-    if bits == 4 and (not isinstance(group_size, int) or group_size < 2 or group_size % 2):
-        raise ValueError(f"group_size: expected a positive even integer (e.g. 32, 64, 128), got {group_size!r}")
+    if bits == 4:
+        for what, g in (("group_size", group_size), *((f"group_size_overrides[{k!r}]", v)
+                                                     for k, v in (group_size_overrides or {}).items())):
+            if not isinstance(g, int) or isinstance(g, bool) or g < 2 or g % 2:
+                raise ValueError(f"{what}: expected a positive even integer (e.g. 16, 32, 64), got {g!r}")
+    if scale_format not in SCALE_FORMATS:
+        raise ValueError(f"scale_format: expected one of {SCALE_FORMATS}, got {scale_format!r}")
+
+
+def _int4_spec(config: dict, name: str) -> tuple[int, bool]:
+    """(group size, coded) of the int4 module `name` under a quantization config."""
+    group = config["group_size"]
+    for pattern, g in (config.get("group_size_overrides") or {}).items():
+        if _matches(name, pattern):
+            group = g
+    return group, config.get("scale_format", "bf16") == "coded8"
+
+
+def _experts_group_sizes(config: dict, name: str) -> dict[str, int]:
+    return {p: _int4_spec(config, f"{name}.{p}")[0] for p in PROJECTIONS}
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -60,7 +96,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
                    quantize_lm_head: bool = True,
-                   row_absmax: dict[str, torch.Tensor] | None = None) -> Qwen3NextForCausalLM:
+                   row_absmax: dict[str, torch.Tensor] | None = None, scale_format: str = "bf16",
+                   group_size_overrides: dict[str, int] | None = None) -> Qwen3NextForCausalLM:
     """Swap the projections and experts of `model` for weight-only int8 (per output channel) or int4 (per group of
     `group_size` input channels) versions, in place; record the scheme in `model.config.quantization_config`.
     `bits=16` is `store_bf16(model)` (bf16 storage, not a quantization scheme).
@@ -68,16 +105,18 @@ def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
     `quantize_lm_head` (default yes) also quantizes `lm_head` (never when it is tied to the embedding), always to
     int8: it is the largest matrix a decode step reads, int8 adds almost no drift there, while int4 raised the mean
     logit drift ~25% (demo model). An int4 model thus holds one int8 Linear (recorded as `lm_head_bits: 8`).
-    Int4 modules whose input size `group_size` does not divide stay in high precision
+    Int4 modules whose input size their group size does not divide stay in high precision
     and are listed in `modules_not_converted`. `row_absmax` (int8, tensor parallelism): per Linear name, the largest
     |w| of each of its whole rows, for a rank holding only part of every row (parallel/engine.py `load_shard`).
+    int4 only: `scale_format` "coded8" codes each group's (scale, zero) in 8 bits under per-row factors (half the
+    bytes of "bf16" pairs); `group_size_overrides` {dotted suffix: G} gives matching modules their own group size.
     """
     if bits == 16:
         return store_bf16(model)
-    targets = _targets(model, bits, group_size, quantize_lm_head)
+    targets = _targets(model, bits, group_size, quantize_lm_head, scale_format, group_size_overrides)
     with torch.no_grad():
         for name, module in progress(targets.modules, desc=f"Quantizing to int{bits}", unit="module"):
-            new = _empty_quantized(module, name, bits, group_size).to_empty(device=_device_of(module))
+            new = _empty_quantized(module, name, targets.config).to_empty(device=_device_of(module))
             fill_quantized(new, module, (row_absmax or {}).get(name))
             _set_module(model, name, new)
     model.config.quantization_config = targets.config
@@ -91,8 +130,12 @@ class _Targets:
         self.modules, self.config = modules, config
 
 
-def _targets(model: Qwen3NextForCausalLM, bits: int, group_size: int, quantize_lm_head: bool) -> _Targets:
-    _check_bits(bits, group_size)
+def _targets(model: Qwen3NextForCausalLM, bits: int, group_size: int, quantize_lm_head: bool,
+             scale_format: str = "bf16", group_size_overrides: dict[str, int] | None = None) -> _Targets:
+    _check_bits(bits, group_size, scale_format, group_size_overrides)
+    config = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size if bits == 4 else None}
+    if bits == 4:
+        config.update(scale_format=scale_format, group_size_overrides=dict(group_size_overrides or {}))
     if model.config.quantization_config is not None:
         raise ValueError(f"model: already quantized ({model.config.quantization_config})")
     quantize_lm_head = bool(quantize_lm_head) and not model.config.tie_word_embeddings
@@ -105,19 +148,19 @@ def _targets(model: Qwen3NextForCausalLM, bits: int, group_size: int, quantize_l
         if isinstance(module, nn.Linear):
             if any(_matches(name, p) for p in keep):
                 continue
-            if bits == 4 and module.in_features % group_size:
+            if bits == 4 and module.in_features % _int4_spec(config, name)[0]:
                 not_converted.append(name)
                 continue
         elif isinstance(module, Experts):
             _, two_i, D = module.gate_up_proj.shape
-            if bits == 4 and (D % group_size or (two_i // 2) % group_size):
+            groups = _experts_group_sizes(config, name) if bits == 4 else {}
+            if bits == 4 and (D % groups["gate_up_proj"] or (two_i // 2) % groups["down_proj"]):
                 not_converted.append(name)
                 continue
         else:
             continue
         modules.append((name, module))
-    config = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size if bits == 4 else None,
-              "modules_not_converted": not_converted, "lm_head_bits": 8 if quantize_lm_head else None}
+    config.update(modules_not_converted=not_converted, lm_head_bits=8 if quantize_lm_head else None)
     return _Targets(modules, config)
 
 
@@ -125,18 +168,22 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _empty_quantized(module: nn.Module, name: str, bits: int, group_size: int) -> nn.Module:
+def _empty_quantized(module: nn.Module, name: str, config: dict) -> nn.Module:
     """The quantized module that replaces float `module` (its buffers uninitialised in effect), on the meta device:
     `lm_head` and int8 Linears -> Int8Linear, int4 Linears -> Int4Linear, Experts -> QuantizedExperts."""
+    bits = config["bits"]
     with torch.device("meta"):
         if isinstance(module, Experts):
             E, two_i, D = module.gate_up_proj.shape
-            return QuantizedExperts(E, D, two_i // 2, bits, group_size)
+            if bits == 8:
+                return QuantizedExperts(E, D, two_i // 2, 8)
+            return QuantizedExperts(E, D, two_i // 2, 4, config["group_size"], _int4_spec(config, name)[1],
+                                    _experts_group_sizes(config, name))
         if module.bias is not None:
             raise ValueError("linear: quantization supports bias-free nn.Linear only (Qwen3-Next has no biases)")
         if bits == 8 or name == "lm_head":
             return Int8Linear(module.in_features, module.out_features)
-        return Int4Linear(module.in_features, module.out_features, group_size)
+        return Int4Linear(module.in_features, module.out_features, *_int4_spec(config, name))
 
 
 def fill_quantized(quantized: nn.Module, module: nn.Module, row_absmax: torch.Tensor | None = None) -> None:
@@ -144,16 +191,11 @@ def fill_quantized(quantized: nn.Module, module: nn.Module, row_absmax: torch.Te
     it (`Int8Linear.from_linear` / `Int4Linear.from_linear` / `QuantizedExperts.from_experts`, in place)."""
     with torch.no_grad():
         if isinstance(quantized, QuantizedExperts):
-            for p in PROJECTIONS:
-                w = getattr(module, p)
-                for e in range(quantized.num_experts):  # one expert at a time: the fp32 temporaries stay small
-                    t = (quantize_int8(w[e]) if quantized.bits == 8 else
-                         quantize_int4(w[e], quantized.group_size))
-                    quantized.load_expert(p, e, *t)
+            quantized.quantize_from(module)
         elif isinstance(quantized, Int8Linear):
             quantized.load_quantized(*quantize_int8(module.weight, row_absmax))
         else:
-            quantized.load_quantized(*quantize_int4(module.weight, quantized.group_size))
+            quantized.load_quantized(*quantize_int4_for(module.weight, quantized.group_size, quantized.coded))
 
 
 def swap_in_empty_quantized(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
@@ -165,7 +207,7 @@ def swap_in_empty_quantized(model: Qwen3NextForCausalLM, bits: int, group_size: 
     exists whole. Same modules, same tensors as `quantize_model` after loading."""
     targets = _targets(model, bits, group_size, quantize_lm_head)
     for name, module in targets.modules:
-        _set_module(model, name, _empty_quantized(module, name, bits, group_size))
+        _set_module(model, name, _empty_quantized(module, name, targets.config))
     model.config.quantization_config = targets.config
     return dict(targets.modules)
 
@@ -226,8 +268,10 @@ def quantized_hf_tensors(model: Qwen3NextForCausalLM) -> Iterator[tuple[str, tor
 
 
 # ---- loading --------------------------------------------------------------------------------------------------------
-def _keys(bits: int) -> tuple[str, ...]:
-    return ("qweight", "scales") if bits == 8 else ("qweight", "scales", "zeros")
+def _keys(bits: int, coded: bool = False) -> tuple[str, ...]:
+    if bits == 8:
+        return ("qweight", "scales")
+    return ("qweight", "scales", "zeros", "factors") if coded else ("qweight", "scales", "zeros")
 
 
 def swap_in_quantized(model: Qwen3NextForCausalLM, available: set[str]) -> list[str]:
@@ -237,8 +281,7 @@ def swap_in_quantized(model: Qwen3NextForCausalLM, available: set[str]) -> list[
     if not is_quantized_config(qc):
         raise ValueError(f"quantization_config: expected quant_method {QUANT_METHOD!r}, got {qc!r}")
     bits, group_size = qc.get("bits"), qc.get("group_size")
-    _check_bits(bits, group_size)
-    keys = _keys(bits)
+    _check_bits(bits, group_size, qc.get("scale_format", "bf16"), qc.get("group_size_overrides"))
     sources = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.qweight" in available:
@@ -246,14 +289,16 @@ def swap_in_quantized(model: Qwen3NextForCausalLM, available: set[str]) -> list[
             device = module.weight.device
             with torch.device(device):
                 new = (Int8Linear(module.in_features, module.out_features) if int8 else
-                       Int4Linear(module.in_features, module.out_features, group_size))
-            sources += [f"{name}.{k}" for k in _keys(8 if int8 else bits)]
+                       Int4Linear(module.in_features, module.out_features, *_int4_spec(qc, name)))
+            sources += [f"{name}.{k}" for k in _keys(8 if int8 else bits, not int8 and new.coded)]
         elif isinstance(module, Experts) and f"{name}.0.gate_proj.qweight" in available:
             E, two_i, D = module.gate_up_proj.shape
             with torch.device(module.gate_up_proj.device):
-                new = QuantizedExperts(E, D, two_i // 2, bits, group_size)
+                new = (QuantizedExperts(E, D, two_i // 2, 8) if bits == 8 else
+                       QuantizedExperts(E, D, two_i // 2, 4, group_size, _int4_spec(qc, name)[1],
+                                        _experts_group_sizes(qc, name)))
             sources += [f"{name}.{e}.{p}.{k}" for e in range(E) for p in ("gate_proj", "up_proj", "down_proj")
-                        for k in keys]
+                        for k in _keys(bits, new.coded)]
         else:
             continue
         _set_module(model, name, new)
@@ -264,34 +309,38 @@ def read_quantized(model: Qwen3NextForCausalLM, read: Callable[[str], torch.Tens
     """Fill every quantized module of `model` (allocated) from checkpoint tensors; `read(name)` returns one."""
     for name, module in model.named_modules():
         if isinstance(module, (Int8Linear, Int4Linear)):
-            keys = ("qweight", "scales") if isinstance(module, Int8Linear) else ("qweight", "scales", "zeros")
+            int4 = isinstance(module, Int4Linear)
+            keys = _keys(4 if int4 else 8, int4 and module.coded)
             tensors = [read(f"{name}.{k}") for k in keys]
             if name.endswith(_QKVZ):
                 tensors = [qkvz_from_hf(t[:, None] if t.ndim == 1 else t, model.config).reshape(t.shape)
                            for t in tensors]
-            group = getattr(module, "group_size", None)
-            _check_shapes(name, tensors, _saved_shapes(module.out_features, module.in_features, group))
+            group = module.group_size if int4 else None
+            _check_shapes(name, tensors, _saved_shapes(module.out_features, module.in_features, group,
+                                                       int4 and module.coded))
             module.load_quantized(*tensors)
         elif isinstance(module, QuantizedExperts):
-            keys = _keys(module.bits)
-            group = module.group_size if module.bits == 4 else None
+            keys = _keys(module.bits, module.coded)
+            groups = module.group_sizes if module.bits == 4 else {p: None for p in PROJECTIONS}
             for e in range(module.num_experts):
                 gate = [read(f"{name}.{e}.gate_proj.{k}") for k in keys]
                 up = [read(f"{name}.{e}.up_proj.{k}") for k in keys]
                 gate_up = [torch.cat(pair) for pair in zip(gate, up)]
                 down = [read(f"{name}.{e}.down_proj.{k}") for k in keys]
                 _check_shapes(f"{name}.{e}.gate_proj+up_proj", gate_up,
-                              _saved_shapes(*module.shapes["gate_up_proj"], group))
-                _check_shapes(f"{name}.{e}.down_proj", down, _saved_shapes(*module.shapes["down_proj"], group))
+                              _saved_shapes(*module.shapes["gate_up_proj"], groups["gate_up_proj"], module.coded))
+                _check_shapes(f"{name}.{e}.down_proj", down,
+                              _saved_shapes(*module.shapes["down_proj"], groups["down_proj"], module.coded))
                 module.load_expert("gate_up_proj", e, *gate_up)
                 module.load_expert("down_proj", e, *down)
 
 
-def _saved_shapes(N: int, K: int, group_size: int | None) -> dict[str, tuple[int, ...]]:
+def _saved_shapes(N: int, K: int, group_size: int | None, coded: bool = False) -> dict[str, tuple[int, ...]]:
     """Shapes of the saved tensors of one [N, K] weight (int8 when `group_size` is None)."""
     if group_size is None:
         return {"qweight": (N, K), "scales": (N,)}
-    return {"qweight": (N, K // 2), "scales": (N, K // group_size), "zeros": (N, K // group_size)}
+    shapes = {"qweight": (N, K // 2), "scales": (N, K // group_size), "zeros": (N, K // group_size)}
+    return {**shapes, "factors": (N, 2)} if coded else shapes
 
 
 def _check_shapes(name: str, got: list[torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
@@ -334,8 +383,14 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF model directory (unquantized)")
     p.add_argument("--out", required=True, help="output directory (config.json, safetensors, tokenizer files)")
     p.add_argument("--bits", type=int, choices=[8, 4], required=True)
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64,
-                   help="int4 group size (32: less drift, 5.0 instead of 4.5 bits per weight)")
+    p.add_argument("--group-size", type=int, choices=[16, 32, 64, 128], default=32,
+                   help="int4 group size (default 32: with coded8 group parameters, 4.5 bits per weight)")
+    p.add_argument("--scale-format", choices=list(SCALE_FORMATS), default="coded8",
+                   help="int4 group parameters: coded8 (default; each group's scale and zero as 8-bit codes under "
+                        "per-row factors, 2 bytes per group) or bf16 (a bf16 pair, 4 bytes per group)")
+    p.add_argument("--sensitive-group-size", type=int, choices=[0, 16, 32, 64], default=16,
+                   help="int4 group size of the matrices whose error moves the logits most (DeltaNet in_proj_qkvz "
+                        "and out_proj, every down projection); default 16, 0: --group-size everywhere")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype of the modules kept in high precision (default: the checkpoint's)")
     p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=True,
@@ -350,7 +405,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     if out.resolve() == src.resolve():
         raise ValueError(f"--out: must differ from --model ({src}); quantizing in place would destroy the original")
     model = load_model(src, dtype=args.dtype)
-    quantize_model(model, args.bits, args.group_size, quantize_lm_head=args.quantize_lm_head)
+    overrides = ({p: args.sensitive_group_size for p in INT4_SENSITIVE}
+                 if args.bits == 4 and args.sensitive_group_size not in (0, args.group_size) else {})
+    quantize_model(model, args.bits, args.group_size, quantize_lm_head=args.quantize_lm_head,
+                   scale_format=args.scale_format, group_size_overrides=overrides)
     save_model(model, out)
     weights = ("config.json", "model.safetensors.index.json")
     for f in sorted(src.iterdir()):
@@ -359,7 +417,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     before = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     after = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     qc = model.config.quantization_config
-    print(f"wrote {out}: int{args.bits}" + (f" (group size {qc['group_size']})" if args.bits == 4 else "")
+    detail = "" if args.bits != 4 else (
+        f" (group size {qc['group_size']}, {qc['scale_format']} group parameters"
+        + (f"; {args.sensitive_group_size} for " + ", ".join(overrides) if overrides else "") + ")")
+    print(f"wrote {out}: int{args.bits}" + detail
           + f", {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB of safetensors; kept in high precision: "
           + ", ".join(qc["modules_not_converted"]))
     return 0
