@@ -288,6 +288,11 @@ def test_accepted_runs_match_plain_serving(servers, monkeypatch):
         drafted, accepted = s["spec_draft_tokens"] - b["spec_draft_tokens"], s["spec_accepted_tokens"] - b[
             "spec_accepted_tokens"]
         runs = s["spec_drafts"] - b["spec_drafts"]
+        if SPECS[name].get("adaptive", True) and runs == 0:
+            # the adaptive server picks its draft length from step timings: on a busy machine it may time drafting
+            # as slower and not draft during these requests (seen once in a full-suite run); its output is still
+            # checked above, and the fixed-k server (k2) always drafts
+            continue
         assert accepted > 0.5 * drafted and (runs + accepted) / runs > 1.5, (name, runs, drafted, accepted)
 
 
