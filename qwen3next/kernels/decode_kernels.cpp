@@ -510,6 +510,14 @@ QK_AVX2 static inline void unpack_chunk_i4(const uint8_t* wr, int64_t K, int64_t
   }
 }
 
+// The activation codes of row m's 64-column chunk at column c: its even (qe) and odd (qo) columns (the permuted
+// layout of `quantize_acts`).
+QK_AVX2 static inline void act_chunk_i4(const Acts& a, int64_t m, int64_t c, __m256i* qe, __m256i* qo) {
+  const int8_t* q = a.q.data() + m * a.K + c;
+  *qe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  *qo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+}
+
 // One chunk's products with the activation codes of its even (qe) and odd (qo) columns, as 8 int32 sums: lane j holds
 // columns 8j .. 8j + 7 (maddubs pairs neighbouring bytes, madd neighbouring pairs).
 QK_AVX2 static inline __m256i chunk_dot_i4(__m256i lo, __m256i hi, __m256i qe, __m256i qo) {
@@ -535,9 +543,8 @@ QK_AVX2 static void tile_i4(const Weights& w, int64_t n, int r0, const Acts& a, 
       __m256i lo[R], hi[R];
       unpack_chunk_i4<R>(wr, K, c, lo, hi);
       for (int i = 0; i < MB; ++i) {
-        const int8_t* q = a.q.data() + (m + i) * K + c;
-        const __m256i qe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-        const __m256i qo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+        __m256i qe, qo;
+        act_chunk_i4(a, m + i, c, &qe, &qo);
         for (int r = 0; r < R; ++r) isum[r][i] = _mm256_add_epi32(isum[r][i], chunk_dot_i4(lo[r], hi[r], qe, qo));
       }
     }
@@ -566,9 +573,8 @@ QK_AVX2 static void tile_i4_small(const Weights& w, int64_t n, int r0, const Act
     __m256i lo[R], hi[R];
     unpack_chunk_i4<R>(wr, K, c, lo, hi);
     for (int i = 0; i < MB; ++i) {
-      const int8_t* q = a.q.data() + (m + i) * K + c;
-      const __m256i qe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-      const __m256i qo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+      __m256i qe, qo;
+      act_chunk_i4(a, m + i, c, &qe, &qo);
       const float* fac = &f.sdx[((i * nc + c / 64) * 8 + r0) * 8];
       for (int r = 0; r < R; ++r)
         acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_dot_i4(lo[r], hi[r], qe, qo)),

@@ -242,15 +242,11 @@ def _search_rows(w: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor, t
 SCALE_CODE_MAX, ZERO_CODE_MAX = 255, 127
 
 
-def code_int4_grid(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scale, zero) [..., N, K/G] -> (scale codes uint8, zero codes int8 [..., N, K/G], factors bf16 [..., N, 2]).
-    The factors are each row's largest |value| over the code range, rounded up to bf16, so every code fits."""
-    s, z = scale.float(), zero.float()
-    fs = _round_up_bf16((s.amax(-1) / SCALE_CODE_MAX).clamp_min(1e-30))
-    fz = _round_up_bf16((z.abs().amax(-1) / ZERO_CODE_MAX).clamp_min(1e-30))
-    sc = torch.round(s / fs.float()[..., None]).clamp_(1, SCALE_CODE_MAX).to(torch.uint8)
-    zc = torch.round(z / fz.float()[..., None]).clamp_(-ZERO_CODE_MAX, ZERO_CODE_MAX).to(torch.int8)
-    return sc, zc, torch.stack((fs, fz), -1)
+def _code_rows(v: torch.Tensor, code_min: int, code_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [..., N, K/G] -> (codes [..., N, K/G] as fp32 in code_min..code_max, factor bf16 [..., N]): each row's
+    largest |v| over `code_max`, rounded up to bf16 so that every code fits."""
+    f = _round_up_bf16((v.abs().amax(-1) / code_max).clamp_min(1e-30))
+    return torch.round(v / f.float()[..., None]).clamp_(code_min, code_max), f
 
 
 def decode_int4_grid(scale_codes: torch.Tensor, zero_codes: torch.Tensor,
@@ -298,14 +294,12 @@ def quantize_int4_coded(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
     packed, scale, _ = quantize_int4(w, group_size)
     *lead, N, K = w.shape
     g = w.detach().float().reshape(*lead, N, K // group_size, group_size)
-    fs = _round_up_bf16((scale.float().amax(-1) / SCALE_CODE_MAX).clamp_min(1e-30))
-    sc = torch.round(scale.float() / fs.float()[..., None]).clamp_(1, SCALE_CODE_MAX)
+    sc, fs = _code_rows(scale.float(), 1, SCALE_CODE_MAX)
     s = (sc * fs.float()[..., None])[..., None]
     q = unpack_int4(packed).reshape(g.shape).float() - 8
     wt = g.square().mean(-1, keepdim=True).sqrt() + g.abs()
     zero = (wt * (g - q * s)).sum(-1) / wt.sum(-1).clamp_min(1e-30)
-    fz = _round_up_bf16((zero.abs().amax(-1) / ZERO_CODE_MAX).clamp_min(1e-30))
-    zc = torch.round(zero / fz.float()[..., None]).clamp_(-ZERO_CODE_MAX, ZERO_CODE_MAX)
+    zc, fz = _code_rows(zero, -ZERO_CODE_MAX, ZERO_CODE_MAX)
     q = torch.round((g - (zc * fz.float()[..., None])[..., None]) / s).clamp_(-8, 7).add_(8)
     return (pack_int4(q.reshape(*lead, N, K)), sc.to(torch.uint8), zc.to(torch.int8),
             torch.stack((fs, fz), -1))
