@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from qwen3next.checkpoint import load_model
 from qwen3next.quant import Int4Linear, Int8Linear, QuantizedExperts
-from qwen3next.quant.quantize import INT4_SENSITIVE, quantize_model
+from qwen3next.quant.quantize import INT4_MIX, quantize_model
 from qwen3next.tokenizer import Tokenizer
 
 # 2,462 demo-tokenizer tokens the demo model itself sampled (temperature 0.8, four Austen-style openings): fixed text
@@ -34,9 +34,7 @@ DEFAULT_TEXT = Path(__file__).with_name("drift_text.txt")
 FORMATS = {"bf16": {"bits": 16}, "int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 64},
            "int4-g32": {"bits": 4, "group_size": 32},
            "int4-g32c": {"bits": 4, "group_size": 32, "scale_format": "coded8"},
-           # what `qwen3next quantize --bits 4` writes
-           "int4-mix": {"bits": 4, "group_size": 32, "scale_format": "coded8",
-                        "group_size_overrides": {p: 16 for p in INT4_SENSITIVE}}}
+           "int4-mix": INT4_MIX}  # what `qwen3next quantize --bits 4` writes
 
 
 def bytes_per_token(model) -> float:

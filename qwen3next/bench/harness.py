@@ -44,7 +44,7 @@ from ..engine.compiled import CompiledDecoder
 from ..engine.speculative import SpeculativeConfig
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..ops.hugepages import place_weights
-from ..quant.quantize import INT4_SENSITIVE
+from ..quant.quantize import INT4_MIX
 from ..tokenizer import Tokenizer
 from ..train.presets import PRESETS, preset_config
 from . import ablation, llamacpp, measure
@@ -56,10 +56,9 @@ from . import structured as structured_bench
 IMPLS = ("ours", "engine", "compiled", "transformers")  # compiled: ours through engine.compiled (--compile)
 # bf16: weights stored bf16, activations fp32 (quantize_model(bits=16)); a variant this build cannot make is reported
 # int4: what --quantize int4 loads (groups of 64, bf16 group parameters); int4-mix: what `qwen3next quantize --bits 4`
-# writes (coded groups of 32, and of 16 for the drift-sensitive matrices; quant/quantize.py INT4_SENSITIVE)
+# writes (coded groups of 32, and of 16 for the drift-sensitive matrices; quant/quantize.py INT4_MIX)
 QUANT_VARIANTS = {"bf16": {"bits": 16}, "int8": {"bits": 8}, "int4": {"bits": 4, "group_size": 64},
-                  "int4-mix": {"bits": 4, "group_size": 32, "scale_format": "coded8",
-                               "group_size_overrides": {p: 16 for p in INT4_SENSITIVE}}}
+                  "int4-mix": INT4_MIX}
 COMPARE = ("transformers", "llama.cpp")
 DRIFT_PROMPTS, DRIFT_LEN = 4, 64  # logits drift of a quantized variant: this many random prompts of this length
 

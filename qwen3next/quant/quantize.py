@@ -57,6 +57,9 @@ SCALE_FORMATS = ("bf16", "coded8")
 # fake quantization (one matrix kind at int4, the rest fp32): in_proj_qkvz moves the logits most (mean KLD 0.00108),
 # then out_proj (0.00069) and the experts' down projections (0.00059); attention projections < 0.0001 each.
 INT4_SENSITIVE = ("linear_attn.in_proj_qkvz", "linear_attn.out_proj", "down_proj")
+# What `qwen3next quantize --bits 4` writes by default, as `quantize_model` arguments (the bench's "int4-mix")
+INT4_MIX = {"bits": 4, "group_size": 32, "scale_format": "coded8",
+            "group_size_overrides": {p: 16 for p in INT4_SENSITIVE}}
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -383,12 +386,13 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF model directory (unquantized)")
     p.add_argument("--out", required=True, help="output directory (config.json, safetensors, tokenizer files)")
     p.add_argument("--bits", type=int, choices=[8, 4], required=True)
-    p.add_argument("--group-size", type=int, choices=[16, 32, 64, 128], default=32,
+    p.add_argument("--group-size", type=int, choices=[16, 32, 64, 128], default=INT4_MIX["group_size"],
                    help="int4 group size (default 32: with coded8 group parameters, 4.5 bits per weight)")
-    p.add_argument("--scale-format", choices=list(SCALE_FORMATS), default="coded8",
+    p.add_argument("--scale-format", choices=list(SCALE_FORMATS), default=INT4_MIX["scale_format"],
                    help="int4 group parameters: coded8 (default; each group's scale and zero as 8-bit codes under "
                         "per-row factors, 2 bytes per group) or bf16 (a bf16 pair, 4 bytes per group)")
-    p.add_argument("--sensitive-group-size", type=int, choices=[0, 16, 32, 64], default=16,
+    p.add_argument("--sensitive-group-size", type=int, choices=[0, 16, 32, 64],
+                   default=INT4_MIX["group_size_overrides"][INT4_SENSITIVE[0]],
                    help="int4 group size of the matrices whose error moves the logits most (DeltaNet in_proj_qkvz "
                         "and out_proj, every down projection); default 16, 0: --group-size everywhere")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
