@@ -521,11 +521,18 @@ QK_AVX2 static inline __m256 chunk_factor(const float* fac, const float* dl, int
   return _mm256_broadcast_ss(fac + (i * nc + c) * 8 + r);
 }
 
+// A chunk's packed weight bytes (32) as their low nibbles (even columns) and high nibbles (odd columns), as bytes.
+QK_AVX2 static inline void unpack_i4(__m256i v, __m256i* lo, __m256i* hi) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  *lo = _mm256_and_si256(v, low);
+  *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+}
+
 // One chunk's products (`chunk_dot_i4`) from its packed weight bytes (32) and activation codes (64, permuted).
 QK_AVX2 static inline __m256i packed_chunk_dot(__m256i v, const int8_t* q) {
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  return chunk_dot_i4(_mm256_and_si256(v, low), _mm256_and_si256(_mm256_srli_epi16(v, 4), low),
-                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)),
+  __m256i lo, hi;
+  unpack_i4(v, &lo, &hi);
+  return chunk_dot_i4(lo, hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)),
                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
 }
 
@@ -569,15 +576,11 @@ QK_AVX2 static void tile_i4_chunks(const Weights& w, int64_t n, int r0, const Ac
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps();
-  const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t c = 0; c < nc; ++c) {
     if (R == 1) _mm_prefetch(reinterpret_cast<const char*>(wr + c * 32 + kI4PrefetchBytes), _MM_HINT_T0);
-    __m256i lo[R], hi[R];
-    for (int r = 0; r < R; ++r) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + r * (K / 2) + c * 32));
-      lo[r] = _mm256_and_si256(v, low);
-      hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    }
+    __m256i lo[R], hi[R];  // each weight row's chunk unpacked once, used MB times
+    for (int r = 0; r < R; ++r)
+      unpack_i4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + r * (K / 2) + c * 32)), &lo[r], &hi[r]);
     for (int i = 0; i < MB; ++i) {
       const __m256i qe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * K + c * 64));
       const __m256i qo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * K + c * 64 + 32));

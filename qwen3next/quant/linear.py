@@ -508,12 +508,13 @@ class Int4Linear(nn.Module):
     def quantized_tensors(self) -> dict[str, torch.Tensor]:
         """The saved form (`int4_saved_tensors`): {"qweight": canonical packed uint8 [N, K/2], "scales", "zeros"
         [N, K/G] (+ "factors" [N, 2] when coded)}."""
-        q = from_kernel_layout(self.qweight) if self.is_kernel_layout else self.qweight
-        return int4_saved_tensors(q, self.scale_zero)
+        return int4_saved_tensors(self._canonical_qweight(), self.scale_zero)
+
+    def _canonical_qweight(self) -> torch.Tensor:
+        return from_kernel_layout(self.qweight) if self.is_kernel_layout else self.qweight
 
     def _canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = from_kernel_layout(self.qweight) if self.is_kernel_layout else self.qweight
-        return (q, *int4_grid(self.scale_zero))
+        return (self._canonical_qweight(), *int4_grid(self.scale_zero))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int4(*self._canonical(), dtype)
