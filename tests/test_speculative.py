@@ -12,10 +12,13 @@ import pytest
 import torch
 from test_engine_llm import VOCAB, model, model_dir, prompts_of, tokenizer  # noqa: F401 (shared fixtures)
 
+from qwen3next import kernels
 from qwen3next.engine import runner as runner_module
 from qwen3next.engine.llm import LLM, Engine
 from qwen3next.engine.sampling import SamplingParams
 from qwen3next.engine.speculative import DraftLengthPolicy, SpecStats, SpeculativeConfig, accepted_run
+from qwen3next.quant.linear import Int8Linear
+from qwen3next.quant.quantize import quantize_model
 from tiny_models import make_model
 
 
@@ -285,12 +288,19 @@ def test_speculative_config_errors(model, tokenizer):
                        ({"method": "mtp", "num_speculative_tokens": 5}, "num_speculative_tokens"),
                        ({"method": "mtp", "num_speculative_tokens": 0}, "num_speculative_tokens"),
                        ({"method": "mtp", "draft": 1}, "unknown key 'draft'"),
+                       ({"method": "mtp", "draft_head": "int4"}, "draft_head must be one of 'int8', 'target'"),
                        ({"num_speculative_tokens": 2}, '"method" is required'),
                        ("{not json", "not valid JSON"), ("[1]", "expected a JSON object")]:
         with pytest.raises(ValueError, match=match):
             SpeculativeConfig.parse(bad)
     cfg = SpeculativeConfig.parse('{"method": "qwen3_next_mtp", "num_speculative_tokens": 3}')
     assert cfg.num_speculative_tokens == 3 and cfg.adaptive
+    quantized = quantize_model(make_model("base", vocab_size=VOCAB), 8)
+    with pytest.raises(ValueError, match="draft_head 'int8' quantizes a float lm_head; this model's is Int8Linear"):
+        Engine(quantized, tokenizer=tokenizer, speculative_config={**spec(2), "draft_head": "int8"})
+    assert Engine(quantized, tokenizer=tokenizer, speculative_config=spec(2)).runner.draft_head is quantized.lm_head
+    with pytest.raises(ValueError, match="draft_head 'int8' is not supported with tensor_parallel_size > 1"):
+        Engine("no-such-dir", tensor_parallel_size=2, speculative_config={**spec(2), "draft_head": "int8"})
 
 
 # ---- decisions (no model) ------------------------------------------------------------------------------------------
@@ -328,6 +338,23 @@ def test_draft_length_policy_picks_the_fastest_length_and_follows_changes():
         policy.record_acceptance(3, 3)
     assert policy.choose(8) == 0 and policy.choose(1) == 3
     assert DraftLengthPolicy(2, adaptive=False).choose(64) == 2
+
+
+def test_draft_length_policy_drafts_until_the_acceptance_is_measured():
+    """A few first verifications are a poor guide to the acceptance: after timing every length, the policy drafts
+    until `window` verifications, even where no drafting timed faster; then it goes by the numbers."""
+    policy = DraftLengthPolicy(2, window=8, explore_every=100, min_samples=2, margin=0.0, lengths=(0, 2))
+    for _ in range(4):
+        k = policy.choose(1)
+        policy.record_step(1, k, {0: 1.0, 2: 2.5}[k])
+    policy.record_acceptance(2, 0)  # one unlucky verification: 1 token per 2.5 would lose to 1 per 1.0
+    assert [policy.choose(1) for _ in range(5)] == [2] * 5
+    for _ in range(7):  # then 8 verifications, mostly accepted: 2.75 tokens per 2.5 beats 1 per 1.0
+        policy.record_acceptance(2, 2)
+    assert policy.choose(1) == 2
+    for _ in range(64):
+        policy.record_acceptance(2, 0)
+    assert policy.choose(1) == 0
 
 
 def test_draft_length_policy_compares_lengths_over_the_same_period_and_explores_them():
@@ -388,6 +415,64 @@ def test_demo_model_greedy_with_mtp_is_identical_and_accepts_drafts():
     want, got = run(plain, prompts, params), run(spec_engine, prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert spec_engine.spec_stats.acceptance_rate > 0.5 and spec_engine.spec_stats.mean_accepted_length > 2
+
+
+def _mtp_keys_by_position(engine: Engine, prompt: list[int], params: SamplingParams, draft_steps) -> torch.Tensor:
+    """Run one request whose steps draft or not as `draft_steps(step)` says; -> the MTP head's K rows of positions
+    0 .. len(prompt) + max_tokens - 1, read through the sequence's last block table."""
+    policy, step, table = engine.scheduler.draft_policy, [0], []
+    policy.choose = lambda batch_size: (policy.max_k if draft_steps(step[0]) else 0)
+    execute = engine.runner.execute
+
+    def counted(batch):
+        step[0] += 1
+        table[:] = batch.entries[0].seq.block_table
+        return execute(batch)
+
+    engine.runner.execute = counted
+    run(engine, [prompt], params)
+    bs = engine.runner.cache.block_size
+    rows = [table[p // bs] * bs + p % bs for p in range(len(prompt) + params.max_tokens)]
+    return engine.runner.cache.k["mtp0"][rows].clone()
+
+
+def test_mtp_head_kv_covers_the_steps_decoded_without_drafting(model, tokenizer):
+    """Steps without drafting skip the MTP head; when drafting resumes, its K/V at those positions is written first
+    (runner.MTPGap): the same, to fp32 rounding, as with drafting at every step. Without that, those positions hold
+    nothing the head wrote (the acceptance after a pause fell from ~95% to ~50% on the demo model)."""
+    prompt = prompts_of([20], seed=21)[0]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    opts = dict(max_memory="32MiB", max_num_seqs=2, max_model_len=128, block_size=16,
+                speculative_config=spec(2, adaptive=False))
+    always = _mtp_keys_by_position(Engine(model, tokenizer=tokenizer, **opts), prompt, params, lambda s: True)
+    paused = lambda s: s < 4 or 12 <= s < 16 or s >= 22  # noqa: E731 -- pauses of 8 and 6 steps
+    covered = len(prompt) + 30  # the steps after the last pause draft again: positions up to here are written
+    got = _mtp_keys_by_position(Engine(model, tokenizer=tokenizer, **opts), prompt, params, paused)
+    torch.testing.assert_close(got[:covered], always[:covered], atol=1e-4, rtol=1e-4)
+    unfilled = Engine(model, tokenizer=tokenizer, **opts)
+    unfilled.runner._keep_mtp_gaps = lambda *a: None  # what happened before: the gaps are not kept
+    holes = _mtp_keys_by_position(unfilled, prompt, params, paused)
+    assert (holes[:covered] - always[:covered]).abs().amax() > 0.1
+
+
+def test_int8_draft_head_keeps_the_output_and_the_drafts(model, tokenizer):
+    """draft_head "int8" (the default for a float lm_head with the native kernels): the drafts' logits from an int8
+    copy of lm_head; the output stays the target's, and the drafts are the same as with lm_head itself here (the
+    tiny model's logits are far from ties at int8's error)."""
+    prompts = prompts_of([5, 30, 12], seed=5)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    opts = dict(max_memory="32MiB", max_num_seqs=3, max_model_len=128, block_size=16)
+    plain = run(Engine(model, tokenizer=tokenizer, **opts), prompts, params)
+    engines = {head: Engine(model, tokenizer=tokenizer, speculative_config={**spec(2), "draft_head": head}, **opts)
+               for head in ("int8", "target")}
+    assert isinstance(engines["int8"].runner.draft_head, Int8Linear)
+    assert engines["target"].runner.draft_head is model.lm_head
+    for engine in engines.values():
+        assert [o.token_ids for o in run(engine, prompts, params)] == [o.token_ids for o in plain]
+    stats = [(e.spec_stats.num_draft_tokens, e.spec_stats.num_accepted_tokens) for e in engines.values()]
+    assert stats[0] == stats[1] and stats[0][0] > 0
+    default = Engine(model, tokenizer=tokenizer, speculative_config=spec(2), **opts).runner.draft_head
+    assert isinstance(default, Int8Linear) == kernels.available()
 
 
 def test_compiled_decode_with_mtp_is_token_identical(model, tokenizer):

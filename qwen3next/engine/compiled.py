@@ -50,13 +50,15 @@ class CompileDecodeError(RuntimeError):
 
 class CompiledDecoder:
     def __init__(self, model: Qwen3NextForCausalLM, verify_tokens: int = 0,
-                 log_fn: Callable[[str], None] | None = None):
+                 log_fn: Callable[[str], None] | None = None, draft_head: torch.nn.Module | None = None):
+        """`draft_head`: what the drafting program computes the drafts' logits with (runner.make_draft_head;
+        default `lm_head`)."""
         import torch._dynamo.config
 
         # Graphs are cached per code object, shared by every model in the process (a float model and its quantized
         # copy, several batch sizes...); past the default limit of 8, dynamo silently runs eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.model = model
+        self.model, self.draft_head = model, draft_head
         self.verify_tokens = verify_tokens if model.mtp is not None else 0
         kernels.available()  # build / load the native kernels now: the traced step can then call them
         self._stack = torch.compile(model.model.forward)
@@ -118,12 +120,13 @@ class CompiledDecoder:
         """The ahead-of-time commit + MTP drafting (verify_tokens - 1 drafts) after an ahead-of-time verification."""
         if self.verify_tokens < 2:
             return None
-        return self._aot_program(AOTDraftStep, cache, T=self.verify_tokens, K=self.verify_tokens - 1)
+        return self._aot_program(AOTDraftStep, cache, T=self.verify_tokens, K=self.verify_tokens - 1,
+                                 draft_head=self.draft_head)
 
     def _aot_program(self, cls, cache: HybridCache, **shape):
         if not enabled("aot_decode_step"):
             return None
-        key = (cls.kind, layout_key(cache), tuple(sorted(shape.items())))
+        key = (cls.kind, layout_key(cache), tuple(sorted((k, v) for k, v in shape.items() if k != "draft_head")))
         program = self._aot.get(key)
         if program is None and key not in self._aot_errors:
             with self._aot_lock:

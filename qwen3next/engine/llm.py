@@ -163,6 +163,9 @@ class Engine:
         machine's CPUs / (ranks on it) torch threads. Call `close()` (or use `LLM`, which does) to stop the
         workers."""
         self.speculative = SpeculativeConfig.parse(speculative_config)
+        if self.speculative is not None and tensor_parallel_size != 1 and self.speculative.draft_head == "int8":
+            raise ValueError("speculative_config: draft_head 'int8' is not supported with tensor_parallel_size > 1 "
+                             "(the drafts read the vocabulary-parallel lm_head); leave draft_head unset")
         self.tp = None
         self._threads = torch.get_num_threads()  # a tensor-parallel engine sets rank 0's share until it closes
         if tensor_parallel_size != 1:
@@ -237,7 +240,8 @@ class Engine:
         if self.tp is not None:
             self.tp.start(self.plan)
         self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode, num_speculative_tokens=spec_k,
-                                  tp=self.tp.comm if self.tp is not None else None)
+                                  tp=self.tp.comm if self.tp is not None else None,
+                                  draft_head=self.speculative.draft_head if spec_k else None)
         self.requests: dict[str, RequestState] = {}
         self._seq_to_sample: dict[int, tuple[RequestState, SampleState]] = {}
         self._ids = itertools.count()

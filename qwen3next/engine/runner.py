@@ -9,12 +9,15 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from .. import kernels
 from ..model.batch import BatchInfo, ForwardContext
 from ..model.cache import HybridCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..ops.hugepages import place_weights
 from ..parallel.comm import TPComm
+from ..quant.linear import Int8Linear
 from .memory import CacheGeometry, CachePlan
 from .sampler import SampleOutput, SamplingBatch, sample
 from .scheduler import ScheduledBatch
@@ -29,6 +32,57 @@ def cache_geometry(model: Qwen3NextForCausalLM, block_size: int, include_mtp: bo
     elem = torch.empty((), dtype=model.dtype).element_size()
     return CacheGeometry(kv_bytes_per_token=layout.kv_bytes_per_token(elem),
                          state_bytes_per_slot=layout.state_bytes_per_slot(elem, 4), block_size=block_size)
+
+
+def make_draft_head(model: Qwen3NextForCausalLM, choice: str | None, tp: TPComm | None) -> nn.Module:
+    """The module the MTP drafts' logits come from (SpeculativeConfig.draft_head): "target" -> `model.lm_head`;
+    "int8" -> an int8 copy of it (per-row scales, the native kernel where it runs; `vocab x hidden` bytes more);
+    None -> "int8" for a float `lm_head` on a CPU with the native kernels and without tensor parallelism, else
+    "target". A draft only proposes a token, so this changes what drafting costs and which drafts come, never the
+    output. Measured on the demo model (fp32, 1 thread): one draft's `lm_head` 0.43 ms -> ~0.1 ms."""
+    head = model.lm_head
+    floating = isinstance(head, nn.Linear) and head.weight.is_floating_point() and head.bias is None
+    if choice == "target" or (choice is None and not (floating and tp is None and model.device.type == "cpu"
+                                                      and kernels.available())):
+        return head
+    if tp is not None:
+        raise ValueError("speculative_config: draft_head 'int8' is not supported with tensor parallelism")
+    if not floating:
+        raise ValueError(f"speculative_config: draft_head 'int8' quantizes a float lm_head; this model's is "
+                         f"{type(head).__name__} (already quantized: use 'target')")
+    return Int8Linear.from_linear(head)
+
+
+MAX_MTP_GAP = 1024  # positions kept per sequence for the MTP head's K/V; older ones stay unwritten (see MTPGap)
+
+
+@dataclass
+class MTPGap:
+    """Positions `start`, `start + 1`, ... of `seq` that decode steps without drafting fed through the main model
+    but not through the MTP head: the head's inputs there (main hidden states [n, D], the next tokens [n]).
+
+    The head attends over its own K/V at every earlier position, so positions it skipped would be holes that its
+    drafts read once drafting resumes (measured on the demo model: the acceptance of the first two drafts fell from
+    ~95% / 90% to ~50%, which in turn kept the adaptive length at 0). Only the last `MAX_MTP_GAP` positions are
+    kept (a bounded cost per sequence: D floats each); older ones stay holes."""
+
+    seq: object
+    start: int
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+    def add(self, hidden: torch.Tensor, tokens: list[int]) -> None:
+        self.hidden.append(hidden.clone())
+        self.tokens += tokens
+        excess = len(self.tokens) - MAX_MTP_GAP
+        if excess > 0:
+            self.hidden = [torch.cat(self.hidden)[excess:]]
+            self.tokens = self.tokens[excess:]
+            self.start += excess
 
 
 @dataclass
@@ -66,20 +120,25 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: Qwen3NextForCausalLM, plan: CachePlan, compile_decode: bool = False,
-                 num_speculative_tokens: int = 0, tp: TPComm | None = None):
+                 num_speculative_tokens: int = 0, tp: TPComm | None = None, draft_head: str | None = None):
         """`compile_decode`: run decode steps through a torch.compile'd decoder (see engine/compiled.py), compiled
         here on this cache before any request (raises CompileDecodeError when this machine cannot compile).
         `num_speculative_tokens` > 0: MTP speculative decoding with up to that many drafts (the cache then holds
         the MTP layer's K/V too); with compile_decode, verifications of that many drafts are compiled too.
         `tp`: the model is a tensor-parallel shard (parallel/) and this runner one of the ranks running every step
-        together; rank 0 samples and broadcasts its tokens."""
+        together; rank 0 samples and broadcasts its tokens. `draft_head`: what the MTP drafts' logits are computed
+        with (`make_draft_head`)."""
         if tp is not None and compile_decode:
             raise ValueError("compile_decode: not with tensor_parallel_size > 1 (the compiled step has no collectives)")
         if model.device.type == "cpu":
             place_weights(model)  # the weights on huge pages where the system allows it (ops/hugepages.py)
         self.model, self.tp = model, tp
+        # Decode steps without drafting skip the MTP head; the positions they covered are kept here per sequence
+        # (id -> MTPGap) and written into the head's K/V when the sequence drafts again (`_fill_mtp_gaps`).
+        self._mtp_gaps: dict[int, MTPGap] = {}
         self.draft_grammar_seconds = 0.0  # of the current step's drafting, in grammar masks
         self.speculative = speculative = num_speculative_tokens > 0
+        self.draft_head = make_draft_head(model, draft_head, tp) if speculative else None
         self.cache = HybridCache(model.config, num_slots=plan.num_slots, num_blocks=plan.num_blocks,
                                  block_size=plan.block_size, dtype=model.dtype, device=model.device,
                                  layout=model.cache_layout(include_mtp=speculative))
@@ -87,7 +146,8 @@ class ModelRunner:
         if compile_decode:
             from .compiled import CompiledDecoder
 
-            compiled = CompiledDecoder(model, verify_tokens=1 + num_speculative_tokens if speculative else 0)
+            compiled = CompiledDecoder(model, verify_tokens=1 + num_speculative_tokens if speculative else 0,
+                                       draft_head=self.draft_head)
             compiled.warm_up(self.cache)
             self.compiled = compiled
 
@@ -133,8 +193,11 @@ class ModelRunner:
         if ctx is not None and ctx.captures_states:
             sample_of = {b: j for j, b in enumerate(batch.sample_indices)}
             ctx.commit_captured([1 + out.num_accepted[sample_of[b]] for b in verified])
-        # Prefill chunks always run the MTP head (its K/V must cover the prompt); decodes only when drafting.
-        if self.speculative and (batch.num_lookahead > 0 or not batch.is_decode_step):
+        # Prefill chunks always run the MTP head (its K/V must cover the prompt); decodes only when drafting, the
+        # others keep what the head would have read, for when drafting resumes.
+        if self.speculative and batch.num_lookahead == 0 and batch.is_decode_step:
+            self._keep_mtp_gaps(batch, hidden, out)
+        elif self.speculative:
             mtp_ctx = ctx if len(verified) == len(batch.entries) else None  # a split step: one context for all
             self.draft_grammar_seconds = 0.0
             out.drafts = self._mtp(batch, info, mtp_ctx, hidden, out, compiled_verify)
@@ -151,7 +214,8 @@ class ModelRunner:
         keep = [1 + a for a in out.num_accepted]
         draft = self.compiled.aot_draft(self.cache) if K > 0 else None
         if (draft is None or not draft.handles(info, keep)
-                or any(batch.entries[i].seq.grammar is not None for i in batch.sample_indices)):
+                or any(batch.entries[i].seq.grammar is not None or id(batch.entries[i].seq) in self._mtp_gaps
+                       for i in batch.sample_indices)):  # grammars, and the gaps' filling: the eager path
             return None
         bonus = [run[-1] for run in out.tokens]
         return [d[:K] for d in draft.run(hidden, tokens, bonus, keep, info, captured, self.cache).tolist()]
@@ -228,13 +292,56 @@ class ModelRunner:
             at += n
         return out
 
+    def _keep_mtp_gaps(self, batch: ScheduledBatch, hidden: torch.Tensor, out: StepOutput) -> None:
+        """A decode step of a speculative engine without drafting: keep, per sequence, the MTP head's inputs at
+        the positions it kept (its last token and the accepted drafts it verified: main hidden state, next token)."""
+        self._drop_finished_gaps()
+        runs = iter(out.tokens)
+        for b, e in enumerate(batch.entries):
+            if not e.needs_sample:
+                continue
+            run = next(runs)  # the accepted drafts and the emitted token: the next tokens of the kept positions
+            start = batch.query_start_loc[b]
+            first = batch.positions[start]
+            gap = self._mtp_gaps.get(id(e.seq))
+            if gap is None or gap.end != first:
+                gap = self._mtp_gaps[id(e.seq)] = MTPGap(e.seq, first)
+            gap.add(hidden[start:start + len(run)], list(run))
+
+    def _drop_finished_gaps(self) -> None:
+        for key in [k for k, g in self._mtp_gaps.items() if g.seq.is_finished]:
+            del self._mtp_gaps[key]
+
+    def _fill_mtp_gaps(self, batch: ScheduledBatch) -> None:
+        """Before the MTP head runs over a step: write its K/V at the positions its sequences decoded without it
+        (`MTPGap`), in one forward over those positions. A gap that does not end where the sequence's step starts
+        (preempted and fed again since) is dropped."""
+        self._drop_finished_gaps()
+        if not self._mtp_gaps:
+            return
+        gaps = []
+        for b, e in enumerate(batch.entries):
+            gap = self._mtp_gaps.pop(id(e.seq), None)
+            if gap is not None and gap.end == batch.positions[batch.query_start_loc[b]]:
+                gaps.append(gap)
+        if not gaps:
+            return
+        dev = self.model.device
+        info = BatchInfo([len(g.tokens) for g in gaps], [g.start for g in gaps], [g.seq.slot for g in gaps],
+                         [list(g.seq.block_table) for g in gaps])
+        hidden = torch.cat([h for g in gaps for h in g.hidden])
+        tokens = torch.tensor([t for g in gaps for t in g.tokens], dtype=torch.long, device=dev)
+        self.model.mtp_hidden(hidden, tokens, self.model.context(info, self.cache))
+
     def _mtp(self, batch: ScheduledBatch, info: BatchInfo, ctx: ForwardContext | None, hidden: torch.Tensor,
              out: StepOutput, compiled_verify: bool = False) -> list[list[int]]:
         """The MTP head over this step's positions (main hidden state at t, the token at t + 1: the next fed
         token, the next known prompt token, or the token this step emitted), writing its own K/V there; then, for
         every sampled entry, `num_lookahead` greedy drafts from its last kept position. After a compiled
-        verification, the head's forwards of a single sequence are compiled too."""
+        verification, the head's forwards of a single sequence are compiled too. First the positions its
+        sequences decoded without drafting (`_fill_mtp_gaps`)."""
         model = self.model
+        self._fill_mtp_gaps(batch)
         nxt = list(batch.input_ids[1:]) + [0]
         last_kept, runs = [], iter(out.tokens)
         for b, e in enumerate(batch.entries):
@@ -274,7 +381,7 @@ class ModelRunner:
         constrained entry's draft is the argmax among the tokens its grammar (a copy in `grammars`, advanced over
         the drafts) allows there. `sync`: every draft is rank 0's, broadcast."""
         model = self.model
-        draft = self._draft_argmax(model.lm_head(h), list(range(len(entries))), grammars, sync)
+        draft = self._draft_argmax(self.draft_head(h), list(range(len(entries))), grammars, sync)
         drafts = [[t] for t in draft.tolist()]
         # Recursive drafting: the head's own hidden state and its last draft, one position further each time, as
         # long as the sequence's blocks hold the position (the scheduler allocates them ahead when it can; once a
@@ -291,7 +398,7 @@ class ModelRunner:
             full = len(live) == len(entries)
             h_live = self._mtp_hidden(h if full else h[sel], draft if full else draft[sel],
                                       model.context(step, self.cache, views=not compiled_verify), compiled_verify)
-            d_live = self._draft_argmax(model.lm_head(h_live), live, grammars, sync)
+            d_live = self._draft_argmax(self.draft_head(h_live), live, grammars, sync)
             if full:
                 h, draft = h_live, d_live
             else:
