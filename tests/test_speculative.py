@@ -455,6 +455,20 @@ def test_mtp_head_kv_covers_the_steps_decoded_without_drafting(model, tokenizer)
     assert (holes[:covered] - always[:covered]).abs().amax() > 0.1
 
 
+def test_mtp_gap_keeps_a_bounded_tail():
+    """A sequence decoding without drafts for long keeps between MAX_MTP_GAP and 2 x MAX_MTP_GAP positions, the
+    latest ones, contiguous up to its last position."""
+    M = runner_module.MAX_MTP_GAP
+    gap = runner_module.MTPGap(seq=None, start=100)
+    for i in range(2 * M - 1):
+        gap.add(torch.full((1, 4), float(i)), [i])
+    assert (gap.start, len(gap.tokens), gap.end) == (100, 2 * M - 1, 100 + 2 * M - 1)
+    gap.add(torch.full((2, 4), float(2 * M - 1)), [2 * M - 1, 2 * M])
+    assert (gap.start, gap.tokens[0], len(gap.tokens), gap.end) == (100 + M + 1, M + 1, M, 101 + 2 * M)
+    rows = torch.cat(gap.hidden)
+    assert rows.shape == (M, 4) and rows[0, 0] == M + 1 and rows[-1, 0] == 2 * M - 1
+
+
 def test_int8_draft_head_keeps_the_output_and_the_drafts(model, tokenizer):
     """draft_head "int8" (the default for a float lm_head with the native kernels): the drafts' logits from an int8
     copy of lm_head; the output stays the target's, and the drafts are the same as with lm_head itself here (the

@@ -120,20 +120,21 @@ class CompiledDecoder:
         """The ahead-of-time commit + MTP drafting (verify_tokens - 1 drafts) after an ahead-of-time verification."""
         if self.verify_tokens < 2:
             return None
-        return self._aot_program(AOTDraftStep, cache, T=self.verify_tokens, K=self.verify_tokens - 1,
-                                 draft_head=self.draft_head)
+        return self._aot_program(AOTDraftStep, cache, T=self.verify_tokens, K=self.verify_tokens - 1)
 
     def _aot_program(self, cls, cache: HybridCache, **shape):
         if not enabled("aot_decode_step"):
             return None
-        key = (cls.kind, layout_key(cache), tuple(sorted((k, v) for k, v in shape.items() if k != "draft_head")))
+        key = (cls.kind, layout_key(cache), tuple(sorted(shape.items())))
         program = self._aot.get(key)
         if program is None and key not in self._aot_errors:
             with self._aot_lock:
                 if key in self._aot or key in self._aot_errors:
                     return self._aot.get(key)
                 try:
-                    program = self._aot[key] = cls(self.model, cache, log_fn=self._log, **shape)
+                    # the draft head is fixed per decoder; only the drafting program reads it
+                    program = self._aot[key] = cls(self.model, cache, log_fn=self._log, draft_head=self.draft_head,
+                                                   **shape)
                 except AOTStepError as e:
                     self._aot_errors[key] = str(e)
                     warnings.warn(f"{e}; these steps stay on torch.compile", RuntimeWarning, stacklevel=3)

@@ -53,7 +53,7 @@ def make_draft_head(model: Qwen3NextForCausalLM, choice: str | None, tp: TPComm 
     return Int8Linear.from_linear(head)
 
 
-MAX_MTP_GAP = 1024  # positions kept per sequence for the MTP head's K/V; older ones stay unwritten (see MTPGap)
+MAX_MTP_GAP = 1024  # positions kept at least per sequence for the MTP head's K/V (see MTPGap)
 
 
 @dataclass
@@ -63,8 +63,9 @@ class MTPGap:
 
     The head attends over its own K/V at every earlier position, so positions it skipped would be holes that its
     drafts read once drafting resumes (measured on the demo model: the acceptance of the first two drafts fell from
-    ~95% / 90% to ~50%, which in turn kept the adaptive length at 0). Only the last `MAX_MTP_GAP` positions are
-    kept (a bounded cost per sequence: D floats each); older ones stay holes."""
+    ~95% / 90% to ~50%, which in turn kept the adaptive length at 0). A bounded cost per sequence (D floats a
+    position): once a gap holds 2 x `MAX_MTP_GAP` positions, all but the last `MAX_MTP_GAP` are dropped (trimming
+    at once, not at every step past the bound) and stay holes."""
 
     seq: object
     start: int
@@ -78,8 +79,8 @@ class MTPGap:
     def add(self, hidden: torch.Tensor, tokens: list[int]) -> None:
         self.hidden.append(hidden.clone())
         self.tokens += tokens
-        excess = len(self.tokens) - MAX_MTP_GAP
-        if excess > 0:
+        if len(self.tokens) >= 2 * MAX_MTP_GAP:
+            excess = len(self.tokens) - MAX_MTP_GAP
             self.hidden = [torch.cat(self.hidden)[excess:]]
             self.tokens = self.tokens[excess:]
             self.start += excess

@@ -113,8 +113,8 @@ class DraftLengthPolicy:
     terms). Per batch-size bucket (1, 2, 3-4, 5-8, ...) and draft length k it keeps the last `window` step times,
     and picks the k with the best tokens / median step time. Lengths not yet timed in a bucket are tried first
     (longest first), then drafting goes on until `window` verifications measured the acceptance; the current
-    choice is kept unless another is more than `margin` faster (no flapping on
-    noise; 3x that to turn drafting on or off, which costs a step more). A busy machine makes step times drift, so
+    choice is kept unless another is more than `margin` faster (no flapping on noise; 3x that to turn drafting on
+    or off, which costs a step more). A busy machine makes step times drift, so
     the neighbouring lengths (best - 1, best + 1) and no drafting (0) are timed again, one at a time: every
     `explore_every` steps while the best is within 10% of the runner-up, 4x less often while it leads by less than
     50%, 16x less often beyond (exploring costs: a step at a worse length, two for a longer one, which has no
