@@ -197,8 +197,9 @@ def _engine(args: argparse.Namespace):
     from .engine.llm import Engine
 
     torch.set_num_threads(args.threads)
-    return Engine(args.model, dtype=args.dtype, max_memory=args.max_memory, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, quantize=args.quantize, compile_decode=args.compile,
+    return Engine(args.model, dtype=args.dtype, device=args.device, max_memory=args.max_memory,
+                  max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, quantize=args.quantize,
+                  compile_decode=args.compile,
                   speculative_config=args.speculative_config, hf_overrides=args.hf_overrides,
                   enable_prefix_caching=args.enable_prefix_caching, prefix_snapshot_slots=args.prefix_snapshot_slots,
                   prefix_snapshot_interval=args.prefix_snapshot_interval,
@@ -353,6 +354,7 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: flo
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=_positive_int, default=2)
     p.add_argument("--max-memory", default=None, help="cache budget, e.g. 2GiB (default: 1/4 of free RAM, <= 8 GiB)")
     p.add_argument("--max-model-len", type=_positive_int, default=None,

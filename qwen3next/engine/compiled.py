@@ -60,7 +60,8 @@ class CompiledDecoder:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.model, self.draft_head = model, draft_head
         self.verify_tokens = verify_tokens if model.mtp is not None else 0
-        kernels.available()  # build / load the native kernels now: the traced step can then call them
+        if model.device.type == "cpu":
+            kernels.available()  # build / load the native kernels now: the traced step can then call them
         self._stack = torch.compile(model.model.forward)
         self._aot: dict[tuple, object] = {}  # ahead-of-time programs per (kind, cache pool layout, shape)
         self._aot_errors: dict[tuple, str] = {}
@@ -123,7 +124,7 @@ class CompiledDecoder:
         return self._aot_program(AOTDraftStep, cache, T=self.verify_tokens, K=self.verify_tokens - 1)
 
     def _aot_program(self, cls, cache: HybridCache, **shape):
-        if not enabled("aot_decode_step"):
+        if not enabled("aot_decode_step") or self.model.device.type != "cpu":  # a GPU's steps: torch.compile alone
             return None
         key = (cls.kind, layout_key(cache), tuple(sorted(shape.items())))
         program = self._aot.get(key)

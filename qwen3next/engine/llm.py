@@ -50,6 +50,26 @@ __all__ = ["LLM", "CompletionOutput", "Engine", "Logprob", "RequestHandle", "Req
 log = logging.getLogger(__name__)
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device the engine can run on ("cpu", "cuda", "cuda:N"), or a ValueError that names it:
+    an unknown spelling, a device type the engine does not support, CUDA without a GPU, or a GPU index past the
+    last one."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                             f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'a build without CUDA'})")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif d.type != "cpu":
+        raise ValueError(f"device {str(device)!r}: the engine runs on 'cpu' or 'cuda' devices")
+    return d
+
+
 def _model_and_tokenizer(model: str | Path | Qwen3NextForCausalLM, tokenizer: Tokenizer | None,
                          dtype: str | torch.dtype | None, device: str, quantize: str | None,
                          hf_overrides: dict | None = None,
@@ -102,7 +122,7 @@ def _tensor_parallel_spec(model, size, dtype, device, quantize, hf_overrides, co
         raise ValueError("compile_decode: not with tensor_parallel_size > 1 yet (the compiled step has no "
                          "collectives)")
     if torch.device(device).type != "cpu":
-        raise ValueError(f"tensor_parallel_size: runs on CPU ranks over gloo; device {device!r} (NCCL) is not "
+        raise ValueError(f"tensor_parallel_size: runs on CPU ranks over gloo; device {str(device)!r} (NCCL) is not "
                          f"supported yet")
     from ..parallel.engine import ShardSpec, rank_threads
     from ..parallel.plan import TPPlan
@@ -162,6 +182,7 @@ class Engine:
         among the ranks on this machine), and each rank, this process included until `close()`, runs at most this
         machine's CPUs / (ranks on it) torch threads. Call `close()` (or use `LLM`, which does) to stop the
         workers."""
+        device = parse_device(device)
         self.speculative = SpeculativeConfig.parse(speculative_config)
         if self.speculative is not None and tensor_parallel_size != 1 and self.speculative.draft_head == "int8":
             raise ValueError("speculative_config: draft_head 'int8' is not supported with tensor_parallel_size > 1 "
