@@ -374,6 +374,29 @@ def test_draft_length_policy_compares_lengths_over_the_same_period_and_explores_
     assert tail.count(2) > 0.7 * len(tail) and 1 in tail  # mostly the best, its neighbour still timed
 
 
+def test_draft_length_policy_spaces_costly_explorations_by_their_cost():
+    """Where a verification costs several steps (an eager one in a compiled engine at batch 8: ~6x), timing it
+    again loses more than its turn: explorations are spaced so that their expected loss stays under
+    explore_budget of the decode time, not every explore_every x 16 steps."""
+    def explorations(budget: float) -> int:
+        policy = DraftLengthPolicy(2, window=8, explore_every=4, min_samples=2, margin=0.0, lengths=(0, 2),
+                                   explore_budget=budget)
+        rng = random.Random(0)
+        for _ in range(200):
+            policy.record_acceptance(2, 2 if rng.random() < 0.9 else 1)  # 2.7 tokens per 6.0 < 1 per 1.0
+        chosen = []
+        for _ in range(2000):
+            k = policy.choose(8)
+            chosen.append(k)
+            policy.record_step(8, k, {0: 1.0, 2: 6.0}[k])
+        tail = chosen[100:]
+        return sum(1 for a, b in zip(tail, tail[1:]) if a == 0 and b == 2)  # episodes started
+
+    # lost per exploration ~ 6.0 x (1 - 0.45) + 5.0 = 8.3 steps' time: 2% -> one every ~415 steps
+    assert 2 <= explorations(0.02) <= 6
+    assert explorations(1.0) >= 20  # no budget to speak of: every explore_every x 16 = 64 steps
+
+
 def test_draft_length_policy_keeps_to_the_lengths_it_is_given():
     """A compiled engine has a compiled verification of max_k drafts only: the policy never picks a length in
     between, neither to time it first nor to explore it, and still turns drafting off when that is faster."""

@@ -23,6 +23,7 @@ max(0, p - q) of a one-hot q).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import deque
 from collections.abc import Sequence as SequenceLike
@@ -118,7 +119,11 @@ class DraftLengthPolicy:
     the neighbouring lengths (best - 1, best + 1) and no drafting (0) are timed again, one at a time: every
     `explore_every` steps while the best is within 10% of the runner-up, 4x less often while it leads by less than
     50%, 16x less often beyond (exploring costs: a step at a worse length, two for a longer one, which has no
-    drafts to verify at its first step, and after a step without drafts, one more whose drafts are still missing).
+    drafts to verify at its first step, and after a step without drafts, one more whose drafts are still missing),
+    and never more often than keeps its expected cost under `explore_budget` of the decode time (the tokens the
+    explored length's steps lose against the best's rate, plus, for a longer one, its first step's extra time taken
+    as the verification's; measured on the demo model, compiled, batch 8: a verification of 2 drafts there runs
+    eagerly at ~6x a step, and exploring it every ~128 steps cost ~6% of the decode time).
     Only samples from the last `horizon` steps count while there are `min_samples` of them. With `adaptive=False`
     it always returns `max_k`. `lengths`: the draft lengths it may pick (default 0..max_k; "neighbours" are then the
     adjacent ones in that list). The engine with a compiled decoder passes (0, max_k): only a verification of
@@ -127,12 +132,15 @@ class DraftLengthPolicy:
     """
 
     def __init__(self, max_k: int, adaptive: bool = True, window: int = 16, explore_every: int = 32,
-                 min_samples: int = 3, margin: float = 0.05, lengths: tuple[int, ...] | None = None):
+                 min_samples: int = 3, margin: float = 0.05, lengths: tuple[int, ...] | None = None,
+                 explore_budget: float = 0.02):
         self.lengths = sorted(set(range(max_k + 1) if lengths is None else lengths))
         if max_k not in self.lengths or not all(isinstance(k, int) and 0 <= k <= max_k for k in self.lengths):
             raise ValueError(f"lengths: expected draft lengths in 0..{max_k} including {max_k}, got {lengths!r}")
         self.max_k, self.adaptive = max_k, adaptive
         self.window, self.explore_every, self.min_samples, self.margin = window, explore_every, min_samples, margin
+        self.explore_budget = explore_budget
+        self._rates: dict[int, tuple[dict[int, float], dict[int, float]]] = {}  # bucket -> (tokens/s, s/step) per k
         self.horizon = 16 * explore_every * max(1, max_k) * min_samples  # the sparsest exploration still counts
         self._chances = [deque(maxlen=4 * window) for _ in range(max_k)]  # per position: 1 accepted / 0 rejected
         self._times: dict[tuple[int, int], deque[tuple[int, float]]] = {}  # (bucket, k) -> (step, seconds)
@@ -179,10 +187,13 @@ class DraftLengthPolicy:
         i = self.lengths.index(best)
         neighbours = set(self.lengths[max(0, i - 1):i + 2]) | ({0} & set(self.lengths))
         others = sorted(neighbours - {best})
-        if others and step % every == every - 1:  # time another length now and then
-            n = self._explored.get(bucket, 0)
+        if not others:
+            return best
+        n = self._explored.get(bucket, 0)
+        k = others[n % len(others)]  # the length to time next
+        every = max(every, self._cost_period(bucket, k, best))
+        if step % every == every - 1:  # time another length now and then
             self._explored[bucket] = n + 1
-            k = others[n % len(others)]
             # a longer length than the drafts at hand is timed only at its second step (the first drafts it)
             self._episode[bucket] = (k, 1 if k > best else 0)
             return k
@@ -197,7 +208,9 @@ class DraftLengthPolicy:
             recent = [t for step, t in samples if step >= now - self.horizon]
             return statistics.median(recent if len(recent) >= self.min_samples else [t for _, t in samples])
 
-        rate = {k: self.expected_tokens(k) / max(seconds(k), 1e-12) for k in self.lengths}
+        secs = {k: seconds(k) for k in self.lengths}
+        rate = {k: self.expected_tokens(k) / max(secs[k], 1e-12) for k in self.lengths}
+        self._rates[bucket] = rate, secs
         best = max(rate, key=rate.get)
         current = self._best.get(bucket)
         # Turning drafting on or off costs a step more (the MTP head's drafts are missing, or wasted): a larger
@@ -208,6 +221,15 @@ class DraftLengthPolicy:
         self._best[bucket] = best
         rest = [r for k, r in rate.items() if k != best]
         return best, rate[best] / max(max(rest), 1e-12) if rest else float("inf")
+
+    def _cost_period(self, bucket: int, k: int, best: int) -> int:
+        """The fewest steps between explorations of length `k` that keep their expected cost (seconds lost against
+        the best length's rate) under `explore_budget` of the time the best length's steps take."""
+        rate, secs = self._rates[bucket]
+        lost = secs[k] * max(0.0, 1 - rate[k] / max(rate[best], 1e-12))
+        if k > best:  # its first step drafts without verifying: about as much extra time as a verification
+            lost += max(0.0, secs[k] - secs[best])
+        return max(1, math.ceil(lost / max(self.explore_budget * secs[best], 1e-12)))
 
     def record_step(self, batch_size: int, k: int, seconds: float) -> None:
         """The wall time of a decode step of `batch_size` sequences that drafted `k` tokens per sequence."""

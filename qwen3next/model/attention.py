@@ -76,16 +76,28 @@ class GatedAttention(nn.Module):
     def kv_spec(self) -> KVSpec:
         return self.declare_kv(self.num_kv_heads, self.head_dim)
 
+    def _keys_values(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [N, D] -> the keys (normed, rotated) and values [N, HKV, Dh] of these positions."""
+        N, HKV, Dh = x.shape[0], self.num_kv_heads, self.head_dim
+        k = rms_norm_zero_centered(self.k_proj(x).view(N, HKV, Dh), self.k_norm.weight, self.eps)
+        return apply_partial_rope(k, ctx.cos, ctx.sin), self.v_proj(x).view(N, HKV, Dh)
+
+    def write_kv(self, x: torch.Tensor, ctx: ForwardContext) -> None:
+        """Only the cache side of `forward`: write these positions' keys and values into `ctx`'s cache (what a later
+        query reads), without the queries, the attention and the output."""
+        k, v = self._keys_values(x, ctx)
+        kv = ctx.batch.kv
+        kv.write(ctx.cache.k[self.cache_key], k)
+        kv.write(ctx.cache.v[self.cache_key], v)
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: [N, D] -> [N, D]."""
         N = x.shape[0]
         H, HKV, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         q, gate = self.q_proj(x).view(N, H, 2 * Dh).chunk(2, dim=-1)
         q = rms_norm_zero_centered(q, self.q_norm.weight, self.eps)
-        k = rms_norm_zero_centered(self.k_proj(x).view(N, HKV, Dh), self.k_norm.weight, self.eps)
-        v = self.v_proj(x).view(N, HKV, Dh)
+        k, v = self._keys_values(x, ctx)
         q = apply_partial_rope(q, ctx.cos, ctx.sin)
-        k = apply_partial_rope(k, ctx.cos, ctx.sin)
 
         tokens, cache = ctx.batch.tokens, ctx.cache
         qp = tokens.pad(q).transpose(1, 2)  # [B, H, T, Dh]

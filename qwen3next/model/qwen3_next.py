@@ -87,9 +87,17 @@ class MTPHead(nn.Module):
     def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, ctx: ForwardContext,
                 layer: int = 0) -> torch.Tensor:
         """hidden, next_embeds: [N, D] -> draft hidden state [N, D] (normed; feed to lm_head for logits)."""
+        return self.norm(self.layers[layer](self._layer_input(hidden, next_embeds), ctx))
+
+    def _layer_input(self, hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
         c = torch.cat((self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)), dim=-1)
-        c = self.layers[layer](self.fc(c), ctx)
-        return self.norm(c)
+        return self.fc(c)
+
+    def write_kv(self, hidden: torch.Tensor, next_embeds: torch.Tensor, ctx: ForwardContext, layer: int = 0) -> None:
+        """What `forward` leaves in the cache, alone: the layer's keys and values at these positions (they depend on
+        each position's own input only), without its attention, MoE and output (a fraction of the cost)."""
+        decoder = self.layers[layer]
+        decoder.self_attn.write_kv(decoder.input_layernorm(self._layer_input(hidden, next_embeds)), ctx)
 
 
 class Qwen3NextForCausalLM(nn.Module):
@@ -245,3 +253,10 @@ class Qwen3NextForCausalLM(nn.Module):
         if self.mtp is None:
             raise ValueError("this model has no MTP head (num_nextn_predict_layers = 0)")
         return self.mtp(hidden, self.model.embed_tokens(next_tokens), ctx, layer)
+
+    def mtp_write_kv(self, hidden: torch.Tensor, next_tokens: torch.Tensor, ctx: ForwardContext,
+                     layer: int = 0) -> None:
+        """The MTP layer's K/V at these positions (what `mtp_hidden` writes into the cache), nothing else."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP head (num_nextn_predict_layers = 0)")
+        self.mtp.write_kv(hidden, self.model.embed_tokens(next_tokens), ctx, layer)
