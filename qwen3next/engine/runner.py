@@ -334,7 +334,7 @@ class ModelRunner:
                          [list(g.seq.block_table) for g in gaps])
         hidden = torch.cat([h for g in gaps for h in g.hidden])
         tokens = torch.tensor([t for g in gaps for t in g.tokens], dtype=torch.long, device=dev)
-        # Only the head's K/V there (what its later queries read): ~4-5x cheaper than its full forward.
+        # Only the head's K/V there (what its later queries read): no attention, MoE or output.
         self.model.mtp_write_kv(hidden, tokens, self.model.context(info, self.cache))
 
     def _mtp(self, batch: ScheduledBatch, info: BatchInfo, ctx: ForwardContext | None, hidden: torch.Tensor,
