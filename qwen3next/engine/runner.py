@@ -317,8 +317,8 @@ class ModelRunner:
 
     def _fill_mtp_gaps(self, batch: ScheduledBatch) -> None:
         """Before the MTP head runs over a step: write its K/V at the positions its sequences decoded without it
-        (`MTPGap`), in one forward over those positions. A gap that does not end where the sequence's step starts
-        (preempted and fed again since) is dropped."""
+        (`MTPGap`), in one pass over those positions (keys and values only). A gap that does not end where the
+        sequence's step starts (preempted and fed again since) is dropped."""
         self._drop_finished_gaps()
         if not self._mtp_gaps:
             return

@@ -140,7 +140,6 @@ class DraftLengthPolicy:
         self.max_k, self.adaptive = max_k, adaptive
         self.window, self.explore_every, self.min_samples, self.margin = window, explore_every, min_samples, margin
         self.explore_budget = explore_budget
-        self._rates: dict[int, tuple[dict[int, float], dict[int, float]]] = {}  # bucket -> (tokens/s, s/step) per k
         self.horizon = 16 * explore_every * max(1, max_k) * min_samples  # the sparsest exploration still counts
         self._chances = [deque(maxlen=4 * window) for _ in range(max_k)]  # per position: 1 accepted / 0 rejected
         self._times: dict[tuple[int, int], deque[tuple[int, float]]] = {}  # (bucket, k) -> (step, seconds)
@@ -181,7 +180,7 @@ class DraftLengthPolicy:
         if left:  # an exploration in progress
             self._episode[bucket] = (k, left - 1)
             return k
-        best, lead = self._rank(bucket)
+        best, lead, rate, secs = self._rank(bucket)
         step = self._steps.get(bucket, 0)
         every = self.explore_every * (1 if lead < 1.1 else 4 if lead < 1.5 else 16)
         i = self.lengths.index(best)
@@ -191,7 +190,7 @@ class DraftLengthPolicy:
             return best
         n = self._explored.get(bucket, 0)
         k = others[n % len(others)]  # the length to time next
-        every = max(every, self._cost_period(bucket, k, best))
+        every = max(every, self._cost_period(rate, secs, k, best))
         if step % every == every - 1:  # time another length now and then
             self._explored[bucket] = n + 1
             # a longer length than the drafts at hand is timed only at its second step (the first drafts it)
@@ -199,8 +198,9 @@ class DraftLengthPolicy:
             return k
         return best
 
-    def _rank(self, bucket: int) -> tuple[int, float]:
-        """The best length and how much faster it is than the runner-up (a ratio >= 1)."""
+    def _rank(self, bucket: int) -> tuple[int, float, dict[int, float], dict[int, float]]:
+        """The best length, how much faster it is than the runner-up (a ratio >= 1), and per length the rate (tokens
+        per second) and the step time it was ranked by."""
         now = self._steps.get(bucket, 0)
 
         def seconds(k: int) -> float:
@@ -210,7 +210,6 @@ class DraftLengthPolicy:
 
         secs = {k: seconds(k) for k in self.lengths}
         rate = {k: self.expected_tokens(k) / max(secs[k], 1e-12) for k in self.lengths}
-        self._rates[bucket] = rate, secs
         best = max(rate, key=rate.get)
         current = self._best.get(bucket)
         # Turning drafting on or off costs a step more (the MTP head's drafts are missing, or wasted): a larger
@@ -220,12 +219,11 @@ class DraftLengthPolicy:
             best = current
         self._best[bucket] = best
         rest = [r for k, r in rate.items() if k != best]
-        return best, rate[best] / max(max(rest), 1e-12) if rest else float("inf")
+        return best, rate[best] / max(max(rest), 1e-12) if rest else float("inf"), rate, secs
 
-    def _cost_period(self, bucket: int, k: int, best: int) -> int:
+    def _cost_period(self, rate: dict[int, float], secs: dict[int, float], k: int, best: int) -> int:
         """The fewest steps between explorations of length `k` that keep their expected cost (seconds lost against
         the best length's rate) under `explore_budget` of the time the best length's steps take."""
-        rate, secs = self._rates[bucket]
         lost = secs[k] * max(0.0, 1 - rate[k] / max(rate[best], 1e-12))
         if k > best:  # its first step drafts without verifying: about as much extra time as a verification
             lost += max(0.0, secs[k] - secs[best])
