@@ -244,6 +244,16 @@ QK_AVX2 static inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// Several activation rows consume a weight row more slowly than one does, and the hardware prefetcher then falls
+// behind on weights that stream from memory: the multi-row tiles fetch 2 KB ahead in software (measured, 1 thread,
+// 64 fp32 768 x 256 matrices in turn: 3 rows 38.3 -> 33.2 us, 8 rows 85.7 -> 59.8; one row gains nothing and keeps
+// to the hardware prefetcher; no change where the weights sit in the cache).
+constexpr int kMultiRowPrefetchBytes = 2048;
+template <typename T>
+QK_AVX2 static inline void prefetch_ahead(const T* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kMultiRowPrefetchBytes, _MM_HINT_T0);
+}
+
 // One weight row against MB activation rows, U independent accumulators per activation row. Rows are walked one
 // after another: the weights stream through memory in order, which the hardware prefetcher follows (tiles of several
 // rows side by side measured 2-3x slower on a 32000 x 512 weight: short interleaved streams it does not pick up).
@@ -254,6 +264,7 @@ QK_AVX2 static void dot_row(const T* w, const float* x, int64_t ldx, int64_t K, 
     for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 * U <= K; k += 8 * U) {
+    if (MB > 1) prefetch_ahead(w + k);
     for (int u = 0; u < U; ++u) {
       const __m256 wv = load8(w + k + 8 * u);
       for (int m = 0; m < MB; ++m) acc[m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k + 8 * u), acc[m][u]);
@@ -333,8 +344,10 @@ QK_AVX2 static void tile_i8q(const Weights& w, int64_t n, const Acts& a, int64_t
   for (int i = 0; i < MB; ++i)
     for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
   int64_t b = 0;
-  for (; b + U <= nb; b += U)
+  for (; b + U <= nb; b += U) {
+    if (MB > 1) prefetch_ahead(wr + b * I8_BLOCK);
     for (int u = 0; u < U; ++u) i8q_block<MB, U>(wr, K, a, m, b + u, nb, acc, u);
+  }
   for (; b < nb; ++b) i8q_block<MB, U>(wr, K, a, m, b, nb, acc, 0);
   const float s = bf16_to_f32(w.aux[n]);
   for (int i = 0; i < MB; ++i) {
