@@ -99,6 +99,36 @@ def test_bad_arguments_are_clear_errors():
         kernels.gated_delta_rule(q, k, v, g[:, :2], beta, s0)
 
 
+@pytest.mark.parametrize("shape", [
+    (1, 3, 1, 2, 16, 32),   # one 32-column block, grouped heads
+    (2, 4, 2, 2, 12, 48),   # a 32-column block and a 16-column one
+    (2, 2, 1, 3, 5, 24),    # a 24-column tail: the scalar code under AVX2
+    (3, 1, 2, 2, 64, 8),    # one token, an 8-column block
+])
+def test_verify_keeps_the_state_after_every_token(isa, shape):
+    """`gated_delta_verify` (a speculative verification's few tokens): o equals the literal recurrence's, and its
+    state after token t equals the recurrence run over the first t + 1 tokens alone (float64), strided v; the
+    initial state is not modified."""
+    B, T, H, HV, K, V = shape
+    q, k, v, g, beta, s0 = _inputs(*shape, seed=sum(shape))
+    wide = torch.zeros(B, T, HV, V + 5, dtype=torch.float64)
+    wide[..., 5:] = v
+    v_view = wide.float()[..., 5:]
+    assert not v_view.is_contiguous()
+    state = s0.float()
+    before = state.clone()
+    o, states = kernels.gated_delta_verify(q.float(), k.float(), v_view, g.float(), beta.float(), state)
+    assert states.shape == (B, T, HV, K, V) and states.dtype == torch.float32
+    o_ref, _ = naive_gated_delta_rule(q, k, v, g, beta, s0)
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-5)
+    for t in range(T):
+        _, s_t = naive_gated_delta_rule(*(x[:, :t + 1] for x in (q, k, v, g, beta)), s0)
+        torch.testing.assert_close(states[:, t].double(), s_t, atol=2e-5, rtol=1e-5)
+    assert torch.equal(state, before)
+    with pytest.raises(RuntimeError, match="gated_delta_verify: state must be"):
+        kernels.gated_delta_verify(q.float(), k.float(), v_view, g.float(), beta.float(), state[:, :1])
+
+
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_the_layer_takes_the_native_path_and_matches_the_torch_path(use_cache, monkeypatch):
     """A whole model's prefill (a prompt in two chunks through the cache, or one forward without one) with the

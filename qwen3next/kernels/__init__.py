@@ -15,6 +15,7 @@ package adds these ops, registered with torch as `torch.ops.qwen3next.*` (opaque
 - `dequantize(w, aux, fmt, group_size)`: an int8 / int4 weight as fp32, in one pass (prefill: then one GEMM).
 - `quantize_int4(w, group_size)`: fp32 weight -> int4 with the searched (scale, zero) grids (quant/linear.py).
 - `gated_delta_rule(q, k, v, g, beta, state)`: a prompt's delta rule token by token (delta_rule.cpp);
+  `gated_delta_verify(...)`: the same keeping every token's state (a speculative verification);
   `gated_delta_decode(q, k, v, g, beta, pool, slots)`: one decode token, the state updated in place in its pool row.
 - `decode_attention(q, k_pool, v_pool, rows, lens, scale)`: a decode step's attention over paged K/V rows.
 
@@ -149,6 +150,11 @@ def _register_fakes() -> None:
     def _delta_fake(q, k, v, g, beta, state):
         return v.new_empty(v.shape), state.new_empty(state.shape)
 
+    @torch.library.register_fake("qwen3next::gated_delta_verify")
+    def _delta_verify_fake(q, k, v, g, beta, state):
+        B, T, HV, V = v.shape
+        return v.new_empty(B, T, HV, V), state.new_empty(B, T, HV, q.shape[3], V)
+
 
 def set_isa(name: str) -> str:
     """Select "avx2" (the default where the CPU has it) or "scalar" code; returns the previous one."""
@@ -205,6 +211,16 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     if state is None:
         state = q.new_zeros(q.shape[0], v.shape[2], q.shape[3], v.shape[3])
     return torch.ops.qwen3next.gated_delta_rule(q, k, v, g, beta, state)
+
+
+def gated_delta_verify(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                       state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A speculative verification's T tokens per sequence through the gated delta rule, in C++ (delta_rule.cpp, the
+    walk of `gated_delta_rule`): same inputs, state [B, HV, K, V] not modified. Returns o [B, T, HV, V] and the state
+    after EVERY token, [B, T, HV, K, V], new fp32 tensors (functional: a traced verification can call it). Twin:
+    `recurrent_gated_delta_rule(..., states_out=...)`."""
+    _require()
+    return torch.ops.qwen3next.gated_delta_verify(q, k, v, g, beta, state)
 
 
 def gated_delta_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

@@ -11,7 +11,8 @@
 // token to turn the recurrence into matrix products. Twin: `recurrent_gated_delta_rule` in qwen3next/ops/gated_delta.py
 // (same math in torch); the parity tests compare both against the literal recurrence in float64.
 //
-// Registered as torch custom op qwen3next::gated_delta_rule (a fragment of the library the decode kernels define).
+// Registered as torch custom ops qwen3next::gated_delta_rule and gated_delta_verify (the same walk keeping every
+// token's state, for a speculative verification), a fragment of the library the decode kernels define.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -42,6 +43,7 @@ struct DeltaArgs {
   int64_t gb, gt, gh;  // g [B, T, HV]
   int64_t bb, bt, bh;  // beta [B, T, HV]
   // o [B, T, HV, V] and the states [B, HV, K, V] are contiguous
+  float* all = nullptr;  // when set: every token's state, [B, T, HV, K, V] contiguous (a verification's), and no s1
 };
 
 // Scalar version of one item: batch row b, value head j, columns c0 .. c0 + nc - 1.
@@ -73,7 +75,13 @@ void item_scalar(const DeltaArgs& a, int64_t b, int64_t j, int64_t c0, int64_t n
     }
     for (int64_t r = 0; r < K; ++r)
       for (int64_t c = 0; c < nc; ++c) S[r * nc + c] = al * S[r * nc + c] + kt[r] * u[c];
+    if (a.all) {
+      float* st = a.all + (((b * a.T + t) * a.HV + j) * K) * V + c0;
+      for (int64_t r = 0; r < K; ++r)
+        for (int64_t c = 0; c < nc; ++c) st[r * V + c] = S[r * nc + c];
+    }
   }
+  if (a.all) return;
   float* s1 = a.s1 + ((b * a.HV + j) * K) * V + c0;
   for (int64_t r = 0; r < K; ++r)
     for (int64_t c = 0; c < nc; ++c) s1[r * V + c] = S[r * nc + c];
@@ -131,16 +139,19 @@ QK_AVX2 void item_avx2(const DeltaArgs& a, int64_t b, int64_t j, int64_t c0) {
       _mm_prefetch(reinterpret_cast<const char*>(a.g + b * a.gb + (t + 2) * a.gt + j * a.gh), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(a.beta + b * a.bb + (t + 2) * a.bt + j * a.bh), _MM_HINT_T0);
     }
+    float* st = a.all ? a.all + (((b * a.T + t) * a.HV + j) * K) * V + c0 : nullptr;
     for (int64_t r = 0; r < K; ++r) {
       const __m256 kr = _mm256_set1_ps(kt[r]), knr = _mm256_set1_ps(kn[r]), qnr = _mm256_set1_ps(qn[r]);
       for (int n = 0; n < NV; ++n) {
         const __m256 x = _mm256_fmadd_ps(kr, u[n], _mm256_mul_ps(alv, _mm256_load_ps(S + r * W + 8 * n)));
         _mm256_store_ps(S + r * W + 8 * n, x);
+        if (st) _mm256_storeu_ps(st + r * V + 8 * n, x);
         sk[n] = _mm256_fmadd_ps(knr, x, sk[n]);
         sq[n] = _mm256_fmadd_ps(qnr, x, sq[n]);
       }
     }
   }
+  if (a.all) return;
   float* s1 = a.s1 + ((b * a.HV + j) * K) * V + c0;
   for (int64_t r = 0; r < K; ++r)
     for (int n = 0; n < NV; ++n) _mm256_storeu_ps(s1 + r * V + 8 * n, _mm256_load_ps(S + r * W + 8 * n));
@@ -236,35 +247,37 @@ void check(const at::Tensor& x, const char* name, int64_t dim, const char* op = 
 }  // namespace
 
 // q, k [B, T, H, K], v [B, T, HV, V] (last dims contiguous), g, beta [B, T, HV], state [B, HV, K, V] (read only).
-// Returns o [B, T, HV, V] and the final state [B, HV, K, V], both new float32 tensors.
-std::tuple<at::Tensor, at::Tensor> gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                    const at::Tensor& g, const at::Tensor& beta,
-                                                    const at::Tensor& state) {
-  check(q, "q", 4);
-  check(k, "k", 4);
-  check(v, "v", 4);
-  check(g, "g", 3);
-  check(beta, "beta", 3);
-  check(state, "state", 4);
+// Returns o [B, T, HV, V] and the final state [B, HV, K, V] or, with `keep_all`, every token's state [B, T, HV, K, V]:
+// new float32 tensors.
+static std::tuple<at::Tensor, at::Tensor> run_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& g, const at::Tensor& beta,
+                                                   const at::Tensor& state, bool keep_all) {
+  const char* op = keep_all ? "gated_delta_verify" : "gated_delta_rule";
+  check(q, "q", 4, op);
+  check(k, "k", 4, op);
+  check(v, "v", 4, op);
+  check(g, "g", 3, op);
+  check(beta, "beta", 3, op);
+  check(state, "state", 4, op);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), HV = v.size(2), V = v.size(3);
-  TORCH_CHECK(k.sizes() == q.sizes(), "gated_delta_rule: k must have q's shape");
-  TORCH_CHECK(H > 0 && K > 0, "gated_delta_rule: q and k need at least one head of at least one dimension");
-  TORCH_CHECK(v.size(0) == B && v.size(1) == T && HV % H == 0, "gated_delta_rule: v must be [B, T, HV, V], HV % H == 0");
+  TORCH_CHECK(k.sizes() == q.sizes(), op, ": k must have q's shape");
+  TORCH_CHECK(H > 0 && K > 0, op, ": q and k need at least one head of at least one dimension");
+  TORCH_CHECK(v.size(0) == B && v.size(1) == T && HV % H == 0, op, ": v must be [B, T, HV, V], HV % H == 0");
   TORCH_CHECK(g.size(0) == B && g.size(1) == T && g.size(2) == HV && beta.sizes() == g.sizes(),
-              "gated_delta_rule: g and beta must be [B, T, HV]");
+              op, ": g and beta must be [B, T, HV]");
   TORCH_CHECK(state.size(0) == B && state.size(1) == HV && state.size(2) == K && state.size(3) == V,
-              "gated_delta_rule: state must be [B, HV, K, V]");
+              op, ": state must be [B, HV, K, V]");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
-              "gated_delta_rule: q, k, v need a contiguous last dimension");
+              op, ": q, k, v need a contiguous last dimension");
   const at::Tensor s0 = state.contiguous();
   at::Tensor o = at::empty({B, T, HV, V}, q.options());
-  at::Tensor s1 = at::empty({B, HV, K, V}, q.options());
+  at::Tensor s1 = keep_all ? at::empty({B, T, HV, K, V}, q.options()) : at::empty({B, HV, K, V}, q.options());
   DeltaArgs a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), g.data_ptr<float>(),
               beta.data_ptr<float>(), s0.data_ptr<float>(), o.data_ptr<float>(), s1.data_ptr<float>(),
               B, T, H, HV, K, V,
               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
-              beta.stride(0), beta.stride(1), beta.stride(2)};
+              beta.stride(0), beta.stride(1), beta.stride(2), keep_all ? s1.data_ptr<float>() : nullptr};
   const int64_t blocks = (V + kBlock - 1) / kBlock, items = B * HV * blocks;
   const bool avx2 = use_avx2();
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
@@ -278,6 +291,21 @@ std::tuple<at::Tensor, at::Tensor> gated_delta_rule(const at::Tensor& q, const a
     }
   });
   return {o, s1};
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& g, const at::Tensor& beta,
+                                                    const at::Tensor& state) {
+  return run_rule(q, k, v, g, beta, state, false);
+}
+
+// A speculative verification's few tokens: gated_delta_rule keeping the state after every token, [B, T, HV, K, V]
+// (the caller commits the one after the last accepted token). Functional (nothing updated in place), so a traced
+// verification step can call it.
+std::tuple<at::Tensor, at::Tensor> gated_delta_verify(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& g, const at::Tensor& beta,
+                                                      const at::Tensor& state) {
+  return run_rule(q, k, v, g, beta, state, true);
 }
 
 // One decode token per sequence, the recurrent state updated IN PLACE in its row of the slot pool: q, k [B, H, K],
@@ -337,11 +365,13 @@ at::Tensor gated_delta_decode(const at::Tensor& q, const at::Tensor& k, const at
 
 TORCH_LIBRARY_FRAGMENT(qwen3next, m) {
   m.def("gated_delta_rule(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor state) -> (Tensor, Tensor)");
+  m.def("gated_delta_verify(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor state) -> (Tensor, Tensor)");
   m.def("gated_delta_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) pool, Tensor slots) "
         "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwen3next, CPU, m) {
   m.impl("gated_delta_rule", &qk::gated_delta_rule);
+  m.impl("gated_delta_verify", &qk::gated_delta_verify);
   m.impl("gated_delta_decode", &qk::gated_delta_decode);
 }

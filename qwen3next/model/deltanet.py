@@ -244,21 +244,19 @@ class GatedDeltaNet(nn.Module):
         v = qkv[..., 2 * self.key_dim:].reshape(B, T, HV, V)
         beta = torch.sigmoid(b.to(dtype)).view(B, T, HV)
         g = F.softplus(a.to(dtype) + self.dt_bias.to(dtype)).mul_(torch.exp(self.A_log.to(dtype)).neg_()).view(B, T, HV)
-        states = torch.empty(T, B, HV, K, V, dtype=dtype, device=x.device)  # token-major: each step's is contiguous
-        states[0].copy_(rec_rows.read())
-        # Eagerly, each token's update is one native call on its state copy (the B rows of states[t] as the pool):
-        # ~12 torch ops per token otherwise. Traced steps keep the torch form (inductor fuses it).
-        rows = (torch.arange(B) if native_kernels(q) and dtype == torch.float32
-                and not torch.compiler.is_compiling() else None)
-        outs = []
-        for t in range(T):
-            if t:
-                states[t].copy_(states[t - 1])
-            if rows is not None:
-                outs.append(kernels.gated_delta_decode(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], states[t], rows))
-            else:
+        if native_kernels(q) and dtype == torch.float32:  # one native call: every token's state, eager or traced
+            o, states = kernels.gated_delta_verify(q, k, v, g, beta, rec_rows.read())
+            ctx.captured[(self.cache_key, "recurrent")] = states
+            o = o.view(B * T, HV, V)
+        else:
+            states = torch.empty(T, B, HV, K, V, dtype=dtype, device=x.device)  # token-major: each step's contiguous
+            states[0].copy_(rec_rows.read())
+            outs = []
+            for t in range(T):
+                if t:
+                    states[t].copy_(states[t - 1])
                 outs.append(gated_delta_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], states[t]))
-        ctx.captured[(self.cache_key, "recurrent")] = states.transpose(0, 1)
-        o = torch.stack(outs, dim=1).view(B * T, HV, V)
+            ctx.captured[(self.cache_key, "recurrent")] = states.transpose(0, 1)
+            o = torch.stack(outs, dim=1).view(B * T, HV, V)
         z = qkvz[:, C:].reshape(B * T, HV, V)
         return self.out_proj(self.norm(o, z).reshape(B * T, HV * V))
