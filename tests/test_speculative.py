@@ -478,6 +478,47 @@ def test_mtp_head_kv_covers_the_steps_decoded_without_drafting(model, tokenizer)
     assert (holes[:covered] - always[:covered]).abs().amax() > 0.1
 
 
+def test_prompt_chunks_run_only_the_mtp_kv_and_match_the_full_forward(model, tokenizer):
+    """Prefill chunks with MTP on write the head's K/V at the prompt positions without its attention and experts
+    (dispatch "mtp_prompt_kv_only"), its whole forward only where a draft follows: the K/V rows of the prompt and the
+    generated positions equal, to fp32 rounding, those of the full forward everywhere (the twin, fast paths off),
+    and the outputs and the accepted drafts are the same."""
+    from qwen3next.ops.dispatch import set_fast_decode
+
+    prompt = prompts_of([45], seed=23)[0]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    opts = dict(max_memory="32MiB", max_num_seqs=2, max_model_len=128, block_size=16, prefill_chunk_size=16,
+                speculative_config=spec(2, adaptive=False))
+    got = {}
+    for fast in (True, False):
+        engine = Engine(model, tokenizer=tokenizer, **opts)
+        calls, table = [], []
+
+        def write_kv(*a, _write=engine.runner.model.mtp_write_kv, _calls=calls, **k):
+            _calls.append(a[0].shape[0])
+            return _write(*a, **k)
+
+        def execute(batch, _execute=engine.runner.execute, _table=table):
+            _table[:] = batch.entries[0].seq.block_table
+            return _execute(batch)
+
+        engine.runner.model.mtp_write_kv, engine.runner.execute = write_kv, execute
+        previous = set_fast_decode(fast)
+        try:
+            out = run(engine, [prompt], params)[0]
+        finally:
+            set_fast_decode(previous)
+        bs = engine.runner.cache.block_size
+        rows = [table[p // bs] * bs + p % bs for p in range(len(prompt) + params.max_tokens - 1)]
+        cache = engine.runner.cache
+        got[fast] = (out.outputs[0].token_ids, engine.spec_stats.accepted_per_position, cache.k["mtp0"][rows].clone(),
+                     cache.v["mtp0"][rows].clone(), calls)
+    assert got[True][4][:3] == [16, 16, 13] and got[False][4] == []  # the three prompt chunks took the fast path
+    assert got[True][0] == got[False][0] and got[True][1] == got[False][1]
+    torch.testing.assert_close(got[True][2], got[False][2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[True][3], got[False][3], atol=1e-4, rtol=1e-4)
+
+
 def test_mtp_gap_keeps_a_bounded_tail():
     """A sequence decoding without drafts for long keeps between MAX_MTP_GAP and 2 x MAX_MTP_GAP positions, the
     latest ones, contiguous up to its last position."""

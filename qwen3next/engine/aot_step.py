@@ -173,9 +173,10 @@ class _VerifyModule(_TracedBase):
 
 class _DraftModule(_TracedBase):
     """The traced step after a verification's sampling: commit the DeltaNet states of each sequence's last kept
-    token, run the MTP head over the verified positions (main hidden state at t, the token at t + 1: the next draft,
-    or the emitted bonus token at the last kept position) writing its K/V, then K greedy drafts from the last kept
-    position (the head's own hidden state and its last draft, one position further each time) -> drafts [B, K].
+    token, write the MTP head's K/V at the verified positions (main hidden state at t, the token at t + 1: the next
+    draft, or the emitted bonus token at the last kept position), then K greedy drafts from the last kept position
+    (the head's whole forward there, then on its own hidden state and its last draft, one position further each
+    time) -> drafts [B, K].
 
     Inputs: the verification's hidden states [B * T, D] and tokens [B * T], bonus [B] (the token sampled after the
     accepted drafts), keep [B] (1 + accepted drafts), context lengths, slots, padded block tables (holding
@@ -202,8 +203,13 @@ class _DraftModule(_TracedBase):
         nxt = torch.cat([tokens.view(B, T)[:, 1:], tokens.new_zeros(B, 1)], dim=1)
         nxt = nxt.scatter(1, last[:, None], bonus[:, None]).reshape(-1)
         batch, positions = _query_batch(context_lens, slots, block_tables, key_pos, T, self.block_size)
-        h = self.mtp(hidden, self.model.embed_tokens(nxt), self._context(batch, positions, pools))
-        h = h.view(B, T, D)[seqs, last]  # [B, D] at each last kept position
+        embeds = self.model.embed_tokens(nxt)
+        # the head's K/V at every verified position; its whole forward only at each last kept one (the others'
+        # outputs would be dropped: on the demo model the T = 3 forward's experts cost more than the K/V)
+        self.mtp.write_kv(hidden, embeds, self._context(batch, positions, pools))
+        batch, positions = _query_batch(context_lens + last, slots, block_tables, key_pos, 1, self.block_size)
+        h = self.mtp(hidden.view(B, T, D)[seqs, last], embeds.view(B, T, D)[seqs, last],
+                     self._context(batch, positions, pools))  # [B, D] at each last kept position
         draft = self.lm_head(h).argmax(-1)
         drafts = [draft]
         for j in range(1, self.K):

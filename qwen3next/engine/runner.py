@@ -15,6 +15,7 @@ from .. import kernels
 from ..model.batch import BatchInfo, ForwardContext
 from ..model.cache import HybridCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
+from ..ops.dispatch import fast_decode
 from ..ops.hugepages import place_weights
 from ..parallel.comm import TPComm
 from ..quant.linear import Int8Linear
@@ -359,13 +360,24 @@ class ModelRunner:
                 nxt[start + e.num_new_tokens - 1] = batch.next_token_ids[b]
         if ctx is None:  # the compiled step built its own context
             ctx = model.context(info, self.cache)
-        h = self._mtp_hidden(hidden, torch.tensor(nxt, dtype=torch.long, device=hidden.device), ctx,
-                             compiled_verify)
         K = batch.num_lookahead
-        if K == 0 or not last_kept:
-            return [[] for _ in last_kept]
-        h = h.index_select(0, torch.tensor(last_kept, dtype=torch.long, device=h.device))
+        next_ids = torch.tensor(nxt, dtype=torch.long, device=hidden.device)
         entries = [batch.entries[i] for i in batch.sample_indices]
+        drafting = K > 0 and bool(last_kept)
+        if fast_decode() and (not drafting or len(nxt) > sum(1 + e.num_drafts for e in entries)):
+            # Prompt positions (or no drafts): the head's K/V everywhere, its whole forward (attention, experts,
+            # norm) only at the positions that draft (`mtp_prompt_kv_only`).
+            model.mtp_write_kv(hidden, next_ids, ctx)
+            if not drafting:
+                return [[] for _ in last_kept]
+            kept = torch.tensor(last_kept, dtype=torch.long, device=hidden.device)
+            step = BatchInfo([1] * len(entries), [batch.positions[k] for k in last_kept],
+                             [e.seq.slot for e in entries], [list(e.seq.block_table) for e in entries])
+            h = self._mtp_hidden(hidden.index_select(0, kept), next_ids.index_select(0, kept),
+                                 model.context(step, self.cache, views=not compiled_verify), compiled_verify)
+        else:  # a verification step: every position is a verified one, the head's forward over them all
+            h = self._mtp_hidden(hidden, next_ids, ctx, compiled_verify)
+            h = h.index_select(0, torch.tensor(last_kept, dtype=torch.long, device=h.device))
         # Constrained sequences draft inside their grammar, on a copy of their matcher advanced over this step's
         # emitted run and then over each draft (engine.step advances the matcher itself over what is emitted).
         grammars = {}

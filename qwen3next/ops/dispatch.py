@@ -100,6 +100,14 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "kernels built and switched on; the DeltaNet decode step (\"deltanet_decode_step\"); CPU; fp32 q and state",
         "qwen3next.kernels:gated_delta_decode", "qwen3next.ops.gated_delta:gated_delta_step", switch=KERNELS_ENV),
     FastPath(
+        "mtp_prompt_kv_only",
+        "with speculative decoding, a step holding prompt positions (a prefill chunk) runs the MTP head's keys and "
+        "values there, and its whole forward (attention, experts, norm) only at the positions that draft next: a "
+        "later draft reads nothing else of a prompt position",
+        "fast_decode(); an engine step with more positions than its verifications' (prompt chunks), or none drafting",
+        "qwen3next.model.qwen3_next:Qwen3NextForCausalLM.mtp_write_kv",
+        "qwen3next.model.qwen3_next:Qwen3NextForCausalLM.mtp_hidden", switch=FAST_DECODE_ENV),
+    FastPath(
         "native_delta_verify",
         "a speculative verification's delta rule in C++ (`qwen3next::gated_delta_verify`, delta_rule.cpp): the "
         "prefill kernel's walk, keeping the state after every token; functional, so the ahead-of-time verification "
