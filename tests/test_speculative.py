@@ -17,6 +17,7 @@ from qwen3next.engine import runner as runner_module
 from qwen3next.engine.llm import LLM, Engine
 from qwen3next.engine.sampling import SamplingParams
 from qwen3next.engine.speculative import DraftLengthPolicy, SpecStats, SpeculativeConfig, accepted_run
+from qwen3next.quant.experts import QuantizedExperts
 from qwen3next.quant.linear import Int8Linear
 from qwen3next.quant.quantize import quantize_model
 from tiny_models import make_model
@@ -487,14 +488,15 @@ def test_prompt_chunks_run_only_the_mtp_kv_and_match_the_full_forward(model, tok
 
     prompt = prompts_of([45], seed=23)[0]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    # the float MTP layer: the int8 one's activation codes can flip between two ways of computing the same row
     opts = dict(max_memory="32MiB", max_num_seqs=2, max_model_len=128, block_size=16, prefill_chunk_size=16,
-                speculative_config=spec(2, adaptive=False))
+                speculative_config={**spec(2, adaptive=False), "draft_head": "target"})
     got = {}
     for fast in (True, False):
         engine = Engine(model, tokenizer=tokenizer, **opts)
         calls, table = [], []
 
-        def write_kv(*a, _write=engine.runner.model.mtp_write_kv, _calls=calls, **k):
+        def write_kv(*a, _write=engine.runner._mtp_write_kv, _calls=calls, **k):
             _calls.append(a[0].shape[0])
             return _write(*a, **k)
 
@@ -502,7 +504,7 @@ def test_prompt_chunks_run_only_the_mtp_kv_and_match_the_full_forward(model, tok
             _table[:] = batch.entries[0].seq.block_table
             return _execute(batch)
 
-        engine.runner.model.mtp_write_kv, engine.runner.execute = write_kv, execute
+        engine.runner._mtp_write_kv, engine.runner.execute = write_kv, execute
         previous = set_fast_decode(fast)
         try:
             out = run(engine, [prompt], params)[0]
@@ -545,6 +547,12 @@ def test_int8_draft_head_keeps_the_output_and_the_drafts(model, tokenizer):
                for head in ("int8", "target")}
     assert isinstance(engines["int8"].runner.draft_head, Int8Linear)
     assert engines["target"].runner.draft_head is model.lm_head
+    # the MTP layer drafts run through: an int8 copy (projections and experts; the router stays float), or the model's
+    draft_mtp = engines["int8"].runner.draft_mtp
+    assert draft_mtp is not model.mtp and isinstance(draft_mtp.layers[0].mlp.experts, QuantizedExperts)
+    assert isinstance(draft_mtp.fc, Int8Linear) and not isinstance(draft_mtp.layers[0].mlp.gate, Int8Linear)
+    assert isinstance(model.mtp.fc, torch.nn.Linear) and not isinstance(model.mtp.fc, Int8Linear)
+    assert engines["target"].runner.draft_mtp is model.mtp
     for engine in engines.values():
         assert [o.token_ids for o in run(engine, prompts, params)] == [o.token_ids for o in plain]
     stats = [(e.spec_stats.num_draft_tokens, e.spec_stats.num_accepted_tokens) for e in engines.values()]

@@ -184,10 +184,13 @@ class _DraftModule(_TracedBase):
     the pools (MTP K, MTP V, DeltaNet states)."""
 
     def __init__(self, model: Qwen3NextForCausalLM, kv_keys: list[str], state_keys: list[tuple[str, str]],
-                 block_size: int, T: int, K: int, draft_head: nn.Module | None = None):
+                 block_size: int, T: int, K: int, draft_head: nn.Module | None = None,
+                 draft_mtp: nn.Module | None = None):
         super().__init__(model, kv_keys, state_keys, block_size)
-        # the drafts' logits: the engine's draft head (runner.make_draft_head), `lm_head` by default
-        self.mtp, self.lm_head = model.mtp, draft_head if draft_head is not None else model.lm_head
+        # the drafts' MTP layer and logits: the engine's (runner.make_draft_mtp / make_draft_head), the model's own
+        # by default
+        self.mtp = draft_mtp if draft_mtp is not None else model.mtp
+        self.lm_head = draft_head if draft_head is not None else model.lm_head
         self.T, self.K = T, K
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, bonus: torch.Tensor, keep: torch.Tensor,
@@ -240,24 +243,26 @@ def cache_dir() -> Path:
 
 
 def _programs(model: Qwen3NextForCausalLM, cache: HybridCache, kind: str, T: int = 1, K: int = 0,
-              draft_head: nn.Module | None = None) -> tuple[nn.Module, list[str], list[tuple[str, str]]]:
+              draft_head: nn.Module | None = None,
+              draft_mtp: nn.Module | None = None) -> tuple[nn.Module, list[str], list[tuple[str, str]]]:
     """The module traced for program `kind` ("step", "verify" or "draft") and the pools it takes (K/V keys, state
-    keys); `draft_head`: the drafting program's logits module (default `lm_head`)."""
+    keys); `draft_head` / `draft_mtp`: the drafting program's logits module and MTP layer (default the model's)."""
     kv_keys, state_keys = pool_names(cache, model)
     if kind == "step":
         return _StepModule(model, kv_keys, state_keys, cache.block_size), kv_keys, state_keys
     if kind == "verify":
         return _VerifyModule(model, kv_keys, state_keys, cache.block_size, T), kv_keys, state_keys
     mtp_keys = ["mtp0"]
-    return _DraftModule(model, mtp_keys, state_keys, cache.block_size, T, K, draft_head), mtp_keys, state_keys
+    return (_DraftModule(model, mtp_keys, state_keys, cache.block_size, T, K, draft_head, draft_mtp), mtp_keys,
+            state_keys)
 
 
 def package_path(model: Qwen3NextForCausalLM, cache: HybridCache, kind: str = "step", T: int = 1,
-                 K: int = 0, draft_head: nn.Module | None = None) -> Path:
+                 K: int = 0, draft_head: nn.Module | None = None, draft_mtp: nn.Module | None = None) -> Path:
     """Where the package of program `kind` for `model` stepping on `cache`'s pool layout is cached: named by a hash
     of everything the compiled code depends on (see the module docstring), never of the weights' values or the pools'
     sizes."""
-    module, kv_keys, state_keys = _programs(model, cache, kind, T, K, draft_head)
+    module, kv_keys, state_keys = _programs(model, cache, kind, T, K, draft_head, draft_mtp)
     tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
     # non-tensor module state the trace branches on (int4 weight layouts, group sizes, eps...)
     plain = (bool, int, float, str, dict, tuple, list, type(None))
@@ -303,7 +308,7 @@ class _AOTProgram:
     kind, what = "step", "decode step"
 
     def __init__(self, model: Qwen3NextForCausalLM, cache: HybridCache, log_fn=None, T: int = 1, K: int = 0,
-                 draft_head: nn.Module | None = None):
+                 draft_head: nn.Module | None = None, draft_mtp: nn.Module | None = None):
         if model.device.type != "cpu":
             raise AOTStepError(f"the ahead-of-time {self.what} is built for CPU models only")
         if model.dtype != torch.float32 or not kernels.available():
@@ -311,9 +316,9 @@ class _AOTProgram:
             raise AOTStepError(f"the ahead-of-time {self.what} needs an fp32 model and the native kernels (got "
                                f"{model.dtype}, kernels {'on' if kernels.available() else 'off'})")
         self.model, self.T, self.K = model, T, K
-        self._module, self.kv_keys, self.state_keys = _programs(model, cache, self.kind, T, K, draft_head)
+        self._module, self.kv_keys, self.state_keys = _programs(model, cache, self.kind, T, K, draft_head, draft_mtp)
         self.block_size = cache.block_size
-        path = package_path(model, cache, self.kind, T, K, draft_head)
+        path = package_path(model, cache, self.kind, T, K, draft_head, draft_mtp)
         if not path.is_file():
             t0 = time.perf_counter()
             message = f"compiling the ahead-of-time {self.what} (once per model shape and version; ~1 min)"
@@ -501,10 +506,10 @@ class AOTDraftStep(_AOTProgram):
     kind, what = "draft", "MTP drafting step"
 
     def __init__(self, model: Qwen3NextForCausalLM, cache: HybridCache, log_fn=None, T: int = 2, K: int = 1,
-                 draft_head: nn.Module | None = None):
+                 draft_head: nn.Module | None = None, draft_mtp: nn.Module | None = None):
         if model.mtp is None or "mtp0" not in cache.k:
             raise AOTStepError("the ahead-of-time MTP drafting step needs a model with an MTP head and its K/V pools")
-        super().__init__(model, cache, log_fn, T, K, draft_head)
+        super().__init__(model, cache, log_fn, T, K, draft_head, draft_mtp)
 
     def _example(self, cache: HybridCache) -> tuple[list[torch.Tensor], list]:
         from torch.export import Dim

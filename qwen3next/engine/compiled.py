@@ -50,15 +50,18 @@ class CompileDecodeError(RuntimeError):
 
 class CompiledDecoder:
     def __init__(self, model: Qwen3NextForCausalLM, verify_tokens: int = 0,
-                 log_fn: Callable[[str], None] | None = None, draft_head: torch.nn.Module | None = None):
+                 log_fn: Callable[[str], None] | None = None, draft_head: torch.nn.Module | None = None,
+                 draft_mtp: torch.nn.Module | None = None):
         """`draft_head`: what the drafting program computes the drafts' logits with (runner.make_draft_head;
-        default `lm_head`)."""
+        default `lm_head`); `draft_mtp`: the MTP layer drafts run through (runner.make_draft_mtp; default
+        `model.mtp`)."""
         import torch._dynamo.config
 
         # Graphs are cached per code object, shared by every model in the process (a float model and its quantized
         # copy, several batch sizes...); past the default limit of 8, dynamo silently runs eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.model, self.draft_head = model, draft_head
+        self.draft_mtp = draft_mtp if draft_mtp is not None else model.mtp
         self.verify_tokens = verify_tokens if model.mtp is not None else 0
         if model.device.type == "cpu":
             kernels.available()  # build / load the native kernels now: the traced step can then call them
@@ -67,7 +70,7 @@ class CompiledDecoder:
         self._aot_errors: dict[tuple, str] = {}
         self._aot_lock = threading.Lock()
         self._log = log_fn
-        self._mtp = torch.compile(model.mtp.forward) if self.verify_tokens else None
+        self._mtp = torch.compile(self.draft_mtp.forward) if self.verify_tokens else None
 
     @staticmethod
     def handles(batch: BatchInfo) -> bool:
@@ -135,14 +138,14 @@ class CompiledDecoder:
                 try:
                     # the draft head is fixed per decoder; only the drafting program reads it
                     program = self._aot[key] = cls(self.model, cache, log_fn=self._log, draft_head=self.draft_head,
-                                                   **shape)
+                                                   draft_mtp=self.draft_mtp, **shape)
                 except AOTStepError as e:
                     self._aot_errors[key] = str(e)
                     warnings.warn(f"{e}; these steps stay on torch.compile", RuntimeWarning, stacklevel=3)
         return program
 
     def mtp_hidden(self, hidden: torch.Tensor, next_tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """`model.mtp_hidden` through the compiled graph (when `handles_mtp(ctx)`)."""
+        """`model.mtp_hidden` (with `draft_mtp`) through the compiled graph (when `handles_mtp(ctx)`)."""
         return self._mtp(hidden, self.model.model.embed_tokens(next_tokens), ctx)
 
     @torch.no_grad()

@@ -38,10 +38,11 @@ DRAFT_HEADS = (None, "int8", "target")
 class SpeculativeConfig:
     """`{"method": "mtp", "num_speculative_tokens": k}` (vLLM's keys), plus `"adaptive"` (default true): let the
     engine pick the draft length per step (0..k) from measured step times and acceptance; and `"draft_head"`: the
-    weights the drafts' logits come from, "int8" (an int8 copy of `lm_head`, drafting only) or "target" (`lm_head`
-    itself). Default: "int8" for a float `lm_head` on a CPU with the native kernels, else "target". The drafts only
-    propose tokens, so the output stays exactly the target's either way; what changes is the cost of drafting (one
-    `lm_head` per draft, the largest matrix of a step: 4x fewer bytes) and, slightly, which drafts are proposed."""
+    weights the drafts come from, "int8" (int8 copies of `lm_head` and of the MTP layer's projections and experts,
+    drafting only) or "target" (the model's own). Default: "int8" for a float `lm_head` on a CPU with the native
+    kernels, else "target". The drafts only propose tokens, so the output stays exactly the target's either way;
+    what changes is the cost of drafting (one `lm_head` per draft, the largest matrix of a step, and the MTP layer
+    per draft: 4x fewer bytes) and, slightly, which drafts are proposed."""
 
     method: str = "mtp"
     num_speculative_tokens: int = 2

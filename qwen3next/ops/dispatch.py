@@ -105,8 +105,8 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "values there, and its whole forward (attention, experts, norm) only at the positions that draft next: a "
         "later draft reads nothing else of a prompt position",
         "fast_decode(); an engine step with more positions than its verifications' (prompt chunks), or none drafting",
-        "qwen3next.model.qwen3_next:Qwen3NextForCausalLM.mtp_write_kv",
-        "qwen3next.model.qwen3_next:Qwen3NextForCausalLM.mtp_hidden", switch=FAST_DECODE_ENV),
+        "qwen3next.engine.runner:ModelRunner._mtp_write_kv", "qwen3next.engine.runner:ModelRunner._mtp_hidden",
+        switch=FAST_DECODE_ENV),
     FastPath(
         "native_delta_verify",
         "a speculative verification's delta rule in C++ (`qwen3next::gated_delta_verify`, delta_rule.cpp): the "

@@ -126,6 +126,29 @@ def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
     return model
 
 
+def quantize_module(module: nn.Module, bits: int, group_size: int = 64) -> nn.Module:
+    """`quantize_model`'s swaps inside a part of a model (e.g. a copy of its MTP head), in place: its projections
+    and experts to int8 / int4, the same modules kept in high precision (`HIGH_PRECISION`); nothing is recorded in a
+    config. Returns `module`."""
+    _check_bits(bits, group_size)
+    config = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size if bits == 4 else None}
+    targets = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear) and not any(_matches(name, p) for p in HIGH_PRECISION):
+            if bits == 8 or sub.in_features % group_size == 0:
+                targets.append((name, sub))
+        elif isinstance(sub, Experts):
+            _, two_i, D = sub.gate_up_proj.shape
+            if bits == 8 or (D % group_size == 0 and (two_i // 2) % group_size == 0):
+                targets.append((name, sub))
+    with torch.no_grad():
+        for name, sub in targets:
+            new = _empty_quantized(sub, name, config).to_empty(device=_device_of(sub))
+            fill_quantized(new, sub)
+            _set_module(module, name, new)
+    return module
+
+
 class _Targets:
     """What `quantize_model` converts: (name, float module) pairs, and the config it records."""
 
