@@ -66,7 +66,9 @@ def make_draft_mtp(model: Qwen3NextForCausalLM, draft_head: nn.Module) -> nn.Mod
         return model.mtp
     from ..quant.quantize import quantize_module
 
-    return quantize_module(copy.deepcopy(model.mtp), 8)
+    # a copy of the module tree sharing every tensor: only the swapped-in int8 modules are new memory
+    shared = {id(t): t for t in (*model.mtp.parameters(), *model.mtp.buffers())}
+    return quantize_module(copy.deepcopy(model.mtp, memo=shared), 8)
 
 
 MAX_MTP_GAP = 1024  # positions kept at least per sequence for the MTP head's K/V (see MTPGap)
@@ -391,8 +393,10 @@ class ModelRunner:
                              [e.seq.slot for e in entries], [list(e.seq.block_table) for e in entries])
             h = self._mtp_hidden(hidden.index_select(0, kept), next_ids.index_select(0, kept),
                                  model.context(step, self.cache, views=not compiled_verify), compiled_verify)
-        else:  # a verification step: every position is a verified one, the head's forward over them all
+        else:  # a verification step (every position a verified one), or the twin: the head's forward over them all
             h = self._mtp_hidden(hidden, next_ids, ctx, compiled_verify)
+            if not drafting:
+                return [[] for _ in last_kept]
             h = h.index_select(0, torch.tensor(last_kept, dtype=torch.long, device=h.device))
         # Constrained sequences draft inside their grammar, on a copy of their matcher advanced over this step's
         # emitted run and then over each draft (engine.step advances the matcher itself over what is emitted).
