@@ -37,7 +37,7 @@ from qwen3next.quant.linear import (
     to_kernel_layout,
     unpack_int4,
 )
-from qwen3next.quant.quantize import INT4_SENSITIVE, add_quantize_args, run_quantize
+from qwen3next.quant.quantize import INT4_SENSITIVE, add_quantize_args, quantize_module, run_quantize
 from qwen3next.tokenizer import Tokenizer
 from tiny_models import make_model, write_byte_tokenizer
 
@@ -358,6 +358,23 @@ def test_high_precision_modules_stay_unquantized(bits):
                                                  "linear_attn.in_proj_ba"}
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model, bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_module_swaps_what_quantize_model_swaps(bits):
+    """`quantize_module` (the MTP head's int8 drafting copy): inside a part of a model, the same modules swapped,
+    to the same quantized tensors, as `quantize_model` gives that part; the rest left as it was."""
+    ref = make_model("base", **KERNEL_SIZES)
+    whole = quantize_model(copy.deepcopy(ref), bits, group_size=32)
+    part = quantize_module(copy.deepcopy(ref.mtp), bits, group_size=32)
+    got = {n: type(m) for n, m in part.named_modules() if n}
+    want = {n.removeprefix("mtp."): type(m) for n, m in whole.named_modules() if n.startswith("mtp.")}
+    assert got == want and QuantizedExperts in got.values()
+    assert (Int8Linear if bits == 8 else Int4Linear) in got.values()
+    want_t = {n.removeprefix("mtp."): t for n, t in whole.state_dict().items() if n.startswith("mtp.")}
+    assert part.state_dict().keys() == want_t.keys()
+    assert all(torch.equal(t, want_t[n]) for n, t in part.state_dict().items())
+    assert ref.mtp.fc.weight.dtype == torch.float32 and type(ref.mtp.fc) is not Int8Linear  # the source untouched
 
 
 def test_lm_head_default_is_int8_for_both_schemes():

@@ -4,7 +4,9 @@
 every stacked `Experts` for `QuantizedExperts`. These stay in high precision (as in the official FP8 checkpoint;
 they are small, and the router and gates decide which experts run): the router `mlp.gate`,
 `mlp.shared_expert_gate`, `linear_attn.in_proj_ba`, the embeddings, every norm, `conv1d`, `A_log`, `dt_bias`.
-`lm_head` is quantized to int8 in both schemes unless asked not to (see `quantize_model`).
+`lm_head` is quantized to int8 in both schemes unless asked not to (see `quantize_model`). `quantize_module(part,
+bits)` makes the same swaps inside a part of a model without recording a config (the MTP head's int8 drafting copy,
+engine/runner.py `make_draft_mtp`).
 
 Saved format (our own; transformers does not load it). `config.json` gains
     "quantization_config": {"quant_method": "qwen3next", "bits": 8 | 4, "group_size": G (int4) | null,
