@@ -391,10 +391,9 @@ class ModelRunner:
             if not drafting:
                 return [[] for _ in last_kept]
             kept = torch.tensor(last_kept, dtype=torch.long, device=hidden.device)
-            step = BatchInfo([1] * len(entries), [batch.positions[k] for k in last_kept],
-                             [e.seq.slot for e in entries], [list(e.seq.block_table) for e in entries])
             h = self._mtp_hidden(hidden.index_select(0, kept), next_ids.index_select(0, kept),
-                                 model.context(step, self.cache, views=not compiled_verify), compiled_verify)
+                                 self._one_token_context(entries, [batch.positions[k] for k in last_kept],
+                                                         compiled_verify), compiled_verify)
         else:  # a verification step (every position a verified one), or the twin: the head's forward over them all
             h = self._mtp_hidden(hidden, next_ids, ctx, compiled_verify)
             if not drafting:
@@ -418,7 +417,6 @@ class ModelRunner:
         """Greedy drafts of the MTP head from its hidden states `h` at each sampled entry's last kept position; a
         constrained entry's draft is the argmax among the tokens its grammar (a copy in `grammars`, advanced over
         the drafts) allows there. `sync`: every draft is rank 0's, broadcast."""
-        model = self.model
         draft = self._draft_argmax(self.draft_head(h), list(range(len(entries))), grammars, sync)
         drafts = [[t] for t in draft.tolist()]
         # Recursive drafting: the head's own hidden state and its last draft, one position further each time, as
@@ -431,11 +429,11 @@ class ModelRunner:
             if not live:
                 break
             sel = torch.tensor(live, dtype=torch.long, device=h.device)
-            step = BatchInfo([1] * len(live), [pos[i] + j for i in live], [entries[i].seq.slot for i in live],
-                             [list(entries[i].seq.block_table) for i in live])
             full = len(live) == len(entries)
             h_live = self._mtp_hidden(h if full else h[sel], draft if full else draft[sel],
-                                      model.context(step, self.cache, views=not compiled_verify), compiled_verify)
+                                      self._one_token_context([entries[i] for i in live],
+                                                              [pos[i] + j for i in live], compiled_verify),
+                                      compiled_verify)
             d_live = self._draft_argmax(self.draft_head(h_live), live, grammars, sync)
             if full:
                 h, draft = h_live, d_live
@@ -444,6 +442,13 @@ class ModelRunner:
             for i, t in zip(live, d_live.tolist()):
                 drafts[i].append(t)
         return drafts
+
+    def _one_token_context(self, entries: list, positions: list[int], compiled: bool) -> ForwardContext:
+        """The context of one MTP query per entry, at `positions` (over the head's K/V up to there), in the form the
+        compiled head takes after a compiled verification (`compiled`: index-based access, no views)."""
+        step = BatchInfo([1] * len(entries), positions, [e.seq.slot for e in entries],
+                         [list(e.seq.block_table) for e in entries])
+        return self.model.context(step, self.cache, views=not compiled)
 
     def _draft_argmax(self, logits: torch.Tensor, rows_of: list[int], grammars: dict,
                       sync: bool = False) -> torch.Tensor:

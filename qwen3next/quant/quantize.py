@@ -119,11 +119,8 @@ def quantize_model(model: Qwen3NextForCausalLM, bits: int, group_size: int = 64,
     if bits == 16:
         return store_bf16(model)
     targets = _targets(model, bits, group_size, quantize_lm_head, scale_format, group_size_overrides)
-    with torch.no_grad():
-        for name, module in progress(targets.modules, desc=f"Quantizing to int{bits}", unit="module"):
-            new = _empty_quantized(module, name, targets.config).to_empty(device=_device_of(module))
-            fill_quantized(new, module, (row_absmax or {}).get(name))
-            _set_module(model, name, new)
+    _swap_in(model, progress(targets.modules, desc=f"Quantizing to int{bits}", unit="module"), targets.config,
+             row_absmax)
     model.config.quantization_config = targets.config
     return model
 
@@ -134,21 +131,40 @@ def quantize_module(module: nn.Module, bits: int, group_size: int = 64) -> nn.Mo
     config. Returns `module`."""
     _check_bits(bits, group_size)
     config = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size if bits == 4 else None}
-    targets = []
-    for name, sub in module.named_modules():
-        if isinstance(sub, nn.Linear) and not any(_matches(name, p) for p in HIGH_PRECISION):
-            if bits == 8 or sub.in_features % group_size == 0:
-                targets.append((name, sub))
-        elif isinstance(sub, Experts):
-            _, two_i, D = sub.gate_up_proj.shape
-            if bits == 8 or (D % group_size == 0 and (two_i // 2) % group_size == 0):
-                targets.append((name, sub))
-    with torch.no_grad():
-        for name, sub in targets:
-            new = _empty_quantized(sub, name, config).to_empty(device=_device_of(sub))
-            fill_quantized(new, sub)
-            _set_module(module, name, new)
+    _swap_in(module, _convertible(module, bits, config, HIGH_PRECISION)[0], config)
     return module
+
+
+def _convertible(root: nn.Module, bits: int, config: dict,
+                 keep: list[str] | tuple[str, ...]) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """The projections (not matching `keep`) and stacked experts under `root` that `config`'s scheme converts, as
+    (name, module) pairs, and the names of the int4 ones whose group size does not divide their input size."""
+    modules, skipped = [], []
+    for name, module in root.named_modules():
+        if isinstance(module, nn.Linear):
+            if any(_matches(name, p) for p in keep):
+                continue
+            fits = bits == 8 or module.in_features % _int4_spec(config, name)[0] == 0
+        elif isinstance(module, Experts):
+            _, two_i, D = module.gate_up_proj.shape
+            groups = _experts_group_sizes(config, name) if bits == 4 else {}
+            fits = bits == 8 or not (D % groups["gate_up_proj"] or (two_i // 2) % groups["down_proj"])
+        else:
+            continue
+        if fits:
+            modules.append((name, module))
+        else:
+            skipped.append(name)
+    return modules, skipped
+
+
+def _swap_in(root: nn.Module, modules, config: dict, row_absmax: dict[str, torch.Tensor] | None = None) -> None:
+    """Replace each (name, float module) of `modules` under `root` by its quantized version under `config`."""
+    with torch.no_grad():
+        for name, module in modules:
+            new = _empty_quantized(module, name, config).to_empty(device=_device_of(module))
+            fill_quantized(new, module, (row_absmax or {}).get(name))
+            _set_module(root, name, new)
 
 
 class _Targets:
@@ -168,26 +184,11 @@ def _targets(model: Qwen3NextForCausalLM, bits: int, group_size: int, quantize_l
         raise ValueError(f"model: already quantized ({model.config.quantization_config})")
     quantize_lm_head = bool(quantize_lm_head) and not model.config.tie_word_embeddings
     keep = [p for p in HIGH_PRECISION if not (p == "lm_head" and quantize_lm_head)]
-    not_converted = list(keep)
+    # lm_head, when quantized, is int8 whatever `bits`: taken first, on its own
+    converted, skipped = _convertible(model, bits, config, [*keep, "lm_head"])
     modules = [("lm_head", model.lm_head)] if quantize_lm_head else []
-    for name, module in model.named_modules():
-        if name == "lm_head":
-            continue
-        if isinstance(module, nn.Linear):
-            if any(_matches(name, p) for p in keep):
-                continue
-            if bits == 4 and module.in_features % _int4_spec(config, name)[0]:
-                not_converted.append(name)
-                continue
-        elif isinstance(module, Experts):
-            _, two_i, D = module.gate_up_proj.shape
-            groups = _experts_group_sizes(config, name) if bits == 4 else {}
-            if bits == 4 and (D % groups["gate_up_proj"] or (two_i // 2) % groups["down_proj"]):
-                not_converted.append(name)
-                continue
-        else:
-            continue
-        modules.append((name, module))
+    modules += converted
+    not_converted = keep + skipped
     config.update(modules_not_converted=not_converted, lm_head_bits=8 if quantize_lm_head else None)
     return _Targets(modules, config)
 
