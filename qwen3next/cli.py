@@ -199,7 +199,7 @@ def _engine(args: argparse.Namespace):
     torch.set_num_threads(args.threads)
     return Engine(args.model, dtype=args.dtype, device=args.device, max_memory=args.max_memory,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, quantize=args.quantize,
-                  compile_decode=args.compile,
+                  compile_decode=args.compile, enforce_eager=args.enforce_eager,
                   speculative_config=args.speculative_config, hf_overrides=args.hf_overrides,
                   enable_prefix_caching=args.enable_prefix_caching, prefix_snapshot_slots=args.prefix_snapshot_slots,
                   prefix_snapshot_interval=args.prefix_snapshot_interval,
@@ -367,6 +367,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="compile the decode step (faster steps; needs a C++ compiler): torch.compile, and for steps "
                         "of up to 8 sequences an AOTInductor library cached on disk (QWEN3NEXT_AOT=0: not that); "
                         "~1-2 min of compiling at the first start, less once cached")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on a CUDA GPU: run decode steps eagerly, not as CUDA graphs (no effect on a CPU)")
     add_speculative_arg(p)
     add_hf_overrides_arg(p)
     add_prefix_caching_args(p)

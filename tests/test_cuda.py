@@ -112,8 +112,8 @@ def test_bfloat16_on_gpu_close_to_fp32():
 @demo
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_mtp_speculative_on_gpu_is_exact(tokenizer, k):
-    """MTP drafting + verification on the GPU (k drafts, adaptive off): greedy output identical to plain decoding,
-    and drafts are accepted (the demo's MTP head guesses most tokens)."""
+    """MTP drafting + verification on the GPU (k drafts, adaptive off; both as CUDA graphs): greedy output identical
+    to plain decoding, and drafts are accepted (the demo's MTP head guesses most tokens)."""
     ps = prompts(tokenizer)
     want = greedy(engine("cuda"), ps, max_tokens=32)
     spec = engine("cuda", speculative_config={"method": "mtp", "num_speculative_tokens": k, "adaptive": False})
@@ -121,6 +121,8 @@ def test_mtp_speculative_on_gpu_is_exact(tokenizer, k):
     assert got == want
     stats = spec.spec_stats
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0.5 * stats.num_draft_tokens
+    graphs = spec.runner.graphs  # verifications and the drafting after them as CUDA graphs
+    assert graphs.error is None and {"verify", "draft"} <= {kind for kind, _, _ in graphs.graphs}
 
 
 @cuda
@@ -128,9 +130,12 @@ def test_mtp_speculative_on_gpu_is_exact(tokenizer, k):
 def test_compiled_decode_on_gpu_equals_eager(tokenizer):
     """compile_decode=True (torch.compile of the decode step; Triton kernels on the GPU) keeps the greedy tokens."""
     ps = prompts(tokenizer)[:3]
-    want = greedy(engine("cuda"), ps)
-    got = greedy(engine("cuda", compile_decode=True), ps)
+    want = greedy(engine("cuda", enforce_eager=True), ps)
+    compiled = engine("cuda", compile_decode=True)
+    got = greedy(compiled, ps)
     assert got == want
+    graphs = compiled.runner.graphs  # the compiled step, captured in CUDA graphs
+    assert graphs.error is None and graphs.replays > 0
 
 
 @cuda
@@ -203,6 +208,43 @@ def test_seeded_sampling_and_structured_output_on_gpu(tokenizer):
     import re
 
     assert re.fullmatch("(yes|no), [0-9]{2}", req.output().text)
+
+
+@cuda
+def test_cuda_graph_steps_equal_eager_steps():
+    """The decode step captured in CUDA graphs and replayed (three sequences in scattered slots and blocks, one
+    crossing the first key bucket, then one alone): the hidden states and every cache pool equal eager steps' on a
+    copy of the cache; one graph per (batch size, key bucket), the other steps replays."""
+    from test_cuda_graph import graph_steps_vs_eager
+
+    from qwen3next.engine.cuda_graph import CUDAGraphDecoder
+
+    worst, pools, decoder = graph_steps_vs_eager(CUDAGraphDecoder, "cuda")
+    assert decoder.error is None
+    assert worst < 1e-4 and pools < 1e-4
+    assert decoder.captures == 3 and decoder.replays == 6
+
+
+@cuda
+@demo
+@pytest.mark.parametrize("quantize", [None, "int8", "bf16", "int4"])
+def test_engine_with_cuda_graphs_equals_eager_engine(tokenizer, quantize):
+    """The engine's default on a GPU (decode steps as CUDA graphs) gives the greedy tokens of `enforce_eager`, with
+    fp32, int8 and bf16-stored weights, for prompts joining and leaving the batch and one crossing the first key
+    bucket; int4 experts keep eager steps and say why."""
+    from qwen3next.engine.cuda_graph import MIN_KEYS
+
+    ps = prompts(tokenizer) + [(tokenizer.encode(TEXT) * 8)[:MIN_KEYS - 8]]
+    want = greedy(engine("cuda", enforce_eager=True, quantize=quantize), ps)
+    graphed = engine("cuda", quantize=quantize)
+    assert greedy(graphed, ps) == want
+    graphs = graphed.runner.graphs
+    if quantize == "int4":
+        assert "int4 experts" in graphs.error and graphs.replays == 0
+        return
+    assert graphs.error is None and graphs.replays > 0
+    assert any(w * 16 > MIN_KEYS for _, _, w in graphs.graphs)  # the long prompt's steps crossed the first bucket
+    assert len({b for _, b, _ in graphs.graphs}) >= 2
 
 
 def test_device_errors():

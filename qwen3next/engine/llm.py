@@ -159,7 +159,7 @@ class Engine:
                  speculative_config: SpeculativeConfig | dict | str | None = None, hf_overrides: dict | None = None,
                  enable_prefix_caching: bool = True, prefix_snapshot_slots: int | None = None,
                  prefix_snapshot_interval: int | None = None, skip_tokenizer_init: bool = False,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, enforce_eager: bool = False):
         """`compile_decode`: run decode steps through torch.compile (see engine/compiled.py);
         the graphs are compiled here, before the engine takes requests (about a minute for small models).
         `speculative_config`: `{"method": "mtp", "num_speculative_tokens": k}` drafts up to k tokens per step with
@@ -181,7 +181,9 @@ class Engine:
         worker processes, joined over gloo; `max_memory` is then per rank (default: the one-process default divided
         among the ranks on this machine), and each rank, this process included until `close()`, runs at most this
         machine's CPUs / (ranks on it) torch threads. Call `close()` (or use `LLM`, which does) to stop the
-        workers."""
+        workers.
+        `enforce_eager` (vLLM's name): on a CUDA GPU, run decode steps eagerly instead of as CUDA graphs
+        (engine/cuda_graph.py); no effect on a CPU."""
         device = parse_device(device)
         self.speculative = SpeculativeConfig.parse(speculative_config)
         if self.speculative is not None and tensor_parallel_size != 1 and self.speculative.draft_head == "int8":
@@ -209,14 +211,14 @@ class Engine:
         try:
             self._setup(max_memory, max_num_seqs, max_num_batched_tokens, max_model_len, chunked_prefill,
                         prefill_chunk_size, block_size, compile_decode, enable_prefix_caching, prefix_snapshot_slots,
-                        prefix_snapshot_interval, model)
+                        prefix_snapshot_interval, model, enforce_eager)
         except BaseException:
             self.close()
             raise
 
     def _setup(self, max_memory, max_num_seqs, max_num_batched_tokens, max_model_len, chunked_prefill,
                prefill_chunk_size, block_size, compile_decode, enable_prefix_caching, prefix_snapshot_slots,
-               prefix_snapshot_interval, model) -> None:
+               prefix_snapshot_interval, model, enforce_eager=False) -> None:
         config = self.model.config
         if self.speculative is not None and self.model.mtp is None:
             raise ValueError("speculative_config: method 'mtp' needs the model's MTP head, but this model has no "
@@ -254,15 +256,18 @@ class Engine:
                                        prefill_chunk_size=prefill_chunk_size,
                                        eos_token_ids=eos, snapshot_policy=policy)
         self.block_manager = BlockManager.from_plan(self.plan, self.enable_prefix_caching)
-        # compiled: only a verification of spec_k drafts has a compiled program, shorter ones would run eagerly
-        lengths = (0, spec_k) if compile_decode else None
+        # compiled, or CUDA graphs: only a verification of spec_k drafts has a compiled program (a graph), shorter
+        # ones would run eagerly
+        graphs = self.model.device.type == "cuda" and not enforce_eager and self.tp is None
+        lengths = (0, spec_k) if compile_decode or graphs else None
         policy = DraftLengthPolicy(spec_k, self.speculative.adaptive, lengths=lengths) if spec_k else None
         self.scheduler = Scheduler(sched_config, self.block_manager, policy)
         if self.tp is not None:
             self.tp.start(self.plan)
         self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode, num_speculative_tokens=spec_k,
                                   tp=self.tp.comm if self.tp is not None else None,
-                                  draft_head=self.speculative.draft_head if spec_k else None)
+                                  draft_head=self.speculative.draft_head if spec_k else None,
+                                  enforce_eager=enforce_eager)
         self.requests: dict[str, RequestState] = {}
         self._seq_to_sample: dict[int, tuple[RequestState, SampleState]] = {}
         self._ids = itertools.count()

@@ -142,14 +142,16 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: Qwen3NextForCausalLM, plan: CachePlan, compile_decode: bool = False,
-                 num_speculative_tokens: int = 0, tp: TPComm | None = None, draft_head: str | None = None):
+                 num_speculative_tokens: int = 0, tp: TPComm | None = None, draft_head: str | None = None,
+                 enforce_eager: bool = False):
         """`compile_decode`: run decode steps through a torch.compile'd decoder (see engine/compiled.py), compiled
         here on this cache before any request (raises CompileDecodeError when this machine cannot compile).
         `num_speculative_tokens` > 0: MTP speculative decoding with up to that many drafts (the cache then holds
         the MTP layer's K/V too); with compile_decode, verifications of that many drafts are compiled too.
         `tp`: the model is a tensor-parallel shard (parallel/) and this runner one of the ranks running every step
         together; rank 0 samples and broadcasts its tokens. `draft_head`: what the MTP drafts' logits are computed
-        with (`make_draft_head`)."""
+        with (`make_draft_head`). On a CUDA GPU, decode steps run as CUDA graphs (engine/cuda_graph.py) unless
+        `enforce_eager` (vLLM's name)."""
         if tp is not None and compile_decode:
             raise ValueError("compile_decode: not with tensor_parallel_size > 1 (the compiled step has no collectives)")
         if model.device.type == "cpu":
@@ -165,13 +167,22 @@ class ModelRunner:
         self.cache = HybridCache(model.config, num_slots=plan.num_slots, num_blocks=plan.num_blocks,
                                  block_size=plan.block_size, dtype=model.dtype, device=model.device,
                                  layout=model.cache_layout(include_mtp=speculative))
+        self.graphs = None
+        if model.device.type == "cuda" and not enforce_eager and tp is None:
+            from .cuda_graph import CUDAGraphDecoder
+
+            self.graphs = CUDAGraphDecoder(model, self.cache, max_batch=plan.num_seq_slots,
+                                           max_len=plan.max_model_len, compile=compile_decode,
+                                           verify_tokens=1 + num_speculative_tokens if speculative else 0,
+                                           draft_head=self.draft_head, draft_mtp=self.draft_mtp)
         self.compiled = None
         if compile_decode:
             from .compiled import CompiledDecoder
 
             compiled = CompiledDecoder(model, verify_tokens=1 + num_speculative_tokens if speculative else 0,
                                        draft_head=self.draft_head, draft_mtp=self.draft_mtp)
-            compiled.warm_up(self.cache)
+            if self.graphs is None or self.graphs.error is not None:  # else only for what the graphs do not take
+                compiled.warm_up(self.cache)
             self.compiled = compiled
 
     @torch.no_grad()
@@ -189,8 +200,14 @@ class ModelRunner:
         tokens = torch.tensor(batch.input_ids, dtype=torch.long, device=model.device)
         ctx, compiled_verify, verified = None, False, list(range(len(batch.entries)))
         aot_verify = self.compiled.aot_verify(info, self.cache) if self.compiled is not None else None
+        graph_verify = self.graphs is not None and self.graphs.verifier is not None and aot_verify is None \
+            and self.graphs.verifier.handles(info)
+        if graph_verify:  # on a GPU: the verification and the drafting after it as CUDA graphs
+            aot_verify = self.graphs.verifier
         captured = None  # the ahead-of-time verification's captured states
-        if self.compiled is not None and self.compiled.handles(info):
+        if self.graphs is not None and self.graphs.handles(info):
+            hidden = self.graphs.hidden_states(tokens, info, self.cache)
+        elif self.compiled is not None and self.compiled.handles(info):
             hidden = self.compiled.hidden_states(tokens, info, self.cache)
         elif aot_verify is not None:
             hidden, captured = aot_verify.run(tokens, info, self.cache)
@@ -206,7 +223,7 @@ class ModelRunner:
         if batch.prompt_logprob_spans:
             out.prompt_logprobs = self._prompt_logprobs(batch, hidden)
         if captured is not None:
-            drafts = self._aot_drafts(batch, info, tokens, hidden, captured, out)
+            drafts = self._aot_drafts(batch, info, tokens, hidden, captured, out, graph_verify)
             if drafts is not None:
                 out.drafts = drafts
                 return out
@@ -228,14 +245,14 @@ class ModelRunner:
         return out
 
     def _aot_drafts(self, batch: ScheduledBatch, info: BatchInfo, tokens: torch.Tensor, hidden: torch.Tensor,
-                    captured: list[torch.Tensor], out: StepOutput) -> list[list[int]] | None:
+                    captured: list[torch.Tensor], out: StepOutput, graphs: bool = False) -> list[list[int]] | None:
         """After an ahead-of-time verification (every entry verifying, in entry order): commit each sequence's
-        state after its last kept token and draft `num_lookahead` tokens in one ahead-of-time call. None when the
-        drafting program does not serve the step (no drafts asked for, a grammar, lookahead blocks not allocated):
-        nothing is done then."""
+        state after its last kept token and draft `num_lookahead` tokens in one ahead-of-time call (the CUDA-graph
+        drafting after a graph verification: `graphs`). None when the drafting program does not serve the step (no
+        drafts asked for, a grammar, lookahead blocks not allocated): nothing is done then."""
         K = batch.num_lookahead
         keep = [1 + a for a in out.num_accepted]
-        draft = self.compiled.aot_draft(self.cache) if K > 0 else None
+        draft = None if K == 0 else self.graphs.drafter if graphs else self.compiled.aot_draft(self.cache)
         if (draft is None or not draft.handles(info, keep)
                 or any(batch.entries[i].seq.grammar is not None or id(batch.entries[i].seq) in self._mtp_gaps
                        for i in batch.sample_indices)):  # grammars, and the gaps' filling: the eager path

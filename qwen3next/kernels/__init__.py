@@ -308,6 +308,6 @@ def decode_attention_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
     k = k_pool.double()[rows].repeat_interleave(G, dim=2)  # [B, L, H, D]
     v = v_pool.double()[rows].repeat_interleave(G, dim=2)
     scores = torch.einsum("bhd,blhd->bhl", q.double(), k) * scale
-    valid = torch.arange(rows.shape[1])[None, :] < lens[:, None]  # [B, L]
+    valid = torch.arange(rows.shape[1], device=rows.device)[None, :] < lens[:, None]  # [B, L]
     p = torch.softmax(scores.masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
     return torch.einsum("bhl,blhd->bhd", p, v).to(q.dtype)

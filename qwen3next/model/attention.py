@@ -26,6 +26,20 @@ def uses_native_decode_attention(q: torch.Tensor, kv, pool: torch.Tensor, is_dec
             and enabled("native_decode_attention") and native_kernels(q))
 
 
+def attention_over_rows(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor,
+                        lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row of `rows`: q [N, H, Dh] attends the keys and values at pool rows rows[n, :lens[n]] ([N, L]
+    rows, lens [N]) -> [N, H, Dh]. Torch's SDPA over the gathered rows with a key mask: the device form of
+    `kernels.decode_attention` (a GPU's decode step, where the whole step is a fixed-shape CUDA graph; its twin is
+    `kernels.decode_attention_reference`)."""
+    H, HKV = q.shape[1], k_pool.shape[1]
+    k = k_pool[rows].to(q.dtype).transpose(1, 2)  # [N, HKV, L, Dh]
+    v = v_pool[rows].to(q.dtype).transpose(1, 2)
+    mask = (torch.arange(rows.shape[1], device=rows.device)[None, :] < lens[:, None])[:, None, None, :]  # [N,1,1,L]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=H != HKV)
+    return o.squeeze(2)
+
+
 def context_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
                             context_lens: list[int]) -> torch.Tensor:
     """Causal attention of new tokens over their sequence's cached context and themselves, without a mask.
@@ -109,8 +123,9 @@ class GatedAttention(nn.Module):
             if uses_native_decode_attention(q, kv, k_pool, tokens.is_decode):
                 o = kernels.decode_attention(q, k_pool, v_pool, kv.read_index, kv.key_lens, Dh ** -0.5)  # [N, H, Dh]
                 return self.o_proj(o.reshape(N, H * Dh) * torch.sigmoid(gate.reshape(N, H * Dh)))
-            if kv.per_query:  # rows per query and no mask: the kernel's twin
-                o = kernels.decode_attention_reference(q, k_pool, v_pool, kv.read_index, kv.key_lens, Dh ** -0.5)
+            if kv.per_query:  # rows per query: the kernel's twin on a CPU, SDPA over the gathered rows elsewhere
+                attend = kernels.decode_attention_reference if q.device.type == "cpu" else attention_over_rows
+                o = attend(q, k_pool, v_pool, kv.read_index, kv.key_lens, Dh ** -0.5)
                 return self.o_proj(o.reshape(N, H * Dh) * torch.sigmoid(gate.reshape(N, H * Dh)))
             kp = kv.read(k_pool).transpose(1, 2).to(q.dtype)  # [B, HKV, L, Dh]
             vp = kv.read(v_pool).transpose(1, 2).to(q.dtype)

@@ -18,9 +18,11 @@ Switches, read once from the environment at import:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import textwrap
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +34,7 @@ FAST_DECODE_ENV = "QWEN3NEXT_FAST_DECODE"
 LINEAR_ENV = "QWEN3NEXT_LINEAR"
 KERNELS_ENV = kernels.KERNELS_ENV
 AOT_ENV = "QWEN3NEXT_AOT"
+_scope = threading.local()
 HUGEPAGES_ENV = "QWEN3NEXT_HUGEPAGES"
 
 
@@ -123,8 +126,8 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "each token-expert pair's two matrices gathered (`index_select` streams them at full bandwidth) and run as "
         "one bmm per projection, no host sync; measured on `small` (2 threads): 1.11x faster steps at 4 pairs "
         "(batch 1), 0.95x at 32 pairs (batch 8, where the grouped GEMM wins)",
-        "fast_decode(); at most threshold token-expert pairs, or any number under torch.compile (sync-free, and "
-        "`torch._grouped_mm` has no fp32 meta kernel)",
+        "fast_decode(); at most threshold token-expert pairs, or any number under torch.compile or a CUDA graph "
+        "capture (`sync_free()`: no host sync allowed there, and `torch._grouped_mm` has no fp32 meta kernel)",
         "qwen3next.ops.moe:_experts_gathered", "qwen3next.ops.moe:experts_reference",
         threshold=16, switch=FAST_DECODE_ENV),
     FastPath(
@@ -223,6 +226,15 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "qwen3next.engine.compiled:CompiledDecoder.hidden_states",
         "qwen3next.model.qwen3_next:Qwen3NextForCausalLM.hidden_states", switch=FAST_DECODE_ENV),
     FastPath(
+        "cuda_graph_decode",
+        "on a CUDA GPU, the decode step (embedding, stack, final norm) captured once per (batch size, key bucket) in "
+        "a CUDA graph and replayed: one launch instead of ~870 kernel launches from Python (engine/cuda_graph.py); "
+        "over the torch.compile'd step with `compile_decode`",
+        "a CUDA device, not `enforce_eager`, no tensor parallelism, no int4 experts; fast_decode(); one new token "
+        "per sequence, at most max_num_seqs (<= 64) sequences of at most 8,192 keys",
+        "qwen3next.engine.cuda_graph:CUDAGraphDecoder.hidden_states",
+        "qwen3next.model.qwen3_next:Qwen3NextForCausalLM.hidden_states", switch=FAST_DECODE_ENV),
+    FastPath(
         "aot_decode_step",
         "within the compiled decoder, decode steps of 1..8 sequences through an AOTInductor library built from the "
         "same graph (embedding, stack, final norm): no dynamo guards and no Python between kernels, ~20% faster per "
@@ -287,6 +299,26 @@ def set_fast_decode(enabled: bool) -> bool:
     global _fast_decode
     previous, _fast_decode = _fast_decode, bool(enabled)
     return previous
+
+
+def sync_free(x: torch.Tensor) -> bool:
+    """Whether the code running on `x` must not wait for the device or size tensors by their values: inside
+    torch.compile's trace, while a CUDA graph is being captured (engine/cuda_graph.py), where a host sync is an
+    error and every shape is fixed, or inside `sync_free_scope()` (the eager run before a capture, so that it runs
+    the kernels the graph will hold)."""
+    return (torch.compiler.is_compiling() or getattr(_scope, "sync_free", False)
+            or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+@contextlib.contextmanager
+def sync_free_scope():
+    """Within this block (this thread), `sync_free()` is True: the code takes its sync-free forms."""
+    previous = getattr(_scope, "sync_free", False)
+    _scope.sync_free = True
+    try:
+        yield
+    finally:
+        _scope.sync_free = previous
 
 
 def native_kernels(x: torch.Tensor) -> bool:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from .dispatch import fast_decode, native_kernels, threshold
+from .dispatch import fast_decode, native_kernels, sync_free, threshold
 
 
 def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,14 +67,15 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
         fmt = kernels.FLOAT_FORMATS[gate_up_proj.dtype]
         return kernels.moe(x, weights, ids, gate_up_proj, None, down_proj, None, fmt)
     if gate_up_proj.dtype != x.dtype:  # bf16-stored experts, fp32 compute: convert only the experts that are hit
-        if torch.compiler.is_compiling():  # sync-free: each pair's matrices gathered (and converted)
+        if sync_free(x):  # compiled or captured: each pair's matrices gathered (and converted)
             return _experts_gathered(x, weights, ids, gate_up_proj, down_proj)
         return grouped_swiglu(x, weights, ids, gate_up_proj.shape[0],
                               lambda s, e: F.linear(s, gate_up_proj[e].to(x.dtype)),
                               lambda h, e: F.linear(h, down_proj[e].to(x.dtype)))
     if fast_decode():
-        # Under torch.compile: the gathered form for any batch (sync-free; `_grouped_mm` has no fp32 meta kernel).
-        if ids.numel() <= threshold("experts_gathered") or torch.compiler.is_compiling():
+        # Compiled or captured in a CUDA graph: the gathered form for any batch (sync-free; `_grouped_mm` has no fp32
+        # meta kernel).
+        if ids.numel() <= threshold("experts_gathered") or sync_free(x):
             return _experts_gathered(x, weights, ids, gate_up_proj, down_proj)
         if _HAS_GROUPED_MM and x.device.type == "cpu":
             return _experts_grouped_mm(x, weights, ids, gate_up_proj, down_proj)

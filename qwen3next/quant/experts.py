@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import kernels
 from ..model.moe import Experts
-from ..ops.dispatch import fast_decode, native_kernels, threshold
+from ..ops.dispatch import fast_decode, native_kernels, sync_free, threshold
 from ..ops.moe import experts_reference, grouped_swiglu, swiglu_per_pair
 from .linear import (
     SCALE_DTYPE,
@@ -143,7 +143,7 @@ class QuantizedExperts(nn.Module):
             aux = "scales" if self.bits == 8 else "scale_zero"
             return kernels.moe(x, weights, ids, self.gate_up_proj_qweight, getattr(self, f"gate_up_proj_{aux}"),
                                self.down_proj_qweight, getattr(self, f"down_proj_{aux}"), self.bits)
-        if torch.compiler.is_compiling() and self.bits == 8:
+        if sync_free(x) and self.bits == 8:  # compiled or captured in a CUDA graph
             return self._forward_gathered(x, weights, ids)
         if fast_decode() and x.shape[0] <= threshold("quant_experts_few_tokens") and self._kernels_usable(x):
             return self._forward_few_tokens(x, weights, ids)

@@ -44,6 +44,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step before serving (faster steps; about a minute of "
                              "compiling at start; needs a C++ compiler)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="on a CUDA GPU: run decode steps eagerly, not as CUDA graphs (no effect on a CPU)")
     add_speculative_arg(parser)
     add_hf_overrides_arg(parser)
     add_prefix_caching_args(parser)
