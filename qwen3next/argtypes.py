@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-# `--quantize` / `quantize=` values -> bits (bf16: bf16-stored weights, fp32 compute), for checkpoint.quantize_bits
-QUANTIZE_BITS = {"int8": 8, "int4": 4, "bf16": 16}
+# `--quantize` / `quantize=` values -> bits (bf16: bf16-stored weights, fp32 compute; none: every weight in --dtype,
+# where the engine would otherwise keep a bf16 checkpoint's weights in bf16), for checkpoint.quantize_bits
+QUANTIZE_BITS = {"int8": 8, "int4": 4, "bf16": 16, "none": None}
 QUANTIZE_CHOICES = tuple(QUANTIZE_BITS)
 
 

@@ -363,11 +363,20 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     return model
 
 
+def stored_matrix_dtypes(path: str | Path) -> set[torch.dtype]:
+    """The dtypes the tensors of two or more dimensions of an HF model directory are stored in (headers only)."""
+    index = _TensorIndex(Path(path))
+    try:
+        return {e.dtype for e in index.entries.values() if len(e.shape) >= 2}
+    finally:
+        index.close()
+
+
 def quantize_bits(quantize: str | None) -> int | None:
-    """Bits of a `quantize` option: None (no quantization), "int8", "int4" or "bf16" (16: bf16-stored weights, fp32
-    compute); anything else is a ValueError."""
+    """Bits of a `quantize` option: None or "none" (no quantization), "int8", "int4" or "bf16" (16: bf16-stored
+    weights, fp32 compute); anything else is a ValueError."""
     if quantize is not None and quantize not in QUANTIZE_BITS:
-        raise ValueError(f"quantize: expected None, 'int8', 'int4' or 'bf16', got {quantize!r}")
+        raise ValueError(f"quantize: expected None, 'none', 'int8', 'int4' or 'bf16', got {quantize!r}")
     return None if quantize is None else QUANTIZE_BITS[quantize]
 
 

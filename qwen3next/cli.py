@@ -362,7 +362,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "original_max_position_embeddings x factor with YaRN (--hf-overrides)")
     p.add_argument("--max-num-seqs", type=_positive_int, default=16)
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                   help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute)")
+                   help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute; the default "
+                   "for a bf16 checkpoint on a CPU, exact there; none: every weight in --dtype)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (faster steps; needs a C++ compiler): torch.compile, and for steps "
                         "of up to 8 sequences an AOTInductor library cached on disk (QWEN3NEXT_AOT=0: not that); "

@@ -614,6 +614,45 @@ def test_engine_greedy_on_a_quantized_model(tmp_path, bits):
         assert out == list(generate_tokens(model, p, 8))
 
 
+def test_engine_keeps_a_bf16_checkpoint_in_bf16_storage(tmp_path):
+    """A checkpoint stored in bf16, loaded by the engine as float32 on a CPU with the native kernels, keeps its
+    projections, experts and lm_head in bf16 storage (exact values, fp32 compute): the same greedy tokens as with
+    quantize="none" (every weight in fp32) and logits within fp32 rounding; an fp32 checkpoint, "none", another
+    quantization, bf16 activations, a GPU and a quantized directory keep what they ask for."""
+    from qwen3next.engine.llm import weight_storage
+
+    src, fp, q8 = tmp_path / "bf16", tmp_path / "fp32", tmp_path / "int8"
+    make_model("base", vocab_size=261, **KERNEL_SIZES).to(torch.bfloat16).save_pretrained(src)
+    write_byte_tokenizer(src)
+    make_model("base", vocab_size=261, **KERNEL_SIZES).save_pretrained(fp)
+    quantize_model(make_model("base", vocab_size=261, **KERNEL_SIZES), 8).save_pretrained(q8)
+    f32, cpu = torch.float32, torch.device("cpu")
+    auto = "bf16" if kernels.available() else None  # the bf16 weights' fast path is the native kernels'
+    assert weight_storage(src, f32, cpu, None) == auto
+    assert weight_storage(src, f32, cpu, "none") is None and weight_storage(src, f32, cpu, "int8") == "int8"
+    assert weight_storage(src, torch.bfloat16, cpu, None) is None
+    assert weight_storage(src, f32, torch.device("cuda"), None) is None
+    assert weight_storage(fp, f32, cpu, None) is None and weight_storage(q8, f32, cpu, None) is None
+    kw = {"max_memory": "16MiB", "max_num_seqs": 2, "max_model_len": 128, "block_size": 16}
+    stored, plain = Engine(src, **kw), Engine(src, quantize="none", **kw)
+    assert {p.dtype for p in plain.model.parameters()} == {torch.float32}
+    if auto:
+        model = stored.model
+        assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+        assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == f32
+    ids = torch.tensor([prompts_of([40], vocab=256, seed=3)[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(stored.model(ids), plain.model(ids), rtol=0, atol=1e-4)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = []
+    for engine in (stored, plain):
+        reqs = [engine.add_request(p, params) for p in prompts_of([5, 20], vocab=256, seed=7)]
+        while engine.step():
+            pass
+        outs.append([r.output().token_ids for r in reqs])
+    assert outs[0] == outs[1]
+
+
 def test_quantized_linear_is_a_drop_in_for_f_linear():
     lin = nn.Linear(64, 32, bias=False)
     x = torch.randn(3, 64)

@@ -40,7 +40,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                             help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute)")
+                        help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute; the default "
+                             "for a bf16 checkpoint on a CPU, exact there; none: every weight in --dtype)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step before serving (faster steps; about a minute of "
                              "compiling at start; needs a C++ compiler)")
