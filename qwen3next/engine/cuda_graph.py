@@ -28,9 +28,11 @@ All graphs share one memory pool. The cache pools are read and written in place,
 
 Switched off with `enforce_eager` (vLLM's name: `Engine(..., enforce_eager=True)`, `--enforce-eager`). Models the
 capture cannot serve (int4 experts, whose GPU form waits on the device per expert) keep eager steps; a capture that
-fails anyway leaves every step eager with one warning. Twin: the eager step (`Qwen3NextForCausalLM.hidden_states`),
-compared in tests/test_cuda.py (greedy tokens and logits) and, for the bucketing and static inputs, on the CPU in
-tests/test_cuda_graph.py.
+fails anyway leaves every step eager with one warning. Memory: each graph keeps its static inputs and outputs (a
+few rows of hidden size; the verification's also the captured DeltaNet states), its temporaries come from the shared
+pool. Twin: the eager step (`Qwen3NextForCausalLM.hidden_states`), compared in tests/test_cuda.py (hidden states,
+every cache pool, engines' greedy tokens, MTP's too) and, for the bucketing and static inputs, on the CPU in
+tests/test_cuda_graph.py (the capture replaced by re-running the program).
 """
 
 from __future__ import annotations
