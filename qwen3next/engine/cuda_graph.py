@@ -119,7 +119,7 @@ class CUDAGraphDecoder:
         w = self.min_blocks
         while w < need:
             w *= 2
-        return min(w, max(self.max_blocks, need))
+        return min(w, self.max_blocks)  # a model length that is not a power of two of blocks: its own last bucket
 
     def handles(self, batch: BatchInfo) -> bool:
         """Whether the decode step `batch` (one new token per sequence, nothing captured or snapshotted) runs
