@@ -108,7 +108,7 @@ def weight_storage(path: Path, dtype: torch.dtype, device: torch.device, quantiz
     loaded as float32 on a CPU where the native kernels run (they read bf16 weights converting in register): the
     same values as an fp32 copy (bf16 values are exact in fp32), half the bytes per decode step and half the
     memory. Measured on the demo model (1 thread, eager, 512-token context): decode 1.27x (batch 1) and 1.17x
-    (batch 8) faster, logits within 5e-5 of the fp32 copy's, a 512-token prefill ~6% slower (more than 8 rows
+    (batch 8) faster, logits within 5e-5 of the fp32 copy's, a 512-token prefill ~3% slower (more than 8 rows
     convert each weight to fp32 per call)."""
     if quantize is not None:
         return None if quantize == "none" else quantize
