@@ -244,10 +244,12 @@ QK_AVX2 static inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-// Several activation rows consume a weight row more slowly than one does, and the hardware prefetcher then falls
-// behind on weights that stream from beyond L2: the multi-row tiles fetch 2 KB ahead in software (measured, 1 thread,
-// an Intel Xeon VM with 2 MiB of L2 per core, 64 fp32 768 x 256 matrices in turn, i.e. from L3: 3 rows 38.3 -> 33.2
-// us, 8 rows 85.7 -> 59.8; one row gains nothing and keeps to the hardware prefetcher; no change from L2).
+// The hardware prefetcher falls behind on weights that stream from beyond L2 (several activation rows consume a weight
+// row more slowly; a bf16 row of a few hundred columns is over in a few cache lines): every tile fetches 2 KB ahead in
+// software. Measured, 1 thread, an Intel Xeon VM with 2 MiB of L2 per core, 64 MB of matrices in turn (from L3):
+// fp32 768 x 256, 3 rows 38.3 -> 33.2 us, 8 rows 85.7 -> 59.8; one row, bf16 8256 x 256 503 -> 293 us, 3072 x 512
+// 372 -> 237, 768 x 256 54 -> 40 (it had streamed at 7-8 GB/s, below fp32's 10-23), fp32 one row unchanged to 1.26x;
+// the demo model's eager batch-1 decode with bf16-stored weights 1.10x (4 interleaved runs). No change from L2.
 constexpr int kMultiRowPrefetchBytes = 2048;
 template <typename T>
 QK_AVX2 static inline void prefetch_ahead(const T* p) {
@@ -264,7 +266,7 @@ QK_AVX2 static void dot_row(const T* w, const float* x, int64_t ldx, int64_t K, 
     for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 * U <= K; k += 8 * U) {
-    if (MB > 1) prefetch_ahead(w + k);
+    prefetch_ahead(w + k);
     for (int u = 0; u < U; ++u) {
       const __m256 wv = load8(w + k + 8 * u);
       for (int m = 0; m < MB; ++m) acc[m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k + 8 * u), acc[m][u]);
