@@ -249,7 +249,8 @@ QK_AVX2 static inline __m256 load8(const int8_t* p) {
 // software. Measured, 1 thread, an Intel Xeon VM with 2 MiB of L2 per core, 64 MB of matrices in turn (from L3):
 // fp32 768 x 256, 3 rows 38.3 -> 33.2 us, 8 rows 85.7 -> 59.8; one row, bf16 8256 x 256 503 -> 293 us, 3072 x 512
 // 372 -> 237, 768 x 256 54 -> 40 (it had streamed at 7-8 GB/s, below fp32's 10-23), fp32 one row unchanged to 1.26x;
-// the demo model's eager batch-1 decode with bf16-stored weights 1.10x (4 interleaved runs). No change from L2.
+// the demo model's eager batch-1 decode with bf16-stored weights 1.10x (4 interleaved runs). The int8 tiles too
+// (`quad_i8q` for one row: 8256 x 256 282 -> 162 us, 3072 x 512 208 -> 145). No change from L2.
 constexpr int kMultiRowPrefetchBytes = 2048;
 template <typename T>
 QK_AVX2 static inline void prefetch_ahead(const T* p) {
@@ -347,7 +348,7 @@ QK_AVX2 static void tile_i8q(const Weights& w, int64_t n, const Acts& a, int64_t
     for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + U <= nb; b += U) {
-    if (MB > 1) prefetch_ahead(wr + b * I8_BLOCK);
+    prefetch_ahead(wr + b * I8_BLOCK);
     for (int u = 0; u < U; ++u) i8q_block<MB, U>(wr, K, a, m, b + u, nb, acc, u);
   }
   for (; b < nb; ++b) i8q_block<MB, U>(wr, K, a, m, b, nb, acc, 0);
@@ -390,6 +391,7 @@ QK_AVX2 static void quad_i8q(const Weights& w, int64_t n, const Acts& a, int64_t
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
+      prefetch_ahead(wr + b * I8_BLOCK);  // one 64-byte line per step (see prefetch_ahead)
       const __m256i p0 = dot32_i8(load32(wr + b * I8_BLOCK), q + b * I8_BLOCK);
       const __m256i p1 = dot32_i8(load32(wr + (b + 1) * I8_BLOCK), q + (b + 1) * I8_BLOCK);
       acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(d + b), acc0);
