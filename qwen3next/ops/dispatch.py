@@ -34,8 +34,8 @@ FAST_DECODE_ENV = "QWEN3NEXT_FAST_DECODE"
 LINEAR_ENV = "QWEN3NEXT_LINEAR"
 KERNELS_ENV = kernels.KERNELS_ENV
 AOT_ENV = "QWEN3NEXT_AOT"
-_scope = threading.local()
 HUGEPAGES_ENV = "QWEN3NEXT_HUGEPAGES"
+_scope = threading.local()  # per thread: inside sync_free_scope()
 
 
 @dataclass(frozen=True)
