@@ -46,6 +46,7 @@ from ..model.batch import BatchInfo
 from ..model.cache import HybridCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..ops.dispatch import fast_decode, sync_free_scope
+from ..quant.experts import QuantizedExperts
 from .aot_step import _programs, _StepModule, _VerifyModule, pool_names, pool_tensors
 
 MAX_CAPTURE_LEN = 8192  # keys; vLLM's max_seq_len_to_capture default
@@ -56,7 +57,7 @@ MAX_CAPTURE_BATCH = 64
 def graph_blocker(model: Qwen3NextForCausalLM) -> str | None:
     """Why the decode step of `model` cannot be captured in a CUDA graph, or None."""
     for name, module in model.model.named_modules():
-        if getattr(module, "bits", None) == 4 and hasattr(module, "gate_up_proj_qweight"):
+        if isinstance(module, QuantizedExperts) and module.bits == 4:
             return f"int4 experts ({name}) group their tokens by expert on the host"
     return None
 
@@ -86,7 +87,7 @@ class CUDAGraphDecoder:
     def __init__(self, model: Qwen3NextForCausalLM, cache: HybridCache, max_batch: int, max_len: int,
                  compile: bool = False, verify_tokens: int = 0, draft_head: torch.nn.Module | None = None,
                  draft_mtp: torch.nn.Module | None = None, log_fn: Callable[[str], None] | None = None):
-        self.model, self.block_size = model, cache.block_size
+        self.block_size = cache.block_size
         self.max_batch = min(max_batch, MAX_CAPTURE_BATCH)
         self.max_blocks = -(-min(max_len, MAX_CAPTURE_LEN) // cache.block_size)
         self.min_blocks = max(1, -(-MIN_KEYS // cache.block_size))

@@ -38,7 +38,7 @@ from .output import (
     prompt_logprob_dicts,
 )
 from .prefix_cache import SnapshotPolicy, default_snapshot_interval
-from .runner import ModelRunner, cache_geometry
+from .runner import ModelRunner, cache_geometry, cuda_graph_steps
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import FinishReason, Sequence
@@ -71,7 +71,7 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 
 def _model_and_tokenizer(model: str | Path | Qwen3NextForCausalLM, tokenizer: Tokenizer | None,
-                         dtype: str | torch.dtype | None, device: str, quantize: str | None,
+                         dtype: str | torch.dtype | None, device: torch.device, quantize: str | None,
                          hf_overrides: dict | None = None,
                          skip_tokenizer_init: bool = False) -> tuple[Qwen3NextForCausalLM, Tokenizer | None]:
     """The model (loaded from a directory with `hf_overrides` applied to its config, or the given object, quantized
@@ -96,8 +96,9 @@ def _model_and_tokenizer(model: str | Path | Qwen3NextForCausalLM, tokenizer: To
     if tokenizer is None and not skip_tokenizer_init and not (path / "tokenizer.json").is_file():
         raise ValueError(f"model: {path} has no tokenizer.json; pass skip_tokenizer_init=True to run on token ids "
                          f"(prompts as lists of ids, outputs as token ids)")
-    quantize = weight_storage(path, parse_dtype(dtype), parse_device(device), quantize)
-    loaded = load_model(path, dtype=parse_dtype(dtype), device=device, quantize=quantize, hf_overrides=hf_overrides)
+    dtype = parse_dtype(dtype)
+    quantize = weight_storage(path, dtype, device, quantize)
+    loaded = load_model(path, dtype=dtype, device=device, quantize=quantize, hf_overrides=hf_overrides)
     return loaded, None if skip_tokenizer_init else tokenizer or Tokenizer.from_dir(path)
 
 
@@ -278,7 +279,7 @@ class Engine:
         self.block_manager = BlockManager.from_plan(self.plan, self.enable_prefix_caching)
         # compiled, or CUDA graphs: only a verification of spec_k drafts has a compiled program (a graph), shorter
         # ones would run eagerly
-        graphs = self.model.device.type == "cuda" and not enforce_eager and self.tp is None
+        graphs = cuda_graph_steps(self.model.device, enforce_eager, self.tp)
         lengths = (0, spec_k) if compile_decode or graphs else None
         policy = DraftLengthPolicy(spec_k, self.speculative.adaptive, lengths=lengths) if spec_k else None
         self.scheduler = Scheduler(sched_config, self.block_manager, policy)

@@ -73,6 +73,12 @@ def make_draft_mtp(model: Qwen3NextForCausalLM, draft_head: nn.Module) -> nn.Mod
     return quantize_module(copy.deepcopy(model.mtp, memo=shared), 8)
 
 
+def cuda_graph_steps(device: torch.device, enforce_eager: bool, tp: TPComm | None) -> bool:
+    """Whether a runner on `device` takes its decode steps (and MTP's verifications) as CUDA graphs
+    (engine/cuda_graph.py): on a GPU, unless `enforce_eager` or tensor-parallel."""
+    return device.type == "cuda" and not enforce_eager and tp is None
+
+
 MAX_MTP_GAP = 1024  # positions kept at least per sequence for the MTP head's K/V (see MTPGap)
 
 
@@ -168,7 +174,7 @@ class ModelRunner:
                                  block_size=plan.block_size, dtype=model.dtype, device=model.device,
                                  layout=model.cache_layout(include_mtp=speculative))
         self.graphs = None
-        if model.device.type == "cuda" and not enforce_eager and tp is None:
+        if cuda_graph_steps(model.device, enforce_eager, tp):
             from .cuda_graph import CUDAGraphDecoder
 
             self.graphs = CUDAGraphDecoder(model, self.cache, max_batch=plan.num_seq_slots,
