@@ -330,6 +330,12 @@ def _run_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_token_map(args: argparse.Namespace) -> int:
+    from .engine.draft_vocab import run_token_map
+
+    return run_token_map(args)
+
+
 def _run_quantize(args: argparse.Namespace) -> int:
     from .quant.quantize import run_quantize
 
@@ -433,6 +439,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=_positive_int, default=8192, help="learned tokens (specials come after)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_run_train_tokenizer)
+
+    p = sub.add_parser("token-map", help="the most frequent tokens of some text: a draft vocabulary for MTP "
+                                         "(speculative_token_map)")
+    if command == "token-map":
+        from .engine.draft_vocab import add_token_map_args
+
+        add_token_map_args(p)
+    p.set_defaults(func=_run_token_map)
 
     p = sub.add_parser("bench", help="prefill/decode throughput, optionally against transformers")
     if command == "bench":

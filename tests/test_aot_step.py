@@ -357,3 +357,33 @@ def test_engine_speculative_steps_take_the_aot_programs_and_decode_exactly_like_
     verified = calls["verify"]
     _assert_greedy_like_eager(engine, model, 5, (7, 19), (15, 11))
     assert calls["verify"] > verified and any(declined)
+
+
+@needs_compiler
+def test_aot_drafting_with_a_draft_vocabulary(aot_on, tmp_path):
+    """speculative_token_map with the ahead-of-time programs: the drafting program is built with the map's head
+    (its own package: the head's shape is in the key), its drafts are map tokens, and greedy tokens equal plain
+    eager decoding's."""
+    from qwen3next.engine import aot_step
+    from qwen3next.engine.draft_vocab import DraftVocabHead
+    from qwen3next.engine.llm import Engine
+    from qwen3next.tokenizer import Tokenizer
+
+    model = make_model("mlp_only", vocab_size=261)
+    write_byte_tokenizer(tmp_path)
+    ids = list(range(0, 261, 3))
+    (tmp_path / "map.json").write_text(str(ids))
+    engine = Engine(model, tokenizer=Tokenizer.from_dir(tmp_path), max_memory="32MiB", max_num_seqs=3,
+                    max_model_len=96, block_size=16, compile_decode=True,
+                    speculative_config={"method": "mtp", "num_speculative_tokens": 2, "adaptive": False,
+                                        "speculative_token_map": str(tmp_path / "map.json")})
+    compiled = engine.runner.compiled
+    assert isinstance(compiled.draft_head, DraftVocabHead)
+    program = compiled._aot_program(aot_step.AOTDraftStep, engine.runner.cache, T=3, K=2)
+    full = package_path(model, engine.runner.cache, "draft", 3, 2, model.lm_head, engine.runner.draft_mtp)
+    assert package_path(model, engine.runner.cache, "draft", 3, 2, compiled.draft_head,
+                        engine.runner.draft_mtp) != full
+    drafts, run = [], program.run
+    program.run = lambda *args: (lambda d: drafts.append(d) or d)(run(*args))
+    _assert_greedy_like_eager(engine, model, 4, (5, 23, 11), (12, 17, 9))
+    assert drafts and set(torch.cat(drafts).flatten().tolist()) <= set(ids)

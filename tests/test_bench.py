@@ -491,7 +491,7 @@ def test_bench_speculative_section_on_the_tiny_preset():
     report = bench(BenchOptions(preset="tiny", threads=1, batches=[1, 2], prompt_len=12, decode_tokens=6,
                                 prefill_lens=[8], repeat=1, bandwidth_mib=8, speculative_config=SPEC_K2))
     sp = report["speculative"]
-    full = {**SPEC_K2, "draft_head": None}  # the parsed config, its defaults included
+    full = {**SPEC_K2, "draft_head": None, "speculative_token_map": None}  # the parsed config, its defaults included
     assert sp["config"] == full and report["options"]["speculative_config"] == full
     assert sp["prompts"] == "random" and sp["prompt_lens"] == [12, 12] and "random" in sp["prompt_description"]
     assert sp["decode_tokens"] == 6 and sp["rounds"] == 1 and sp["identical"] is True

@@ -156,3 +156,28 @@ def test_compile_and_quantize_options_reach_the_engine():
     assert args.compile is True and args.quantize == "int4"
     r = run("generate", "--prompt", "x", "--quantize", "int3")
     assert r.returncode == 2 and "--quantize" in r.stderr
+
+
+def test_token_map_ranks_the_tokens_of_text_and_generate_drafts_with_it(model_dir, tmp_path):
+    """`qwen3next token-map`: the most frequent tokens of the files (counted over all of them), the most frequent
+    first; `generate` with that map as speculative_token_map prints what it prints without speculative decoding."""
+    import json
+
+    from qwen3next.tokenizer import Tokenizer
+
+    (tmp_path / "a.txt").write_text("e" * 50 + "t" * 12 + "\n")
+    (tmp_path / "b.txt").write_text("t" * 18 + "a" * 20 + "\n")
+    out = tmp_path / "maps" / "map.json"
+    r = run("token-map", tmp_path / "a.txt", tmp_path / "b.txt", "--model", model_dir, "--size", "3", "--output", out)
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer.from_dir(model_dir)
+    assert json.loads(out.read_text()) == [tok.encode(c)[0] for c in "eta"]  # 50, 30, 20 (and 2 newlines)
+    assert "3 of 4 distinct tokens" in r.stdout and "98.04% of the 102 tokens" in r.stdout
+    plain = run("generate", "--model", model_dir, "--prompt", "abc", "--max-tokens", "12", "--threads", "1")
+    config = json.dumps({"method": "mtp", "num_speculative_tokens": 2, "speculative_token_map": str(out)})
+    spec = run("generate", "--model", model_dir, "--prompt", "abc", "--max-tokens", "12", "--threads", "1",
+               "--speculative-config", config)
+    assert plain.returncode == spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    bad = run("token-map", tmp_path / "missing.txt", "--model", model_dir, "--output", out)
+    assert bad.returncode == 1 and "missing.txt: no such file" in bad.stderr

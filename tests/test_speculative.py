@@ -426,19 +426,25 @@ def test_spec_stats():
     assert s.mean_accepted_length == 2.5 and s.acceptance_by_position()[:3] == [1.0, 0.5, 0.0]
 
 
-def test_demo_model_greedy_with_mtp_is_identical_and_accepts_drafts():
-    """The trained demo model: its MTP head's drafts are mostly right, and greedy output is unchanged."""
+@pytest.mark.parametrize("token_map", [False, True])
+def test_demo_model_greedy_with_mtp_is_identical_and_accepts_drafts(token_map):
+    """The trained demo model: its MTP head's drafts are mostly right, and greedy output is unchanged; so with the
+    draft vocabulary shipped beside it (speculative_token_map.json: its 1,024 most frequent training tokens)."""
     from qwen3next import DEFAULT_MODEL
 
     prompts = ["It is a truth universally acknowledged, that a single man in possession of a good fortune",
                "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     plain = Engine(DEFAULT_MODEL, max_memory="64MiB", max_model_len=256)
+    config = {**spec(3), **({"speculative_token_map": str(DEFAULT_MODEL / "speculative_token_map.json")}
+                            if token_map else {})}
     spec_engine = Engine(plain.model, tokenizer=plain.tokenizer, max_memory="64MiB", max_model_len=256,
-                         speculative_config=spec(3))
+                         speculative_config=config)
     want, got = run(plain, prompts, params), run(spec_engine, prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert spec_engine.spec_stats.acceptance_rate > 0.5 and spec_engine.spec_stats.mean_accepted_length > 2
+    if token_map:
+        assert spec_engine.runner.draft_head.token_ids.numel() == 1024
 
 
 def _mtp_keys_by_position(engine: Engine, prompt: list[int], params: SamplingParams, draft_steps) -> torch.Tensor:
@@ -600,3 +606,81 @@ def test_drafts_stop_at_max_model_len(model, tokenizer):
     assert [len(p) + len(o.token_ids) for p, o in zip(prompts, got)] == [64, 64, 64]
     assert engine.spec_stats.num_accepted_tokens > 0
     assert engine.block_manager.num_free_blocks == engine.plan.num_blocks
+
+
+# ---- a draft vocabulary (speculative_token_map) ----------------------------------------------------------------------
+
+
+def _recording_drafts(execute, drafted: list[int]):
+    def recorded(batch):
+        out = execute(batch)
+        drafted.extend(t for d in out.drafts for t in d)
+        return out
+
+    return recorded
+
+
+def test_draft_token_map_restricts_the_drafts_and_keeps_the_output(model, tokenizer, tmp_path):
+    """speculative_token_map: the drafts' logits come from the map's rows of the head only (-inf elsewhere, the
+    same values there as the full head's), every draft is a map token, and the output stays plain decoding's, also
+    when the map holds a single token (every draft then that token)."""
+    from qwen3next.engine.draft_vocab import DraftVocabHead
+
+    prompts = prompts_of([5, 30, 12], seed=21)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    opts = dict(max_memory="32MiB", max_num_seqs=3, max_model_len=128, block_size=16)
+    plain = run(Engine(model, tokenizer=tokenizer, **opts), prompts, params)
+    ids = list(range(VOCAB - 1, 0, -2))  # odd ids, most "frequent" first: not sorted, not contiguous
+    (tmp_path / "map.json").write_text(str(ids))
+    torch.save(torch.tensor([7], dtype=torch.int32), tmp_path / "one.pt")
+    h = torch.randn(4, model.config.hidden_size)
+    for head, path, allowed in (("target", "map.json", ids), ("int8", "map.json", ids), (None, "one.pt", [7])):
+        config = {**spec(2), "draft_head": head, "speculative_token_map": str(tmp_path / path)}
+        engine = Engine(model, tokenizer=tokenizer, speculative_config=config, **opts)
+        draft_head = engine.runner.draft_head
+        assert isinstance(draft_head, DraftVocabHead)
+        with torch.no_grad():
+            full = (model.lm_head if head == "target" else Int8Linear.from_linear(model.lm_head))(h)
+            got = draft_head(h)
+        outside = torch.ones(VOCAB, dtype=torch.bool)
+        outside[allowed] = False
+        assert got.shape == full.shape and torch.isneginf(got[:, outside]).all()
+        assert torch.allclose(got[:, allowed], full[:, allowed], atol=1e-5, rtol=0)
+        assert (engine.runner.draft_mtp is model.mtp) == (head == "target")
+        drafted = []
+        engine.runner.execute = _recording_drafts(engine.runner.execute, drafted)
+        assert [o.token_ids for o in run(engine, prompts, params)] == [o.token_ids for o in plain]
+        assert drafted and set(drafted) <= set(allowed)
+        assert engine.spec_stats.num_draft_tokens > 0
+
+
+def test_draft_token_map_errors(model, tokenizer, tmp_path):
+    from qwen3next.engine.draft_vocab import head_rows, load_token_map
+    from qwen3next.quant.linear import Int4Linear
+
+    cases = {"missing.json": (None, "no such file"), "text.json": ("[1, 2", "not a JSON list"),
+             "empty.json": ("[]", "non-empty list"), "object.json": ('{"ids": [1]}', "non-empty list"),
+             "range.json": (f"[1, {VOCAB}]", f"{VOCAB} is not a token id"), "neg.json": ("[-1]", "-1 is not"),
+             "float.json": ("[1.0]", "1.0 is not"), "dup.json": ("[3, 4, 3]", "token id 3 is listed more than once"),
+             "garbage.pt": ("not a torch file", "not a torch file"),
+             "float.pt": (torch.ones(3), "1-D integer tensor"), "2d.pt": (torch.ones(2, 2, dtype=torch.long), "1-D")}
+    for name, (content, match) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, str):
+            path.write_text(content)
+        elif content is not None:
+            torch.save(content, path)
+        with pytest.raises(ValueError, match=match):
+            load_token_map(path, VOCAB)
+    torch.save([5, 2, 9], tmp_path / "list.pt")
+    assert load_token_map(tmp_path / "list.pt", VOCAB) == [5, 2, 9]
+    with pytest.raises(ValueError, match="speculative_token_map must be the path"):
+        SpeculativeConfig.parse({"method": "mtp", "speculative_token_map": 5})
+    with pytest.raises(ValueError, match="speculative_token_map 'nope.json': no such file"):
+        Engine(model, tokenizer=tokenizer, max_memory="32MiB", max_model_len=64,
+               speculative_config={**spec(2), "speculative_token_map": "nope.json"})
+    with pytest.raises(ValueError, match="speculative_token_map is not supported with tensor_parallel_size > 1"):
+        Engine("no-such-dir", tensor_parallel_size=2, speculative_config={**spec(2), "speculative_token_map": "m"})
+    int4 = Int4Linear.from_linear(torch.nn.Linear(64, VOCAB, bias=False), group_size=32)
+    with pytest.raises(ValueError, match="needs a float or int8 lm_head to take rows from; this model's is Int4Linear"):
+        head_rows(int4, [1, 2])

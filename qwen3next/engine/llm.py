@@ -210,6 +210,9 @@ class Engine:
         if self.speculative is not None and tensor_parallel_size != 1 and self.speculative.draft_head == "int8":
             raise ValueError("speculative_config: draft_head 'int8' is not supported with tensor_parallel_size > 1 "
                              "(the drafts read the vocabulary-parallel lm_head); leave draft_head unset")
+        if self.speculative is not None and tensor_parallel_size != 1 and self.speculative.speculative_token_map:
+            raise ValueError("speculative_config: speculative_token_map is not supported with tensor_parallel_size > 1 "
+                             "(the drafts read the vocabulary-parallel lm_head)")
         self.tp = None
         self._threads = torch.get_num_threads()  # a tensor-parallel engine sets rank 0's share until it closes
         if tensor_parallel_size != 1:
@@ -256,6 +259,11 @@ class Engine:
             raise ValueError(f"prefix_snapshot_interval: {prefix_snapshot_interval} must be a multiple of block_size "
                              f"({block_size})")
         geometry = cache_geometry(self.model, block_size, include_mtp=spec_k > 0)
+        token_map = None
+        if spec_k and self.speculative.speculative_token_map is not None:
+            from .draft_vocab import load_token_map
+
+            token_map = load_token_map(self.speculative.speculative_token_map, config.vocab_size)
         if self.tp is not None and max_memory is None:  # every rank allocates rank 0's plan: share the default
             from ..parallel.engine import local_ranks
 
@@ -288,7 +296,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode, num_speculative_tokens=spec_k,
                                   tp=self.tp.comm if self.tp is not None else None,
                                   draft_head=self.speculative.draft_head if spec_k else None,
-                                  enforce_eager=enforce_eager)
+                                  enforce_eager=enforce_eager, draft_token_map=token_map)
         self.requests: dict[str, RequestState] = {}
         self._seq_to_sample: dict[int, tuple[RequestState, SampleState]] = {}
         self._ids = itertools.count()

@@ -36,35 +36,53 @@ def cache_geometry(model: Qwen3NextForCausalLM, block_size: int, include_mtp: bo
                          state_bytes_per_slot=layout.state_bytes_per_slot(elem, 4), block_size=block_size)
 
 
-def make_draft_head(model: Qwen3NextForCausalLM, choice: str | None, tp: TPComm | None) -> nn.Module:
-    """The module the MTP drafts' logits come from (SpeculativeConfig.draft_head): "target" -> `model.lm_head`;
-    "int8" -> an int8 copy of it (per-row scales, the native kernel where it runs; `vocab x hidden` bytes more);
-    None -> "int8" for a float `lm_head` on a CPU with the native kernels and without tensor parallelism, else
-    "target". A draft only proposes a token, so this changes what drafting costs and which drafts come, never the
-    output. Measured on the demo model (fp32, 1 thread): one draft's `lm_head` 0.43 ms -> ~0.1 ms. The MTP layer
-    follows the same choice (`make_draft_mtp`)."""
+def draft_head_kind(model: Qwen3NextForCausalLM, choice: str | None, tp: TPComm | None) -> str:
+    """What the MTP drafts' logits (and MTP layer) are computed with (SpeculativeConfig.draft_head): "target" ->
+    the model's own `lm_head` and MTP layer; "int8" -> int8 copies of them; None -> "int8" for a float `lm_head` on a
+    CPU with the native kernels and without tensor parallelism, else "target". ValueError for "int8" where it
+    cannot be made."""
     head = model.lm_head
     floating = isinstance(head, nn.Linear) and head.weight.is_floating_point() and head.bias is None
     if choice == "target" or (choice is None and not (floating and tp is None and model.device.type == "cpu"
                                                       and kernels.available())):
-        return head
+        return "target"
     if tp is not None:
         raise ValueError("speculative_config: draft_head 'int8' is not supported with tensor parallelism")
     if not floating:
         raise ValueError(f"speculative_config: draft_head 'int8' quantizes a float lm_head; this model's is "
                          f"{type(head).__name__} (already quantized: use 'target')")
-    return Int8Linear.from_linear(head)
+    return "int8"
 
 
-def make_draft_mtp(model: Qwen3NextForCausalLM, draft_head: nn.Module) -> nn.Module:
-    """The MTP layer the drafts run through: with an int8 draft head (`make_draft_head`), an int8 copy of
-    `model.mtp` too (its projections and experts per output channel, as `quantize_model` does; the router and gates
-    stay as they are), else `model.mtp` itself. Nothing but drafting reads the head (its K/V only feed its own
-    drafts), so this changes what drafting costs and, slightly, which drafts come, never the output. Measured on the
-    demo model (fp32, 1 thread, compiled, batch 1, real text): the drafting program 0.91 -> 0.68 ms per step. Memory:
-    one byte per quantized MTP parameter more (the 80B's MTP layer, 512 experts: ~1.65 GB beside its 3.3 GB in
-    bf16); a quantized checkpoint drafts with its own weights."""
-    if draft_head is model.lm_head or model.mtp is None:
+def make_draft_head(model: Qwen3NextForCausalLM, kind: str, token_map: list[int] | None = None,
+                    tp: TPComm | None = None) -> nn.Module:
+    """The module the MTP drafts' logits come from: `model.lm_head` ("target") or an int8 copy of it ("int8": per-row
+    scales, the native kernel where it runs; `vocab x hidden` bytes more), see `draft_head_kind`; with `token_map`
+    (token ids) only those rows, wrapped so that the logits keep the vocabulary's width (draft_vocab.py). A draft
+    only proposes a token, so this changes what drafting costs and which drafts come, never the output. Measured
+    on the demo model (fp32, 1 thread): one draft's `lm_head` 0.43 ms -> ~0.1 ms in int8."""
+    head = model.lm_head
+    if token_map is not None:
+        if tp is not None:
+            raise ValueError("speculative_config: speculative_token_map is not supported with tensor parallelism "
+                             "(the vocabulary is split over the ranks)")
+        from .draft_vocab import DraftVocabHead, head_rows
+
+        rows = head_rows(head, token_map)
+        return DraftVocabHead(Int8Linear.from_linear(rows) if kind == "int8" else rows, token_map,
+                              model.config.vocab_size)
+    return Int8Linear.from_linear(head) if kind == "int8" else head
+
+
+def make_draft_mtp(model: Qwen3NextForCausalLM, kind: str) -> nn.Module:
+    """The MTP layer the drafts run through: for the "int8" kind (`draft_head_kind`), an int8 copy of `model.mtp`
+    (its projections and experts per output channel, as `quantize_model` does; the router and gates stay as they
+    are), else `model.mtp` itself. Nothing but drafting reads the head (its K/V only feed its own drafts), so this
+    changes what drafting costs and, slightly, which drafts come, never the output. Measured on the demo model
+    (fp32, 1 thread, compiled, batch 1, real text): the drafting program 0.91 -> 0.68 ms per step. Memory: one byte
+    per quantized MTP parameter more (the 80B's MTP layer, 512 experts: ~1.65 GB beside its 3.3 GB in bf16); a
+    quantized checkpoint drafts with its own weights."""
+    if kind != "int8" or model.mtp is None:
         return model.mtp
     from ..quant.quantize import quantize_module
 
@@ -149,14 +167,15 @@ class StepOutput:
 class ModelRunner:
     def __init__(self, model: Qwen3NextForCausalLM, plan: CachePlan, compile_decode: bool = False,
                  num_speculative_tokens: int = 0, tp: TPComm | None = None, draft_head: str | None = None,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, draft_token_map: list[int] | None = None):
         """`compile_decode`: run decode steps through a torch.compile'd decoder (see engine/compiled.py), compiled
         here on this cache before any request (raises CompileDecodeError when this machine cannot compile).
         `num_speculative_tokens` > 0: MTP speculative decoding with up to that many drafts (the cache then holds
         the MTP layer's K/V too); with compile_decode, verifications of that many drafts are compiled too.
         `tp`: the model is a tensor-parallel shard (parallel/) and this runner one of the ranks running every step
         together; rank 0 samples and broadcasts its tokens. `draft_head`: what the MTP drafts' logits are computed
-        with (`make_draft_head`). On a CUDA GPU, decode steps run as CUDA graphs (engine/cuda_graph.py) unless
+        with (`draft_head_kind`); `draft_token_map`: the token ids drafts are restricted to (`make_draft_head`,
+        engine/draft_vocab.py). On a CUDA GPU, decode steps run as CUDA graphs (engine/cuda_graph.py) unless
         `enforce_eager` (vLLM's name)."""
         if tp is not None and compile_decode:
             raise ValueError("compile_decode: not with tensor_parallel_size > 1 (the compiled step has no collectives)")
@@ -168,8 +187,9 @@ class ModelRunner:
         self._mtp_gaps: dict[int, MTPGap] = {}
         self.draft_grammar_seconds = 0.0  # of the current step's drafting, in grammar masks
         self.speculative = speculative = num_speculative_tokens > 0
-        self.draft_head = make_draft_head(model, draft_head, tp) if speculative else None
-        self.draft_mtp = make_draft_mtp(model, self.draft_head) if speculative else None
+        kind = draft_head_kind(model, draft_head, tp) if speculative else None
+        self.draft_head = make_draft_head(model, kind, draft_token_map, tp) if speculative else None
+        self.draft_mtp = make_draft_mtp(model, kind) if speculative else None
         self.cache = HybridCache(model.config, num_slots=plan.num_slots, num_blocks=plan.num_blocks,
                                  block_size=plan.block_size, dtype=model.dtype, device=model.device,
                                  layout=model.cache_layout(include_mtp=speculative))

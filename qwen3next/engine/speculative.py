@@ -42,12 +42,15 @@ class SpeculativeConfig:
     drafting only) or "target" (the model's own). Default: "int8" for a float `lm_head` on a CPU with the native
     kernels, else "target". The drafts only propose tokens, so the output stays exactly the target's either way;
     what changes is the cost of drafting (one `lm_head` per draft, the largest matrix of a step, and the MTP layer
-    per draft: 4x fewer bytes) and, slightly, which drafts are proposed."""
+    per draft: 4x fewer bytes) and, slightly, which drafts are proposed. `"speculative_token_map"` (SGLang's name):
+    a file of token ids (`qwen3next token-map` writes one) to which the drafts are restricted: their logits come
+    from those rows of the head only (engine/draft_vocab.py); exact all the same."""
 
     method: str = "mtp"
     num_speculative_tokens: int = 2
     adaptive: bool = True
     draft_head: str | None = None
+    speculative_token_map: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -61,6 +64,10 @@ class SpeculativeConfig:
         if self.draft_head not in DRAFT_HEADS:
             raise ValueError(f"speculative_config: draft_head must be one of {', '.join(map(repr, DRAFT_HEADS[1:]))} "
                              f"or null (automatic), got {self.draft_head!r}")
+        if self.speculative_token_map is not None and (not isinstance(self.speculative_token_map, str)
+                                                       or not self.speculative_token_map):
+            raise ValueError(f"speculative_config: speculative_token_map must be the path of a token map file, got "
+                             f"{self.speculative_token_map!r}")
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict | str | None) -> SpeculativeConfig | None:
@@ -76,10 +83,10 @@ class SpeculativeConfig:
         if not isinstance(value, dict):
             raise ValueError(f"speculative_config: expected a JSON object such as "
                              f'{{"method": "mtp", "num_speculative_tokens": 2}}, got {value!r}')
-        unknown = sorted(set(value) - {"method", "num_speculative_tokens", "adaptive", "draft_head"})
+        known = ("method", "num_speculative_tokens", "adaptive", "draft_head", "speculative_token_map")
+        unknown = sorted(set(value) - set(known))
         if unknown:
-            raise ValueError(f"speculative_config: unknown key {unknown[0]!r} (known: method, num_speculative_tokens, "
-                             f"adaptive, draft_head)")
+            raise ValueError(f"speculative_config: unknown key {unknown[0]!r} (known: {', '.join(known)})")
         if "method" not in value:
             raise ValueError('speculative_config: "method" is required ("mtp")')
         return cls(**value)
