@@ -563,3 +563,22 @@ def test_speculative_config_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "qwen3next bench: error: speculative_config: method 'mtp' needs the model's MTP head" in err
     assert "bandwidth" not in err and "Traceback" not in err
+
+
+def test_the_report_names_the_memory_allocator_in_use():
+    """`memory_allocator` reads the process's mappings: this process runs on the system malloc, a child started with
+    tcmalloc preloaded (when the machine has it) reports tcmalloc."""
+    import glob
+    import subprocess
+
+    from qwen3next.bench.harness import memory_allocator
+
+    assert memory_allocator() == "system"
+    libs = glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4") + glob.glob("/usr/lib/libtcmalloc_minimal.so.4")
+    if not libs:
+        pytest.skip("tcmalloc is not installed here")
+    code = "from qwen3next.bench.harness import memory_allocator; print(memory_allocator())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "LD_PRELOAD": libs[0]})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "tcmalloc"

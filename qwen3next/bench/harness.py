@@ -186,6 +186,18 @@ def decode_cache_bytes(config: Qwen3NextConfig, element_size: int, context: int)
     return 2 * state + config.kv_bytes_per_token(element_size) * (context + 1)
 
 
+def memory_allocator() -> str:
+    """The malloc this process runs on: "tcmalloc" or "jemalloc" when one is loaded (LD_PRELOAD; on this project's
+    machines tcmalloc made the demo model's compiled engine decode ~9% faster: torch allocates the step's tensors
+    anew every step), else "system" (glibc's, or whatever the platform has)."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "system"
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), "system")
+
+
 def describe_machine(threads: int) -> dict[str, object]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -200,6 +212,7 @@ def describe_machine(threads: int) -> dict[str, object]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
         "python": platform.python_version(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "allocator": memory_allocator(),
     }
     try:
         import transformers
@@ -577,7 +590,7 @@ def format_report(report: dict[str, object]) -> str:
     lines = [
         f"machine    {m['cpu']}, {m['usable_cpus']}/{m['logical_cpus']} usable CPUs{llc}; torch {m['torch']} "
         f"({m['cpu_capability']}), transformers {m['transformers'] or 'not installed'}; {m['threads']} threads; "
-        f"load average at start {load}",
+        f"malloc {m.get('allocator', 'system')}; load average at start {load}",
         *([f"           {busy}"] if (busy := _busy_warning(m)) else []),
         f"model      {mod['source']}: {mod['dtype']}, {mod['params_total'] / 1e6:.1f}M params, "
         f"{mod['params_active'] / 1e6:.1f}M active per token, layers {pattern}, {mod['num_experts']} experts "
