@@ -230,3 +230,29 @@ def test_objects_get_only_the_keys_their_schema_lists(llm):
     assert closed_objects({"not": {"properties": {"a": {}}}}) == {"not": {"properties": {"a": {}}}}
     unlisted = {"type": "object", "properties": {"a": {}}, "required": ["a", "b"]}
     assert closed_objects(unlisted) == unlisted
+
+
+def test_mtp_with_a_draft_vocabulary_keeps_constrained_outputs(tmp_path):
+    """A draft vocabulary under a grammar: the demo's own map, and one of two tokens the grammar never allows (every
+    constrained draft then has only -inf logits; the matcher copy refuses it and drafting goes on unconstrained):
+    greedy and seeded outputs equal plain decoding's and validate."""
+    (tmp_path / "tiny.json").write_text("[5, 6]")
+    maps = [str(DEFAULT_MODEL / "speculative_token_map.json"), str(tmp_path / "tiny.json")]
+    prompts, outs, n = None, [], 4
+    for token_map in (None, *maps):
+        spec = None if token_map is None else {"method": "mtp", "num_speculative_tokens": 3, "adaptive": False,
+                                               "speculative_token_map": token_map}
+        engine = Engine(DEFAULT_MODEL, max_memory="64MiB", max_model_len=256, max_num_seqs=n,
+                        speculative_config=spec)
+        prompts = prompts or [engine.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)] * n
+        params = [SamplingParams(temperature=0.0 if i < 2 else 1.0, seed=i, max_tokens=80,
+                                 structured_outputs={"json": WEATHER}) for i in range(n)]
+        reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while engine.step():
+            pass
+        outs.append([r.output().outputs[0] for r in reqs])
+        if spec is not None:
+            assert engine.spec_stats.num_draft_tokens > 0
+    for plain, *spec in zip(*outs):
+        assert all(s.token_ids == plain.token_ids for s in spec)
+        jsonschema.validate(json.loads(plain.text), WEATHER)
