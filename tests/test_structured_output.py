@@ -139,30 +139,40 @@ OPTIONAL = {"type": "object", "properties": {
     "unit": {"enum": ["celsius", "fahrenheit"]}, "note": {"type": "string", "maxLength": 8}}, "required": ["city"]}
 
 
+def _constrained_outputs(spec, schema, n: int, on_step=None):
+    """n requests of QUESTION constrained to `schema` (two greedy, the rest seeded sampling) through a demo-model
+    engine with `spec`; `on_step(engine, reqs)` after every step. Returns the engine and the outputs."""
+    engine = Engine(DEFAULT_MODEL, max_memory="64MiB", max_model_len=256, max_num_seqs=n, speculative_config=spec)
+    prompt = engine.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
+    params = [SamplingParams(temperature=0.0 if i < 2 else 1.0, seed=i, max_tokens=80,
+                             structured_outputs={"json": schema}) for i in range(n)]
+    reqs = [engine.add_request(prompt, sp) for sp in params]
+    while engine.step():
+        if on_step is not None:
+            on_step(engine, reqs)
+    return engine, [r.output().outputs[0] for r in reqs]
+
+
 @pytest.mark.parametrize("schema", [WEATHER, OPTIONAL], ids=["required-keys", "optional-keys"])
 def test_mtp_drafting_leaves_constrained_outputs_token_identical(schema):
     """Greedy and seeded constrained outputs with MTP drafts (masks per verified position on a copy of the
     matcher) equal plain decoding's and validate; the drafts stay inside the grammar and are mostly accepted."""
-    prompts, outs, n = None, [], 16
+    def drafts_inside_the_grammar(engine, reqs):
+        for r in reqs:  # the MTP head drafts inside the grammar: every draft is one the grammar allows next
+            seq, eos = r.samples[0].seq, engine.scheduler.config.eos_token_ids
+            d = seq.draft_token_ids
+            d = d[:next((i + 1 for i, t in enumerate(d) if t in eos), len(d))]  # nothing follows an EOS
+            if seq.is_finished:
+                continue
+            if seq.grammar.is_stopped:  # complete: only an end-of-sequence token may follow
+                assert not d or d[0] in eos
+            else:
+                assert seq.grammar.valid_prefix(d) == len(d)
+
+    outs = []
     for spec in (None, {"method": "mtp", "num_speculative_tokens": 3, "adaptive": False}):
-        engine = Engine(DEFAULT_MODEL, max_memory="64MiB", max_model_len=256, max_num_seqs=n,
-                        speculative_config=spec)
-        prompts = prompts or [engine.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)] * n
-        params = [SamplingParams(temperature=0.0 if i < 2 else 1.0, seed=i, max_tokens=80,
-                                 structured_outputs={"json": schema}) for i in range(n)]
-        reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        while engine.step():
-            for r in reqs:  # the MTP head drafts inside the grammar: every draft is one the grammar allows next
-                seq, eos = r.samples[0].seq, engine.scheduler.config.eos_token_ids
-                d = seq.draft_token_ids
-                d = d[:next((i + 1 for i, t in enumerate(d) if t in eos), len(d))]  # nothing follows an EOS
-                if seq.is_finished:
-                    continue
-                if seq.grammar.is_stopped:  # complete: only an end-of-sequence token may follow
-                    assert not d or d[0] in eos
-                else:
-                    assert seq.grammar.valid_prefix(d) == len(d)
-        outs.append([r.output().outputs[0] for r in reqs])
+        engine, got = _constrained_outputs(spec, schema, 16, drafts_inside_the_grammar)
+        outs.append(got)
         if spec is not None:
             assert engine.spec_stats.acceptance_rate > 0.35  # 0.46-0.8 here; drafts outside the grammar: ~0.2
     for plain, spec in zip(*outs):
@@ -238,19 +248,12 @@ def test_mtp_with_a_draft_vocabulary_keeps_constrained_outputs(tmp_path):
     greedy and seeded outputs equal plain decoding's and validate."""
     (tmp_path / "tiny.json").write_text("[5, 6]")
     maps = [str(DEFAULT_MODEL / "speculative_token_map.json"), str(tmp_path / "tiny.json")]
-    prompts, outs, n = None, [], 4
+    outs = []
     for token_map in (None, *maps):
         spec = None if token_map is None else {"method": "mtp", "num_speculative_tokens": 3, "adaptive": False,
                                                "speculative_token_map": token_map}
-        engine = Engine(DEFAULT_MODEL, max_memory="64MiB", max_model_len=256, max_num_seqs=n,
-                        speculative_config=spec)
-        prompts = prompts or [engine.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)] * n
-        params = [SamplingParams(temperature=0.0 if i < 2 else 1.0, seed=i, max_tokens=80,
-                                 structured_outputs={"json": WEATHER}) for i in range(n)]
-        reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        while engine.step():
-            pass
-        outs.append([r.output().outputs[0] for r in reqs])
+        engine, got = _constrained_outputs(spec, WEATHER, 4)
+        outs.append(got)
         if spec is not None:
             assert engine.spec_stats.num_draft_tokens > 0
     for plain, *spec in zip(*outs):
