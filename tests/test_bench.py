@@ -494,7 +494,7 @@ def test_bench_speculative_section_on_the_tiny_preset():
     full = {**SPEC_K2, "draft_head": None, "speculative_token_map": None}  # the parsed config, its defaults included
     assert sp["config"] == full and report["options"]["speculative_config"] == full
     assert sp["prompts"] == "random" and sp["prompt_lens"] == [12, 12] and "random" in sp["prompt_description"]
-    assert sp["decode_tokens"] == 6 and sp["rounds"] == 1 and sp["identical"] is True
+    assert sp["decode_tokens"] == 6 and sp["rounds"] == 1 and sp["identical"] is True and sp["weights"] == "float32"
     assert [(r["mode"], r["batch"]) for r in sp["rows"]] == [("eager", 1), ("eager", 2)]
     for r in sp["rows"]:
         assert r["identical"] is True and r["mismatches"] == []
@@ -521,6 +521,34 @@ def test_bench_speculative_section_on_the_tiny_preset():
         assert f"{r['speedup_median']:.2f}x / {r['speedup_min']:.2f}x" in text
     assert "random token-id prompts" in text and "BUG" not in text
     json.dumps(report)  # JSON-ready
+
+
+def test_speculative_section_measures_the_engines_weight_storage(tmp_path):
+    """A bf16 checkpoint directory: the engines of the speculative section run the bf16-stored weights the engine
+    itself would load (a copy; the bench's float model is untouched); an fp32 directory: the float model itself."""
+    from types import SimpleNamespace
+
+    from qwen3next import kernels
+    from qwen3next.bench.speculative import engine_storage
+    from qwen3next.checkpoint import load_model
+    from tiny_models import make_model
+
+    if not kernels.available():
+        pytest.skip("bf16 storage is the default only where the native kernels run")
+    for dtype in (torch.bfloat16, torch.float32):
+        d = tmp_path / str(dtype)
+        make_model("base", vocab_size=300).to(dtype).save_pretrained(d)
+        model = load_model(d, dtype=torch.float32)
+        got, weights = engine_storage(SimpleNamespace(model=str(d)), model)
+        if dtype == torch.float32:
+            assert got is model and weights == "float32"
+            continue
+        assert got is not model and weights.startswith("bf16 storage")
+        assert got.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.float32
+        assert got.model.embed_tokens.weight is model.model.embed_tokens.weight  # not a matrix: shared
+        assert torch.equal(got.lm_head.weight.float(), model.lm_head.weight)  # a bf16 checkpoint: the same values
+    model = make_model("base", vocab_size=300)
+    assert engine_storage(SimpleNamespace(model=None), model) == (model, "float32")
 
 
 def test_speculative_prompts_from_text():

@@ -19,6 +19,7 @@ every prompt once, B at a time (the first B, cycled, when there are fewer than B
 
 from __future__ import annotations
 
+import copy
 import itertools
 import statistics
 import time
@@ -26,11 +27,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..engine.llm import Engine
+from ..engine.llm import Engine, weight_storage
 from ..engine.runner import cache_geometry
 from ..engine.sampling import SamplingParams
 from ..engine.speculative import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
 from ..model.qwen3_next import Qwen3NextForCausalLM
+from ..quant.quantize import store_bf16
 from ..tokenizer import Tokenizer
 from . import measure
 
@@ -238,12 +240,24 @@ def _row(mode: str, batch: int, plain: list[_Run], spec: list[_Run], k: int, eng
     }
 
 
+def engine_storage(opts, model: Qwen3NextForCausalLM) -> tuple[Qwen3NextForCausalLM, str]:
+    """The model as the engine would hold it for `opts.model` and a description: a directory the engine loads with
+    bf16 storage by default (`engine.llm.weight_storage`: a bf16 checkpoint loaded as float32 on a CPU with the
+    native kernels) is measured so, through a copy whose matrices are bf16 (the float model's other tensors shared);
+    else the bench's own model."""
+    if opts.model is None or weight_storage(Path(opts.model), model.dtype, model.device, None) != "bf16":
+        return model, str(model.dtype).removeprefix("torch.")
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return store_bf16(copy.deepcopy(model, memo=shared)), "bf16 storage (the engine's default for this checkpoint)"
+
+
 def measure_speculative(opts, model: Qwen3NextForCausalLM, tokenizer: Tokenizer, plan: _Plan,
                         log: Callable[[str], None]) -> dict[str, object]:
     """Paired rounds of plain vs speculative decoding for every mode and batch size; the report's "speculative"
     section."""
     k, rows = plan.spec.num_speculative_tokens, []
     modes = ["eager", "compiled"] if opts.compile else ["eager"]
+    model, storage = engine_storage(opts, model)
     for mode in modes:
         compiled = mode == "compiled"
         if compiled:
@@ -270,7 +284,7 @@ def measure_speculative(opts, model: Qwen3NextForCausalLM, tokenizer: Tokenizer,
                         f"{got['spec'].tokens_per_s / got['plain'].tokens_per_s:.2f}x")
             rows.append(_row(mode, batch, runs["plain"], runs["spec"], k, engines["spec"], mismatches))
         del engines
-    return {"config": asdict(plan.spec), "prompts": plan.prompts.source,
+    return {"config": asdict(plan.spec), "weights": storage, "prompts": plan.prompts.source,
             "prompt_description": plan.prompts.description, "prompt_lens": [len(p) for p in plan.prompts.prompts],
             "decode_tokens": opts.decode_tokens, "rounds": opts.repeat, "warmup_rounds": 1, "rows": rows,
             "identical": all(r["identical"] for r in rows)}
@@ -298,8 +312,8 @@ def format_section(section: dict[str, object], aligned: Callable[[list[list[str]
                       f"{r['plain_steps'] / rounds:.0f} / {r['spec_steps'] / rounds:.0f}", str(r["draft_length_last"]),
                       "true" if r["identical"] else "FALSE"])
     adaptive = "adaptive draft length 0.." + str(k) if c["adaptive"] else f"fixed draft length {k}"
-    lines = [f"speculative decoding ({c['method']}, num_speculative_tokens {k}, {adaptive}) vs plain, same model, "
-             "through the engine", *aligned(table, 2), "",
+    lines = [f"speculative decoding ({c['method']}, num_speculative_tokens {k}, {adaptive}) vs plain, same model "
+             f"(weights: {section.get('weights', '-')}), through the engine", *aligned(table, 2), "",
              f"prompts: {section['prompt_description']}; every round decodes each prompt once, in batches of B",
              f"greedy, {section['decode_tokens']} tokens per request (EOS ignored); decode only (the clock starts once "
              f"every request has its first token); {section['rounds']} paired rounds after {section['warmup_rounds']} "
