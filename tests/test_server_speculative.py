@@ -1,10 +1,11 @@
 """The server with MTP speculative decoding on: the same requests, sent with the official `openai` client to a plain
-server and to servers with `speculative_config` (k = 2 fixed, k = 3 adaptive), give the same text, tokens, usage
-and logprobs, streamed or not, greedy or seeded; /metrics exposes the spec_decode families; a bad
-`--speculative-config` is a usage error (exit 2)."""
+server and to servers with `speculative_config` (k = 2 fixed, k = 3 adaptive, k = 2 over a draft vocabulary), give
+the same text, tokens, usage and logprobs, streamed or not, greedy or seeded; /metrics exposes the spec_decode
+families; a bad `--speculative-config` is a usage error (exit 2)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -27,6 +28,8 @@ SPECS = {
     "plain": None,
     "k2": {"method": "mtp", "num_speculative_tokens": 2, "adaptive": False},  # always 2 drafts per step
     "k3": {"method": "mtp", "num_speculative_tokens": 3},  # adaptive: 0..3 drafts, chosen from step timings
+    # drafts restricted to a draft vocabulary (every other byte token; written beside the model by the fixture)
+    "k2map": {"method": "mtp", "num_speculative_tokens": 2, "adaptive": False, "speculative_token_map": "map.json"},
 }
 MAX_TOKENS = 24
 PROMPTS = ["Once upon a time", "The quick brown fox jumps", "1, 2, 3,", "why? " * 30, "x"]
@@ -35,13 +38,16 @@ CHATS = [[{"role": "user", "content": p}] for p in PROMPTS]
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """One tiny random model (with its MTP head) served three times; name -> (llm, openai client, base URL)."""
+    """One tiny random model (with its MTP head) served once per SPECS entry; name -> (llm, openai client, base URL)."""
     d = tmp_path_factory.mktemp("tiny_spec_server")
     make_model("base", vocab_size=261, max_position_embeddings=MAX_LEN).save_pretrained(d)
     write_byte_tokenizer(d)
+    (d / "map.json").write_text(json.dumps(list(range(0, 261, 2))))
     out = {}
     with ExitStack() as stack:
         for name, spec in SPECS.items():
+            if spec is not None and "speculative_token_map" in spec:
+                spec = {**spec, "speculative_token_map": str(d / spec["speculative_token_map"])}
             llm = LLM(d, max_memory="64MiB", max_model_len=MAX_LEN, max_num_seqs=8, speculative_config=spec)
             base = stack.enter_context(serving(llm, KEY))
             out[name] = llm, openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60), base
