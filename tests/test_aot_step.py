@@ -212,6 +212,20 @@ def test_the_package_key_covers_what_the_trace_depends_on():
         assert package_path(on, int4_cache) != package_path(off, int4_cache)
 
 
+def test_the_package_key_covers_the_draft_vocabularys_source(monkeypatch):
+    """The drafting program traces DraftVocabHead (engine/draft_vocab.py): a change to that file is another package."""
+    from pathlib import Path
+
+    model = make_model("base")
+    cache = _cache(model, 2, 4)
+    base = package_path(model, cache)
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: read_bytes(p) + (b"#" if p.name == "draft_vocab.py" else b""))
+    assert package_path(model, cache) != base
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert package_path(model, cache) == base
+
+
 def test_models_the_step_cannot_serve_are_refused_before_tracing(aot_on):
     model = make_model("base", dtype=torch.bfloat16)
     cache = HybridCache(model.config, num_slots=2, num_blocks=4, block_size=4, dtype=torch.bfloat16,

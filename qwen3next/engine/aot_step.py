@@ -19,9 +19,9 @@ How it is built:
   tensors are handed over with `load_constants(..., user_managed=True)`, so the step reads them where they are.
 - The package is cached on disk (`~/.cache/qwen3next/aot`, or `$QWEN3NEXT_AOT_CACHE`), keyed by what the code
   depends on: the torch version, the CPU's vector ISA (the kernels are compiled for it), this package's
-  model/ops/kernels/quant sources and this module, the fast-path switches, the config, the block size, and the
-  names, shapes and dtypes of the weights and pools (not their values, not the pools' sizes). Compiling takes
-  ~30-90 s on 2 cores; loading a cached package ~0.1 s.
+  model/ops/kernels/quant sources, this module and the draft vocabulary's (engine/draft_vocab.py), the fast-path
+  switches, the config, the block size, and the names, shapes and dtypes of the weights and pools (not their values,
+  not the pools' sizes). Compiling takes ~30-90 s on 2 cores; loading a cached package ~0.1 s.
 
 Batches of more than `MAX_BATCH` sequences keep the torch.compile path: the native kernels' row limits (ops/linear.py)
 would flip inside the range and one library would need several graphs; for the same reason only fp32 models with the
@@ -224,7 +224,8 @@ class _DraftModule(_TracedBase):
 
 
 def _source_digest() -> str:
-    """Hash of the sources the traced step runs: the model, ops, kernels and this module."""
+    """Hash of the sources the traced programs run: the model, ops, kernels, quant, the config, the draft
+    vocabulary's head and this module."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for sub in ("model", "ops", "kernels", "quant"):
@@ -233,6 +234,7 @@ def _source_digest() -> str:
                 h.update(p.relative_to(root).as_posix().encode())
                 h.update(p.read_bytes())
     h.update((root / "config.py").read_bytes())
+    h.update((root / "engine" / "draft_vocab.py").read_bytes())  # the drafting program may trace DraftVocabHead
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()
 
