@@ -57,6 +57,18 @@ def add_speculative_arg(parser: argparse.ArgumentParser) -> None:
                              'distributed as without it, token for token for greedy and seeded requests')
 
 
+def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
+    """`--quantize` of the commands that run the engine (generate, chat, serve)."""
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                        help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute; the default "
+                             "for a bf16 checkpoint on a CPU, exact there; none: every weight in --dtype)")
+
+
+def add_enforce_eager_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="on a CUDA GPU: run decode steps eagerly, not as CUDA graphs (no effect on a CPU)")
+
+
 # The engine's KV block size (`Engine(block_size=...)`'s default; no command-line option changes it): snapshot
 # intervals are whole blocks.
 ENGINE_BLOCK_SIZE = 64

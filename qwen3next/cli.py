@@ -10,8 +10,10 @@ from pathlib import Path
 from . import DEFAULT_MODEL
 from .argtypes import (
     QUANTIZE_CHOICES,
+    add_enforce_eager_arg,
     add_hf_overrides_arg,
     add_prefix_caching_args,
+    add_quantize_arg,
     add_speculative_arg,
     add_tensor_parallel_arg,
     check_prefix_caching_args,
@@ -367,15 +369,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="context length (prompt + completion); default: the model's, at most 8192; up to "
                         "original_max_position_embeddings x factor with YaRN (--hf-overrides)")
     p.add_argument("--max-num-seqs", type=_positive_int, default=16)
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                   help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute; the default "
-                   "for a bf16 checkpoint on a CPU, exact there; none: every weight in --dtype)")
+    add_quantize_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (faster steps; needs a C++ compiler): torch.compile, and for steps "
                         "of up to 8 sequences an AOTInductor library cached on disk (QWEN3NEXT_AOT=0: not that); "
                         "~1-2 min of compiling at the first start, less once cached")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="on a CUDA GPU: run decode steps eagerly, not as CUDA graphs (no effect on a CPU)")
+    add_enforce_eager_arg(p)
     add_speculative_arg(p)
     add_hf_overrides_arg(p)
     add_prefix_caching_args(p)

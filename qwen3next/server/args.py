@@ -6,9 +6,10 @@ import argparse
 
 from .. import DEFAULT_MODEL
 from ..argtypes import (
-    QUANTIZE_CHOICES,
+    add_enforce_eager_arg,
     add_hf_overrides_arg,
     add_prefix_caching_args,
+    add_quantize_arg,
     add_speculative_arg,
     add_tensor_parallel_arg,
 )
@@ -39,14 +40,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                              "original_max_position_embeddings x factor with YaRN (--hf-overrides)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                        help="weight-only quantization at load (bf16: bf16-stored weights, fp32 compute; the default "
-                             "for a bf16 checkpoint on a CPU, exact there; none: every weight in --dtype)")
+    add_quantize_arg(parser)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step before serving (faster steps; about a minute of "
                              "compiling at start; needs a C++ compiler)")
-    parser.add_argument("--enforce-eager", action="store_true",
-                        help="on a CUDA GPU: run decode steps eagerly, not as CUDA graphs (no effect on a CPU)")
+    add_enforce_eager_arg(parser)
     add_speculative_arg(parser)
     add_hf_overrides_arg(parser)
     add_prefix_caching_args(parser)
