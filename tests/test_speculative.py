@@ -683,4 +683,4 @@ def test_draft_token_map_errors(model, tokenizer, tmp_path):
         Engine("no-such-dir", tensor_parallel_size=2, speculative_config={**spec(2), "speculative_token_map": "m"})
     int4 = Int4Linear.from_linear(torch.nn.Linear(64, VOCAB, bias=False), group_size=32)
     with pytest.raises(ValueError, match="needs a float or int8 lm_head to take rows from; this model's is Int4Linear"):
-        head_rows(int4, [1, 2])
+        head_rows(int4, torch.tensor([1, 2]))

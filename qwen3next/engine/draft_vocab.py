@@ -75,12 +75,10 @@ class DraftVocabHead(nn.Module):
     of the full head; the output has the full vocabulary's width, -inf outside the map, so that everything after it
     (the greedy draft, grammar masks) stays as it is. A few microseconds of scatter against the rows not read."""
 
-    def __init__(self, head: nn.Module, token_ids: list[int], vocab_size: int):
+    def __init__(self, head: nn.Module, token_ids: torch.Tensor, vocab_size: int):
         super().__init__()
         self.head, self.vocab_size = head, vocab_size
-        device = next(iter(head.buffers()), None)
-        device = device.device if device is not None else next(head.parameters()).device
-        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long, device=device))
+        self.register_buffer("token_ids", token_ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sub = self.head(x)
@@ -91,21 +89,20 @@ class DraftVocabHead(nn.Module):
         return f"tokens={self.token_ids.numel()}, vocab_size={self.vocab_size}"
 
 
-def head_rows(head: nn.Module, token_ids: list[int]) -> nn.Module:
-    """A copy of `head` (a float Linear or an Int8Linear) holding only the rows of `token_ids`, in the same format
-    (the rows are copied: `len(token_ids) x hidden` elements of new memory). ValueError for other formats."""
+def head_rows(head: nn.Module, token_ids: torch.Tensor) -> nn.Module:
+    """A copy of `head` (a float Linear or an Int8Linear) holding only the rows of `token_ids` (long, on the head's
+    device), in the same format (the rows are copied: `len(token_ids) x hidden` elements of new memory). ValueError
+    for other formats."""
     from ..quant.linear import Int8Linear
 
-    idx = torch.tensor(token_ids, dtype=torch.long, device=head.weight.device if hasattr(head, "weight")
-                       else next(head.buffers()).device)
     if isinstance(head, nn.Linear) and head.weight.is_floating_point() and head.bias is None:
-        rows = nn.Parameter(head.weight.detach().index_select(0, idx), requires_grad=False)
+        rows = nn.Parameter(head.weight.detach().index_select(0, token_ids), requires_grad=False)
         sub = copy.deepcopy(head, memo={id(head.weight): rows})
         sub.out_features = len(token_ids)
         return sub
     if isinstance(head, Int8Linear):
         sub = Int8Linear(head.in_features, len(token_ids)).to(head.qweight.device)
-        sub.load_quantized(head.qweight.index_select(0, idx), head.scales.index_select(0, idx))
+        sub.load_quantized(head.qweight.index_select(0, token_ids), head.scales.index_select(0, token_ids))
         return sub
     raise ValueError(f"speculative_config: speculative_token_map needs a float or int8 lm_head to take rows from; "
                      f"this model's is {type(head).__name__}")

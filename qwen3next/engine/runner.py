@@ -68,9 +68,9 @@ def make_draft_head(model: Qwen3NextForCausalLM, kind: str, token_map: list[int]
                              "(the vocabulary is split over the ranks)")
         from .draft_vocab import DraftVocabHead, head_rows
 
-        rows = head_rows(head, token_map)
-        return DraftVocabHead(Int8Linear.from_linear(rows) if kind == "int8" else rows, token_map,
-                              model.config.vocab_size)
+        ids = torch.tensor(token_map, dtype=torch.long, device=model.device)
+        rows = head_rows(head, ids)
+        return DraftVocabHead(Int8Linear.from_linear(rows) if kind == "int8" else rows, ids, model.config.vocab_size)
     return Int8Linear.from_linear(head) if kind == "int8" else head
 
 
