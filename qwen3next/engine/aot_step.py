@@ -501,6 +501,13 @@ class AOTVerifyStep(_AOTProgram):
         return hidden, captured
 
 
+def drafts_fit(batch: BatchInfo, keep: list[int], K: int, block_size: int) -> bool:
+    """Whether every sequence's blocks in `batch` hold the K - 1 positions drafted after its last kept token (it
+    keeps keep[b] of its verified tokens): what a drafting program (ahead-of-time or CUDA graph) writes K/V at."""
+    return all(c + n - 1 + K - 1 < len(t) * block_size
+               for c, n, t in zip(batch.context_lens, keep, batch.block_tables))
+
+
 class AOTDraftStep(_AOTProgram):
     """An AOTInductor-compiled commit + MTP drafting after a verification of T tokens per sequence (see
     `_DraftModule`): `run(...)` -> drafts [B, K]."""
@@ -536,11 +543,9 @@ class AOTDraftStep(_AOTProgram):
                 *self._pools(cache)]
 
     def handles(self, batch: BatchInfo, keep: list[int]) -> bool:
-        """Whether the drafts after `batch`'s verification (keeping keep[b] tokens of sequence b) fit the program:
-        every sequence's blocks hold the K - 1 positions drafted after its last kept one."""
-        bs = self.block_size
-        return all(c + n - 1 + self.K - 1 < len(t) * bs
-                   for c, n, t in zip(batch.context_lens, keep, batch.block_tables))
+        """Whether the drafts after `batch`'s verification (keeping keep[b] tokens of sequence b) fit the program
+        (`drafts_fit`)."""
+        return drafts_fit(batch, keep, self.K, self.block_size)
 
     def run(self, hidden: torch.Tensor, tokens: torch.Tensor, bonus: list[int], keep: list[int], batch: BatchInfo,
             captured: list[torch.Tensor], cache: HybridCache) -> torch.Tensor:

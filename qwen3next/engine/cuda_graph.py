@@ -47,7 +47,7 @@ from ..model.cache import HybridCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..ops.dispatch import fast_decode, sync_free_scope
 from ..quant.experts import QuantizedExperts
-from .aot_step import _programs, _StepModule, _VerifyModule, pool_names, pool_tensors
+from .aot_step import _programs, _StepModule, _VerifyModule, drafts_fit, pool_names, pool_tensors
 
 MAX_CAPTURE_LEN = 8192  # keys; vLLM's max_seq_len_to_capture default
 MIN_KEYS = 256  # the smallest key bucket: short contexts share one graph per batch size
@@ -239,11 +239,10 @@ class GraphDraft:
 
     def handles(self, batch: BatchInfo, keep: list[int]) -> bool:
         """Whether the drafts after `batch`'s verification (keeping keep[b] tokens of sequence b) fit: graphs usable
-        and every sequence's blocks hold the K - 1 positions drafted after its last kept one."""
-        o, bs = self.owner, self.owner.block_size
+        and every sequence's blocks hold its drafted positions (`aot_step.drafts_fit`)."""
+        o = self.owner
         return (o.error is None and o.width(max(batch.context_lens) + self.T + self.K - 1) is not None
-                and all(c + n - 1 + self.K - 1 < len(t) * bs
-                        for c, n, t in zip(batch.context_lens, keep, batch.block_tables)))
+                and drafts_fit(batch, keep, self.K, o.block_size))
 
     @torch.no_grad()
     def run(self, hidden: torch.Tensor, tokens: torch.Tensor, bonus: list[int], keep: list[int], batch: BatchInfo,
