@@ -181,3 +181,5 @@ def test_token_map_ranks_the_tokens_of_text_and_generate_drafts_with_it(model_di
     assert spec.stdout == plain.stdout
     bad = run("token-map", tmp_path / "missing.txt", "--model", model_dir, "--output", out)
     assert bad.returncode == 1 and "missing.txt: no such file" in bad.stderr
+    no_tokenizer = run("token-map", tmp_path / "a.txt", "--model", tmp_path, "--output", out)
+    assert no_tokenizer.returncode == 1 and f"model: {tmp_path} has no tokenizer.json" in no_tokenizer.stderr

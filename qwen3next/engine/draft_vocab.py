@@ -131,6 +131,8 @@ def build_token_map(model_dir: str | Path, files: list[str | Path], size: int | 
 
     if size is not None and size < 1:
         raise ValueError(f"size: expected a positive number of tokens, got {size}")
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise ValueError(f"model: {model_dir} has no tokenizer.json (its tokenizer counts the tokens)")
     tokenizer = Tokenizer.from_dir(model_dir)
 
     def token_lists() -> Iterable[list[int]]:
