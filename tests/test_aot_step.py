@@ -53,7 +53,8 @@ def _prefill(model, cache, lens, slots, tables, gen):
 
 def _steps_both_ways(model, compiled, cache, lens, slots, tables, steps, gen):
     """Decode `steps` tokens for every sequence through the compiled decoder on `cache` and eagerly on a copy of
-    it; returns the largest |Δ| of the hidden states over the steps and the two caches."""
+    it; returns the largest |Δ| of the hidden states and of the logits the step computes with them over the steps,
+    and the two caches."""
     eager_cache = _cache(model, cache.num_slots, cache.num_blocks, cache.block_size)
     for a, b in zip(_pools(eager_cache), _pools(cache)):
         a.copy_(b)
@@ -62,10 +63,11 @@ def _steps_both_ways(model, compiled, cache, lens, slots, tables, steps, gen):
         for t in range(steps):
             tokens = torch.randint(0, model.config.vocab_size, (len(lens),), generator=gen)
             ctx_lens = [n + t for n in lens]
-            fast = compiled.hidden_states(tokens, BatchInfo([1] * len(lens), ctx_lens, slots, tables), cache)
+            fast, logits = compiled.decode(tokens, BatchInfo([1] * len(lens), ctx_lens, slots, tables), cache)
             batch = BatchInfo([1] * len(lens), ctx_lens, slots, tables)
             ref = model.hidden_states(tokens, model.context(batch, eager_cache))
-            worst = max(worst, (fast - ref).abs().max().item())
+            assert logits is not None and logits.dtype == torch.float32
+            worst = max(worst, (fast - ref).abs().max().item(), (logits - model.lm_head(ref)).abs().max().item())
     return worst, eager_cache
 
 
@@ -296,10 +298,12 @@ def test_aot_verification_and_drafting_match_the_eager_verification_and_mtp_head
     ctx_lens, slots, tables = [14, 30], [3, 1], [[7, 2], [0, 5, 9]]  # the second one's drafts cross a block
     tokens = torch.randint(0, 261, (2 * T,), generator=gen)
     with torch.no_grad():
-        hidden, captured = verify.run(tokens, BatchInfo([T] * 2, ctx_lens, slots, tables, capture_states=True), cache)
+        hidden, captured, logits = verify.run(tokens, BatchInfo([T] * 2, ctx_lens, slots, tables,
+                                                                capture_states=True), cache)
         ctx = model.context(BatchInfo([T] * 2, ctx_lens, slots, tables, capture_states=True), eager_cache)
         ref = model.hidden_states(tokens, ctx)
         assert (hidden - ref).abs().max() < 1e-5
+        assert logits.shape == (2 * T, 261) and (logits - model.lm_head(ref)).abs().max() < 1e-5
         assert len(captured) == len(ctx.captured) > 0
         for key, states in zip(verify.state_keys, captured):
             assert (states - ctx.captured[key]).abs().max() < 1e-5

@@ -94,10 +94,16 @@ class CompiledDecoder:
         """Flat tokens [B] of a decode step -> final normed hidden states [B, D]. Steps of up to
         `aot_step.MAX_BATCH` sequences run through the ahead-of-time library when it is on and builds
         (engine/aot_step.py), the others through torch.compile."""
+        return self.decode(tokens, batch, cache)[0]
+
+    def decode(self, tokens: torch.Tensor, batch: BatchInfo,
+               cache: HybridCache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden_states`, and the logits of every row [B, V] fp32 when the ahead-of-time step computed them (it
+        runs the LM head too), else None."""
         step = self.aot_step(cache) if AOTDecodeStep.handles(batch) else None
         if step is not None:
-            return step.hidden_states(tokens, batch, cache)
-        return self.forward(tokens, batch, cache)[0]
+            return step.run(tokens, batch, cache)
+        return self.forward(tokens, batch, cache)[0], None
 
     def forward(self, tokens: torch.Tensor, batch: BatchInfo,
                 cache: HybridCache) -> tuple[torch.Tensor, ForwardContext]:
@@ -153,9 +159,9 @@ class CompiledDecoder:
         """`model(input_ids, cache)` for one token per sequence ([B, 1] -> logits [B, 1, vocab]), compiled."""
         B = input_ids.shape[0]
         rows, ones = list(range(B)), [1] * B
-        hidden = self.hidden_states(input_ids.reshape(-1), cache.batch(rows, ones), cache.hybrid)
+        hidden, logits = self.decode(input_ids.reshape(-1), cache.batch(rows, ones), cache.hybrid)
         cache.advance(rows, ones)
-        return self.model.lm_head(hidden).view(B, 1, -1)
+        return (logits if logits is not None else self.model.lm_head(hidden)).view(B, 1, -1)
 
     @torch.no_grad()
     def warm_up(self, cache: HybridCache) -> None:

@@ -91,6 +91,13 @@ def make_draft_mtp(model: Qwen3NextForCausalLM, kind: str) -> nn.Module:
     return quantize_module(copy.deepcopy(model.mtp, memo=shared), 8)
 
 
+def plain_greedy(seqs: list) -> bool:
+    """Whether every one of `seqs` samples its tokens as the argmax of the raw logits: greedy, no penalties, no
+    grammar, no logprobs (`sampler.sample` would then do exactly `logits.argmax(-1)`, after building its batch)."""
+    return all(s.params.is_greedy and not s.params.has_penalties and s.params.logprobs is None and s.grammar is None
+               for s in seqs)
+
+
 def cuda_graph_steps(device: torch.device, enforce_eager: bool, tp: TPComm | None) -> bool:
     """Whether a runner on `device` takes its decode steps (and MTP's verifications) as CUDA graphs
     (engine/cuda_graph.py): on a GPU, unless `enforce_eager` or tensor-parallel."""
@@ -231,12 +238,15 @@ class ModelRunner:
         if graph_verify:  # on a GPU: the verification and the drafting after it as CUDA graphs
             aot_verify = self.graphs.verifier
         captured = None  # the ahead-of-time verification's captured states
+        logits = None  # of every row, when the step's program computed them
         if self.graphs is not None and self.graphs.handles(info):
             hidden = self.graphs.hidden_states(tokens, info, self.cache)
         elif self.compiled is not None and self.compiled.handles(info):
-            hidden = self.compiled.hidden_states(tokens, info, self.cache)
-        elif aot_verify is not None:
+            hidden, logits = self.compiled.decode(tokens, info, self.cache)
+        elif graph_verify:
             hidden, captured = aot_verify.run(tokens, info, self.cache)
+        elif aot_verify is not None:
+            hidden, captured, logits = aot_verify.run(tokens, info, self.cache)
         elif self.compiled is not None and self.compiled.handles_verify(info):
             hidden, ctx = self.compiled.forward(tokens, info, self.cache)
             compiled_verify = True
@@ -245,7 +255,7 @@ class ModelRunner:
         else:
             ctx = model.context(info, self.cache)
             hidden = model.hidden_states(tokens, ctx)
-        out = self._sample(batch, hidden) if batch.logits_indices else StepOutput(None, [], [], [], [])
+        out = self._sample(batch, hidden, logits) if batch.logits_indices else StepOutput(None, [], [], [], [])
         if batch.prompt_logprob_spans:
             out.prompt_logprobs = self._prompt_logprobs(batch, hidden)
         if captured is not None:
@@ -313,15 +323,25 @@ class ModelRunner:
             verify_ctx = ctx if capture else verify_ctx
         return hidden, verify_ctx, decodes
 
-    def _sample(self, batch: ScheduledBatch, hidden: torch.Tensor) -> StepOutput:
-        """Target logits at every sampled row; the sampled token of plain entries, the accepted run of entries
-        with drafts (each position sampled as plain decoding would, assuming the drafts before it accepted)."""
+    def _sample(self, batch: ScheduledBatch, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> StepOutput:
+        """Target logits at every sampled row (`logits`: of every row of `hidden`, when the step's program computed
+        them); the sampled token of plain entries, the accepted run of entries with drafts (each position sampled
+        as plain decoding would, assuming the drafts before it accepted)."""
         model = self.model
-        idx = torch.tensor(batch.logits_indices, dtype=torch.long, device=model.device)
-        logits = model.lm_head(hidden.index_select(0, idx)).float()
+        if logits is not None:
+            if len(batch.logits_indices) != logits.shape[0]:
+                raise RuntimeError(f"a step program's logits cover {logits.shape[0]} rows, the batch samples "
+                                   f"{len(batch.logits_indices)}")
+        elif len(batch.logits_indices) == hidden.shape[0]:  # every row (the indices increase): no gather
+            logits = model.lm_head(hidden).float()
+        else:
+            idx = torch.tensor(batch.logits_indices, dtype=torch.long, device=model.device)
+            logits = model.lm_head(hidden.index_select(0, idx)).float()
         drafts = [batch.entries[i].draft_token_ids for i in batch.sample_indices]
         grammar_seconds = 0.0
-        if self.tp is None or self.tp.rank == 0:
+        if self.tp is None and plain_greedy(batch.sampled_seqs):
+            sampled = SampleOutput(logits.argmax(-1), None)
+        elif self.tp is None or self.tp.rank == 0:
             sampling = SamplingBatch.for_sequences(batch.sampled_seqs, logits.device, drafts, logits.shape[-1])
             grammar_seconds = sampling.grammar_seconds
             sampled = sample(logits, sampling)

@@ -237,8 +237,8 @@ FAST_PATHS: tuple[FastPath, ...] = (
     FastPath(
         "aot_decode_step",
         "within the compiled decoder, decode steps of 1..8 sequences through an AOTInductor library built from the "
-        "same graph (embedding, stack, final norm): no dynamo guards and no Python between kernels, ~20% faster per "
-        "step on `small` at 1 thread; cached on disk per model shape (engine/aot_step.py)",
+        "same graph (embedding, stack, final norm, LM head): no dynamo guards and no Python between kernels, ~20% "
+        "faster per step on `small` at 1 thread; cached on disk per model shape (engine/aot_step.py)",
         "the compiled decoder's guard, at most 8 sequences (the native kernels' row limits stay on one side), the "
         "library built (first use: ~40 s of compiling, then loaded from the cache)",
         "qwen3next.engine.aot_step:AOTDecodeStep.hidden_states",
