@@ -165,6 +165,37 @@ def test_logprobs_match_model(model, tokenizer):
     assert [t for t, _ in first["top"]] == lp.topk(4).indices.tolist()
 
 
+def test_greedy_shortcut_leaves_penalties_and_logprobs_to_the_sampler(model, tokenizer, monkeypatch):
+    """Plain greedy rows take the logits' argmax without the sampler (runner.plain_greedy); greedy rows with a
+    repetition penalty or logprobs, batched with them, still go through it: every output equals a run where every
+    row takes the sampler, and the penalised row differs from plain greedy (the penalty was applied)."""
+    from qwen3next.engine import runner
+
+    prompt = prompts_of([30], seed=11)[0]
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)  # alone for its last 8 steps: the shortcut
+    kinds = [plain, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=3.0),
+             SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2), plain]
+    shortcut = []
+    plain_greedy = runner.plain_greedy
+
+    def run():
+        engine = Engine(model, tokenizer=tokenizer, max_memory="64MiB", max_num_seqs=4, max_model_len=256)
+        reqs = [engine.add_request(prompt, p) for p in kinds]
+        while engine.step():
+            pass
+        return [r.output().outputs[0] for r in reqs]
+
+    monkeypatch.setattr(runner, "plain_greedy", lambda seqs: shortcut.append(plain_greedy(seqs)) or shortcut[-1])
+    fast = run()
+    assert any(shortcut) and not all(shortcut)
+    monkeypatch.setattr(runner, "plain_greedy", lambda seqs: False)
+    slow = run()
+    assert [o.token_ids for o in fast] == [o.token_ids for o in slow]
+    assert fast[2].logprobs == slow[2].logprobs and fast[2].logprobs
+    assert fast[0].token_ids == fast[3].token_ids == reference(model, prompt, 24)
+    assert fast[1].token_ids != fast[0].token_ids[:16]  # the penalty was applied
+
+
 def test_bad_requests_are_rejected_clearly(model, tokenizer):
     engine = Engine(model, tokenizer=tokenizer, max_memory="64MiB", max_model_len=64)
     with pytest.raises(ValueError, match="max_model_len"):
