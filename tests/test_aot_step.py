@@ -63,10 +63,10 @@ def _steps_both_ways(model, compiled, cache, lens, slots, tables, steps, gen):
         for t in range(steps):
             tokens = torch.randint(0, model.config.vocab_size, (len(lens),), generator=gen)
             ctx_lens = [n + t for n in lens]
-            fast, logits = compiled.decode(tokens, BatchInfo([1] * len(lens), ctx_lens, slots, tables), cache)
+            fast, logits, argmax = compiled.decode(tokens, BatchInfo([1] * len(lens), ctx_lens, slots, tables), cache)
             batch = BatchInfo([1] * len(lens), ctx_lens, slots, tables)
             ref = model.hidden_states(tokens, model.context(batch, eager_cache))
-            assert logits is not None and logits.dtype == torch.float32
+            assert logits is not None and logits.dtype == torch.float32 and torch.equal(argmax, logits.argmax(-1))
             worst = max(worst, (fast - ref).abs().max().item(), (logits - model.lm_head(ref)).abs().max().item())
     return worst, eager_cache
 
@@ -298,12 +298,13 @@ def test_aot_verification_and_drafting_match_the_eager_verification_and_mtp_head
     ctx_lens, slots, tables = [14, 30], [3, 1], [[7, 2], [0, 5, 9]]  # the second one's drafts cross a block
     tokens = torch.randint(0, 261, (2 * T,), generator=gen)
     with torch.no_grad():
-        hidden, captured, logits = verify.run(tokens, BatchInfo([T] * 2, ctx_lens, slots, tables,
+        hidden, captured, logits, argmax = verify.run(tokens, BatchInfo([T] * 2, ctx_lens, slots, tables,
                                                                 capture_states=True), cache)
         ctx = model.context(BatchInfo([T] * 2, ctx_lens, slots, tables, capture_states=True), eager_cache)
         ref = model.hidden_states(tokens, ctx)
         assert (hidden - ref).abs().max() < 1e-5
         assert logits.shape == (2 * T, 261) and (logits - model.lm_head(ref)).abs().max() < 1e-5
+        assert torch.equal(argmax, logits.argmax(-1))
         assert len(captured) == len(ctx.captured) > 0
         for key, states in zip(verify.state_keys, captured):
             assert (states - ctx.captured[key]).abs().max() < 1e-5

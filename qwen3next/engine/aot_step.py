@@ -9,11 +9,12 @@ wrapper runs the whole step. Measured on `small` int8, 1 thread, batch 1 after 5
 interleaved rounds: 4.2 ms per decode step (with lm_head and argmax) vs 5.9 ms through torch.compile.
 
 How it is built:
-- `torch.export` traces `_StepModule`: embedding -> decoder stack -> final norm -> LM head, for one new token per
-  sequence (it returns the hidden states and the logits: every row of a decode step is sampled, and the runner's
-  greedy rows then take the argmax directly; on the demo model, bf16 weights, 1 thread, this and that shortcut took
-  a decode token from 1.23 to 1.16 ms, the LM head's Python call and the sampler's batch building). Its inputs are the step's tokens, context lengths, slots, padded block tables, `arange(L)` (its length carries
-  the number of keys) and the cache pools themselves, which the step updates in place (exported as input
+- `torch.export` traces `_StepModule`: embedding -> decoder stack -> final norm -> LM head -> argmax, for one new
+  token per sequence. It returns the hidden states, the logits and their argmax: every row of a decode step is
+  sampled, and the runner's plain greedy rows take that argmax without the sampler (on the demo model, bf16
+  weights, 1 thread: a decode token 1.23 -> 1.16 ms, the LM head's Python call and the sampler's batch building
+  gone). Its inputs are the step's tokens, context lengths, slots, padded block tables, `arange(L)` (its length
+  carries the number of keys) and the cache pools themselves, which the step updates in place (exported as input
   mutations); positions, the K/V rows written and read, the mask and RoPE are derived inside the graph. The batch
   size (1..`MAX_BATCH`), the context length, the block-table width and the pool sizes are dynamic dimensions: one
   library serves every engine of the model and every context length.
@@ -68,7 +69,7 @@ from ..ops.rope import rope_cos_sin
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 8  # sequences per step; see the module docstring
-PACKAGE_VERSION = 2  # bump when the exported signature changes
+PACKAGE_VERSION = 3  # bump when the exported signature changes
 
 
 class AOTStepError(RuntimeError):
@@ -145,7 +146,8 @@ class _StepModule(_TracedBase):
     tokens it takes only what changes per step in its plainest form (context lengths, slots, padded block tables, and
     `key_pos` = arange(L) whose length carries the number of keys) and derives positions, the K/V rows written and
     read and RoPE inside the graph: one fused kernel instead of ~25 small eager ops per step (`BatchInfo.prepare` +
-    `rope_cos_sin`, ~0.35 ms on `small`). The LM head runs inside too: every row of a decode step is sampled."""
+    `rope_cos_sin`, ~0.35 ms on `small`). The LM head and the argmax run inside too: every row of a decode step is
+    sampled."""
 
     def __init__(self, model: Qwen3NextForCausalLM, kv_keys: list[str], state_keys: list[tuple[str, str]],
                  block_size: int):
@@ -156,14 +158,16 @@ class _StepModule(_TracedBase):
                 block_tables: torch.Tensor, key_pos: torch.Tensor, *pools: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch, positions = _query_batch(context_lens, slots, block_tables, key_pos, 1, self.block_size)
         hidden = self.model(self.model.embed_tokens(tokens), self._context(batch, positions, pools))
-        return hidden, self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        return hidden, logits, logits.argmax(-1)
 
 
 class _VerifyModule(_TracedBase):
     """The traced speculative verification: T tokens per sequence (the last emitted one and T - 1 drafts) at
     positions context_lens .. context_lens + T - 1, every DeltaNet state after every token captured and nothing
     committed -> (final normed hidden states [B * T, D], their logits [B * T, V] in fp32 (every verified position
-    is sampled), then the captured states in `state_keys` order, each [B, T, *state shape])."""
+    is sampled) and the logits' argmax [B * T], then the captured states in `state_keys` order, each
+    [B, T, *state shape])."""
 
     def __init__(self, model: Qwen3NextForCausalLM, kv_keys: list[str], state_keys: list[tuple[str, str]],
                  block_size: int, T: int):
@@ -178,7 +182,8 @@ class _VerifyModule(_TracedBase):
         ctx = self._context(batch, positions, pools)
         hidden = self.model(self.model.embed_tokens(tokens), ctx)
         # contiguous: the captured states are views (transposed, unfolded) that the program's outputs do not keep
-        return (hidden, self.lm_head(hidden).float(), *(ctx.captured[key].contiguous() for key in self.state_keys))
+        logits = self.lm_head(hidden).float()
+        return (hidden, logits, logits.argmax(-1), *(ctx.captured[key].contiguous() for key in self.state_keys))
 
 
 class _DraftModule(_TracedBase):
@@ -444,13 +449,14 @@ class AOTDecodeStep(_AOTProgram):
                 and batch.context_lens is not None and batch.slots is not None and batch.block_tables is not None
                 and not batch.capture_states and not batch.snapshots)
 
-    def run(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, tokens: torch.Tensor, batch: BatchInfo,
+            cache: HybridCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flat tokens [B] of a decode step `batch` (not prepared: only its context lengths, slots and block
-        tables are read) -> (final normed hidden states [B, D], logits [B, V] fp32); `cache`'s K/V rows and
-        DeltaNet states are updated in place."""
+        tables are read) -> (final normed hidden states [B, D], logits [B, V] fp32, their argmax [B]); `cache`'s
+        K/V rows and DeltaNet states are updated in place."""
         _check_step(batch, cache, [c + 1 for c in batch.context_lens])
-        hidden, logits = self._run(*self._inputs(tokens, batch, cache))
-        return hidden, logits
+        hidden, logits, argmax = self._run(*self._inputs(tokens, batch, cache))
+        return hidden, logits, argmax
 
     def hidden_states(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache) -> torch.Tensor:
         """`run` without the logits."""
@@ -488,8 +494,8 @@ def max_verify_batch(T: int) -> int:
 class AOTVerifyStep(_AOTProgram):
     """An AOTInductor-compiled speculative verification of T tokens per sequence (1..max_verify_batch(T)
     sequences): `run(tokens, batch, cache)` -> (hidden states [B * T, D], the captured DeltaNet states in
-    `state_keys` order, [B, T, ...] each, logits [B * T, V] fp32); the K/V of all T positions are written, no state
-    is committed."""
+    `state_keys` order, [B, T, ...] each, logits [B * T, V] fp32 and their argmax [B * T]); the K/V of all T
+    positions are written, no state is committed."""
 
     kind, what = "verify", "speculative verification"
 
@@ -511,10 +517,10 @@ class AOTVerifyStep(_AOTProgram):
                 and batch.context_lens is not None and batch.slots is not None and batch.block_tables is not None)
 
     def run(self, tokens: torch.Tensor, batch: BatchInfo,
-            cache: HybridCache) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+            cache: HybridCache) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
         _check_step(batch, cache, [c + self.T for c in batch.context_lens])
-        hidden, logits, *captured = self._run(*self._inputs(tokens, batch, cache))
-        return hidden, captured, logits
+        hidden, logits, argmax, *captured = self._run(*self._inputs(tokens, batch, cache))
+        return hidden, captured, logits, argmax
 
 
 def drafts_fit(batch: BatchInfo, keep: list[int], K: int, block_size: int) -> bool:

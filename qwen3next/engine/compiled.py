@@ -61,6 +61,7 @@ class CompiledDecoder:
         # copy, several batch sizes...); past the default limit of 8, dynamo silently runs eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.model, self.draft_head = model, draft_head
+        self._on_cpu = model.device.type == "cpu"
         self.draft_mtp = draft_mtp if draft_mtp is not None else model.mtp
         self.verify_tokens = verify_tokens if model.mtp is not None else 0
         if model.device.type == "cpu":
@@ -97,13 +98,13 @@ class CompiledDecoder:
         return self.decode(tokens, batch, cache)[0]
 
     def decode(self, tokens: torch.Tensor, batch: BatchInfo,
-               cache: HybridCache) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`hidden_states`, and the logits of every row [B, V] fp32 when the ahead-of-time step computed them (it
-        runs the LM head too), else None."""
+               cache: HybridCache) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`hidden_states`, and the logits of every row [B, V] fp32 and their argmax [B] when the ahead-of-time
+        step computed them (it runs the LM head too), else None, None."""
         step = self.aot_step(cache) if AOTDecodeStep.handles(batch) else None
         if step is not None:
             return step.run(tokens, batch, cache)
-        return self.forward(tokens, batch, cache)[0], None
+        return self.forward(tokens, batch, cache)[0], None, None
 
     def forward(self, tokens: torch.Tensor, batch: BatchInfo,
                 cache: HybridCache) -> tuple[torch.Tensor, ForwardContext]:
@@ -133,7 +134,7 @@ class CompiledDecoder:
         return self._aot_program(AOTDraftStep, cache, T=self.verify_tokens, K=self.verify_tokens - 1)
 
     def _aot_program(self, cls, cache: HybridCache, **shape):
-        if not enabled("aot_decode_step") or self.model.device.type != "cpu":  # a GPU's steps: torch.compile alone
+        if not enabled("aot_decode_step") or not self._on_cpu:  # a GPU's steps: torch.compile alone
             return None
         key = (cls.kind, layout_key(cache), tuple(sorted(shape.items())))
         program = self._aot.get(key)
@@ -159,7 +160,7 @@ class CompiledDecoder:
         """`model(input_ids, cache)` for one token per sequence ([B, 1] -> logits [B, 1, vocab]), compiled."""
         B = input_ids.shape[0]
         rows, ones = list(range(B)), [1] * B
-        hidden, logits = self.decode(input_ids.reshape(-1), cache.batch(rows, ones), cache.hybrid)
+        hidden, logits, _ = self.decode(input_ids.reshape(-1), cache.batch(rows, ones), cache.hybrid)
         cache.advance(rows, ones)
         return (logits if logits is not None else self.model.lm_head(hidden)).view(B, 1, -1)
 

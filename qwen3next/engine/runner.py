@@ -189,6 +189,7 @@ class ModelRunner:
         if model.device.type == "cpu":
             place_weights(model)  # the weights on huge pages where the system allows it (ops/hugepages.py)
         self.model, self.tp = model, tp
+        self.device = model.device
         # Decode steps without drafting skip the MTP head; the positions they covered are kept here per sequence
         # (id -> MTPGap) and written into the head's K/V when the sequence drafts again (`_fill_mtp_gaps`).
         self._mtp_gaps: dict[int, MTPGap] = {}
@@ -230,7 +231,7 @@ class ModelRunner:
                          positions=batch.positions, kv_write_rows=batch.kv_write_indices,
                          capture_states=batch.has_drafts,
                          snapshots=None if batch.has_drafts else batch.snapshots or None)  # else: _split_forward's
-        tokens = torch.tensor(batch.input_ids, dtype=torch.long, device=model.device)
+        tokens = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
         ctx, compiled_verify, verified = None, False, list(range(len(batch.entries)))
         aot_verify = self.compiled.aot_verify(info, self.cache) if self.compiled is not None else None
         graph_verify = self.graphs is not None and self.graphs.verifier is not None and aot_verify is None \
@@ -238,15 +239,15 @@ class ModelRunner:
         if graph_verify:  # on a GPU: the verification and the drafting after it as CUDA graphs
             aot_verify = self.graphs.verifier
         captured = None  # the ahead-of-time verification's captured states
-        logits = None  # of every row, when the step's program computed them
+        logits = argmax = None  # of every row, when the step's program computed them
         if self.graphs is not None and self.graphs.handles(info):
             hidden = self.graphs.hidden_states(tokens, info, self.cache)
         elif self.compiled is not None and self.compiled.handles(info):
-            hidden, logits = self.compiled.decode(tokens, info, self.cache)
+            hidden, logits, argmax = self.compiled.decode(tokens, info, self.cache)
         elif graph_verify:
             hidden, captured = aot_verify.run(tokens, info, self.cache)
         elif aot_verify is not None:
-            hidden, captured, logits = aot_verify.run(tokens, info, self.cache)
+            hidden, captured, logits, argmax = aot_verify.run(tokens, info, self.cache)
         elif self.compiled is not None and self.compiled.handles_verify(info):
             hidden, ctx = self.compiled.forward(tokens, info, self.cache)
             compiled_verify = True
@@ -255,7 +256,7 @@ class ModelRunner:
         else:
             ctx = model.context(info, self.cache)
             hidden = model.hidden_states(tokens, ctx)
-        out = self._sample(batch, hidden, logits) if batch.logits_indices else StepOutput(None, [], [], [], [])
+        out = self._sample(batch, hidden, logits, argmax) if batch.logits_indices else StepOutput(None, [], [], [], [])
         if batch.prompt_logprob_spans:
             out.prompt_logprobs = self._prompt_logprobs(batch, hidden)
         if captured is not None:
@@ -323,10 +324,11 @@ class ModelRunner:
             verify_ctx = ctx if capture else verify_ctx
         return hidden, verify_ctx, decodes
 
-    def _sample(self, batch: ScheduledBatch, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> StepOutput:
-        """Target logits at every sampled row (`logits`: of every row of `hidden`, when the step's program computed
-        them); the sampled token of plain entries, the accepted run of entries with drafts (each position sampled
-        as plain decoding would, assuming the drafts before it accepted)."""
+    def _sample(self, batch: ScheduledBatch, hidden: torch.Tensor, logits: torch.Tensor | None = None,
+                argmax: torch.Tensor | None = None) -> StepOutput:
+        """Target logits at every sampled row (`logits`, `argmax`: of every row of `hidden` and their argmax, when
+        the step's program computed them); the sampled token of plain entries, the accepted run of entries with
+        drafts (each position sampled as plain decoding would, assuming the drafts before it accepted)."""
         model = self.model
         if logits is not None:
             if len(batch.logits_indices) != logits.shape[0]:
@@ -340,7 +342,7 @@ class ModelRunner:
         drafts = [batch.entries[i].draft_token_ids for i in batch.sample_indices]
         grammar_seconds = 0.0
         if self.tp is None and plain_greedy(batch.sampled_seqs):
-            sampled = SampleOutput(logits.argmax(-1), None)
+            sampled = SampleOutput(argmax if argmax is not None else logits.argmax(-1), None)
         elif self.tp is None or self.tp.rank == 0:
             sampling = SamplingBatch.for_sequences(batch.sampled_seqs, logits.device, drafts, logits.shape[-1])
             grammar_seconds = sampling.grammar_seconds
