@@ -83,16 +83,17 @@ def graph_steps_vs_eager(decoder_cls, device: str) -> tuple[float, float, CUDAGr
                                  [tables[r] for r in rows])
 
             assert decoder.handles(batch())
-            got = decoder.hidden_states(ids, batch(), cache)
+            got, logits, argmax = decoder.decode(ids, batch(), cache)
             want = model.hidden_states(ids, model.context(batch(), eager))
-            worst = max(worst, (got - want).abs().max().item())
+            assert torch.equal(argmax, logits.argmax(-1))
+            worst = max(worst, (got - want).abs().max().item(), (logits - model.lm_head(want)).abs().max().item())
     pools = max((a - b).abs().max().item() for a, b in zip(_pools(cache), _pools(eager)))
     return worst, pools, decoder
 
 
 def test_graph_steps_match_eager_steps_across_key_buckets_and_batch_sizes():
-    """Hidden states and every cache pool equal the eager steps'; one graph per (batch size, key bucket), every
-    later step a replay."""
+    """Hidden states, their logits and every cache pool equal the eager steps'; one graph per (batch size, key
+    bucket), every later step a replay."""
     worst, pools, decoder = graph_steps_vs_eager(ReplayDecoder, "cpu")
     assert worst < 1e-5 and pools < 1e-5
     w0 = MIN_KEYS // 16

@@ -5,9 +5,10 @@ batch 1 (README, "On a GPU") showed ~1.3 ms of GPU time in a ~14 ms step, ~870 k
 dispatcher and launch costs. A CUDA graph records those launches once and replays them with one call.
 
 What is captured: the step program of the ahead-of-time CPU step (`aot_step._StepModule`: embedding -> decoder stack
--> final norm), whose inputs are tensors only (tokens, context lengths, slots, padded block tables, `arange(L)`) and
-which derives positions, the K/V rows written and read, and RoPE inside; attention reads its K/V rows per query
-through `attention.attention_over_rows` (SDPA with a key mask), the MoE experts take their sync-free gathered form
+-> final norm -> LM head -> argmax, so the runner's plain greedy rows need no launch after the replay), whose
+inputs are tensors only (tokens, context lengths, slots, padded block tables, `arange(L)`) and which derives
+positions, the K/V rows written and read, and RoPE inside; attention reads its K/V rows per query through
+`attention.attention_over_rows` (SDPA with a key mask), the MoE experts take their sync-free gathered form
 (`ops.dispatch.sync_free`). Every shape in it is fixed by the batch size B and the key count L, so there is one graph
 per (B, W): B exactly (1..`max_batch`), W = block-table width rounded up to a power of two (at least `MIN_KEYS` keys,
 at most the model length: a step attends L = W x block_size keys, the ones past each sequence's own masked), up to
@@ -130,10 +131,15 @@ class CUDAGraphDecoder:
                 and not batch.capture_states and not batch.snapshots
                 and self.width(max(batch.context_lens) + 1) is not None)
 
-    @torch.no_grad()
     def hidden_states(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache) -> torch.Tensor:
-        """Flat tokens [B] of a decode step (`handles(batch)`) -> final normed hidden states [B, D] (a new tensor:
-        the graph's output is overwritten by its next replay)."""
+        """`decode` without the logits."""
+        return self.decode(tokens, batch, cache)[0]
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, batch: BatchInfo,
+               cache: HybridCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat tokens [B] of a decode step (`handles(batch)`) -> (final normed hidden states [B, D], their logits
+        [B, V] fp32, the logits' argmax [B]): new tensors, the graph's outputs are overwritten by its next replay."""
         B, W = len(batch.seq_lens), self.width(max(batch.context_lens) + 1)
         key = ("step", B, W)
         g = self.graphs.get(key)
@@ -143,7 +149,8 @@ class CUDAGraphDecoder:
             g = _Graph(static, (static["tokens"], *_index_args(static, B, W)), self.step, self.pools)
         self.fill_index(g, batch)
         g.static["tokens"].copy_(tokens)
-        return self.launch(g, key)[0]
+        hidden, logits, argmax = self.launch(g, key)
+        return hidden, logits, argmax
 
     # ---- what the programs share ---------------------------------------------------------------------------------
     def index_inputs(self, B: int, W: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -202,7 +209,8 @@ class CUDAGraphDecoder:
 class GraphVerify:
     """The speculative verification of T tokens per sequence as CUDA graphs (`aot_step._VerifyModule`: every
     DeltaNet state after every token captured, nothing committed), with AOTVerifyStep's interface:
-    `run(tokens, batch, cache)` -> (hidden states [B * T, D], the captured states in `state_keys` order)."""
+    `run(tokens, batch, cache)` -> (hidden states [B * T, D], the captured states in `state_keys` order, the
+    logits [B * T, V] fp32, their argmax [B * T])."""
 
     def __init__(self, owner: CUDAGraphDecoder, program: Callable, T: int, state_keys: list[tuple[str, str]]):
         self.owner, self.program, self.T, self.state_keys = owner, program, T, state_keys
@@ -215,7 +223,7 @@ class GraphVerify:
 
     @torch.no_grad()
     def run(self, tokens: torch.Tensor, batch: BatchInfo,
-            cache: HybridCache) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            cache: HybridCache) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
         o, B = self.owner, len(batch.seq_lens)
         W = o.width(max(batch.context_lens) + self.T)
         key = ("verify", B, W)
@@ -226,8 +234,8 @@ class GraphVerify:
             g = _Graph(static, (static["tokens"], *_index_args(static, B, W)), self.program, o.pools)
         o.fill_index(g, batch)
         g.static["tokens"].copy_(tokens)
-        hidden, *captured = o.launch(g, key)
-        return hidden, captured
+        hidden, logits, argmax, *captured = o.launch(g, key)
+        return hidden, captured, logits, argmax
 
 
 class GraphDraft:

@@ -241,12 +241,10 @@ class ModelRunner:
         captured = None  # the ahead-of-time verification's captured states
         logits = argmax = None  # of every row, when the step's program computed them
         if self.graphs is not None and self.graphs.handles(info):
-            hidden = self.graphs.hidden_states(tokens, info, self.cache)
+            hidden, logits, argmax = self.graphs.decode(tokens, info, self.cache)
         elif self.compiled is not None and self.compiled.handles(info):
             hidden, logits, argmax = self.compiled.decode(tokens, info, self.cache)
-        elif graph_verify:
-            hidden, captured = aot_verify.run(tokens, info, self.cache)
-        elif aot_verify is not None:
+        elif aot_verify is not None:  # ahead of time, or the CUDA graph verification
             hidden, captured, logits, argmax = aot_verify.run(tokens, info, self.cache)
         elif self.compiled is not None and self.compiled.handles_verify(info):
             hidden, ctx = self.compiled.forward(tokens, info, self.cache)
