@@ -71,10 +71,11 @@ def weight_in(fmt: int, N: int, K: int, group_size: int, gen: torch.Generator, c
 
 # K: a multiple of the vector widths, one with a tail of each, and one shorter than a vector; int4: groups of 64
 # and of 32 and 16 (the vector code; two or four groups per 64-column chunk; an odd number of chunks, which one row
-# against one row takes two at a time), of 32 and 16 with K not a multiple of 64 (scalar code)
+# against one row takes two at a time), of 32 and 16 with K not a multiple of 64 (scalar code); one activation row
+# against rows of at most 512 columns takes four weight rows at a time (`tile4_i4_row`), longer rows one at a time
 SHAPES = [(37, 128, 64), (64, 200, 64), (33, 11, 64), (16, 3, 64)]
 INT4_SHAPES = [(37, 128, 64), (48, 256, 128), (33, 48, 16), (16, 64, 64), (41, 192, 32), (24, 96, 32),
-               (43, 128, 16), (29, 320, 64)]
+               (43, 128, 16), (29, 320, 64), (21, 576, 64), (19, 640, 32)]
 
 
 @pytest.mark.parametrize("fmt", kernels.FORMATS)

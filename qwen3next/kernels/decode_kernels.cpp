@@ -521,6 +521,12 @@ QK_AVX2 static void block8_factors(const Weights& w, int64_t n, int rows, const 
 // compiled step 3.95 -> 3.64 ms, the demo's 0.91 -> 0.87 ms (same process, interleaved; 1 KB ahead about the same,
 // 512 bytes less). The int8 row walk gains nothing from it (its lm_head already streams at ~25 GB/s).
 constexpr int64_t kI4PrefetchBytes = 2048;
+// Rows of at most this many columns take `tile4_i4_row` for one activation row. Measured, 1 thread, Xeon VM, G = 64,
+// 8 matrices in turn (from L3), one row against the one-row tile: 8256 x 256 79 -> 69 us, 2048 x 512 39 -> 35,
+// 3072 x 512 59-60 -> 51; 512 x 1024 the same; 512 x 2048 41-43 -> 44-46 and 2048 x 2048 137-140 -> 162-170 (four
+// long rows side by side are four streams again); the demo model at int4, compiled, batch 1: 1.03-1.04x (3
+// interleaved process pairs).
+constexpr int64_t kI4ShortRow = 512;
 
 // One chunk's products with the activation codes of its even (qe) and odd (qo) columns, as 8 int32 sums: lane j holds
 // columns 8j .. 8j + 7 (maddubs pairs neighbouring bytes, madd neighbouring pairs).
@@ -610,6 +616,36 @@ QK_AVX2 static void tile_i4_chunks(const Weights& w, int64_t n, int r0, const Ac
     for (int i = 0; i < MB; ++i) out[i * ldo + r0 + r] = hsum8(acc[r][i]) + f.zsum[i * 8 + r0 + r];
 }
 
+// Four weight rows of a block against one activation row, for short rows: each chunk's activation codes loaded once
+// for the four, and the four sums reduced together (three hadds and one lane add where four `hsum8`s would each wait
+// on their own chain). The rows sit one after another in memory, so this still walks one stream.
+template <bool LANES>
+QK_AVX2 static void tile4_i4_row(const Weights& w, int64_t n, int r0, const Acts& a, int64_t m, const Block8& f,
+                                 float* out) {
+  const int64_t K = w.K, nc = K / 64, rb = K / 2;
+  const uint8_t* wr = static_cast<const uint8_t*>(w.data) + (n + r0) * rb;
+  const int8_t* q = a.q.data() + m * K;
+  const float* fac = LANES ? f.sl.data() + r0 * 8 : f.sd.data() + r0;
+  const float* dl = LANES ? a.dl.data() + m * nc * 8 : nullptr;
+  __m256 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < nc; ++c) {
+    const __m256i qe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * 64));
+    const __m256i qo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * 64 + 32));
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* p = wr + r * rb + c * 32;
+      if ((c & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + kI4PrefetchBytes), _MM_HINT_T0);
+      __m256i lo, hi;
+      unpack_i4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), &lo, &hi);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_dot_i4(lo, hi, qe, qo)),
+                               chunk_factor<LANES>(fac, dl, nc, 0, c, r), acc[r]);
+    }
+  }
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  _mm_storeu_ps(out + r0, _mm_add_ps(sums, _mm_loadu_ps(f.zsum.data() + r0)));
+}
+
 template <int MB>
 QK_AVX2 static void block8_i4(const Weights& w, int64_t n, int rows, const Acts& a, int64_t m, bool lanes, Block8& f,
                               float* out, int64_t ldo) {
@@ -620,14 +656,19 @@ QK_AVX2 static void block8_i4(const Weights& w, int64_t n, int rows, const Acts&
   // order, which the hardware prefetcher follows (measured, 1 thread, 60 matrices in turn so that they come from
   // memory: 3072 x 512 132 -> 83 us, 512 x 1024 67 -> 47 us, 512 x 2048 143 -> 113 us against four rows side by
   // side, whose loads stalled).
+  const bool short_rows = w.K <= kI4ShortRow;
   if (w.G < 64) {  // 32 or 16
     if (MB == 2)
       for (; r + 2 <= rows; r += 2) tile_i4_chunks<2, MB, true>(w, n, r, a, m, f, out, ldo);
+    if (MB == 1 && short_rows)
+      for (; r + 4 <= rows; r += 4) tile4_i4_row<true>(w, n, r, a, m, f, out);
     for (; r < rows; ++r) tile_i4_chunks<1, MB, true>(w, n, r, a, m, f, out, ldo);
     return;
   }
   if (MB == 2)
     for (; r + 2 <= rows; r += 2) tile_i4_chunks<2, MB, false>(w, n, r, a, m, f, out, ldo);
+  if (MB == 1 && short_rows)
+    for (; r + 4 <= rows; r += 4) tile4_i4_row<false>(w, n, r, a, m, f, out);
   for (; r < rows; ++r) tile_i4_chunks<1, MB, false>(w, n, r, a, m, f, out, ldo);
 }
 
