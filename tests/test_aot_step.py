@@ -141,6 +141,34 @@ def test_engine_with_aot_step_decodes_exactly_like_eager(aot_on, tmp_path):
     _assert_greedy_like_eager(engine, model, 2, (5, 23, 11, 1), (6, 9, 4, 7))
 
 
+@needs_compiler
+def test_aot_step_with_a_prompt_token_that_is_not_sampled(aot_on, tmp_path):
+    """A token budget of 3 for 3 sequences: while two decode, the third's prompt comes one token a step, so steps
+    of one token per sequence hold rows that are not sampled (a prompt's inner tokens). The step program's logits
+    cover every row; the sampled ones are picked from them, and greedy tokens equal the eager loop's."""
+    from qwen3next.engine.llm import Engine
+    from qwen3next.tokenizer import Tokenizer
+
+    model = make_model("mlp_only", vocab_size=261)
+    write_byte_tokenizer(tmp_path)
+    engine = Engine(model, tokenizer=Tokenizer.from_dir(tmp_path), max_memory="32MiB", max_num_seqs=3,
+                    max_num_batched_tokens=3, max_model_len=96, block_size=16, compile_decode=True)
+    compiled = engine.runner.compiled
+    compiled._stack = _no_torch_compile
+    assert compiled.aot_step(engine.runner.cache) is not None
+    partial = []
+    sample = engine.runner._sample
+
+    def watched(batch, hidden, logits=None, argmax=None):
+        if logits is not None:
+            partial.append(len(batch.logits_indices) < logits.shape[0])
+        return sample(batch, hidden, logits, argmax)
+
+    engine.runner._sample = watched
+    _assert_greedy_like_eager(engine, model, 6, (2, 3, 9), (12, 10, 5))
+    assert any(partial)
+
+
 def _assert_greedy_like_eager(engine, model, seed: int, prompt_lens: tuple, lengths: tuple) -> None:
     """Random prompts of `prompt_lens` tokens through `engine` (greedy, `lengths` new tokens each) give the tokens
     of the plain eager loop."""

@@ -329,9 +329,9 @@ class ModelRunner:
         drafts (each position sampled as plain decoding would, assuming the drafts before it accepted)."""
         model = self.model
         if logits is not None:
-            if len(batch.logits_indices) != logits.shape[0]:
-                raise RuntimeError(f"a step program's logits cover {logits.shape[0]} rows, the batch samples "
-                                   f"{len(batch.logits_indices)}")
+            if len(batch.logits_indices) != logits.shape[0]:  # rows not sampled: a prompt's inner tokens
+                idx = torch.tensor(batch.logits_indices, dtype=torch.long, device=logits.device)
+                logits, argmax = logits.index_select(0, idx), None
         elif len(batch.logits_indices) == hidden.shape[0]:  # every row (the indices increase): no gather
             logits = model.lm_head(hidden).float()
         else:
