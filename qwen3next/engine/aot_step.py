@@ -129,6 +129,13 @@ class _TracedBase(nn.Module):
         self.register_buffer("rope_inv_freq", model.rope_inv_freq, persistent=False)
         self.rope_scale, self.dtype = model.rope_scale, model.dtype
         self.kv_keys, self.state_keys, self.block_size = kv_keys, state_keys, block_size
+        self.lm_head = model.lm_head
+
+    def _logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM head's fp32 logits of `hidden` and their argmax: every row of a decode step or a verification is
+        sampled, and plain greedy rows take the argmax as it is."""
+        logits = self.lm_head(hidden).float()
+        return logits, logits.argmax(-1)
 
     def _context(self, batch: BatchInfo, positions: torch.Tensor, pools: tuple[torch.Tensor, ...]) -> ForwardContext:
         cos, sin = rope_cos_sin(positions, self.rope_inv_freq, self.rope_scale, self.dtype)
@@ -142,24 +149,18 @@ class _TracedBase(nn.Module):
 
 
 class _StepModule(_TracedBase):
-    """The traced decode step -> (final normed hidden states [B, D], their logits [B, V] in fp32). Besides the
+    """The traced decode step -> (final normed hidden states [B, D], their logits [B, V] in fp32, the logits'
+    argmax [B]). Besides the
     tokens it takes only what changes per step in its plainest form (context lengths, slots, padded block tables, and
     `key_pos` = arange(L) whose length carries the number of keys) and derives positions, the K/V rows written and
     read and RoPE inside the graph: one fused kernel instead of ~25 small eager ops per step (`BatchInfo.prepare` +
-    `rope_cos_sin`, ~0.35 ms on `small`). The LM head and the argmax run inside too: every row of a decode step is
-    sampled."""
-
-    def __init__(self, model: Qwen3NextForCausalLM, kv_keys: list[str], state_keys: list[tuple[str, str]],
-                 block_size: int):
-        super().__init__(model, kv_keys, state_keys, block_size)
-        self.lm_head = model.lm_head
+    `rope_cos_sin`, ~0.35 ms on `small`). The LM head and the argmax run inside too (`_logits`)."""
 
     def forward(self, tokens: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
                 block_tables: torch.Tensor, key_pos: torch.Tensor, *pools: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch, positions = _query_batch(context_lens, slots, block_tables, key_pos, 1, self.block_size)
         hidden = self.model(self.model.embed_tokens(tokens), self._context(batch, positions, pools))
-        logits = self.lm_head(hidden).float()
-        return hidden, logits, logits.argmax(-1)
+        return hidden, *self._logits(hidden)
 
 
 class _VerifyModule(_TracedBase):
@@ -172,7 +173,6 @@ class _VerifyModule(_TracedBase):
     def __init__(self, model: Qwen3NextForCausalLM, kv_keys: list[str], state_keys: list[tuple[str, str]],
                  block_size: int, T: int):
         super().__init__(model, kv_keys, state_keys, block_size)
-        self.lm_head = model.lm_head
         self.T = T
 
     def forward(self, tokens: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
@@ -182,8 +182,7 @@ class _VerifyModule(_TracedBase):
         ctx = self._context(batch, positions, pools)
         hidden = self.model(self.model.embed_tokens(tokens), ctx)
         # contiguous: the captured states are views (transposed, unfolded) that the program's outputs do not keep
-        logits = self.lm_head(hidden).float()
-        return (hidden, logits, logits.argmax(-1), *(ctx.captured[key].contiguous() for key in self.state_keys))
+        return (hidden, *self._logits(hidden), *(ctx.captured[key].contiguous() for key in self.state_keys))
 
 
 class _DraftModule(_TracedBase):
@@ -423,8 +422,8 @@ class AOTDecodeStep(_AOTProgram):
     """An AOTInductor-compiled decode step for `model` (batches of 1..MAX_BATCH sequences, one token each).
 
     Build with `AOTDecodeStep(model, cache)` (compiles, or loads a cached package); `handles(batch)` says whether a
-    step can take it, `run(tokens, batch, cache)` runs it (`hidden_states`: without the logits). Raises AOTStepError
-    when export, compilation or loading fails.
+    step can take it, `run(tokens, batch, cache)` runs it. Raises AOTStepError when export, compilation or loading
+    fails.
     """
 
     def _example(self, cache: HybridCache) -> tuple[list[torch.Tensor], list]:
@@ -457,10 +456,6 @@ class AOTDecodeStep(_AOTProgram):
         _check_step(batch, cache, [c + 1 for c in batch.context_lens])
         hidden, logits, argmax = self._run(*self._inputs(tokens, batch, cache))
         return hidden, logits, argmax
-
-    def hidden_states(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache) -> torch.Tensor:
-        """`run` without the logits."""
-        return self.run(tokens, batch, cache)[0]
 
 
 def _direct_call(package) -> Callable[..., object]:

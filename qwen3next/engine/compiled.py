@@ -64,7 +64,7 @@ class CompiledDecoder:
         self._on_cpu = model.device.type == "cpu"
         self.draft_mtp = draft_mtp if draft_mtp is not None else model.mtp
         self.verify_tokens = verify_tokens if model.mtp is not None else 0
-        if model.device.type == "cpu":
+        if self._on_cpu:
             kernels.available()  # build / load the native kernels now: the traced step can then call them
         self._stack = torch.compile(model.model.forward)
         self._aot: dict[tuple, object] = {}  # ahead-of-time programs per (kind, cache pool layout, shape)

@@ -131,10 +131,6 @@ class CUDAGraphDecoder:
                 and not batch.capture_states and not batch.snapshots
                 and self.width(max(batch.context_lens) + 1) is not None)
 
-    def hidden_states(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache) -> torch.Tensor:
-        """`decode` without the logits."""
-        return self.decode(tokens, batch, cache)[0]
-
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, batch: BatchInfo,
                cache: HybridCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

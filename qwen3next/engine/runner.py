@@ -327,26 +327,24 @@ class ModelRunner:
         """Target logits at every sampled row (`logits`, `argmax`: of every row of `hidden` and their argmax, when
         the step's program computed them); the sampled token of plain entries, the accepted run of entries with
         drafts (each position sampled as plain decoding would, assuming the drafts before it accepted)."""
-        model = self.model
-        if logits is not None:
-            if len(batch.logits_indices) != logits.shape[0]:  # rows not sampled: a prompt's inner tokens
-                idx = torch.tensor(batch.logits_indices, dtype=torch.long, device=logits.device)
-                logits, argmax = logits.index_select(0, idx), None
-        elif len(batch.logits_indices) == hidden.shape[0]:  # every row (the indices increase): no gather
-            logits = model.lm_head(hidden).float()
-        else:
-            idx = torch.tensor(batch.logits_indices, dtype=torch.long, device=model.device)
-            logits = model.lm_head(hidden.index_select(0, idx)).float()
+        if len(batch.logits_indices) != hidden.shape[0]:  # some rows are not sampled (a prompt's inner tokens)
+            idx = torch.tensor(batch.logits_indices, dtype=torch.long, device=self.device)
+            if logits is None:
+                hidden = hidden.index_select(0, idx)
+            else:
+                logits, argmax = logits.index_select(0, idx), argmax.index_select(0, idx)
+        if logits is None:
+            logits = self.model.lm_head(hidden).float()
         drafts = [batch.entries[i].draft_token_ids for i in batch.sample_indices]
         grammar_seconds = 0.0
-        if self.tp is None and plain_greedy(batch.sampled_seqs):
+        if self.tp is not None and self.tp.rank != 0:  # a worker: rank 0's tokens arrive below
+            sampled = SampleOutput(torch.empty(logits.shape[0], dtype=torch.long, device=logits.device), None)
+        elif plain_greedy(batch.sampled_seqs):
             sampled = SampleOutput(argmax if argmax is not None else logits.argmax(-1), None)
-        elif self.tp is None or self.tp.rank == 0:
+        else:
             sampling = SamplingBatch.for_sequences(batch.sampled_seqs, logits.device, drafts, logits.shape[-1])
             grammar_seconds = sampling.grammar_seconds
             sampled = sample(logits, sampling)
-        else:  # a worker: rank 0's tokens arrive below
-            sampled = SampleOutput(torch.empty(logits.shape[0], dtype=torch.long, device=logits.device), None)
         if self.tp is not None:
             self.tp.broadcast(sampled.token_ids)
         targets = sampled.token_ids.tolist()

@@ -223,16 +223,16 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "the decoder stack of a decode step through torch.compile, reading the cache through index tensors only "
         "(opt-in: `--compile`, `LLM(..., compile_decode=True)`; needs a C++ compiler)",
         "a compiled decoder was built and warmed up; fast_decode(); one new token per sequence, with a cache",
-        "qwen3next.engine.compiled:CompiledDecoder.hidden_states",
+        "qwen3next.engine.compiled:CompiledDecoder.decode",
         "qwen3next.model.qwen3_next:Qwen3NextForCausalLM.hidden_states", switch=FAST_DECODE_ENV),
     FastPath(
         "cuda_graph_decode",
-        "on a CUDA GPU, the decode step (embedding, stack, final norm) captured once per (batch size, key bucket) in "
-        "a CUDA graph and replayed: one launch instead of ~870 kernel launches from Python (engine/cuda_graph.py); "
-        "over the torch.compile'd step with `compile_decode`",
+        "on a CUDA GPU, the decode step (embedding, stack, final norm, LM head) captured once per (batch size, key "
+        "bucket) in a CUDA graph and replayed: one launch instead of ~870 kernel launches from Python "
+        "(engine/cuda_graph.py); over the torch.compile'd step with `compile_decode`",
         "a CUDA device, not `enforce_eager`, no tensor parallelism, no int4 experts; fast_decode(); one new token "
         "per sequence, at most max_num_seqs (<= 64) sequences of at most 8,192 keys",
-        "qwen3next.engine.cuda_graph:CUDAGraphDecoder.hidden_states",
+        "qwen3next.engine.cuda_graph:CUDAGraphDecoder.decode",
         "qwen3next.model.qwen3_next:Qwen3NextForCausalLM.hidden_states", switch=FAST_DECODE_ENV),
     FastPath(
         "aot_decode_step",
@@ -241,7 +241,7 @@ FAST_PATHS: tuple[FastPath, ...] = (
         "faster per step on `small` at 1 thread; cached on disk per model shape (engine/aot_step.py)",
         "the compiled decoder's guard, at most 8 sequences (the native kernels' row limits stay on one side), the "
         "library built (first use: ~40 s of compiling, then loaded from the cache)",
-        "qwen3next.engine.aot_step:AOTDecodeStep.hidden_states",
+        "qwen3next.engine.aot_step:AOTDecodeStep.run",
         "qwen3next.model.qwen3_next:Qwen3NextForCausalLM.hidden_states", switch=AOT_ENV),
     FastPath(
         "hugepage_weights",
