@@ -69,6 +69,12 @@ def add_enforce_eager_arg(parser: argparse.ArgumentParser) -> None:
                         help="on a CUDA GPU: run decode steps eagerly, not as CUDA graphs (no effect on a CPU)")
 
 
+def add_scheduler_steps_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-scheduler-steps", type=positive_int, default=None, metavar="N",
+                        help="multi-step decoding: up to N greedy decode steps in a row per schedule, runs kept to "
+                             "~20 ms (default 8; 1: one step per schedule)")
+
+
 # The engine's KV block size (`Engine(block_size=...)`'s default; no command-line option changes it): snapshot
 # intervals are whole blocks.
 ENGINE_BLOCK_SIZE = 64

@@ -14,6 +14,7 @@ from .argtypes import (
     add_hf_overrides_arg,
     add_prefix_caching_args,
     add_quantize_arg,
+    add_scheduler_steps_arg,
     add_speculative_arg,
     add_tensor_parallel_arg,
     check_prefix_caching_args,
@@ -202,6 +203,7 @@ def _engine(args: argparse.Namespace):
     return Engine(args.model, dtype=args.dtype, device=args.device, max_memory=args.max_memory,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, quantize=args.quantize,
                   compile_decode=args.compile, enforce_eager=args.enforce_eager,
+                  num_scheduler_steps=args.num_scheduler_steps,
                   speculative_config=args.speculative_config, hf_overrides=args.hf_overrides,
                   enable_prefix_caching=args.enable_prefix_caching, prefix_snapshot_slots=args.prefix_snapshot_slots,
                   prefix_snapshot_interval=args.prefix_snapshot_interval,
@@ -375,6 +377,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "of up to 8 sequences an AOTInductor library cached on disk (QWEN3NEXT_AOT=0: not that); "
                         "~1-2 min of compiling at the first start, less once cached")
     add_enforce_eager_arg(p)
+    add_scheduler_steps_arg(p)
     add_speculative_arg(p)
     add_hf_overrides_arg(p)
     add_prefix_caching_args(p)

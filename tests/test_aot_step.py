@@ -107,6 +107,37 @@ def test_aot_step_matches_eager_and_serves_every_batch_size_from_one_package(aot
 
 
 @needs_compiler
+def test_aot_runs_of_steps_equal_single_steps(aot_on):
+    """`decode_steps(n)` (the engine's multi-step decoding: n steps back to back, each fed the argmax of the one
+    before, inputs advanced as tensors) gives the tokens, K/V rows and DeltaNet states of n single steps; a run the
+    block tables cannot hold is refused before anything runs."""
+    model = make_model("mlp_only", vocab_size=261)
+    cache = _cache(model, num_slots=6, num_blocks=16, block_size=16)
+    gen = torch.Generator().manual_seed(4)
+    lens, slots, tables = [13, 30, 2], [4, 1, 3], [[7, 2], [0, 5, 9], [11]]
+    _prefill(model, cache, lens, slots, tables, gen)
+    single = _cache(model, cache.num_slots, cache.num_blocks, cache.block_size)
+    for a, b in zip(_pools(single), _pools(cache)):
+        a.copy_(b)
+    compiled = CompiledDecoder(model)
+    compiled._stack = _no_torch_compile
+    tokens = torch.randint(0, 261, (3,), generator=gen)
+    with torch.no_grad():
+        picked = compiled.decode_steps(tokens, BatchInfo([1] * 3, lens, slots, tables), cache, 5)
+        steps, tok = [], tokens
+        for t in range(5):
+            tok = compiled.decode(tok, BatchInfo([1] * 3, [n + t for n in lens], slots, tables), single)[2]
+            steps.append(tok)
+    assert picked.shape == (5, 3) and torch.equal(picked, torch.stack(steps))
+    for a, b in zip(_pools(cache), _pools(single)):
+        assert torch.equal(a, b)
+    before = [p.clone() for p in _pools(cache)]
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot hold"):  # sequence 1: 35 + 14 > 3 blocks of 16
+        compiled.decode_steps(tokens, BatchInfo([1] * 3, [n + 5 for n in lens], slots, tables), cache, 14)
+    assert all(torch.equal(a, b) for a, b in zip(_pools(cache), before))
+
+
+@needs_compiler
 def test_aot_int8_step_runs_the_native_kernels_like_eager(aot_on):
     """An int8 model: the package calls the same native linear / MoE ops as the eager step."""
     from qwen3next.quant.quantize import quantize_model
@@ -127,7 +158,8 @@ def test_aot_int8_step_runs_the_native_kernels_like_eager(aot_on):
 @needs_compiler
 def test_engine_with_aot_step_decodes_exactly_like_eager(aot_on, tmp_path):
     """`Engine(compile_decode=True)` with at most 3 sequences: warm-up builds (here: loads) only the library, every
-    decode step runs through it, and greedy tokens equal the eager loop's."""
+    decode step runs through it (runs of several steps too: multi-step decoding), and greedy tokens equal the eager
+    loop's."""
     from qwen3next.engine.llm import Engine
     from qwen3next.tokenizer import Tokenizer
 
@@ -138,7 +170,11 @@ def test_engine_with_aot_step_decodes_exactly_like_eager(aot_on, tmp_path):
     compiled = engine.runner.compiled
     assert compiled.aot_step(engine.runner.cache) is not None
     compiled._stack = _no_torch_compile
+    engine.scheduler.config.multi_step_seconds = 60.0  # multi-step runs whatever this machine's speed
+    runs, decode_steps = [], compiled.decode_steps
+    compiled.decode_steps = lambda tokens, batch, cache, n: runs.append(n) or decode_steps(tokens, batch, cache, n)
     _assert_greedy_like_eager(engine, model, 2, (5, 23, 11, 1), (6, 9, 4, 7))
+    assert runs and max(runs) > 1
 
 
 @needs_compiler

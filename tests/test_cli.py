@@ -110,6 +110,9 @@ def test_generate_batches_several_prompts(model_dir):
     r = run("generate", "--model", model_dir, "--prompt", "a", "--prompt", "bb", "--max-tokens", "4", "--threads", "1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("=== ") == 2
+    one = run("generate", "--model", model_dir, "--prompt", "a", "--prompt", "bb", "--max-tokens", "4", "--threads",
+              "1", "--num-scheduler-steps", "1")  # one step per schedule: the same greedy text
+    assert one.returncode == 0 and one.stdout == r.stdout
 
 
 def test_chat_reset_and_exit(model_dir):
@@ -122,6 +125,7 @@ def test_chat_reset_and_exit(model_dir):
 @pytest.mark.parametrize("args,needle", [
     (["generate", "--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
     (["generate", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+    (["generate", "--prompt", "x", "--num-scheduler-steps", "0"], "--num-scheduler-steps"),
     (["generate", "--model", "/nonexistent", "--prompt", "x"], "--model"),
     (["bogus"], "invalid choice"),
 ])

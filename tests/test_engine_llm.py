@@ -178,8 +178,9 @@ def test_greedy_shortcut_leaves_penalties_and_logprobs_to_the_sampler(model, tok
     shortcut = []
     plain_greedy = runner.plain_greedy
 
-    def run():
-        engine = Engine(model, tokenizer=tokenizer, max_memory="64MiB", max_num_seqs=4, max_model_len=256)
+    def run():  # one step per schedule: multi-step runs take the argmax without the runner's sampling path
+        engine = Engine(model, tokenizer=tokenizer, max_memory="64MiB", max_num_seqs=4, max_model_len=256,
+                        num_scheduler_steps=1)
         reqs = [engine.add_request(prompt, p) for p in kinds]
         while engine.step():
             pass
@@ -194,6 +195,52 @@ def test_greedy_shortcut_leaves_penalties_and_logprobs_to_the_sampler(model, tok
     assert fast[2].logprobs == slow[2].logprobs and fast[2].logprobs
     assert fast[0].token_ids == fast[3].token_ids == reference(model, prompt, 24)
     assert fast[1].token_ids != fast[0].token_ids[:16]  # the penalty was applied
+
+
+def test_multi_step_decoding_gives_the_tokens_of_single_steps(model, tokenizer):
+    """num_scheduler_steps=8 (greedy decode steps in runs, the scheduler only between runs) against 1: greedy
+    requests ending by max_tokens, by a stop token inside a run and by a stop string, a seeded sampled request (the
+    batch takes one step per schedule while it runs, runs again after it), then a follow-up that resumes from the
+    state a finished run left in the prefix cache: the same tokens, text and finish reasons, and the engine did take
+    runs of several steps."""
+    prompts = prompts_of([5, 17, 9, 30], seed=3)
+    free = reference(model, prompts[0], 40)
+    plain = Engine(model, tokenizer=tokenizer, max_memory="64MiB", max_model_len=256, num_scheduler_steps=1)
+    r = plain.add_request(prompts[1], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    while plain.step():
+        pass
+    text = r.output().text
+    kinds = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[free[13]]),
+             SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[text[21:24]]),
+             SamplingParams(temperature=0.8, seed=5, max_tokens=10),
+             SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)]
+    on = [prompts[0], prompts[0], prompts[1], prompts[2], prompts[3]]
+
+    def run(steps):
+        engine = Engine(model, tokenizer=tokenizer, max_memory="64MiB", max_num_seqs=8, max_model_len=256,
+                        num_scheduler_steps=steps)
+        engine.scheduler.config.multi_step_seconds = 60.0  # runs bounded by the steps asked for, not by timing
+        runs, execute = [], engine.runner.execute
+        engine.runner.execute = lambda batch: runs.append(batch.num_steps) or execute(batch)
+        reqs = [engine.add_request(p, k) for p, k in zip(on, kinds)]
+        while engine.step():
+            pass
+        outs = [r.output() for r in reqs]
+        follow = engine.add_request(prompts[0] + outs[0].token_ids,
+                                    SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+        while engine.step():
+            pass
+        outs.append(follow.output())
+        return [(o.token_ids, o.text, o.finish_reason) for o in outs], outs[-1].num_cached_tokens, runs
+
+    single, cached_single, runs_single = run(1)
+    multi, cached_multi, runs_multi = run(8)
+    assert multi == single
+    assert single[0][0] == free and single[1][0] == free[:free.index(free[13]) + 1]
+    assert single[2][2] == "stop" and len(single[2][0]) < 40
+    assert cached_multi == cached_single == len(prompts[0]) + 40 - 1  # the state after the first request's run
+    assert set(runs_single) == {1} and max(runs_multi) == 8
 
 
 def test_bad_requests_are_rejected_clearly(model, tokenizer):

@@ -60,10 +60,12 @@ class FakeRunner:
     def copy_slot(self, src: int, dst: int) -> None:
         self.state[dst] = self.state[src]
 
-    def step(self, batch: ScheduledBatch) -> list[int]:
+    def step(self, batch: ScheduledBatch) -> list:
         bs = self.block_size
         for op in batch.slot_ops:  # executed without knowing why, as the real runner does
             op.apply(self)
+        if batch.num_steps > 1:
+            return self.steps(batch)
         for row, tok, pos in zip(batch.kv_write_indices, batch.input_ids, batch.positions, strict=True):
             self.kv[row] = (tok, pos)
         sampled = []
@@ -85,6 +87,24 @@ class FakeRunner:
                 assert i in batch.sample_indices and batch.logits_indices[batch.sample_indices.index(i)] == hi - 1
                 sampled.append(next_token(state))
         return sampled
+
+
+    def steps(self, batch: ScheduledBatch) -> list[list[int]]:
+        """A multi-step batch: every entry decodes num_steps tokens in a row, each fed to the next step, its K/V
+        written into the blocks the scheduler allocated ahead (IndexError past the table)."""
+        bs, runs = self.block_size, []
+        for i, e in enumerate(batch.entries):
+            assert e.num_new_tokens == 1 and e.needs_sample and not e.draft_token_ids
+            table, tok, state, run = batch.block_tables[i], batch.input_ids[i], self.state[batch.slots[i]], []
+            for k in range(batch.num_steps):
+                p = e.context_len + k
+                self.kv[table[p // bs] * bs + p % bs] = (tok, p)
+                state = chain(state, tok)
+                tok = next_token(state)
+                run.append(tok)
+            self.state[batch.slots[i]] = state
+            runs.append(run)
+        return runs
 
 
 def check_invariants(sched: Scheduler, batch: ScheduledBatch | None) -> None:
@@ -447,6 +467,91 @@ def test_add_rejects_requests_that_can_never_fit():
         Sequence("empty", [], SamplingParams())
 
 
+def greedy_requests(sched: Scheduler, reqs, ignore_eos=False) -> list[Sequence]:
+    seqs = [Sequence(f"r{i}", p, SamplingParams(temperature=0, max_tokens=m, ignore_eos=ignore_eos))
+            for i, (p, m) in enumerate(reqs)]
+    for s in seqs:
+        sched.add(s)
+    return seqs
+
+
+@pytest.mark.parametrize("num_blocks", [64, 12])
+def test_multi_step_runs_match_reference(num_blocks):
+    """num_scheduler_steps=8 with a measured step time that allows it: greedy requests (EOS ends some inside a run)
+    arriving while others decode, in a roomy pool and in one small enough to preempt: the reference outputs; runs of
+    several steps happen only when every entry decodes and nothing waits, and never pass max_tokens."""
+    sched, runner = make(num_blocks=num_blocks, num_scheduler_steps=8, max_model_len=48)
+    sched.record_decode_step(0.001)
+    reqs = random_requests(12, seed=3, max_out=30)
+    seqs = greedy_requests(sched, reqs[:6])
+    runs = []
+
+    def check(batch):
+        if batch.num_steps > 1:
+            assert not sched.waiting and all(e.num_new_tokens == 1 and e.needs_sample for e in batch.entries)
+            assert all(batch.num_steps <= e.seq.params.max_tokens - e.seq.num_output_tokens for e in batch.entries)
+        runs.append(batch.num_steps)
+
+    for step in range(10_000):
+        if step == 5:
+            seqs += [Sequence(f"late{i}", p, SamplingParams(temperature=0, max_tokens=m))
+                     for i, (p, m) in enumerate(reqs[6:])]
+            for s in seqs[6:]:
+                sched.add(s)
+        batch = sched.schedule()
+        check_invariants(sched, batch)
+        if batch is None:
+            break
+        check(batch)
+        sched.update(batch, runner.step(batch))
+        check_invariants(sched, None)
+    assert_reference_outputs(sched, seqs)
+    assert_pool_full(sched)
+    assert max(runs) == 8
+    if num_blocks == 12:
+        assert sched.num_preemptions > 0
+
+
+def test_multi_step_only_where_it_is_exact_and_timely():
+    """One step per schedule before any step was timed, with a sampled sequence in the batch, while a request
+    waits, and with num_scheduler_steps 1; runs as long as multi_step_seconds / the step time allows, at most
+    the tokens left before max_tokens, with the blocks for all of them allocated."""
+    sched, runner = make(num_blocks=64, num_scheduler_steps=8, max_num_seqs=2)
+    a, b = greedy_requests(sched, [([1, 2, 3], 30), ([4, 5], 5)], ignore_eos=True)
+
+    def step():
+        batch = sched.schedule()
+        sched.update(batch, runner.step(batch))
+        return batch
+
+    assert step().num_steps == 1  # the prompts
+    assert step().num_steps == 1  # no step time measured yet
+    sched.record_decode_step(0.005)
+    batch = step()
+    assert batch.num_steps == 3  # b had 3 tokens left
+    assert all(len(t) * 4 >= c + 3 for t, c in zip(batch.block_tables, batch.context_lens))  # blocks for the run
+    assert b.is_finished and a.num_output_tokens == 5
+    assert step().num_steps == 4  # 0.02 s at 0.005 s a step
+    sched.record_decode_step(0.05)
+    sched.record_decode_step(0.05)
+    assert step().num_steps == 1  # now too slow for two steps within 0.02 s
+    sched.seconds_per_decode_step = 0.001
+    c = Sequence("c", [7, 8], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    d = Sequence("d", [9], SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True))
+    sched.add(c)
+    sched.add(d)
+    assert step().num_steps == 1  # c admitted, d waits (max_num_seqs 2)
+    assert step().num_steps == 1  # d still waits
+    while not c.is_finished:
+        step()
+    step()  # d's prompt
+    assert d.status is SequenceStatus.RUNNING and step().num_steps == 1  # d samples
+    single, _ = make(num_scheduler_steps=1)
+    single.record_decode_step(0.001)
+    (e,) = greedy_requests(single, [([1, 2], 9)])
+    assert single.schedule().num_steps == 1
+
+
 def test_scheduler_config_validation():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4)
@@ -454,6 +559,10 @@ def test_scheduler_config_validation():
         SchedulerConfig(max_num_batched_tokens=100, max_model_len=200, chunked_prefill=False)
     with pytest.raises(ValueError, match="prefill_chunk_size"):
         SchedulerConfig(prefill_chunk_size=0)
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        SchedulerConfig(num_scheduler_steps=0)
+    with pytest.raises(ValueError, match="multi_step_seconds"):
+        SchedulerConfig(multi_step_seconds=0)
     SchedulerConfig(max_num_batched_tokens=100, max_model_len=200, chunked_prefill=True)
 
 

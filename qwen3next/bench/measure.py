@@ -19,6 +19,7 @@ from ..engine.compiled import CompiledDecoder
 from ..engine.llm import Engine
 from ..engine.runner import cache_geometry
 from ..engine.sampling import SamplingParams
+from ..engine.scheduler import DEFAULT_SCHEDULER_STEPS
 from ..model.cache import SequenceCache
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer
@@ -47,8 +48,10 @@ class DecodePlan:
 
     @property
     def engine_max_tokens(self) -> int:
-        # Sequences prefilled in an earlier engine step already decode while later prompts prefill: room for that.
-        return self.total_steps + 2 + -(-self.batch * self.prompt_len // ENGINE_MAX_BATCHED_TOKENS)
+        # Sequences prefilled in an earlier engine step already decode while later prompts prefill: room for that,
+        # and for the steps a multi-step run takes past each timed round's count.
+        return (self.total_steps + 2 + -(-self.batch * self.prompt_len // ENGINE_MAX_BATCHED_TOKENS)
+                + DEFAULT_SCHEDULER_STEPS * (self.repeat + 1))
 
     @property
     def engine_max_len(self) -> int:
@@ -98,12 +101,31 @@ def time_decode_ours(model: Qwen3NextForCausalLM, ids: torch.Tensor, plan: Decod
     prefilling ids [B, P]."""
     cache = model.new_cache(plan.batch, plan.max_len)
     tok = _prefill_last_logits(model, ids, cache).argmax(-1, keepdim=True)  # [B, 1]
-    forward = compiled.decode_logits if compiled is not None else model
+    if compiled is not None:  # greedy runs of up to DEFAULT_SCHEDULER_STEPS, as the engine's multi-step decoding
+        return _timed_runs(lambda tok, n: compiled.greedy_steps(tok, cache, n)[:, -1:], tok, plan)
 
     def step(tok: torch.Tensor) -> torch.Tensor:
-        return forward(tok, cache)[:, -1].argmax(-1, keepdim=True)
+        return model(tok, cache)[:, -1].argmax(-1, keepdim=True)
 
     return _timed_steps(step, tok, plan)
+
+
+def _timed_runs(run, state, plan: DecodePlan) -> list[float]:
+    """`_timed_steps` for a `run(state, n)` that takes n steps at once: runs of up to DEFAULT_SCHEDULER_STEPS
+    steps, seconds per step."""
+    def steps(state, total: int):
+        while total:
+            n = min(total, DEFAULT_SCHEDULER_STEPS)
+            state, total = run(state, n), total - n
+        return state
+
+    state = steps(state, plan.warmup)
+    times = []
+    for _ in range(plan.repeat):
+        t0 = time.perf_counter()
+        state = steps(state, plan.steps)
+        times.append((time.perf_counter() - t0) / plan.steps)
+    return times
 
 
 def _timed_steps(step, state, plan: DecodePlan) -> list[float]:
@@ -121,8 +143,9 @@ def _timed_steps(step, state, plan: DecodePlan) -> list[float]:
 # ---- ours: the engine ------------------------------------------------------------------------------------------------
 def time_decode_engine(model: Qwen3NextForCausalLM, tokenizer: Tokenizer, ids: torch.Tensor,
                        plan: DecodePlan) -> list[float]:
-    """Seconds per `Engine.step()` once all B requests are decoding (scheduling, cache metadata, sampling and
-    detokenization included), greedy, EOS ignored."""
+    """Seconds per decode step (per token of each sequence) of `Engine.step()` once all B requests are decoding
+    (scheduling, cache metadata, sampling and detokenization included; a multi-step schedule takes several steps),
+    greedy, EOS ignored."""
     block_size, max_tokens, max_model_len = 64, plan.engine_max_tokens, plan.engine_max_len
     geometry = cache_geometry(model, block_size)
     blocks_per_seq = -(-max_model_len // block_size)
@@ -136,11 +159,22 @@ def time_decode_engine(model: Qwen3NextForCausalLM, tokenizer: Tokenizer, ids: t
         if not engine.step():
             raise RuntimeError("engine stopped before every prompt was prefilled")
 
-    def step(_: None) -> None:
-        if not engine.step() or engine.scheduler.num_running != plan.batch:
-            raise RuntimeError(f"engine: expected {plan.batch} sequences decoding, {engine.scheduler.num_running} ran")
+    def steps(count: int) -> int:
+        """Engine steps until the first request has `count` more tokens -> how many it got."""
+        out = reqs[0].samples[0].out.token_ids
+        start = len(out)
+        while len(out) - start < count:
+            if not engine.step() or engine.scheduler.num_running != plan.batch:
+                raise RuntimeError(f"engine: expected {plan.batch} sequences decoding, "
+                                   f"{engine.scheduler.num_running} ran")
+        return len(out) - start
 
-    times = _timed_steps(step, None, plan)
+    steps(plan.warmup)
+    times = []
+    for _ in range(plan.repeat):
+        t0 = time.perf_counter()
+        n = steps(plan.steps)
+        times.append((time.perf_counter() - t0) / n)
     for r in reqs:
         engine.abort(r.request_id)
     return times

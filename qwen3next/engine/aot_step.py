@@ -458,6 +458,24 @@ class AOTDecodeStep(_AOTProgram):
         return hidden, logits, argmax
 
 
+    def run_steps(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache, n: int) -> torch.Tensor:
+        """`n` decode steps in a row from flat tokens [B] of a decode step `batch` (its block tables hold n more
+        tokens), each feeding the argmax the one before computed -> those argmaxes [n, B]. The inputs are built once
+        and advanced as tensors: between two steps there is one call and one add."""
+        _check_step(batch, cache, [c + n for c in batch.context_lens])
+        context_lens, slots, tables = _tables(batch, tokens.device)
+        first = max(batch.context_lens) + 1
+        key_pos = torch.arange(first + n - 1, device=tokens.device)
+        pools = self._pools(cache)
+        picked = []
+        for i in range(n):
+            if i:
+                context_lens = context_lens + 1
+            tokens = self._run(tokens, context_lens, slots, tables, key_pos[:first + i], *pools)[2]
+            picked.append(tokens)
+        return torch.stack(picked)
+
+
 def _direct_call(package) -> Callable[..., object]:
     """A loaded package's call without the per-call work of its `__call__` (parsing both tree specs from JSON and
     walking the inputs as a pytree: ~0.1 ms, an eighth of a demo-model step). Our programs take tensors only, as

@@ -106,6 +106,14 @@ class CompiledDecoder:
             return step.run(tokens, batch, cache)
         return self.forward(tokens, batch, cache)[0], None, None
 
+    def decode_steps(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache,
+                     n: int) -> torch.Tensor | None:
+        """`n` greedy decode steps in a row from tokens [B] of a decode step `batch` (its blocks hold n more
+        tokens), each feeding the argmax of the one before -> the picked tokens [n, B]; through the ahead-of-time
+        step (`AOTDecodeStep.run_steps`). None when that step does not take `batch` (the caller steps itself)."""
+        step = self.aot_step(cache) if AOTDecodeStep.handles(batch) else None
+        return step.run_steps(tokens, batch, cache, n) if step is not None else None
+
     def forward(self, tokens: torch.Tensor, batch: BatchInfo,
                 cache: HybridCache) -> tuple[torch.Tensor, ForwardContext]:
         """Flat tokens of a decode step or a compiled verification -> (final normed hidden states, the context,
@@ -163,6 +171,23 @@ class CompiledDecoder:
         hidden, logits, _ = self.decode(input_ids.reshape(-1), cache.batch(rows, ones), cache.hybrid)
         cache.advance(rows, ones)
         return (logits if logits is not None else self.model.lm_head(hidden)).view(B, 1, -1)
+
+    @torch.no_grad()
+    def greedy_steps(self, input_ids: torch.Tensor, cache: SequenceCache, n: int) -> torch.Tensor:
+        """`n` greedy decode steps from the last tokens input_ids [B, 1] -> the tokens picked [B, n]: one run through
+        `decode_steps` (the engine's multi-step decoding) where the ahead-of-time step takes it, else step by step."""
+        B = input_ids.shape[0]
+        rows, ones = list(range(B)), [1] * B
+        cache.batch(rows, [n] * B)  # ValueError past the cache's capacity
+        picked = self.decode_steps(input_ids.reshape(-1), cache.batch(rows, ones), cache.hybrid, n)
+        if picked is not None:
+            cache.advance(rows, [n] * B)
+            return picked.t()
+        out, tok = [], input_ids
+        for _ in range(n):
+            tok = self.decode_logits(tok, cache)[:, -1].argmax(-1, keepdim=True)
+            out.append(tok)
+        return torch.cat(out, 1)
 
     @torch.no_grad()
     def warm_up(self, cache: HybridCache) -> None:

@@ -40,7 +40,7 @@ from .output import (
 from .prefix_cache import SnapshotPolicy, default_snapshot_interval
 from .runner import ModelRunner, cache_geometry, cuda_graph_steps
 from .sampling import SamplingParams
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import DEFAULT_SCHEDULER_STEPS, Scheduler, SchedulerConfig
 from .sequence import FinishReason, Sequence
 from .speculative import DraftLengthPolicy, SpecStats, SpeculativeConfig
 from .structured import GrammarCompiler, GrammarMatcher
@@ -177,7 +177,8 @@ class Engine:
                  speculative_config: SpeculativeConfig | dict | str | None = None, hf_overrides: dict | None = None,
                  enable_prefix_caching: bool = True, prefix_snapshot_slots: int | None = None,
                  prefix_snapshot_interval: int | None = None, skip_tokenizer_init: bool = False,
-                 tensor_parallel_size: int = 1, enforce_eager: bool = False):
+                 tensor_parallel_size: int = 1, enforce_eager: bool = False,
+                 num_scheduler_steps: int | None = None):
         """`quantize`: "int8" / "int4" weight-only quantization at load, "bf16" bf16-stored weights with fp32
         compute, "none" every weight in `dtype`; None (default): "bf16" for a checkpoint stored in bf16 loaded as
         float32 on a CPU with the native kernels (exact: `weight_storage`), else "none".
@@ -204,7 +205,17 @@ class Engine:
         machine's CPUs / (ranks on it) torch threads. Call `close()` (or use `LLM`, which does) to stop the
         workers.
         `enforce_eager` (vLLM's name): on a CUDA GPU, run decode steps eagerly instead of as CUDA graphs
-        (engine/cuda_graph.py); no effect on a CPU."""
+        (engine/cuda_graph.py); no effect on a CPU.
+        `num_scheduler_steps` (vLLM's name): multi-step decoding: while every running sequence decodes greedily
+        (no penalties, logprobs or grammar) and nothing waits, one schedule runs up to this many decode steps in a
+        row, runs kept to about 20 ms (engine/scheduler.py); None: DEFAULT_SCHEDULER_STEPS (8); 1: one step per
+        schedule. Not with speculative decoding or tensor parallelism (one step per schedule there)."""
+        if num_scheduler_steps is None:
+            num_scheduler_steps = DEFAULT_SCHEDULER_STEPS
+        if not isinstance(num_scheduler_steps, int) or isinstance(num_scheduler_steps, bool) \
+                or num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps: expected an integer >= 1, got {num_scheduler_steps!r}")
+        self._scheduler_steps = num_scheduler_steps
         device = parse_device(device)
         self.speculative = SpeculativeConfig.parse(speculative_config)
         if self.speculative is not None and tensor_parallel_size != 1 and self.speculative.draft_head == "int8":
@@ -283,7 +294,8 @@ class Engine:
                                        max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
                                        max_model_len=max_model_len, chunked_prefill=chunked_prefill,
                                        prefill_chunk_size=prefill_chunk_size,
-                                       eos_token_ids=eos, snapshot_policy=policy)
+                                       eos_token_ids=eos, snapshot_policy=policy,
+                                       num_scheduler_steps=self._scheduler_steps if self.tp is None else 1)
         self.block_manager = BlockManager.from_plan(self.plan, self.enable_prefix_caching)
         # compiled, or CUDA graphs: only a verification of spec_k drafts has a compiled program (a graph), shorter
         # ones would run eagerly
@@ -431,7 +443,7 @@ class Engine:
         before = [seq.num_output_tokens for seq in sampled]
         finished = self.scheduler.update(batch, out.tokens)
         policy = self.scheduler.draft_policy
-        self.stats["steps"] += 1
+        self.stats["steps"] += batch.num_steps
         self.stats["preemptions"] = self.scheduler.num_preemptions
         for (b, first, _), chunk in zip(batch.prompt_logprob_spans, out.prompt_logprobs):
             entry = self._seq_to_sample.get(id(batch.entries[b].seq))
@@ -468,6 +480,8 @@ class Engine:
         # the first step after a change, which has none to verify yet).
         if policy is not None and batch.num_drafts == batch.num_lookahead and batch.is_decode_step:
             policy.record_step(len(batch), batch.num_drafts, time.perf_counter() - started)
+        if batch.is_decode_step and not batch.has_drafts:  # what a step costs bounds multi-step runs
+            self.scheduler.record_decode_step((time.perf_counter() - started) / batch.num_steps)
         return True
 
     def _grammar_failed(self, seq: Sequence) -> None:

@@ -94,8 +94,7 @@ def make_draft_mtp(model: Qwen3NextForCausalLM, kind: str) -> nn.Module:
 def plain_greedy(seqs: list) -> bool:
     """Whether every one of `seqs` samples its tokens as the argmax of the raw logits: greedy, no penalties, no
     grammar, no logprobs (`sampler.sample` would then do exactly `logits.argmax(-1)`, after building its batch)."""
-    return all(s.params.is_greedy and not s.params.has_penalties and s.params.logprobs is None and s.grammar is None
-               for s in seqs)
+    return all(s.samples_argmax for s in seqs)
 
 
 def cuda_graph_steps(device: torch.device, enforce_eager: bool, tp: TPComm | None) -> bool:
@@ -223,7 +222,9 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         """One forward over the scheduled tokens; samples a token for every entry that needs one (or verifies its
         drafts), computes the prompt logprobs the batch asks for, then, with speculative decoding, runs the MTP head
-        over the step's tokens and drafts."""
+        over the step's tokens and drafts. A multi-step batch runs its steps in a row (`_multi_step`)."""
+        if batch.num_steps > 1:
+            return self._multi_step(batch)
         model = self.model
         for op in batch.slot_ops:
             op.apply(self.cache)
@@ -240,10 +241,8 @@ class ModelRunner:
             aot_verify = self.graphs.verifier
         captured = None  # the ahead-of-time verification's captured states
         logits = argmax = None  # of every row, when the step's program computed them
-        if self.graphs is not None and self.graphs.handles(info):
-            hidden, logits, argmax = self.graphs.decode(tokens, info, self.cache)
-        elif self.compiled is not None and self.compiled.handles(info):
-            hidden, logits, argmax = self.compiled.decode(tokens, info, self.cache)
+        if self._fast_decode(info):
+            hidden, logits, argmax = self._decode(tokens, info)
         elif aot_verify is not None:  # ahead of time, or the CUDA graph verification
             hidden, captured, logits, argmax = aot_verify.run(tokens, info, self.cache)
         elif self.compiled is not None and self.compiled.handles_verify(info):
@@ -278,6 +277,50 @@ class ModelRunner:
             out.drafts = self._mtp(batch, info, mtp_ctx, hidden, out, compiled_verify)
             out.grammar_seconds += self.draft_grammar_seconds
         return out
+
+    def _fast_decode(self, info: BatchInfo) -> bool:
+        """Whether a decode step over `info` takes the CUDA graphs or the compiled decoder."""
+        return ((self.graphs is not None and self.graphs.handles(info))
+                or (self.compiled is not None and self.compiled.handles(info)))
+
+    def _decode(self, tokens: torch.Tensor, info: BatchInfo) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                     torch.Tensor | None]:
+        """One decode step over `info` (not a verification) -> (final normed hidden states, the logits of every row
+        and their argmax when the step's program computed them, else None, None): as a CUDA graph, through the
+        compiled decoder, or eagerly."""
+        if self.graphs is not None and self.graphs.handles(info):
+            return self.graphs.decode(tokens, info, self.cache)
+        if self.compiled is not None and self.compiled.handles(info):
+            return self.compiled.decode(tokens, info, self.cache)
+        return self.model.hidden_states(tokens, self.model.context(info, self.cache)), None, None
+
+    def _multi_step(self, batch: ScheduledBatch) -> StepOutput:
+        """`batch.num_steps` decode steps in a row for sequences that take their logits' argmax (scheduler.py,
+        multi-step decoding): each step feeds the tokens the one before it picked, with the blocks the scheduler
+        allocated; the tokens come back to the host once, as one run per entry. On the CPU with the ahead-of-time
+        step, the steps run back to back through it (`CompiledDecoder.decode_steps`); otherwise each step is a
+        plain decode step (CUDA graph, compiled or eager) over its own batch description."""
+        for op in batch.slot_ops:
+            op.apply(self.cache)
+        B, n = len(batch.entries), batch.num_steps
+        if not (batch.is_decode_step and not batch.has_drafts and len(batch.sample_indices) == B
+                and all(s.samples_argmax for s in batch.seqs)):
+            raise ValueError("a multi-step batch must be plain greedy decode steps of every entry")
+        tokens = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
+        info = BatchInfo([1] * B, batch.context_lens, batch.slots, batch.block_tables)
+        picked = None
+        if self.graphs is None and self.compiled is not None:
+            picked = self.compiled.decode_steps(tokens, info, self.cache, n)
+        if picked is None:
+            rows = []
+            for i in range(n):
+                step = BatchInfo([1] * B, [c + i for c in batch.context_lens], batch.slots, batch.block_tables)
+                hidden, logits, argmax = self._decode(tokens, step)
+                tokens = argmax if argmax is not None else self.model.lm_head(hidden).float().argmax(-1)
+                rows.append(tokens)
+            picked = torch.stack(rows)
+        runs = picked.t().tolist()  # [B, n]
+        return StepOutput(None, runs, [list(range(n))] * B, [0] * B, [0] * B)
 
     def _aot_drafts(self, batch: ScheduledBatch, info: BatchInfo, tokens: torch.Tensor, hidden: torch.Tensor,
                     captured: list[torch.Tensor], out: StepOutput, graphs: bool = False) -> list[list[int]] | None:

@@ -9,6 +9,14 @@ Every step is one forward over a flat batch that mixes decodes (1 token each) an
 The oldest running sequence is preempted only when it is the last one; since `add` refuses requests bigger
 than the whole pool, it then always fits, so every step makes progress.
 
+Multi-step decoding (vLLM's `num_scheduler_steps`): when every running sequence decodes, takes the argmax of its
+logits (`Sequence.samples_argmax`) and nothing waits, one schedule runs up to `num_scheduler_steps` decode steps in a
+row, each step's tokens fed to the next inside the runner (`ScheduledBatch.num_steps`), with the blocks for all of
+them allocated here: the scheduling, batch metadata and output processing of a step are paid once per run. Runs are
+kept to about `multi_step_seconds` of decoding (from the measured time per step, `record_decode_step`), so a stream
+or a request that arrives meanwhile waits at most that long, and never pass max_tokens or max_model_len; a stop token
+or string inside a run ends the sequence there (the rest of its run is dropped, as for rejected drafts).
+
 With speculative decoding (speculative.py), the decode entries of a step get drafts afterwards: each sequence feeds
 its last token plus up to k drafts (k from the `DraftLengthPolicy`), with blocks allocated for the positions the MTP
 head drafts at (`num_lookahead`). Drafts only use blocks and budget left after the plain schedule, so they never
@@ -34,6 +42,9 @@ from .slot_ops import CopyKVRows, CopySlot, SlotOp, ZeroSlots
 from .speculative import DraftLengthPolicy
 from .stopping import StopRules
 
+# Engine(num_scheduler_steps=None)'s value: runs of up to 8 steps (module docstring).
+DEFAULT_SCHEDULER_STEPS = 8
+
 
 def _room(max_tokens: int, limit: str) -> str:
     """What the request could ask for instead: at most `max_tokens` new tokens, or a shorter prompt."""
@@ -46,7 +57,8 @@ def _room(max_tokens: int, limit: str) -> str:
 class SchedulerConfig:
     """max_num_batched_tokens: tokens per forward. prefill_chunk_size: most prompt tokens one sequence feeds
     per step when chunked_prefill is on. eos_token_ids: end a sequence (unless its params say ignore_eos).
-    snapshot_policy: where prefill chunks leave DeltaNet state snapshots when the block manager caches prefixes."""
+    snapshot_policy: where prefill chunks leave DeltaNet state snapshots when the block manager caches prefixes.
+    num_scheduler_steps / multi_step_seconds: multi-step decoding (module docstring)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -55,14 +67,19 @@ class SchedulerConfig:
     prefill_chunk_size: int = 512
     eos_token_ids: tuple[int, ...] = ()
     snapshot_policy: SnapshotPolicy = SnapshotPolicy()
+    num_scheduler_steps: int = 1  # most decode steps one schedule runs (1: one step per schedule)
+    multi_step_seconds: float = 0.02  # a run of several steps is kept to about this long
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "prefill_chunk_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "prefill_chunk_size",
+                     "num_scheduler_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}) so that every running sequence can decode each step")
+        if not self.multi_step_seconds > 0:
+            raise ValueError(f"multi_step_seconds must be > 0, got {self.multi_step_seconds}")
         if not self.chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"without chunked_prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must "
                              f"be >= max_model_len ({self.max_model_len}) so that any prompt fits in one step")
@@ -105,11 +122,15 @@ class ScheduledBatch:
     next prompt token's logprob this step computes (those of its chunk not done before a preemption, never the
     last prompt position, which predicts the first output token); `prompt_logprob_rows` / `_targets`: per such
     position, its flat token index and the prompt token after it.
+    `num_steps` > 1: a multi-step decode (every entry decodes one token, greedy, no drafts): the runner runs that many
+    steps in a row, each feeding the tokens the one before it picked (the per-token lists describe the first), and
+    returns up to that many tokens per entry; the blocks for all of them are allocated.
     """
 
-    def __init__(self, entries: list[ScheduledEntry], block_size: int, num_lookahead: int = 0):
+    def __init__(self, entries: list[ScheduledEntry], block_size: int, num_lookahead: int = 0, num_steps: int = 1):
         self.entries = entries
         self.block_size = block_size
+        self.num_steps = num_steps
         self.input_ids: list[int] = []
         self.positions: list[int] = []
         self.kv_write_indices: list[int] = []
@@ -210,6 +231,7 @@ class Scheduler:
         self._arrivals = 0
         self.num_preemptions = 0
         self.stop_rules = StopRules(config.eos_token_ids, config.max_model_len)
+        self.seconds_per_decode_step: float | None = None  # measured (record_decode_step); None: not yet
 
     # ---- queue management -------------------------------------------------------------------------------------
 
@@ -299,7 +321,39 @@ class Scheduler:
                 entries = self._add_drafts(entries, lookahead, budget)
         if self.block_manager.enable_prefix_caching:
             entries = self._add_snapshots(entries)
-        return ScheduledBatch(entries, self.block_manager.block_size, lookahead)
+        steps = 1
+        if self.draft_policy is None and not preempted and not self.waiting:
+            steps = self._decode_steps(entries)
+        return ScheduledBatch(entries, self.block_manager.block_size, lookahead, steps)
+
+    def record_decode_step(self, seconds: float) -> None:
+        """The measured time of one decode step (a run's time over its steps), which bounds how many steps a run
+        takes (`multi_step_seconds`); a moving average over the last few."""
+        prev = self.seconds_per_decode_step
+        self.seconds_per_decode_step = seconds if prev is None else 0.8 * prev + 0.2 * seconds
+
+    def _decode_steps(self, entries: list[ScheduledEntry]) -> int:
+        """How many decode steps the schedule `entries` runs in a row (module docstring), with the blocks for them
+        allocated; 1 unless every entry decodes one token by argmax and the measured step time leaves room."""
+        cfg, per_step = self.config, self.seconds_per_decode_step
+        if cfg.num_scheduler_steps < 2 or per_step is None:
+            return 1
+        n = min(cfg.num_scheduler_steps, int(cfg.multi_step_seconds / max(per_step, 1e-9)))
+        for e in entries:
+            seq = e.seq
+            if not (e.needs_sample and e.num_new_tokens == 1 and not e.draft_token_ids and not e.snapshots
+                    and e.restore is None and seq.samples_argmax):
+                return 1
+            # every step appends a token: never past max_tokens, nor past max_model_len
+            n = min(n, seq.params.max_tokens - seq.num_output_tokens, cfg.max_model_len - seq.num_tokens)
+        if n < 2:
+            return 1
+        bm = self.block_manager
+        for e in entries:  # blocks ahead for steps 2..n (blocks taken before a failure are used by later steps)
+            if not bm.can_allocate(e.seq, n):
+                return 1
+            bm.allocate(e.seq, n)
+        return n
 
     def _add_drafts(self, entries: list[ScheduledEntry], k: int, budget: int) -> list[ScheduledEntry]:
         """Give decode entries up to `k` of their sequence's drafts, within the tokens left in the step's `budget`
@@ -436,8 +490,9 @@ class Scheduler:
             run = next(runs) if e.needs_sample else None
             if run is not None:
                 run = [int(t) for t in run] if isinstance(run, (list, tuple)) else [int(run)]
-                if not 1 <= len(run) <= 1 + e.num_drafts:
-                    raise ValueError(f"{e.seq.request_id}: expected 1 to {1 + e.num_drafts} tokens, got {len(run)}")
+                most = max(1 + e.num_drafts, batch.num_steps)
+                if not 1 <= len(run) <= most:
+                    raise ValueError(f"{e.seq.request_id}: expected 1 to {most} tokens, got {len(run)}")
             seq = e.seq
             if seq.is_finished:
                 for _, slot in e.snapshots:

@@ -108,6 +108,14 @@ class Sequence:
         return self.grammar is not None
 
     @property
+    def samples_argmax(self) -> bool:
+        """Its next token is the argmax of the raw logits: greedy, no penalties, no grammar, no logprobs (the sampler
+        would do exactly that). Such sequences can decode several steps in a row without the scheduler between them
+        (`SchedulerConfig.num_scheduler_steps`)."""
+        p = self.params
+        return p.is_greedy and not p.has_penalties and p.logprobs is None and self.grammar is None
+
+    @property
     def is_prefilling(self) -> bool:
         """More than the last token is missing from the cache (fresh prompt, or recompute after preemption)."""
         return self.num_uncomputed_tokens > 1

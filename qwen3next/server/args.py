@@ -10,6 +10,7 @@ from ..argtypes import (
     add_hf_overrides_arg,
     add_prefix_caching_args,
     add_quantize_arg,
+    add_scheduler_steps_arg,
     add_speculative_arg,
     add_tensor_parallel_arg,
 )
@@ -45,6 +46,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the decode step before serving (faster steps; about a minute of "
                              "compiling at start; needs a C++ compiler)")
     add_enforce_eager_arg(parser)
+    add_scheduler_steps_arg(parser)
     add_speculative_arg(parser)
     add_hf_overrides_arg(parser)
     add_prefix_caching_args(parser)
