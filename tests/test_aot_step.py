@@ -109,7 +109,8 @@ def test_aot_step_matches_eager_and_serves_every_batch_size_from_one_package(aot
 @needs_compiler
 def test_aot_runs_of_steps_equal_single_steps(aot_on):
     """`decode_steps(n)` (the engine's multi-step decoding: n steps back to back, each fed the argmax of the one
-    before, inputs advanced as tensors) gives the tokens, K/V rows and DeltaNet states of n single steps; a run the
+    before, inputs advanced as tensors) gives the tokens, hidden states, K/V rows and DeltaNet states of n single
+    steps; a run the
     block tables cannot hold is refused before anything runs."""
     model = make_model("mlp_only", vocab_size=261)
     cache = _cache(model, num_slots=6, num_blocks=16, block_size=16)
@@ -123,17 +124,20 @@ def test_aot_runs_of_steps_equal_single_steps(aot_on):
     compiled._stack = _no_torch_compile
     tokens = torch.randint(0, 261, (3,), generator=gen)
     with torch.no_grad():
-        picked = compiled.decode_steps(tokens, BatchInfo([1] * 3, lens, slots, tables), cache, 5)
-        steps, tok = [], tokens
+        picked, hidden = compiled.decode_steps(tokens, BatchInfo([1] * 3, lens, slots, tables), cache, 5,
+                                               keep_hidden=True)
+        steps, states, tok = [], [], tokens
         for t in range(5):
-            tok = compiled.decode(tok, BatchInfo([1] * 3, [n + t for n in lens], slots, tables), single)[2]
+            h, _, tok = compiled.decode(tok, BatchInfo([1] * 3, [n + t for n in lens], slots, tables), single)
             steps.append(tok)
+            states.append(h)
     assert picked.shape == (5, 3) and torch.equal(picked, torch.stack(steps))
+    assert hidden.shape == (5, 3, model.config.hidden_size) and torch.equal(hidden, torch.stack(states))
     for a, b in zip(_pools(cache), _pools(single)):
         assert torch.equal(a, b)
     before = [p.clone() for p in _pools(cache)]
     with torch.no_grad(), pytest.raises(ValueError, match="cannot hold"):  # sequence 1: 35 + 14 > 3 blocks of 16
-        compiled.decode_steps(tokens, BatchInfo([1] * 3, [n + 5 for n in lens], slots, tables), cache, 14)
+        compiled.decode_steps(tokens, BatchInfo([1] * 3, [n + 5 for n in lens], slots, tables), cache, 14)[0]
     assert all(torch.equal(a, b) for a, b in zip(_pools(cache), before))
 
 
@@ -172,7 +176,7 @@ def test_engine_with_aot_step_decodes_exactly_like_eager(aot_on, tmp_path):
     compiled._stack = _no_torch_compile
     engine.scheduler.config.multi_step_seconds = 60.0  # multi-step runs whatever this machine's speed
     runs, decode_steps = [], compiled.decode_steps
-    compiled.decode_steps = lambda tokens, batch, cache, n: runs.append(n) or decode_steps(tokens, batch, cache, n)
+    compiled.decode_steps = lambda *a, **k: runs.append(a[3]) or decode_steps(*a, **k)
     _assert_greedy_like_eager(engine, model, 2, (5, 23, 11, 1), (6, 9, 4, 7))
     assert runs and max(runs) > 1
 
@@ -440,6 +444,21 @@ def test_engine_speculative_steps_take_the_aot_programs_and_decode_exactly_like_
     verified = calls["verify"]
     _assert_greedy_like_eager(engine, model, 5, (7, 19), (15, 11))
     assert calls["verify"] > verified and any(declined)
+
+
+@needs_compiler
+def test_speculative_engine_runs_steps_without_drafting_through_the_aot_runs(aot_on, tmp_path):
+    """The steps a compiled speculative engine's policy gives no drafts run as multi-step runs through the
+    ahead-of-time step, keeping its hidden states for the MTP head: its K/V once drafting resumes equals that of
+    drafting at every step (eager), greedy tokens equal plain decoding's (test_speculative.py)."""
+    from test_speculative import multi_step_keeps_the_mtp_gap
+
+    from qwen3next.tokenizer import Tokenizer
+
+    model = make_model("mlp_only", vocab_size=261)
+    write_byte_tokenizer(tmp_path)
+    prompt = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(21)).tolist()
+    multi_step_keeps_the_mtp_gap(model, Tokenizer.from_dir(tmp_path), prompt, compiled=True)
 
 
 @needs_compiler

@@ -17,6 +17,7 @@ from qwen3next.engine import runner as runner_module
 from qwen3next.engine.llm import LLM, Engine
 from qwen3next.engine.sampling import SamplingParams
 from qwen3next.engine.speculative import DraftLengthPolicy, SpecStats, SpeculativeConfig, accepted_run
+from qwen3next.model.generate import generate_tokens
 from qwen3next.quant.experts import QuantizedExperts
 from qwen3next.quant.linear import Int8Linear
 from qwen3next.quant.quantize import quantize_model
@@ -473,7 +474,7 @@ def test_mtp_head_kv_covers_the_steps_decoded_without_drafting(model, tokenizer)
     prompt = prompts_of([20], seed=21)[0]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     opts = dict(max_memory="32MiB", max_num_seqs=2, max_model_len=128, block_size=16,
-                speculative_config=spec(2, adaptive=False))
+                speculative_config=spec(2, adaptive=False), num_scheduler_steps=1)  # steps counted one by one
     always = _mtp_keys_by_position(Engine(model, tokenizer=tokenizer, **opts), prompt, params, lambda s: True)
     paused = lambda s: s < 4 or 12 <= s < 16 or s >= 22  # noqa: E731 -- pauses of 8 and 6 steps
     covered = len(prompt) + 30  # the steps after the last pause draft again: positions up to here are written
@@ -483,6 +484,37 @@ def test_mtp_head_kv_covers_the_steps_decoded_without_drafting(model, tokenizer)
     unfilled.runner._keep_mtp_gaps = lambda *a: None  # what happened before: the gaps are not kept
     holes = _mtp_keys_by_position(unfilled, prompt, params, paused)
     assert (holes[:covered] - always[:covered]).abs().amax() > 0.1
+
+
+def test_steps_without_drafting_run_as_multi_step_runs_and_keep_the_mtp_gap(model, tokenizer):
+    """A speculative engine's steps the policy gives no drafts run as multi-step runs (num_scheduler_steps): the MTP
+    head's inputs at every position of a run are kept, so its K/V, once drafting resumes, equals (to fp32 rounding)
+    that of drafting at every step, and greedy tokens equal plain decoding's. (Through the ahead-of-time step's
+    runs: test_aot_step.py.)"""
+    multi_step_keeps_the_mtp_gap(model, tokenizer, prompts_of([20], seed=21)[0], compiled=False)
+
+
+def multi_step_keeps_the_mtp_gap(model, tokenizer, prompt, compiled: bool) -> None:
+    """The test above, for `model` (eager or compiled)."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    # the float MTP layer: the int8 one's activation codes can flip between two ways of computing the same row
+    opts = dict(max_memory="32MiB", max_num_seqs=2, max_model_len=128, block_size=16,
+                speculative_config={**spec(2, adaptive=False), "draft_head": "target"})
+    always = _mtp_keys_by_position(Engine(model, tokenizer=tokenizer, num_scheduler_steps=1, **opts), prompt, params,
+                                   lambda s: True)
+    engine = Engine(model, tokenizer=tokenizer, num_scheduler_steps=4, compile_decode=compiled, **opts)
+    engine.scheduler.config.multi_step_seconds = 60.0  # runs whatever this machine's speed
+    runs, execute = [], engine.runner.execute
+    engine.runner.execute = lambda batch: runs.append(batch.num_steps) or execute(batch)
+    if compiled:
+        hidden, decode_steps = [], engine.runner.compiled.decode_steps
+        engine.runner.compiled.decode_steps = lambda *a, **k: hidden.append(k["keep_hidden"]) or decode_steps(*a, **k)
+    got = _mtp_keys_by_position(engine, prompt, params, lambda s: s < 2 or s >= 6)  # steps 2-5: no drafts
+    assert max(runs) == 4 and (not compiled or (hidden and all(hidden)))
+    covered = len(prompt) + 30
+    torch.testing.assert_close(got[:covered], always[:covered], atol=1e-4, rtol=1e-4)
+    out = run(engine, [prompt], params)[0]
+    assert out.token_ids == list(generate_tokens(model, prompt, 40))
 
 
 def test_prompt_chunks_run_only_the_mtp_kv_and_match_the_full_forward(model, tokenizer):

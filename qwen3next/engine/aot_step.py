@@ -458,22 +458,26 @@ class AOTDecodeStep(_AOTProgram):
         return hidden, logits, argmax
 
 
-    def run_steps(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache, n: int) -> torch.Tensor:
+    def run_steps(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache, n: int,
+                  keep_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`n` decode steps in a row from flat tokens [B] of a decode step `batch` (its block tables hold n more
-        tokens), each feeding the argmax the one before computed -> those argmaxes [n, B]. The inputs are built once
-        and advanced as tensors: between two steps there is one call and one add."""
+        tokens), each feeding the argmax the one before computed -> (those argmaxes [n, B], with `keep_hidden` the
+        steps' final normed hidden states [n, B, D], else None). The inputs are built once and advanced as tensors:
+        between two steps there is one call and one add."""
         _check_step(batch, cache, [c + n for c in batch.context_lens])
         context_lens, slots, tables = _tables(batch, tokens.device)
         first = max(batch.context_lens) + 1
         key_pos = torch.arange(first + n - 1, device=tokens.device)
         pools = self._pools(cache)
-        picked = []
+        picked, hidden = [], []
         for i in range(n):
             if i:
                 context_lens = context_lens + 1
-            tokens = self._run(tokens, context_lens, slots, tables, key_pos[:first + i], *pools)[2]
+            h, _, tokens = self._run(tokens, context_lens, slots, tables, key_pos[:first + i], *pools)
             picked.append(tokens)
-        return torch.stack(picked)
+            if keep_hidden:
+                hidden.append(h)
+        return torch.stack(picked), torch.stack(hidden) if keep_hidden else None
 
 
 def _direct_call(package) -> Callable[..., object]:

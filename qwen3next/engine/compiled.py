@@ -106,13 +106,14 @@ class CompiledDecoder:
             return step.run(tokens, batch, cache)
         return self.forward(tokens, batch, cache)[0], None, None
 
-    def decode_steps(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache,
-                     n: int) -> torch.Tensor | None:
+    def decode_steps(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache, n: int,
+                     keep_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """`n` greedy decode steps in a row from tokens [B] of a decode step `batch` (its blocks hold n more
-        tokens), each feeding the argmax of the one before -> the picked tokens [n, B]; through the ahead-of-time
-        step (`AOTDecodeStep.run_steps`). None when that step does not take `batch` (the caller steps itself)."""
+        tokens), each feeding the argmax of the one before -> (the picked tokens [n, B], the steps' hidden states
+        [n, B, D] with `keep_hidden`); through the ahead-of-time step (`AOTDecodeStep.run_steps`). None when that
+        step does not take `batch` (the caller steps itself)."""
         step = self.aot_step(cache) if AOTDecodeStep.handles(batch) else None
-        return step.run_steps(tokens, batch, cache, n) if step is not None else None
+        return step.run_steps(tokens, batch, cache, n, keep_hidden) if step is not None else None
 
     def forward(self, tokens: torch.Tensor, batch: BatchInfo,
                 cache: HybridCache) -> tuple[torch.Tensor, ForwardContext]:
@@ -179,10 +180,10 @@ class CompiledDecoder:
         B = input_ids.shape[0]
         rows, ones = list(range(B)), [1] * B
         cache.batch(rows, [n] * B)  # ValueError past the cache's capacity
-        picked = self.decode_steps(input_ids.reshape(-1), cache.batch(rows, ones), cache.hybrid, n)
-        if picked is not None:
+        run = self.decode_steps(input_ids.reshape(-1), cache.batch(rows, ones), cache.hybrid, n)
+        if run is not None:
             cache.advance(rows, [n] * B)
-            return picked.t()
+            return run[0].t()
         out, tok = [], input_ids
         for _ in range(n):
             tok = self.decode_logits(tok, cache)[:, -1].argmax(-1, keepdim=True)

@@ -209,7 +209,8 @@ class Engine:
         `num_scheduler_steps` (vLLM's name): multi-step decoding: while every running sequence decodes greedily
         (no penalties, logprobs or grammar) and nothing waits, one schedule runs up to this many decode steps in a
         row, runs kept to about 20 ms (engine/scheduler.py); None: DEFAULT_SCHEDULER_STEPS (8); 1: one step per
-        schedule. Not with speculative decoding or tensor parallelism (one step per schedule there)."""
+        schedule. With speculative decoding, for the steps the draft policy gives no drafts; not with tensor
+        parallelism (one step per schedule there)."""
         if num_scheduler_steps is None:
             num_scheduler_steps = DEFAULT_SCHEDULER_STEPS
         if not isinstance(num_scheduler_steps, int) or isinstance(num_scheduler_steps, bool) \
@@ -479,7 +480,7 @@ class Engine:
         # length costs: decode steps without the MTP head (length 0) and verifications of that many drafts (not
         # the first step after a change, which has none to verify yet).
         if policy is not None and batch.num_drafts == batch.num_lookahead and batch.is_decode_step:
-            policy.record_step(len(batch), batch.num_drafts, time.perf_counter() - started)
+            policy.record_step(len(batch), batch.num_drafts, (time.perf_counter() - started) / batch.num_steps)
         if batch.is_decode_step and not batch.has_drafts:  # what a step costs bounds multi-step runs
             self.scheduler.record_decode_step((time.perf_counter() - started) / batch.num_steps)
         return True

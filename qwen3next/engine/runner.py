@@ -308,18 +308,25 @@ class ModelRunner:
             raise ValueError("a multi-step batch must be plain greedy decode steps of every entry")
         tokens = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
         info = BatchInfo([1] * B, batch.context_lens, batch.slots, batch.block_tables)
-        picked = None
+        keep = self.speculative  # the MTP head's inputs at the steps' positions (MTPGap)
+        run = None
         if self.graphs is None and self.compiled is not None:
-            picked = self.compiled.decode_steps(tokens, info, self.cache, n)
-        if picked is None:
-            rows = []
+            run = self.compiled.decode_steps(tokens, info, self.cache, n, keep_hidden=keep)
+        if run is None:
+            rows, states = [], []
             for i in range(n):
                 step = BatchInfo([1] * B, [c + i for c in batch.context_lens], batch.slots, batch.block_tables)
                 hidden, logits, argmax = self._decode(tokens, step)
                 tokens = argmax if argmax is not None else self.model.lm_head(hidden).float().argmax(-1)
                 rows.append(tokens)
-            picked = torch.stack(rows)
+                states.append(hidden)
+            run = torch.stack(rows), torch.stack(states) if keep else None
+        picked, hidden = run
         runs = picked.t().tolist()  # [B, n]
+        if keep:
+            self._drop_finished_gaps()
+            for b, e in enumerate(batch.entries):
+                self._keep_mtp_gap(e.seq, batch.context_lens[b], hidden[:, b].clone(), runs[b])
         return StepOutput(None, runs, [list(range(n))] * B, [0] * B, [0] * B)
 
     def _aot_drafts(self, batch: ScheduledBatch, info: BatchInfo, tokens: torch.Tensor, hidden: torch.Tensor,
@@ -430,11 +437,16 @@ class ModelRunner:
                 continue
             run = next(runs)  # the accepted drafts and the emitted token: the next tokens of the kept positions
             start = batch.query_start_loc[b]
-            first = batch.positions[start]
-            gap = self._mtp_gaps.get(id(e.seq))
-            if gap is None or gap.end != first:
-                gap = self._mtp_gaps[id(e.seq)] = MTPGap(e.seq, first)
-            gap.add(hidden[start:start + len(run)], list(run))
+            self._keep_mtp_gap(e.seq, batch.positions[start], hidden[start:start + len(run)], list(run))
+
+    def _keep_mtp_gap(self, seq, first: int, hidden: torch.Tensor, tokens: list[int]) -> None:
+        """Positions first, first + 1, ... of `seq` that the MTP head skipped: their main hidden states [n, D] (not
+        changed afterwards) and next tokens, appended to the sequence's gap (a new one where they do not follow
+        it)."""
+        gap = self._mtp_gaps.get(id(seq))
+        if gap is None or gap.end != first:
+            gap = self._mtp_gaps[id(seq)] = MTPGap(seq, first)
+        gap.add(hidden, tokens)
 
     def _drop_finished_gaps(self) -> None:
         for key in [k for k, g in self._mtp_gaps.items() if g.seq.is_finished]:

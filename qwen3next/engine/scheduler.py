@@ -15,7 +15,8 @@ row, each step's tokens fed to the next inside the runner (`ScheduledBatch.num_s
 them allocated here: the scheduling, batch metadata and output processing of a step are paid once per run. Runs are
 kept to about `multi_step_seconds` of decoding (from the measured time per step, `record_decode_step`), so a stream
 or a request that arrives meanwhile waits at most that long, and never pass max_tokens or max_model_len; a stop token
-or string inside a run ends the sequence there (the rest of its run is dropped, as for rejected drafts).
+or string inside a run ends the sequence there (the rest of its run is dropped, as for rejected drafts). With
+speculative decoding, the steps the draft policy gives no drafts can run so too.
 
 With speculative decoding (speculative.py), the decode entries of a step get drafts afterwards: each sequence feeds
 its last token plus up to k drafts (k from the `DraftLengthPolicy`), with blocks allocated for the positions the MTP
@@ -322,7 +323,7 @@ class Scheduler:
         if self.block_manager.enable_prefix_caching:
             entries = self._add_snapshots(entries)
         steps = 1
-        if self.draft_policy is None and not preempted and not self.waiting:
+        if lookahead == 0 and not preempted and not self.waiting:  # with speculative decoding: a step not drafting
             steps = self._decode_steps(entries)
         return ScheduledBatch(entries, self.block_manager.block_size, lookahead, steps)
 
