@@ -131,15 +131,16 @@ def _engine(model, tokenizer, **kw) -> Engine:
 @pytest.mark.parametrize("speculative", [False, True])
 def test_engine_with_graph_steps_equals_eager_engine(tmp_path, speculative):
     """The engine with its decode steps through the graph decoder: the same greedy tokens as the plain engine for
-    prompts of several lengths (one past MIN_KEYS) whose requests end at different steps (the batch size changes);
-    with MTP drafting (k = 2), the verifications and the drafting after them through their graphs too."""
+    prompts of several lengths (one past MIN_KEYS) whose requests end at different steps (the batch size changes),
+    the steps in multi-step runs of graph replays; with MTP drafting (k = 2), the verifications and the drafting
+    after them through their graphs too."""
     write_byte_tokenizer(tmp_path)
     tok = Tokenizer.from_dir(tmp_path)
     model = make_model("base", vocab_size=261)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (MIN_KEYS + 4, 7, 40, 1)]
     spec = {"method": "mtp", "num_speculative_tokens": 2, "adaptive": False} if speculative else None
-    outputs, decoders = [], []
+    outputs, decoders, runs = [], [], []
     for graphs in (False, True):
         engine = _engine(model, tok, speculative_config=spec)
         runner = engine.runner
@@ -148,6 +149,9 @@ def test_engine_with_graph_steps_equals_eager_engine(tmp_path, speculative):
                                           verify_tokens=3 if speculative else 0, draft_head=runner.draft_head,
                                           draft_mtp=runner.draft_mtp)
             decoders.append(runner.graphs)
+            engine.scheduler.config.multi_step_seconds = 60.0  # multi-step runs of graph replays, whatever the speed
+            execute = runner.execute
+            runner.execute = lambda batch, _execute=execute: runs.append(batch.num_steps) or _execute(batch)
         reqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
                 for p, m in zip(prompts, (12, 20, 6, 16))]
         while engine.step():
@@ -156,6 +160,7 @@ def test_engine_with_graph_steps_equals_eager_engine(tmp_path, speculative):
         if speculative:
             outputs[-1].append(engine.spec_stats.num_accepted_tokens)
     assert outputs[1] == outputs[0]
+    assert speculative or max(runs) > 1  # (with MTP the draft length stays 2: no step without drafts)
     decoder = decoders[0]
     assert decoder.replays > 0
     kinds = {k for k, _, _ in decoder.graphs}

@@ -629,7 +629,9 @@ def format_report(report: dict[str, object]) -> str:
         "",
         "ms = per prefill call (batch 1, logits of the last token) or per decode step (B tokens: cached forward + "
         f"greedy argmax); median of {opts['repeat']} repeats, decode {opts['decode_tokens']} steps per repeat after "
-        f"a {opts['prompt_len']}-token prompt; engine = Engine.step() (scheduling, sampling, detokenization included)",
+        f"a {opts['prompt_len']}-token prompt; engine = Engine.step() (scheduling, sampling, detokenization included; "
+        "multi-step schedules of up to 8 steps); compiled = greedy runs of up to 8 steps (the engine's multi-step "
+        "decoding)",
         f"decode roofline (batch 1): {roof['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token "
         f"(embedding row + non-expert weights + top-{mod['top_k']} experts + shared experts + lm_head) / "
         f"{roof['read_gb_s']:.1f} GB/s = {roof['ideal_tokens_per_s']:.1f} tokens/s ideal"

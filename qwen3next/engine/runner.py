@@ -319,7 +319,8 @@ class ModelRunner:
                 hidden, logits, argmax = self._decode(tokens, step)
                 tokens = argmax if argmax is not None else self.model.lm_head(hidden).float().argmax(-1)
                 rows.append(tokens)
-                states.append(hidden)
+                if keep:
+                    states.append(hidden)
             run = torch.stack(rows), torch.stack(states) if keep else None
         picked, hidden = run
         runs = picked.t().tolist()  # [B, n]
