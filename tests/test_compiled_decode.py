@@ -33,8 +33,9 @@ needs_compiler = pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")
 
 @needs_compiler
 def test_compiled_engine_decodes_exactly_like_eager(tmp_path):
-    """Mixed prompt lengths, batch sizes changing as requests finish and new ones arrive: every greedy token equals
-    the eager plain loop, and the logits of compiled decode steps match eager ones."""
+    """Mixed prompt lengths, batch sizes changing as requests finish and new ones arrive, decode steps in multi-step
+    runs (the step's argmax from the LM head after torch.compile's stack): every greedy token equals the eager plain
+    loop, and the logits of compiled decode steps match eager ones."""
     from qwen3next.tokenizer import Tokenizer
 
     model = make_model("base", vocab_size=261)
@@ -46,6 +47,9 @@ def test_compiled_engine_decodes_exactly_like_eager(tmp_path):
                     block_size=16, compile_decode=True)
     compiled = engine.runner.compiled
     assert compiled is not None
+    engine.scheduler.config.multi_step_seconds = 60.0  # multi-step runs of torch.compile'd steps, whatever the speed
+    runs, execute = [], engine.runner.execute
+    engine.runner.execute = lambda batch: runs.append(batch.num_steps) or execute(batch)
     graphs = dict(torch._dynamo.utils.counters["stats"])
     lengths = (6, 10, 3, 8, 5)
     reqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
@@ -55,6 +59,7 @@ def test_compiled_engine_decodes_exactly_like_eager(tmp_path):
     compiled_out = [r.output().token_ids for r in reqs]
     # The warm-up covered every batch size (1-3) and length served: nothing compiled while serving.
     assert dict(torch._dynamo.utils.counters["stats"]) == graphs
+    assert max(runs) > 1
 
     # Logits of one compiled decode step vs the same step run eagerly, on a scattered layout of the engine's own
     # cache (now unused; its pool sizes are the ones compiled for).

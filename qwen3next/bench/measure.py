@@ -97,25 +97,26 @@ def time_prefill_ours(model: Qwen3NextForCausalLM, ids: torch.Tensor, warmup: in
 @torch.no_grad()
 def time_decode_ours(model: Qwen3NextForCausalLM, ids: torch.Tensor, plan: DecodePlan,
                      compiled: CompiledDecoder | None = None) -> list[float]:
-    """Seconds per decode step: `model(tokens [B, 1], cache)` (or the compiled decoder's step) + argmax, after
-    prefilling ids [B, P]."""
+    """Seconds per decode step: `model(tokens [B, 1], cache)` + argmax (or the compiled decoder's greedy runs of up to
+    DEFAULT_SCHEDULER_STEPS steps), after prefilling ids [B, P]."""
     cache = model.new_cache(plan.batch, plan.max_len)
     tok = _prefill_last_logits(model, ids, cache).argmax(-1, keepdim=True)  # [B, 1]
     if compiled is not None:  # greedy runs of up to DEFAULT_SCHEDULER_STEPS, as the engine's multi-step decoding
-        return _timed_runs(lambda tok, n: compiled.greedy_steps(tok, cache, n)[:, -1:], tok, plan)
+        return _timed_steps(lambda tok, n: compiled.greedy_steps(tok, cache, n)[:, -1:], tok, plan,
+                            DEFAULT_SCHEDULER_STEPS)
 
-    def step(tok: torch.Tensor) -> torch.Tensor:
+    def step(tok: torch.Tensor, _: int) -> torch.Tensor:
         return model(tok, cache)[:, -1].argmax(-1, keepdim=True)
 
     return _timed_steps(step, tok, plan)
 
 
-def _timed_runs(run, state, plan: DecodePlan) -> list[float]:
-    """`_timed_steps` for a `run(state, n)` that takes n steps at once: runs of up to DEFAULT_SCHEDULER_STEPS
-    steps, seconds per step."""
+def _timed_steps(run, state, plan: DecodePlan, most: int = 1) -> list[float]:
+    """Seconds per step: `plan.warmup` steps, then `plan.repeat` timed rounds of `plan.steps`, taken by
+    `run(state, n) -> state` n <= `most` steps at a time."""
     def steps(state, total: int):
         while total:
-            n = min(total, DEFAULT_SCHEDULER_STEPS)
+            n = min(total, most)
             state, total = run(state, n), total - n
         return state
 
@@ -124,18 +125,6 @@ def _timed_runs(run, state, plan: DecodePlan) -> list[float]:
     for _ in range(plan.repeat):
         t0 = time.perf_counter()
         state = steps(state, plan.steps)
-        times.append((time.perf_counter() - t0) / plan.steps)
-    return times
-
-
-def _timed_steps(step, state, plan: DecodePlan) -> list[float]:
-    for _ in range(plan.warmup):
-        state = step(state)
-    times = []
-    for _ in range(plan.repeat):
-        t0 = time.perf_counter()
-        for _ in range(plan.steps):
-            state = step(state)
         times.append((time.perf_counter() - t0) / plan.steps)
     return times
 
@@ -199,7 +188,7 @@ def time_decode_hf(hf, ids: torch.Tensor, plan: DecodePlan) -> list[float]:
     out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
     cache = out.cache
 
-    def step(tok: torch.Tensor) -> torch.Tensor:
+    def step(tok: torch.Tensor, _: int) -> torch.Tensor:
         return hf(input_ids=tok, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
 
     return _timed_steps(step, out.logits[:, -1].argmax(-1, keepdim=True), plan)

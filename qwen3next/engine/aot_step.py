@@ -457,7 +457,6 @@ class AOTDecodeStep(_AOTProgram):
         hidden, logits, argmax = self._run(*self._inputs(tokens, batch, cache))
         return hidden, logits, argmax
 
-
     def run_steps(self, tokens: torch.Tensor, batch: BatchInfo, cache: HybridCache, n: int,
                   keep_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`n` decode steps in a row from flat tokens [B] of a decode step `batch` (its block tables hold n more

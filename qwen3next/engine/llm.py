@@ -216,7 +216,6 @@ class Engine:
         if not isinstance(num_scheduler_steps, int) or isinstance(num_scheduler_steps, bool) \
                 or num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps: expected an integer >= 1, got {num_scheduler_steps!r}")
-        self._scheduler_steps = num_scheduler_steps
         device = parse_device(device)
         self.speculative = SpeculativeConfig.parse(speculative_config)
         if self.speculative is not None and tensor_parallel_size != 1 and self.speculative.draft_head == "int8":
@@ -247,14 +246,14 @@ class Engine:
         try:
             self._setup(max_memory, max_num_seqs, max_num_batched_tokens, max_model_len, chunked_prefill,
                         prefill_chunk_size, block_size, compile_decode, enable_prefix_caching, prefix_snapshot_slots,
-                        prefix_snapshot_interval, model, enforce_eager)
+                        prefix_snapshot_interval, model, enforce_eager, num_scheduler_steps)
         except BaseException:
             self.close()
             raise
 
     def _setup(self, max_memory, max_num_seqs, max_num_batched_tokens, max_model_len, chunked_prefill,
                prefill_chunk_size, block_size, compile_decode, enable_prefix_caching, prefix_snapshot_slots,
-               prefix_snapshot_interval, model, enforce_eager=False) -> None:
+               prefix_snapshot_interval, model, enforce_eager=False, num_scheduler_steps=1) -> None:
         config = self.model.config
         if self.speculative is not None and self.model.mtp is None:
             raise ValueError("speculative_config: method 'mtp' needs the model's MTP head, but this model has no "
@@ -296,7 +295,7 @@ class Engine:
                                        max_model_len=max_model_len, chunked_prefill=chunked_prefill,
                                        prefill_chunk_size=prefill_chunk_size,
                                        eos_token_ids=eos, snapshot_policy=policy,
-                                       num_scheduler_steps=self._scheduler_steps if self.tp is None else 1)
+                                       num_scheduler_steps=num_scheduler_steps if self.tp is None else 1)
         self.block_manager = BlockManager.from_plan(self.plan, self.enable_prefix_caching)
         # compiled, or CUDA graphs: only a verification of spec_k drafts has a compiled program (a graph), shorter
         # ones would run eagerly
@@ -479,10 +478,11 @@ class Engine:
         # Time the whole step (detokenizing more tokens is part of what drafting costs) when it shows what a draft
         # length costs: decode steps without the MTP head (length 0) and verifications of that many drafts (not
         # the first step after a change, which has none to verify yet).
+        per_step = (time.perf_counter() - started) / batch.num_steps
         if policy is not None and batch.num_drafts == batch.num_lookahead and batch.is_decode_step:
-            policy.record_step(len(batch), batch.num_drafts, (time.perf_counter() - started) / batch.num_steps)
+            policy.record_step(len(batch), batch.num_drafts, per_step)
         if batch.is_decode_step and not batch.has_drafts:  # what a step costs bounds multi-step runs
-            self.scheduler.record_decode_step((time.perf_counter() - started) / batch.num_steps)
+            self.scheduler.record_decode_step(per_step)
         return True
 
     def _grammar_failed(self, seq: Sequence) -> None:

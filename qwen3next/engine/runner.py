@@ -241,8 +241,9 @@ class ModelRunner:
             aot_verify = self.graphs.verifier
         captured = None  # the ahead-of-time verification's captured states
         logits = argmax = None  # of every row, when the step's program computed them
-        if self._fast_decode(info):
-            hidden, logits, argmax = self._decode(tokens, info)
+        decoder = self._decoder(info)
+        if decoder is not None:
+            hidden, logits, argmax = decoder.decode(tokens, info, self.cache)
         elif aot_verify is not None:  # ahead of time, or the CUDA graph verification
             hidden, captured, logits, argmax = aot_verify.run(tokens, info, self.cache)
         elif self.compiled is not None and self.compiled.handles_verify(info):
@@ -278,21 +279,14 @@ class ModelRunner:
             out.grammar_seconds += self.draft_grammar_seconds
         return out
 
-    def _fast_decode(self, info: BatchInfo) -> bool:
-        """Whether a decode step over `info` takes the CUDA graphs or the compiled decoder."""
-        return ((self.graphs is not None and self.graphs.handles(info))
-                or (self.compiled is not None and self.compiled.handles(info)))
-
-    def _decode(self, tokens: torch.Tensor, info: BatchInfo) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                     torch.Tensor | None]:
-        """One decode step over `info` (not a verification) -> (final normed hidden states, the logits of every row
-        and their argmax when the step's program computed them, else None, None): as a CUDA graph, through the
-        compiled decoder, or eagerly."""
+    def _decoder(self, info: BatchInfo):
+        """What takes a decode step over `info`: the CUDA graphs, the compiled decoder (both `decode(tokens, info,
+        cache)` -> hidden states, logits, argmax), or None (eager)."""
         if self.graphs is not None and self.graphs.handles(info):
-            return self.graphs.decode(tokens, info, self.cache)
+            return self.graphs
         if self.compiled is not None and self.compiled.handles(info):
-            return self.compiled.decode(tokens, info, self.cache)
-        return self.model.hidden_states(tokens, self.model.context(info, self.cache)), None, None
+            return self.compiled
+        return None
 
     def _multi_step(self, batch: ScheduledBatch) -> StepOutput:
         """`batch.num_steps` decode steps in a row for sequences that take their logits' argmax (scheduler.py,
@@ -304,7 +298,7 @@ class ModelRunner:
             op.apply(self.cache)
         B, n = len(batch.entries), batch.num_steps
         if not (batch.is_decode_step and not batch.has_drafts and len(batch.sample_indices) == B
-                and all(s.samples_argmax for s in batch.seqs)):
+                and plain_greedy(batch.seqs)):
             raise ValueError("a multi-step batch must be plain greedy decode steps of every entry")
         tokens = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
         info = BatchInfo([1] * B, batch.context_lens, batch.slots, batch.block_tables)
@@ -316,7 +310,11 @@ class ModelRunner:
             rows, states = [], []
             for i in range(n):
                 step = BatchInfo([1] * B, [c + i for c in batch.context_lens], batch.slots, batch.block_tables)
-                hidden, logits, argmax = self._decode(tokens, step)
+                decoder = self._decoder(step)
+                if decoder is not None:  # the argmax is None where torch.compile's step ran (no LM head in it)
+                    hidden, _, argmax = decoder.decode(tokens, step, self.cache)
+                else:
+                    hidden, argmax = self.model.hidden_states(tokens, self.model.context(step, self.cache)), None
                 tokens = argmax if argmax is not None else self.model.lm_head(hidden).float().argmax(-1)
                 rows.append(tokens)
                 if keep:
