@@ -75,6 +75,15 @@ def add_scheduler_steps_arg(parser: argparse.ArgumentParser) -> None:
                              "~20 ms (default 8; 1: one step per schedule)")
 
 
+KV_CACHE_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # model/cache.py's KV_CACHE_DTYPES and "auto"
+
+
+def add_kv_cache_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPE_CHOICES, default="auto",
+                        help="dtype of the attention K/V cache (auto: the activation dtype, exact; bfloat16 / float16: "
+                             "half the bytes of fp32, keys and values rounded once when stored)")
+
+
 # The engine's KV block size (`Engine(block_size=...)`'s default; no command-line option changes it): snapshot
 # intervals are whole blocks.
 ENGINE_BLOCK_SIZE = 64

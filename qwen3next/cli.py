@@ -12,6 +12,7 @@ from .argtypes import (
     QUANTIZE_CHOICES,
     add_enforce_eager_arg,
     add_hf_overrides_arg,
+    add_kv_cache_dtype_arg,
     add_prefix_caching_args,
     add_quantize_arg,
     add_scheduler_steps_arg,
@@ -188,7 +189,7 @@ def torchrun_worker(args: argparse.Namespace) -> bool:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = ShardSpec(str(args.model), args.dtype, args.quantize, args.hf_overrides, args.tensor_parallel_size,
-                     rank_threads(args.tensor_parallel_size))
+                     rank_threads(args.tensor_parallel_size), args.kv_cache_dtype)
     k = args.speculative_config.num_speculative_tokens if args.speculative_config is not None else 0
     run_torchrun_worker(spec, k)
     return True
@@ -203,7 +204,7 @@ def _engine(args: argparse.Namespace):
     return Engine(args.model, dtype=args.dtype, device=args.device, max_memory=args.max_memory,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, quantize=args.quantize,
                   compile_decode=args.compile, enforce_eager=args.enforce_eager,
-                  num_scheduler_steps=args.num_scheduler_steps,
+                  num_scheduler_steps=args.num_scheduler_steps, kv_cache_dtype=args.kv_cache_dtype,
                   speculative_config=args.speculative_config, hf_overrides=args.hf_overrides,
                   enable_prefix_caching=args.enable_prefix_caching, prefix_snapshot_slots=args.prefix_snapshot_slots,
                   prefix_snapshot_interval=args.prefix_snapshot_interval,
@@ -378,6 +379,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "~1-2 min of compiling at the first start, less once cached")
     add_enforce_eager_arg(p)
     add_scheduler_steps_arg(p)
+    add_kv_cache_dtype_arg(p)
     add_speculative_arg(p)
     add_hf_overrides_arg(p)
     add_prefix_caching_args(p)

@@ -230,13 +230,15 @@ def test_one_library_per_block_size_and_dtype_not_per_pool_size():
 
     model = make_model("base")
 
-    def cache(slots, blocks, block_size, dtype=torch.float32):
+    def cache(slots, blocks, block_size, dtype=torch.float32, kv_dtype=None):
         return HybridCache(model.config, num_slots=slots, num_blocks=blocks, block_size=block_size, dtype=dtype,
-                           layout=model.cache_layout(include_mtp=False))
+                           layout=model.cache_layout(include_mtp=False), kv_dtype=kv_dtype)
 
     assert layout_key(cache(2, 4, 4)) == layout_key(cache(5, 9, 4))  # sizes are dynamic dimensions
     assert layout_key(cache(2, 4, 4)) != layout_key(cache(2, 4, 8))  # the block size is in the row arithmetic
     assert layout_key(cache(2, 4, 4)) != layout_key(cache(2, 4, 4, torch.bfloat16))
+    assert layout_key(cache(2, 4, 4)) != layout_key(cache(2, 4, 4, kv_dtype=torch.float16))  # --kv-cache-dtype
+    assert package_path(model, cache(2, 4, 4)) != package_path(model, cache(2, 4, 4, kv_dtype=torch.float16))
     assert package_path(model, cache(2, 4, 4)) != package_path(model, cache(2, 4, 8))
     assert package_path(model, cache(2, 4, 4)) == package_path(model, cache(5, 9, 4))
 

@@ -89,7 +89,7 @@ def test_info_plan_options_need_context(model_dir, flag, value):
     assert flag in r.stderr and "--context" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("caching", [[], ["--no-enable-prefix-caching"]])
+@pytest.mark.parametrize("caching", [[], ["--no-enable-prefix-caching"], ["--kv-cache-dtype", "float16"]])
 def test_generate_matches_the_plain_loop(model_dir, caching):
     import torch
 
@@ -101,7 +101,8 @@ def test_generate_matches_the_plain_loop(model_dir, caching):
     assert r.returncode == 0, r.stderr
     tok = Tokenizer.from_dir(model_dir)
     model = load_model(model_dir, dtype=torch.float32)
-    ids = list(generate_tokens(model, tok.encode("abc"), 8, stop_token_ids=tuple(tok.eos_token_ids)))
+    kv = caching[1] if caching[:1] == ["--kv-cache-dtype"] else None  # the plain loop on a cache of that dtype
+    ids = list(generate_tokens(model, tok.encode("abc"), 8, stop_token_ids=tuple(tok.eos_token_ids), kv_cache_dtype=kv))
     ids = [t for t in ids if t not in tok.eos_token_ids]
     assert r.stdout == "abc" + tok.decode(ids, skip_special_tokens=True) + "\n"
 
@@ -126,6 +127,8 @@ def test_chat_reset_and_exit(model_dir):
     (["generate", "--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
     (["generate", "--prompt", "x", "--temperature", "-1"], "--temperature"),
     (["generate", "--prompt", "x", "--num-scheduler-steps", "0"], "--num-scheduler-steps"),
+    (["generate", "--prompt", "x", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
+    (["bench", "--workload", "--kv-cache-dtype", "float16"], "--kv-cache-dtype"),
     (["generate", "--model", "/nonexistent", "--prompt", "x"], "--model"),
     (["bogus"], "invalid choice"),
 ])

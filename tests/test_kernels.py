@@ -426,13 +426,16 @@ def test_bf16_experts_under_torch_compile_with_many_tokens():
 
 # ---- decode attention ------------------------------------------------------------------------------------------------
 # D: multiples of 64 (the vector code's 64-column value blocks), 72 (one block and a tail of 8), a multiple of 8 only,
-# and 12 (the scalar code); G = H / HKV query heads per K/V head.
+# and 12 (the scalar code); G = H / HKV query heads per K/V head; fp32 and the 16-bit caches (`kv_cache_dtype`),
+# whose twin widens the same stored values.
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("H", "HKV", "D"), [(8, 2, 64), (4, 2, 72), (3, 1, 24), (6, 3, 12), (2, 2, 256)])
-def test_decode_attention_matches_its_twin(isa, H, HKV, D):
+def test_decode_attention_matches_its_twin(isa, H, HKV, D, kv_dtype):
     gen = torch.Generator().manual_seed(H * D)
     B, R, L = 3, 200, 150  # more keys than one block of 64, rows scattered over the pools
     q = torch.randn(B, H, D, generator=gen) * 2
     k_pool, v_pool = torch.randn(R, HKV, D, generator=gen), torch.randn(R, HKV, D, generator=gen)
+    k_pool, v_pool = k_pool.to(kv_dtype), v_pool.to(kv_dtype)
     rows = torch.randint(0, R, (B, L), generator=gen)
     lens = torch.tensor([150, 1, 65])
     rows[1, 1:] = -5  # past lens: never read
@@ -441,8 +444,8 @@ def test_decode_attention_matches_its_twin(isa, H, HKV, D):
     assert got.shape == (B, H, D)
     assert rel_err(got, want) < 1e-5
     # the twin is SDPA over the gathered keys with the mask (what the model ran before the kernel)
-    gathered_k = k_pool[rows.clamp_min(0)].transpose(1, 2)  # [B, HKV, L, D]
-    gathered_v = v_pool[rows.clamp_min(0)].transpose(1, 2)
+    gathered_k = k_pool[rows.clamp_min(0)].float().transpose(1, 2)  # [B, HKV, L, D]
+    gathered_v = v_pool[rows.clamp_min(0)].float().transpose(1, 2)
     mask = (torch.arange(L)[None, :] < lens[:, None])[:, None, None, :]
     sdpa = F.scaled_dot_product_attention(q[:, :, None], gathered_k, gathered_v, attn_mask=mask,
                                           enable_gqa=H != HKV)[:, :, 0]
@@ -458,8 +461,12 @@ def test_decode_attention_bad_arguments_are_clear_errors():
         kernels.decode_attention(q, pool, pool, torch.full((1, 5), 10), lens, 1.0)
     with pytest.raises(RuntimeError, match="need a multiple"):
         kernels.decode_attention(torch.randn(1, 3, 8), pool, pool, rows, lens, 1.0)
-    with pytest.raises(RuntimeError, match="float32"):
-        kernels.decode_attention(q, pool.bfloat16(), pool.bfloat16(), rows, lens, 1.0)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16, both the same"):
+        kernels.decode_attention(q, pool.bfloat16(), pool.half(), rows, lens, 1.0)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        kernels.decode_attention(q, pool.double(), pool.double(), rows, lens, 1.0)
+    with pytest.raises(RuntimeError, match="q must be float32"):
+        kernels.decode_attention(q.bfloat16(), pool, pool, rows, lens, 1.0)
 
 
 def test_compiled_style_decode_takes_the_native_attention_and_matches_sdpa():

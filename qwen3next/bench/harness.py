@@ -33,6 +33,7 @@ import torch
 
 from ..argtypes import (
     add_hf_overrides_arg,
+    add_kv_cache_dtype_arg,
     add_tensor_parallel_arg,
     check_output_paths,
     positive_int,
@@ -42,6 +43,7 @@ from ..checkpoint import load_model, parse_dtype
 from ..config import Qwen3NextConfig
 from ..engine.compiled import CompiledDecoder
 from ..engine.speculative import SpeculativeConfig
+from ..model.cache import resolve_kv_cache_dtype
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..ops.hugepages import place_weights
 from ..quant.quantize import INT4_MIX
@@ -85,6 +87,7 @@ class BenchOptions:
     # also plain vs MTP speculative decoding through the engine (a dict or JSON string is parsed by validate)
     speculative_config: SpeculativeConfig | None = None
     hf_overrides: dict | None = None  # config.json values to change (vLLM's flag), for --model and --preset models
+    kv_cache_dtype: str = "auto"  # the K/V cache of our decode rows (the engine's `kv_cache_dtype`)
 
     def validate(self) -> None:
         for name in ("prompt_len", "decode_tokens", "repeat"):
@@ -119,6 +122,7 @@ class BenchOptions:
         llamacpp.find_llama_bench(self.llama_bench)
         if not self.llama_timeout > 0:
             raise ValueError(f"llama_timeout: expected a positive number of seconds, got {self.llama_timeout}")
+        resolve_kv_cache_dtype(self.kv_cache_dtype, torch.float32)
 
     def variants(self) -> list[str]:
         """The variants to measure: `quantize`, then those a `gguf` format is compared with that it does not name."""
@@ -126,7 +130,8 @@ class BenchOptions:
         return [*self.quantize, *dict.fromkeys(v for v in wanted if v is not None and v not in self.quantize)]
 
     def check_positions(self, max_positions: int) -> None:
-        plans = [measure.DecodePlan(b, self.prompt_len, self.decode_tokens, self.repeat) for b in self.batches]
+        plans = [measure.DecodePlan(b, self.prompt_len, self.decode_tokens, self.repeat, self.kv_cache_dtype)
+                 for b in self.batches]
         longest = max([*self.prefill_lens, *(p.engine_max_len for p in plans)])
         if longest > max_positions:
             raise ValueError(f"prefill_lens / prompt_len: {longest} positions exceed the model's context "
@@ -311,7 +316,8 @@ class _Session:
 
     def __post_init__(self) -> None:
         o, vocab = self.opts, self.model.config.vocab_size
-        self.plans = [measure.DecodePlan(b, o.prompt_len, o.decode_tokens, o.repeat) for b in o.batches]
+        self.plans = [measure.DecodePlan(b, o.prompt_len, o.decode_tokens, o.repeat, o.kv_cache_dtype)
+                      for b in o.batches]
         self.prefill_ids = {n: measure.random_prompts(vocab, 1, n, o.seed + n) for n in o.prefill_lens}
         self.decode_ids = {b: measure.random_prompts(vocab, b, o.prompt_len, o.seed + 7 * b)
                            for b in sorted({*o.batches, 1})}  # batch 1 also for the llama.cpp rounds
@@ -400,7 +406,7 @@ def _compare_llama(s: _Session, peer: llamacpp.LlamaBench, fmt: str, m: Qwen3Nex
     not be built, llama.cpp alone is measured. After a failed llama-bench run of a phase, the later rounds skip it."""
     opts = s.opts
     gguf, R = opts.gguf[fmt], opts.repeat
-    plan = measure.DecodePlan(1, opts.prompt_len, opts.decode_tokens, repeat=1)
+    plan = measure.DecodePlan(1, opts.prompt_len, opts.decode_tokens, repeat=1, kv_cache_dtype=opts.kv_cache_dtype)
     modes = ["eager", "compiled"] if decoder is not None else ["eager"]
     decode: dict[str, list[float | None]] = {"llama_cpp": [], **{mode: [] for mode in modes}}
     prefill = {n: {"llama_cpp": [], "eager": []} for n in opts.prefill_lens}
@@ -629,7 +635,8 @@ def format_report(report: dict[str, object]) -> str:
         "",
         "ms = per prefill call (batch 1, logits of the last token) or per decode step (B tokens: cached forward + "
         f"greedy argmax); median of {opts['repeat']} repeats, decode {opts['decode_tokens']} steps per repeat after "
-        f"a {opts['prompt_len']}-token prompt; engine = Engine.step() (scheduling, sampling, detokenization included; "
+        f"a {opts['prompt_len']}-token prompt, K/V cache {opts.get('kv_cache_dtype', 'auto')} (auto: the activation "
+        "dtype); engine = Engine.step() (scheduling, sampling, detokenization included; "
         "multi-step schedules of up to 8 steps); compiled = greedy runs of up to 8 steps (the engine's multi-step "
         "decoding)",
         f"decode roofline (batch 1): {roof['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token "
@@ -758,6 +765,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                              'request, real text prompts when the model has a tokenizer; --repeat paired rounds per '
                              'batch size; eager, and compiled with --compile)')
     add_hf_overrides_arg(parser)
+    add_kv_cache_dtype_arg(parser)
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the full report as JSON")
     parser.add_argument("--ablation", choices=ablation.ABLATIONS, default=None,
                         help="instead of the usual measurements: 'attention' runs --preset, its full-attention twin "
@@ -789,7 +797,7 @@ def _reject_flags(args: argparse.Namespace, mode: str, flags: tuple[str, ...], h
              "--prefill-lens": (args.prefill_lens, d.prefill_lens), "--repeat": (args.repeat, d.repeat),
              "--gguf": (args.gguf, []), "--llama-bench": (args.llama_bench, None),
              "--bandwidth-mib": (args.bandwidth_mib, None), "--contexts": (args.contexts, None),
-             "--plot": (args.plot, None)}
+             "--plot": (args.plot, None), "--kv-cache-dtype": (args.kv_cache_dtype, d.kv_cache_dtype)}
     ignored = [flag for flag in flags if given[flag][0] != given[flag][1]]
     if ignored:
         raise ValueError(f"{mode}: {', '.join(ignored)} do not apply to --{mode} ({hint})")
@@ -800,7 +808,7 @@ def _run_ablation(args: argparse.Namespace) -> int:
         raise ValueError("ablation: --ablation builds its three models from --preset (random weights), not --model")
     _reject_flags(args, "ablation", ("--compare", "--quantize", "--compile", "--speculative-config", "--hf-overrides",
                                      "--batch", "--prompt-len", "--prefill-lens", "--gguf", "--llama-bench",
-                                     "--bandwidth-mib"),
+                                     "--bandwidth-mib", "--kv-cache-dtype"),
                   "it runs --preset and its twins at --contexts, decode at batch 1 and 4")
     check_output_paths(args, "--json", "--plot")
     if args.plot:
@@ -827,7 +835,7 @@ def _run_prefix(args: argparse.Namespace) -> int:
         raise ValueError("workload: --workload and --ablation are separate modes; give one")
     _reject_flags(args, "workload", ("--compare", "--quantize", "--compile", "--speculative-config", "--batch",
                                      "--prompt-len", "--prefill-lens", "--repeat", "--gguf", "--llama-bench",
-                                     "--bandwidth-mib", "--contexts", "--plot"),
+                                     "--bandwidth-mib", "--contexts", "--plot", "--kv-cache-dtype"),
                   "prefix caching on vs off: --rounds, --turns, --history-tokens, --message-tokens, --requests, "
                   "--system-tokens, --prompt-tokens, --decode-tokens")
     check_output_paths(args, "--json")
@@ -873,7 +881,7 @@ def _run_structured(args: argparse.Namespace) -> int:
                          "give one")
     _reject_flags(args, "structured-output", ("--compare", "--quantize", "--compile", "--speculative-config",
                                               "--prompt-len", "--prefill-lens", "--gguf", "--llama-bench",
-                                              "--bandwidth-mib", "--contexts", "--plot"),
+                                              "--bandwidth-mib", "--contexts", "--plot", "--kv-cache-dtype"),
                   "JSON-constrained vs plain decode: --batch, --decode-tokens, --repeat, --threads, --model")
     check_output_paths(args, "--json")
     from .. import DEFAULT_MODEL
@@ -907,7 +915,7 @@ def _run_parallel(args: argparse.Namespace) -> int:
                          "--ablation are separate modes; give one")
     _reject_flags(args, "tensor-parallel-size", ("--compare", "--quantize", "--compile", "--speculative-config",
                                                  "--prefill-lens", "--gguf", "--llama-bench", "--bandwidth-mib",
-                                                 "--contexts", "--plot"),
+                                                 "--contexts", "--plot", "--kv-cache-dtype"),
                   "1 rank vs N ranks: --batch, --prompt-len, --decode-tokens, --repeat, --threads, --model/--preset")
     check_output_paths(args, "--json")
 
@@ -955,7 +963,8 @@ def run_bench(args: argparse.Namespace) -> int:
                         seed=args.seed, bandwidth_mib=args.bandwidth_mib, quantize=list(args.quantize),
                         compile=args.compile, llama_bench=args.llama_bench,
                         gguf=llamacpp.parse_gguf_args(args.gguf), llama_timeout=args.llama_timeout,
-                        speculative_config=args.speculative_config, hf_overrides=args.hf_overrides)
+                        speculative_config=args.speculative_config, hf_overrides=args.hf_overrides,
+                        kv_cache_dtype=args.kv_cache_dtype)
     report = bench(opts, log=_log)
     print(format_report(report))
     if args.json:

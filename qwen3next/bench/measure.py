@@ -20,7 +20,7 @@ from ..engine.llm import Engine
 from ..engine.runner import cache_geometry
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import DEFAULT_SCHEDULER_STEPS
-from ..model.cache import SequenceCache
+from ..model.cache import SequenceCache, resolve_kv_cache_dtype
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer
 
@@ -36,6 +36,7 @@ class DecodePlan:
     prompt_len: int
     steps: int
     repeat: int
+    kv_cache_dtype: str = "auto"  # the K/V cache's dtype (the engine's `kv_cache_dtype`)
     warmup: int = 2
 
     @property
@@ -99,7 +100,7 @@ def time_decode_ours(model: Qwen3NextForCausalLM, ids: torch.Tensor, plan: Decod
                      compiled: CompiledDecoder | None = None) -> list[float]:
     """Seconds per decode step: `model(tokens [B, 1], cache)` + argmax (or the compiled decoder's greedy runs of up to
     DEFAULT_SCHEDULER_STEPS steps), after prefilling ids [B, P]."""
-    cache = model.new_cache(plan.batch, plan.max_len)
+    cache = model.new_cache(plan.batch, plan.max_len, kv_cache_dtype=plan.kv_cache_dtype)
     tok = _prefill_last_logits(model, ids, cache).argmax(-1, keepdim=True)  # [B, 1]
     if compiled is not None:  # greedy runs of up to DEFAULT_SCHEDULER_STEPS, as the engine's multi-step decoding
         return _timed_steps(lambda tok, n: compiled.greedy_steps(tok, cache, n)[:, -1:], tok, plan,
@@ -136,12 +137,13 @@ def time_decode_engine(model: Qwen3NextForCausalLM, tokenizer: Tokenizer, ids: t
     (scheduling, cache metadata, sampling and detokenization included; a multi-step schedule takes several steps),
     greedy, EOS ignored."""
     block_size, max_tokens, max_model_len = 64, plan.engine_max_tokens, plan.engine_max_len
-    geometry = cache_geometry(model, block_size)
+    geometry = cache_geometry(model, block_size, kv_dtype=resolve_kv_cache_dtype(plan.kv_cache_dtype, model.dtype))
     blocks_per_seq = -(-max_model_len // block_size)
     budget = plan.batch * (geometry.state_bytes_per_slot + blocks_per_seq * geometry.block_bytes) + 1
     engine = Engine(model, tokenizer=tokenizer, max_memory=budget, max_num_seqs=plan.batch,
                     max_num_batched_tokens=ENGINE_MAX_BATCHED_TOKENS, max_model_len=max_model_len,
-                    prefill_chunk_size=512, block_size=block_size, enable_prefix_caching=False)  # decode only
+                    prefill_chunk_size=512, block_size=block_size, enable_prefix_caching=False,  # decode only
+                    kv_cache_dtype=plan.kv_cache_dtype)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     reqs = [engine.add_request(row.tolist(), params) for row in ids]
     while any(not r.samples[0].out.token_ids for r in reqs):  # prefill (possibly chunked over several steps)

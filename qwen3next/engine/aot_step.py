@@ -387,7 +387,8 @@ class _AOTProgram:
     def _example_cache(self, cache: HybridCache, B: int, blocks_per_seq: int) -> HybridCache:
         B = max(B, 2)  # the pools' sizes are dynamic dimensions of at least 2
         return HybridCache(cache.config, num_slots=B, num_blocks=blocks_per_seq * B, block_size=cache.block_size,
-                           dtype=cache.dtype, device=cache.device, state_dtype=cache.state_dtype, layout=cache.layout)
+                           dtype=cache.dtype, device=cache.device, state_dtype=cache.state_dtype, layout=cache.layout,
+                           kv_dtype=cache.kv_dtype)
 
     def _multi_token_example(self, cache: HybridCache, positions: int) -> tuple[HybridCache, BatchInfo, dict | None,
                                                                                dict | None, dict]:

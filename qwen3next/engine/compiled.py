@@ -40,8 +40,8 @@ def layout_key(cache: HybridCache) -> tuple:
     """What an ahead-of-time step built for one cache needs to be the same in another to serve it: dtypes, block size
     (baked into the graph's row arithmetic) and pool keys (pool sizes are dynamic); and what the process switched
     since (the kernels, the fast-path switches and thresholds, one thread or several), which the trace depends on."""
-    return (cache.dtype, cache.state_dtype, cache.block_size, tuple(cache.k), tuple(cache.state), switch_state(),
-            torch.get_num_threads() > 1)
+    return (cache.dtype, cache.kv_dtype, cache.state_dtype, cache.block_size, tuple(cache.k), tuple(cache.state),
+            switch_state(), torch.get_num_threads() > 1)
 
 
 class CompileDecodeError(RuntimeError):

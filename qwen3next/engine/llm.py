@@ -23,6 +23,7 @@ import torch
 from .. import DEFAULT_MODEL, kernels
 from ..checkpoint import load_model, parse_dtype, quantize_bits, stored_matrix_dtypes
 from ..config import Qwen3NextConfig
+from ..model.cache import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer, generation_eos_ids
 from .block_manager import BlockManager
@@ -128,7 +129,7 @@ def _eos_without_tokenizer(model: str | Path | Qwen3NextForCausalLM, config: Qwe
     return tuple(dict.fromkeys(ids))  # in order, without duplicates
 
 
-def _tensor_parallel_spec(model, size, dtype, device, quantize, hf_overrides, compile_decode):
+def _tensor_parallel_spec(model, size, dtype, device, quantize, hf_overrides, compile_decode, kv_cache_dtype=None):
     """How the ranks of a tensor-parallel engine load the model (parallel/engine.py), after checking what it needs;
     this process's torch threads become each rank's share of the cores (`rank_threads`)."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -152,7 +153,9 @@ def _tensor_parallel_spec(model, size, dtype, device, quantize, hf_overrides, co
         log.info("tensor_parallel_size %d: %d torch threads per rank (was %d: the cores are shared among the ranks)",
                  size, threads, torch.get_num_threads())
         torch.set_num_threads(threads)
-    return ShardSpec(str(model), dtype, quantize, hf_overrides, size, threads)
+    kv = kv_cache_dtype if kv_cache_dtype is None or isinstance(kv_cache_dtype, str) else \
+        next(k for k, v in KV_CACHE_DTYPES.items() if v == kv_cache_dtype)  # checked: a name travels to the workers
+    return ShardSpec(str(model), dtype, quantize, hf_overrides, size, threads, kv)
 
 
 def _context_error(config: Qwen3NextConfig, max_model_len: int) -> str:
@@ -178,7 +181,7 @@ class Engine:
                  enable_prefix_caching: bool = True, prefix_snapshot_slots: int | None = None,
                  prefix_snapshot_interval: int | None = None, skip_tokenizer_init: bool = False,
                  tensor_parallel_size: int = 1, enforce_eager: bool = False,
-                 num_scheduler_steps: int | None = None):
+                 num_scheduler_steps: int | None = None, kv_cache_dtype: str | torch.dtype | None = "auto"):
         """`quantize`: "int8" / "int4" weight-only quantization at load, "bf16" bf16-stored weights with fp32
         compute, "none" every weight in `dtype`; None (default): "bf16" for a checkpoint stored in bf16 loaded as
         float32 on a CPU with the native kernels (exact: `weight_storage`), else "none".
@@ -210,12 +213,17 @@ class Engine:
         (no penalties, logprobs or grammar) and nothing waits, one schedule runs up to this many decode steps in a
         row, runs kept to about 20 ms (engine/scheduler.py); None: DEFAULT_SCHEDULER_STEPS (8); 1: one step per
         schedule. With speculative decoding, for the steps the draft policy gives no drafts; not with tensor
-        parallelism (one step per schedule there)."""
+        parallelism (one step per schedule there).
+        `kv_cache_dtype` (vLLM's name): the dtype of the attention layers' K/V cache: "auto" (default) the activation
+        dtype (exact); "bfloat16" / "float16": half the bytes of an fp32 cache (twice the tokens in the same memory,
+        half the bytes a decode step's attention reads; keys and values are rounded once as they are stored, the
+        attention itself still runs in the activation dtype); "float32". The DeltaNet states keep their dtype."""
         if num_scheduler_steps is None:
             num_scheduler_steps = DEFAULT_SCHEDULER_STEPS
         if not isinstance(num_scheduler_steps, int) or isinstance(num_scheduler_steps, bool) \
                 or num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps: expected an integer >= 1, got {num_scheduler_steps!r}")
+        resolve_kv_cache_dtype(kv_cache_dtype, torch.float32)  # a bad value fails before anything loads
         device = parse_device(device)
         self.speculative = SpeculativeConfig.parse(speculative_config)
         if self.speculative is not None and tensor_parallel_size != 1 and self.speculative.draft_head == "int8":
@@ -231,7 +239,7 @@ class Engine:
 
             try:
                 spec = _tensor_parallel_spec(model, tensor_parallel_size, dtype, device, quantize, hf_overrides,
-                                             compile_decode)
+                                             compile_decode, kv_cache_dtype)
                 # The tokenizer before the workers: a missing tokenizer.json fails before any of them starts.
                 self.tokenizer = None if skip_tokenizer_init else tokenizer or Tokenizer.from_dir(model)
                 spec_k = self.speculative.num_speculative_tokens if self.speculative is not None else 0
@@ -246,14 +254,16 @@ class Engine:
         try:
             self._setup(max_memory, max_num_seqs, max_num_batched_tokens, max_model_len, chunked_prefill,
                         prefill_chunk_size, block_size, compile_decode, enable_prefix_caching, prefix_snapshot_slots,
-                        prefix_snapshot_interval, model, enforce_eager, num_scheduler_steps)
+                        prefix_snapshot_interval, model, enforce_eager, num_scheduler_steps,
+                        resolve_kv_cache_dtype(kv_cache_dtype, self.model.dtype))
         except BaseException:
             self.close()
             raise
 
     def _setup(self, max_memory, max_num_seqs, max_num_batched_tokens, max_model_len, chunked_prefill,
                prefill_chunk_size, block_size, compile_decode, enable_prefix_caching, prefix_snapshot_slots,
-               prefix_snapshot_interval, model, enforce_eager=False, num_scheduler_steps=1) -> None:
+               prefix_snapshot_interval, model, enforce_eager=False, num_scheduler_steps=1,
+               kv_cache_dtype: torch.dtype | None = None) -> None:
         config = self.model.config
         if self.speculative is not None and self.model.mtp is None:
             raise ValueError("speculative_config: method 'mtp' needs the model's MTP head, but this model has no "
@@ -269,7 +279,8 @@ class Engine:
         if prefix_snapshot_interval and prefix_snapshot_interval % block_size:
             raise ValueError(f"prefix_snapshot_interval: {prefix_snapshot_interval} must be a multiple of block_size "
                              f"({block_size})")
-        geometry = cache_geometry(self.model, block_size, include_mtp=spec_k > 0)
+        self.kv_cache_dtype = kv_cache_dtype or self.model.dtype
+        geometry = cache_geometry(self.model, block_size, include_mtp=spec_k > 0, kv_dtype=self.kv_cache_dtype)
         token_map = None
         if spec_k and self.speculative.speculative_token_map is not None:
             from .draft_vocab import load_token_map
@@ -308,7 +319,8 @@ class Engine:
         self.runner = ModelRunner(self.model, self.plan, compile_decode=compile_decode, num_speculative_tokens=spec_k,
                                   tp=self.tp.comm if self.tp is not None else None,
                                   draft_head=self.speculative.draft_head if spec_k else None,
-                                  enforce_eager=enforce_eager, draft_token_map=token_map)
+                                  enforce_eager=enforce_eager, draft_token_map=token_map,
+                                  kv_cache_dtype=self.kv_cache_dtype)
         self.requests: dict[str, RequestState] = {}
         self._seq_to_sample: dict[int, tuple[RequestState, SampleState]] = {}
         self._ids = itertools.count()

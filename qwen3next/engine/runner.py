@@ -27,12 +27,14 @@ from .speculative import accepted_run
 from .structured import allowed_mask, words_per_row
 
 
-def cache_geometry(model: Qwen3NextForCausalLM, block_size: int, include_mtp: bool = False) -> CacheGeometry:
+def cache_geometry(model: Qwen3NextForCausalLM, block_size: int, include_mtp: bool = False,
+                   kv_dtype: torch.dtype | None = None) -> CacheGeometry:
     """Bytes per KV token and per DeltaNet state slot, as `HybridCache` will allocate them for this model (with the
-    MTP layer's K/V when `include_mtp`)."""
+    MTP layer's K/V when `include_mtp`; K/V in `kv_dtype`, None: the activation dtype)."""
     layout = model.cache_layout(include_mtp=include_mtp)
     elem = torch.empty((), dtype=model.dtype).element_size()
-    return CacheGeometry(kv_bytes_per_token=layout.kv_bytes_per_token(elem),
+    kv_elem = torch.empty((), dtype=kv_dtype).element_size() if kv_dtype is not None else elem
+    return CacheGeometry(kv_bytes_per_token=layout.kv_bytes_per_token(kv_elem),
                          state_bytes_per_slot=layout.state_bytes_per_slot(elem, 4), block_size=block_size)
 
 
@@ -173,7 +175,8 @@ class StepOutput:
 class ModelRunner:
     def __init__(self, model: Qwen3NextForCausalLM, plan: CachePlan, compile_decode: bool = False,
                  num_speculative_tokens: int = 0, tp: TPComm | None = None, draft_head: str | None = None,
-                 enforce_eager: bool = False, draft_token_map: list[int] | None = None):
+                 enforce_eager: bool = False, draft_token_map: list[int] | None = None,
+                 kv_cache_dtype: torch.dtype | None = None):
         """`compile_decode`: run decode steps through a torch.compile'd decoder (see engine/compiled.py), compiled
         here on this cache before any request (raises CompileDecodeError when this machine cannot compile).
         `num_speculative_tokens` > 0: MTP speculative decoding with up to that many drafts (the cache then holds
@@ -182,7 +185,7 @@ class ModelRunner:
         together; rank 0 samples and broadcasts its tokens. `draft_head`: what the MTP drafts' logits are computed
         with (`draft_head_kind`); `draft_token_map`: the token ids drafts are restricted to (`make_draft_head`,
         engine/draft_vocab.py). On a CUDA GPU, decode steps run as CUDA graphs (engine/cuda_graph.py) unless
-        `enforce_eager` (vLLM's name)."""
+        `enforce_eager` (vLLM's name). `kv_cache_dtype`: the K/V pools' dtype (None: the model's)."""
         if tp is not None and compile_decode:
             raise ValueError("compile_decode: not with tensor_parallel_size > 1 (the compiled step has no collectives)")
         if model.device.type == "cpu":
@@ -199,7 +202,7 @@ class ModelRunner:
         self.draft_mtp = make_draft_mtp(model, kind) if speculative else None
         self.cache = HybridCache(model.config, num_slots=plan.num_slots, num_blocks=plan.num_blocks,
                                  block_size=plan.block_size, dtype=model.dtype, device=model.device,
-                                 layout=model.cache_layout(include_mtp=speculative))
+                                 layout=model.cache_layout(include_mtp=speculative), kv_dtype=kv_cache_dtype)
         self.graphs = None
         if cuda_graph_steps(model.device, enforce_eager, tp):
             from .cuda_graph import CUDAGraphDecoder

@@ -236,8 +236,9 @@ def gated_delta_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
 def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor,
                      lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query per sequence over its paged K/V rows, in C++ (decode_attention.cpp): q [B, H, D] fp32, pools [R, HKV,
-    D] fp32 (H a multiple of HKV), rows [B, L] int64 pool rows of each key, lens [B] int64 keys per sequence (1..L;
-    rows past it are not read) -> [B, H, D]. Nothing is gathered; each K/V row is read once per key/value head.
+    D] fp32, bf16 or fp16 (both the same; widened to fp32 as read; H a multiple of HKV), rows [B, L] int64 pool rows
+    of each key, lens [B] int64 keys per sequence (1..L; rows past it are not read) -> [B, H, D]. Nothing is
+    gathered; each K/V row is read once per key/value head.
     Twin: `decode_attention_reference`."""
     _require()
     return torch.ops.qwen3next.decode_attention(q, k_pool, v_pool, rows, lens, scale)

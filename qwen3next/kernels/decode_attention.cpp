@@ -9,6 +9,10 @@
 // running max, its sum of exponentials, and the output are rescaled when a block raises the max), then the weighted
 // sum of the block's value rows.
 //
+// The pools hold fp32, bf16 or fp16 (`--kv-cache-dtype`): 16-bit rows are widened to fp32 as they are loaded (bf16 by
+// a shift, fp16 by F16C's conversion), the arithmetic stays fp32. A 16-bit cache halves the bytes a step reads, which
+// at long contexts is most of the attention's time.
+//
 // Twin: `decode_attention_reference` in qwen3next/kernels/__init__.py (gather + masked softmax in torch); the model's
 // own path without the kernel is SDPA over the gathered rows with the mask (model/attention.py).
 //
@@ -17,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,28 +38,33 @@ namespace {
 
 constexpr int64_t kKeys = 64;  // keys per block
 
+template <typename E>
 struct AttnArgs {
-  const float *q, *k, *v;
+  const float* q;
+  const E *k, *v;
   const int64_t *rows, *lens;
   float* o;
   int64_t B, H, HKV, D, L, R;
   float scale;
 };
 
-float dot_scalar(const float* a, const float* b, int64_t n) {
+template <typename E>
+float dot_scalar(const float* a, const E* b, int64_t n) {
   float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
-void axpy_scalar(float a, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+template <typename E>
+void axpy_scalar(float a, const E* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
 }
 void scale_scalar(float a, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] *= a;
 }
 
 // One (sequence b, key/value head j): its G query heads over its keys. Scalar code (any D).
-void attend_scalar(const AttnArgs& a, int64_t b, int64_t j, float* scores, float* acc) {
+template <typename E>
+void attend_scalar(const AttnArgs<E>& a, int64_t b, int64_t j, float* scores, float* acc) {
   const int64_t G = a.H / a.HKV, D = a.D, n = a.lens[b];
   const float* q = a.q + (b * a.H + j * G) * D;  // the G query heads of this group, [G, D]
   const int64_t* rows = a.rows + b * a.L;
@@ -62,7 +73,7 @@ void attend_scalar(const AttnArgs& a, int64_t b, int64_t j, float* scores, float
   for (int64_t l0 = 0; l0 < n; l0 += kKeys) {
     const int64_t nk = std::min(kKeys, n - l0);
     for (int64_t t = 0; t < nk; ++t) {
-      const float* kr = a.k + (rows[l0 + t] * a.HKV + j) * D;
+      const E* kr = a.k + (rows[l0 + t] * a.HKV + j) * D;
       for (int64_t g = 0; g < G; ++g) scores[g * kKeys + t] = dot_scalar(q + g * D, kr, D) * a.scale;
     }
     for (int64_t g = 0; g < G; ++g) {
@@ -78,7 +89,7 @@ void attend_scalar(const AttnArgs& a, int64_t b, int64_t j, float* scores, float
       }
     }
     for (int64_t t = 0; t < nk; ++t) {
-      const float* vr = a.v + (rows[l0 + t] * a.HKV + j) * D;
+      const E* vr = a.v + (rows[l0 + t] * a.HKV + j) * D;
       for (int64_t g = 0; g < G; ++g) axpy_scalar(scores[g * kKeys + t], vr, acc + g * D, D);
     }
   }
@@ -109,14 +120,27 @@ QK_AVX2 static inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+#define QK_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
+
+// 8 consecutive pool values as fp32
+QK_AVX2_F16C static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+QK_AVX2_F16C static inline __m256 load8(const c10::BFloat16* p) {  // bf16 = the high half of an fp32
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+QK_AVX2_F16C static inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // q · k for eight key rows at once (D % 8 == 0): eight independent accumulators (one dot product at a time would wait
 // on the FMA latency and end in a horizontal sum per score), reduced together into one vector of the 8 scores.
-QK_AVX2 static inline __m256 dot_8keys(const float* q, const float* const* k, int64_t D) {
+template <typename E>
+QK_AVX2_F16C static inline __m256 dot_8keys(const float* q, const E* const* k, int64_t D) {
   __m256 s[8];
   for (int i = 0; i < 8; ++i) s[i] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
     const __m256 qv = _mm256_loadu_ps(q + d);
-    for (int i = 0; i < 8; ++i) s[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i] + d), s[i]);
+    for (int i = 0; i < 8; ++i) s[i] = _mm256_fmadd_ps(qv, load8(k[i] + d), s[i]);
   }
   // hadd pairs, twice: [key 0..3 (lanes 0-3 summed) | key 0..3 (lanes 4-7)] and the same for keys 4..7
   const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
@@ -124,16 +148,24 @@ QK_AVX2 static inline __m256 dot_8keys(const float* q, const float* const* k, in
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
+// q · k for one key row (D % 8 == 0)
+template <typename E>
+QK_AVX2_F16C static inline float dot_1key(const float* q, const E* k, int64_t D) {
+  __m256 s = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), s);
+  return hsum8(s);
+}
+
 // acc[0 .. 8 W) = fix · acc + Σ_t p[t] · v[t][0 .. 8 W): W registers accumulating over the keys, independent chains.
-template <int W>
-QK_AVX2 static inline void weighted_rows(float* acc, float fix, const float* p, const float* const* v, int64_t nk,
+template <int W, typename E>
+QK_AVX2_F16C static inline void weighted_rows(float* acc, float fix, const float* p, const E* const* v, int64_t nk,
                                          int64_t d0) {
   __m256 r[W];
   const __m256 f = _mm256_set1_ps(fix);
   for (int i = 0; i < W; ++i) r[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), f);
   for (int64_t t = 0; t < nk; ++t) {
     const __m256 w = _mm256_set1_ps(p[t]);
-    for (int i = 0; i < W; ++i) r[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v[t] + d0 + 8 * i), r[i]);
+    for (int i = 0; i < W; ++i) r[i] = _mm256_fmadd_ps(w, load8(v[t] + d0 + 8 * i), r[i]);
   }
   for (int i = 0; i < W; ++i) _mm256_storeu_ps(acc + 8 * i, r[i]);
 }
@@ -141,14 +173,15 @@ QK_AVX2 static inline void weighted_rows(float* acc, float fix, const float* p, 
 // The same for D % 8 == 0, everything inlined: per block, the scores of the G heads eight keys at a time (the key rows
 // come from memory for the first head, from L1 for the others), then per head the running output rescaled and the
 // block's value rows added, 64 columns at a time in eight registers.
-QK_AVX2 void attend_avx2(const AttnArgs& a, int64_t b, int64_t j, float* scores, float* acc) {
+template <typename E>
+QK_AVX2_F16C void attend_avx2(const AttnArgs<E>& a, int64_t b, int64_t j, float* scores, float* acc) {
   const int64_t G = a.H / a.HKV, D = a.D, n = a.lens[b];
   const float* q = a.q + (b * a.H + j * G) * D;
   const int64_t* rows = a.rows + b * a.L;
   std::vector<float> m(G, -std::numeric_limits<float>::infinity()), sum(G, 0.f);
   std::fill(acc, acc + G * D, 0.f);
-  const float* krow[kKeys];
-  const float* vrow[kKeys];
+  const E* krow[kKeys];
+  const E* vrow[kKeys];
   const __m256 scale = _mm256_set1_ps(a.scale);
   for (int64_t l0 = 0; l0 < n; l0 += kKeys) {
     const int64_t nk = std::min(kKeys, n - l0);
@@ -161,7 +194,7 @@ QK_AVX2 void attend_avx2(const AttnArgs& a, int64_t b, int64_t j, float* scores,
       float* s = scores + g * kKeys;
       int64_t t = 0;
       for (; t + 8 <= nk; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(dot_8keys(q + g * D, krow + t, D), scale));
-      for (; t < nk; ++t) s[t] = dot8(q + g * D, krow[t], D) * a.scale;
+      for (; t < nk; ++t) s[t] = dot_1key(q + g * D, krow[t], D) * a.scale;
     }
     for (int64_t g = 0; g < G; ++g) {
       float* s = scores + g * kKeys;
@@ -184,8 +217,8 @@ QK_AVX2 void attend_avx2(const AttnArgs& a, int64_t b, int64_t j, float* scores,
       }
       float* ag = acc + g * D;
       int64_t d = 0;
-      for (; d + 64 <= D; d += 64) weighted_rows<8>(ag + d, fix, s, vrow, nk, d);
-      for (; d < D; d += 8) weighted_rows<1>(ag + d, fix, s, vrow, nk, d);
+      for (; d + 64 <= D; d += 64) weighted_rows<8, E>(ag + d, fix, s, vrow, nk, d);
+      for (; d < D; d += 8) weighted_rows<1, E>(ag + d, fix, s, vrow, nk, d);
     }
   }
   float* o = a.o + (b * a.H + j * G) * D;
@@ -196,17 +229,47 @@ QK_AVX2 void attend_avx2(const AttnArgs& a, int64_t b, int64_t j, float* scores,
 }
 #endif
 
+bool has_f16c() {
+#if QK_X86 && defined(__GNUC__)
+  static const bool yes = __builtin_cpu_supports("f16c");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+template <typename E>
+void run_attention(const AttnArgs<E>& a, bool avx) {
+  const int64_t G = a.H / a.HKV;
+  at::parallel_for(0, a.B * a.HKV, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(G * kKeys), acc(G * a.D);
+    for (int64_t i = i0; i < i1; ++i) {
+#if QK_X86
+      if (avx) {
+        attend_avx2<E>(a, i / a.HKV, i % a.HKV, scores.data(), acc.data());
+        continue;
+      }
+#endif
+      attend_scalar<E>(a, i / a.HKV, i % a.HKV, scores.data(), acc.data());
+    }
+  });
+}
+
 }  // namespace
 
-// q [B, H, D], k_pool / v_pool [R, HKV, D] (fp32), rows [B, L] int64 (pool row of key l of sequence b; entries at
-// l >= lens[b] are not read), lens [B] int64 (1 <= lens[b] <= L) -> out [B, H, D].
+// q [B, H, D] fp32, k_pool / v_pool [R, HKV, D] (fp32, bf16 or fp16, both the same), rows [B, L] int64 (pool row of
+// key l of sequence b; entries at l >= lens[b] are not read), lens [B] int64 (1 <= lens[b] <= L) -> out [B, H, D].
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                             const at::Tensor& rows, const at::Tensor& lens, double scale) {
   const char* what = "qwen3next::decode_attention";
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.sizes() == k_pool.sizes(), what,
               ": expected q [B, H, D] and k_pool, v_pool [R, HKV, D] of one shape");
-  for (const at::Tensor* t : {&q, &k_pool, &v_pool})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), what, ": q and the pools must be float32 CPU");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.device().is_cpu(), what, ": q must be float32 CPU");
+  const at::ScalarType kv = k_pool.scalar_type();
+  TORCH_CHECK((kv == at::kFloat || kv == at::kBFloat16 || kv == at::kHalf) && v_pool.scalar_type() == kv &&
+                  k_pool.device().is_cpu() && v_pool.device().is_cpu(),
+              what, ": the pools must be CPU float32, bfloat16 or float16, both the same; got ", k_pool.scalar_type(),
+              " and ", v_pool.scalar_type());
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), what, ": the pools must be contiguous");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), HKV = k_pool.size(1), R = k_pool.size(0);
   TORCH_CHECK(k_pool.size(2) == D && HKV > 0 && H % HKV == 0, what, ": q has ", H, " heads of ", D,
@@ -224,22 +287,22 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   }
   at::Tensor out = at::empty({B, H, D}, qc.options());
   if (B == 0 || H == 0) return out;
-  const AttnArgs a{qc.const_data_ptr<float>(), k_pool.const_data_ptr<float>(), v_pool.const_data_ptr<float>(), rp, lp,
-                   out.data_ptr<float>(), B, H, HKV, D, L, R, float(scale)};
-  const int64_t G = H / HKV;
-  const bool avx = use_avx2() && D % 8 == 0;
-  at::parallel_for(0, B * HKV, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(G * kKeys), acc(G * D);
-    for (int64_t i = i0; i < i1; ++i) {
-#if QK_X86
-      if (avx) {
-        attend_avx2(a, i / HKV, i % HKV, scores.data(), acc.data());
-        continue;
-      }
-#endif
-      attend_scalar(a, i / HKV, i % HKV, scores.data(), acc.data());
-    }
-  });
+  const float* qp = qc.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // F16C comes with every AVX2 CPU we know of; checked all the same for the fp16 pools
+  const bool avx = use_avx2() && D % 8 == 0 && (kv != at::kHalf || has_f16c());
+  if (kv == at::kBFloat16) {
+    using E = c10::BFloat16;
+    run_attention(AttnArgs<E>{qp, k_pool.const_data_ptr<E>(), v_pool.const_data_ptr<E>(), rp, lp, op, B, H, HKV, D, L,
+                              R, float(scale)}, avx);
+  } else if (kv == at::kHalf) {
+    using E = c10::Half;
+    run_attention(AttnArgs<E>{qp, k_pool.const_data_ptr<E>(), v_pool.const_data_ptr<E>(), rp, lp, op, B, H, HKV, D, L,
+                              R, float(scale)}, avx);
+  } else {
+    run_attention(AttnArgs<float>{qp, k_pool.const_data_ptr<float>(), v_pool.const_data_ptr<float>(), rp, lp, op, B, H,
+                                  HKV, D, L, R, float(scale)}, avx);
+  }
   return out;
 }
 

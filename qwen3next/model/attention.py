@@ -17,12 +17,15 @@ from .layout import KVSpec
 from .linear import Linear
 from .norm import RMSNorm
 
+KERNEL_KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # K/V caches the decode attention kernel reads
+
 
 def uses_native_decode_attention(q: torch.Tensor, kv, pool: torch.Tensor, is_decode: bool) -> bool:
     """The "native_decode_attention" fast path (ops.dispatch): a decode step reading K/V by index, or a step whose
-    K/V rows are given per query (`KVAccess.per_query`), fp32 on CPU."""
+    K/V rows are given per query (`KVAccess.per_query`), fp32 queries on a CPU, a cache of fp32, bf16 or fp16."""
     return ((is_decode or kv.per_query) and kv.read_index is not None and kv.key_lens is not None
-            and pool.dtype == torch.float32 and pool.device.type == "cpu" and fast_decode()
+            and pool.dtype in KERNEL_KV_DTYPES and q.dtype == torch.float32 and pool.device.type == "cpu"
+            and fast_decode()
             and enabled("native_decode_attention") and native_kernels(q))
 
 

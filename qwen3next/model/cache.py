@@ -1,8 +1,9 @@
 """The hybrid cache: everything a sequence carries between forwards, allocated from the layers' declarations.
 
-- full-attention layers (and the MTP layer): a PAGED K/V pool `[num_blocks * block_size, HKV, head_dim]` per layer;
-  a sequence owns a block table (list of block ids) and its token p lives at row
-  `block_table[p // block_size] * block_size + p % block_size`;
+- full-attention layers (and the MTP layer): a PAGED K/V pool `[num_blocks * block_size, HKV, head_dim]` per layer,
+  in the activation dtype or the one `kv_cache_dtype` asks for (bf16 / fp16: half the bytes of an fp32 cache, the
+  keys and values rounded once as they are written, widened as they are read); a sequence owns a block table (list of
+  block ids) and its token p lives at row `block_table[p // block_size] * block_size + p % block_size`;
 - DeltaNet layers: one fixed STATE SLOT per sequence in each of the pools the layer declares (conv state
   `[num_slots, C, W-1]` in the activation dtype, recurrent state `[num_slots, HV, K, V]`, fp32 by default).
 
@@ -22,6 +23,21 @@ from .attention import GatedAttention
 from .batch import BatchInfo
 from .deltanet import GatedDeltaNet
 from .layout import CacheLayout
+
+KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_kv_cache_dtype(value: str | torch.dtype | None, activation_dtype: torch.dtype) -> torch.dtype:
+    """`kv_cache_dtype` (vLLM's name): "auto" or None -> the activation dtype (exact); "float32", "bfloat16",
+    "float16" (or that torch dtype) -> K/V pools of that dtype. ValueError naming the argument otherwise."""
+    if value is None or value == "auto":
+        return activation_dtype
+    if isinstance(value, torch.dtype) and value in KV_CACHE_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in KV_CACHE_DTYPES:
+        return KV_CACHE_DTYPES[value]
+    raise ValueError(f"kv_cache_dtype: expected 'auto' or one of {', '.join(repr(k) for k in KV_CACHE_DTYPES)}, "
+                     f"got {value!r}")
 
 
 def cache_layout(config: Qwen3NextConfig, tp_size: int = 1, include_mtp: bool = True) -> CacheLayout:
@@ -49,9 +65,10 @@ class HybridCache:
     def __init__(self, config: Qwen3NextConfig, num_slots: int, num_blocks: int, block_size: int = 64,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  state_dtype: torch.dtype = torch.float32, include_mtp: bool = True,
-                 layout: CacheLayout | None = None):
+                 layout: CacheLayout | None = None, kv_dtype: torch.dtype | None = None):
         """`layout` defaults to the whole model's (`cache_layout(config, include_mtp=include_mtp)`); a model passes
-        the one its layers declare (`Qwen3NextForCausalLM.cache_layout()`), and `include_mtp` is then not used."""
+        the one its layers declare (`Qwen3NextForCausalLM.cache_layout()`), and `include_mtp` is then not used.
+        `kv_dtype`: the K/V pools' dtype (None: `dtype`, the activations')."""
         if num_slots < 1 or num_blocks < 0 or block_size < 1:
             raise ValueError(f"HybridCache: need num_slots >= 1, num_blocks >= 0, block_size >= 1; got "
                              f"{num_slots}, {num_blocks}, {block_size}")
@@ -59,13 +76,14 @@ class HybridCache:
         self.layout = layout if layout is not None else cache_layout(config, include_mtp=include_mtp)
         self.num_slots, self.num_blocks, self.block_size = num_slots, num_blocks, block_size
         self.dtype, self.device, self.state_dtype = dtype, torch.device(device), state_dtype
+        self.kv_dtype = kv_dtype = kv_dtype if kv_dtype is not None else dtype
 
         def zeros(shape: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
             return torch.zeros(shape, dtype=dt, device=device)
 
         rows = num_blocks * block_size
-        self.k = {key: zeros((rows, s.num_kv_heads, s.head_dim), dtype) for key, s in self.layout.kv.items()}
-        self.v = {key: zeros((rows, s.num_kv_heads, s.head_dim), dtype) for key, s in self.layout.kv.items()}
+        self.k = {key: zeros((rows, s.num_kv_heads, s.head_dim), kv_dtype) for key, s in self.layout.kv.items()}
+        self.v = {key: zeros((rows, s.num_kv_heads, s.head_dim), kv_dtype) for key, s in self.layout.kv.items()}
         # layer key -> pool name -> [num_slots, *shape]
         self.state = {key: {s.name: zeros((num_slots, *s.shape), dtype if s.dtype == "activation" else state_dtype)
                             for s in specs} for key, specs in self.layout.state.items()}
@@ -115,13 +133,14 @@ class SequenceCache:
     """
 
     def __init__(self, config: Qwen3NextConfig, batch_size: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", block_size: int = 64, layout: CacheLayout | None = None):
+                 device: torch.device | str = "cpu", block_size: int = 64, layout: CacheLayout | None = None,
+                 kv_dtype: torch.dtype | None = None):
         if batch_size < 1 or capacity < 1:
             raise ValueError(f"SequenceCache: batch_size and max_len must be >= 1, got {batch_size}, {capacity}")
         blocks_per_seq = math.ceil(capacity / block_size)
         self.capacity = capacity
         self.hybrid = HybridCache(config, batch_size, batch_size * blocks_per_seq, block_size, dtype, device,
-                                  layout=layout)
+                                  layout=layout, kv_dtype=kv_dtype)
         self.block_tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch_size)]
         self.lengths = [0] * batch_size
 

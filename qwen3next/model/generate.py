@@ -14,10 +14,11 @@ from .qwen3_next import Qwen3NextForCausalLM
 
 @torch.no_grad()
 def generate_tokens(model: Qwen3NextForCausalLM, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
-                    seed: int | None = None, stop_token_ids: tuple[int, ...] = ()) -> Iterator[int]:
+                    seed: int | None = None, stop_token_ids: tuple[int, ...] = (),
+                    kv_cache_dtype: str | torch.dtype | None = None) -> Iterator[int]:
     """Yield up to `max_tokens` new token ids; greedy when temperature == 0, else sampling from softmax(logits / T).
 
-    Stops after yielding a token in `stop_token_ids`.
+    Stops after yielding a token in `stop_token_ids`. `kv_cache_dtype`: the K/V cache's dtype, as the engine's.
     """
     if not prompt_ids:
         raise ValueError("prompt_ids: need at least one token")
@@ -26,7 +27,7 @@ def generate_tokens(model: Qwen3NextForCausalLM, prompt_ids: list[int], max_toke
     gen = torch.Generator(device=model.device)
     if seed is not None:
         gen.manual_seed(seed)
-    cache = model.new_cache(1, len(prompt_ids) + max_tokens)
+    cache = model.new_cache(1, len(prompt_ids) + max_tokens, kv_cache_dtype=kv_cache_dtype)
     logits = model(torch.tensor([prompt_ids], device=model.device), cache)[0, -1]
     for _ in range(max_tokens):
         if temperature == 0:

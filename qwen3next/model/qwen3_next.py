@@ -17,7 +17,7 @@ from ..config import Qwen3NextConfig
 from ..ops.rope import rope_cos_sin, rope_inv_freq
 from .attention import GatedAttention
 from .batch import BatchInfo, ForwardContext
-from .cache import HybridCache, SequenceCache
+from .cache import HybridCache, SequenceCache, resolve_kv_cache_dtype
 from .deltanet import GatedDeltaNet
 from .layout import CacheLayout
 from .linear import Linear
@@ -171,10 +171,13 @@ class Qwen3NextForCausalLM(nn.Module):
                 kv[layer.self_attn.cache_key] = layer.self_attn.kv_spec()
         return CacheLayout(kv=kv, state=state)
 
-    def new_cache(self, batch_size: int, max_len: int, block_size: int = 64) -> SequenceCache:
-        """A cache for `batch_size` sequences of up to `max_len` tokens each."""
+    def new_cache(self, batch_size: int, max_len: int, block_size: int = 64,
+                  kv_cache_dtype: str | torch.dtype | None = None) -> SequenceCache:
+        """A cache for `batch_size` sequences of up to `max_len` tokens each; `kv_cache_dtype` as the engine's
+        (`cache.resolve_kv_cache_dtype`: None / "auto" -> the activation dtype)."""
         return SequenceCache(self.config, batch_size, max_len, self.dtype, self.device, block_size,
-                             layout=self.cache_layout())
+                             layout=self.cache_layout(),
+                             kv_dtype=resolve_kv_cache_dtype(kv_cache_dtype, self.dtype))
 
     def context(self, batch: BatchInfo, cache: HybridCache | None = None,
                 router_logits: list[torch.Tensor] | None = None, views: bool = True) -> ForwardContext:

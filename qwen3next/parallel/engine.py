@@ -92,6 +92,7 @@ class ShardSpec:
     hf_overrides: dict | None
     world: int
     threads: int
+    kv_cache_dtype: str | None = None  # the engine's `kv_cache_dtype` (None / "auto": the activation dtype)
 
 
 def load_shard(spec: ShardSpec, comm: TPComm) -> Qwen3NextForCausalLM:
@@ -196,6 +197,7 @@ def _worker(rank: int, spec: ShardSpec, port: int | None, num_speculative_tokens
         dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world, timeout=TIMEOUT)
     try:
         from ..engine.runner import ModelRunner
+        from ..model.cache import resolve_kv_cache_dtype
 
         comm = TPComm()
         parent = os.getppid()
@@ -205,7 +207,8 @@ def _worker(rank: int, spec: ShardSpec, port: int | None, num_speculative_tokens
         plan = comm.broadcast_object(None)  # rank 0's cache plan: the same pools everywhere
         if plan is None:  # rank 0 gave up while setting up (its error is reported there)
             return
-        runner = ModelRunner(model, plan, num_speculative_tokens=num_speculative_tokens, tp=comm)
+        runner = ModelRunner(model, plan, num_speculative_tokens=num_speculative_tokens, tp=comm,
+                             kv_cache_dtype=resolve_kv_cache_dtype(spec.kv_cache_dtype, model.dtype))
         while True:
             msg = comm.broadcast_object(None)
             if msg is None:

@@ -645,7 +645,7 @@ def run_serve(args: argparse.Namespace) -> int:
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_memory=args.max_memory,
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, quantize=args.quantize,
               compile_decode=args.compile, enforce_eager=args.enforce_eager,
-              num_scheduler_steps=args.num_scheduler_steps,
+              num_scheduler_steps=args.num_scheduler_steps, kv_cache_dtype=args.kv_cache_dtype,
               speculative_config=args.speculative_config, hf_overrides=args.hf_overrides,
               enable_prefix_caching=args.enable_prefix_caching, prefix_snapshot_slots=args.prefix_snapshot_slots,
               prefix_snapshot_interval=args.prefix_snapshot_interval, tensor_parallel_size=args.tensor_parallel_size)

@@ -8,6 +8,7 @@ from .. import DEFAULT_MODEL
 from ..argtypes import (
     add_enforce_eager_arg,
     add_hf_overrides_arg,
+    add_kv_cache_dtype_arg,
     add_prefix_caching_args,
     add_quantize_arg,
     add_scheduler_steps_arg,
@@ -47,6 +48,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                              "compiling at start; needs a C++ compiler)")
     add_enforce_eager_arg(parser)
     add_scheduler_steps_arg(parser)
+    add_kv_cache_dtype_arg(parser)
     add_speculative_arg(parser)
     add_hf_overrides_arg(parser)
     add_prefix_caching_args(parser)
