@@ -116,6 +116,19 @@ def test_generate_batches_several_prompts(model_dir):
     assert one.returncode == 0 and one.stdout == r.stdout
 
 
+def test_generate_into_a_closed_pipe_stops_quietly(model_dir):
+    """`qwen3next generate ... | head` once head has exited: the write fails with EPIPE; the command ends with the
+    shell's SIGPIPE status and no traceback (neither from the print nor from the interpreter's flush at exit)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "qwen3next.cli", "generate", "--model", str(model_dir), "--prompt",
+                          "a", "--max-tokens", "4", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env)
+    p.stdout.close()  # the reader is gone before anything is written
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err
+
+
 def test_chat_reset_and_exit(model_dir):
     r = run("chat", "--model", model_dir, "--max-tokens", "3", "--threads", "1", input="hi\n/reset\nagain\n/exit\n")
     assert r.returncode == 0, r.stderr
