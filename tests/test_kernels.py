@@ -469,15 +469,18 @@ def test_decode_attention_bad_arguments_are_clear_errors():
         kernels.decode_attention(q.bfloat16(), pool, pool, rows, lens, 1.0)
 
 
-def test_compiled_style_decode_takes_the_native_attention_and_matches_sdpa():
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16, torch.float16])
+def test_compiled_style_decode_takes_the_native_attention_and_matches_sdpa(kv_dtype):
     """A decode step read by index (what the compiled and ahead-of-time steps do) runs the kernel; with the kernels
-    off it runs SDPA over the gathered rows: same hidden states."""
+    off it runs SDPA over the gathered rows: same hidden states. Also on a 16-bit cache (`kv_cache_dtype`): the
+    kernel widening in registers and the torch path widening after the gather read the same stored rows."""
     from qwen3next.model import attention
     from qwen3next.model.batch import BatchInfo
     from qwen3next.model.cache import HybridCache
 
     model = make_model("base")
-    cache = HybridCache(model.config, num_slots=3, num_blocks=8, block_size=4, layout=model.cache_layout())
+    cache = HybridCache(model.config, num_slots=3, num_blocks=8, block_size=4, layout=model.cache_layout(),
+                        kv_dtype=kv_dtype)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         prompt = BatchInfo([6, 3], [0, 0], [2, 0], [[5, 1], [3]])
