@@ -204,24 +204,30 @@ class ModelRunner:
                                  block_size=plan.block_size, dtype=model.dtype, device=model.device,
                                  layout=model.cache_layout(include_mtp=speculative), kv_dtype=kv_cache_dtype)
         self.graphs = None
-        if cuda_graph_steps(model.device, enforce_eager, tp):
-            from .cuda_graph import CUDAGraphDecoder
-
-            self.graphs = CUDAGraphDecoder(model, self.cache, max_batch=plan.num_seq_slots,
-                                           max_len=plan.max_model_len, compile=compile_decode,
-                                           verify_tokens=1 + num_speculative_tokens if speculative else 0,
-                                           draft_head=self.draft_head, draft_mtp=self.draft_mtp)
         self.compiled = None
-        if compile_decode:
-            from .compiled import CompiledDecoder
+        # Steps run in inference mode (`execute`), so the decoders are built and traced in it too: torch.compile
+        # guards on the inputs' dispatch keys, which inference tensors lack (a trace from outside would recompile).
+        with torch.inference_mode():
+            if cuda_graph_steps(model.device, enforce_eager, tp):
+                from .cuda_graph import CUDAGraphDecoder
 
-            compiled = CompiledDecoder(model, verify_tokens=1 + num_speculative_tokens if speculative else 0,
-                                       draft_head=self.draft_head, draft_mtp=self.draft_mtp)
-            if self.graphs is None or self.graphs.error is not None:  # else only for what the graphs do not take
-                compiled.warm_up(self.cache)
-            self.compiled = compiled
+                self.graphs = CUDAGraphDecoder(model, self.cache, max_batch=plan.num_seq_slots,
+                                               max_len=plan.max_model_len, compile=compile_decode,
+                                               verify_tokens=1 + num_speculative_tokens if speculative else 0,
+                                               draft_head=self.draft_head, draft_mtp=self.draft_mtp)
+            if compile_decode:
+                from .compiled import CompiledDecoder
 
-    @torch.no_grad()
+                compiled = CompiledDecoder(model, verify_tokens=1 + num_speculative_tokens if speculative else 0,
+                                           draft_head=self.draft_head, draft_mtp=self.draft_mtp)
+                if self.graphs is None or self.graphs.error is not None:  # else only what the graphs do not take
+                    compiled.warm_up(self.cache)
+                self.compiled = compiled
+
+    # Inference mode rather than no_grad: every op skips the autograd and view-tracking dispatch (the native kernels
+    # too, which AOTInductor's programs reach through the dispatcher), ~5% of a demo-model decode token through the
+    # engine. Tensors made here are inference tensors; the engine keeps them only for later steps, which run here.
+    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         """One forward over the scheduled tokens; samples a token for every entry that needs one (or verifies its
         drafts), computes the prompt logprobs the batch asks for, then, with speculative decoding, runs the MTP head
