@@ -72,6 +72,7 @@ def random_prompts(vocab_size: int, batch: int, length: int, seed: int) -> torch
 
 
 # ---- ours: raw model -------------------------------------------------------------------------------------------------
+# Every timed forward (ours and transformers') runs in inference mode, as the engine's steps do.
 def _prefill_last_logits(model: Qwen3NextForCausalLM, ids: torch.Tensor, cache: SequenceCache) -> torch.Tensor:
     """Prefill B fresh sequences ids [B, T] into `cache`; logits [B, vocab] of each last token only."""
     B, T = ids.shape
@@ -82,7 +83,7 @@ def _prefill_last_logits(model: Qwen3NextForCausalLM, ids: torch.Tensor, cache: 
     return model.lm_head(hidden.view(B, T, -1)[:, -1])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def time_prefill_ours(model: Qwen3NextForCausalLM, ids: torch.Tensor, warmup: int, repeat: int) -> list[float]:
     """Seconds per prefill of ids [1, T] into a fresh cache (cache allocation not timed)."""
     times = []
@@ -95,7 +96,7 @@ def time_prefill_ours(model: Qwen3NextForCausalLM, ids: torch.Tensor, warmup: in
     return times
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def time_decode_ours(model: Qwen3NextForCausalLM, ids: torch.Tensor, plan: DecodePlan,
                      compiled: CompiledDecoder | None = None) -> list[float]:
     """Seconds per decode step: `model(tokens [B, 1], cache)` + argmax (or the compiled decoder's greedy runs of up to
@@ -172,7 +173,7 @@ def time_decode_engine(model: Qwen3NextForCausalLM, tokenizer: Tokenizer, ids: t
 
 
 # ---- transformers ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
+@torch.inference_mode()
 def time_prefill_hf(hf, ids: torch.Tensor, warmup: int, repeat: int) -> list[float]:
     """Seconds per `hf(ids [1, T], use_cache=True, logits_to_keep=1)` (its cache is created inside the call)."""
     times = []
@@ -184,7 +185,7 @@ def time_prefill_hf(hf, ids: torch.Tensor, warmup: int, repeat: int) -> list[flo
     return times
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def time_decode_hf(hf, ids: torch.Tensor, plan: DecodePlan) -> list[float]:
     """Seconds per single-token cached forward + argmax, after prefilling ids [B, P] with use_cache=True."""
     out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
