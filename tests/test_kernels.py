@@ -425,11 +425,13 @@ def test_bf16_experts_under_torch_compile_with_many_tokens():
 
 
 # ---- decode attention ------------------------------------------------------------------------------------------------
-# D: multiples of 64 (the vector code's 64-column value blocks), 72 (one block and a tail of 8), a multiple of 8 only,
-# and 12 (the scalar code); G = H / HKV query heads per K/V head; fp32 and the 16-bit caches (`kv_cache_dtype`),
+# D: multiples of 64, 72 and 40 (column blocks and a tail of 8), a multiple of 8 only, and 12 (the scalar code);
+# G = H / HKV query heads per K/V head: 4 and 8 (value rows shared by 4 heads per pass, the 80B's 16 / 2 of 256),
+# 2 and 6 (2 per pass), 1 and 3 (one); fp32 and the 16-bit caches (`kv_cache_dtype`),
 # whose twin widens the same stored values.
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("H", "HKV", "D"), [(8, 2, 64), (4, 2, 72), (3, 1, 24), (6, 3, 12), (2, 2, 256)])
+@pytest.mark.parametrize(("H", "HKV", "D"), [(8, 2, 64), (4, 2, 72), (3, 1, 24), (6, 3, 12), (2, 2, 256),
+                                           (16, 2, 256), (6, 1, 40)])
 def test_decode_attention_matches_its_twin(isa, H, HKV, D, kv_dtype):
     gen = torch.Generator().manual_seed(H * D)
     B, R, L = 3, 200, 150  # more keys than one block of 64, rows scattered over the pools
