@@ -483,8 +483,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Spinning OpenMP workers starve each other when anything else runs on a small machine; must precede torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    relaunch = argv is None  # run as the `qwen3next` script (not called with arguments from Python)
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    if relaunch:
+        from .malloc import relaunch_with_allocator
+
+        relaunch_with_allocator(command)  # tcmalloc when the system has it (qwen3next/malloc.py); may not return
     parser = build_parser(command)
     args = parser.parse_args(argv)
     check_prefix_caching_args(parser, args)
