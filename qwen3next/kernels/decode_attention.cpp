@@ -132,6 +132,14 @@ QK_AVX2_F16C static inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// The sums of the 8 lanes of each of s[0..7], as one vector in that order: hadd pairs, twice ([0..3 lanes 0-3 | 0..3
+// lanes 4-7] and the same for 4..7), then the halves added. The same tree for every position.
+QK_AVX2_F16C static inline __m256 reduce8(const __m256* s) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
 // q · k for eight key rows at once (D % 8 == 0): eight independent accumulators (one dot product at a time would wait
 // on the FMA latency and end in a horizontal sum per score), reduced together into one vector of the 8 scores.
 template <typename E>
@@ -142,10 +150,7 @@ QK_AVX2_F16C static inline __m256 dot_8keys(const float* q, const E* const* k, i
     const __m256 qv = _mm256_loadu_ps(q + d);
     for (int i = 0; i < 8; ++i) s[i] = _mm256_fmadd_ps(qv, load8(k[i] + d), s[i]);
   }
-  // hadd pairs, twice: [key 0..3 (lanes 0-3 summed) | key 0..3 (lanes 4-7)] and the same for keys 4..7
-  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
-  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  return reduce8(s);
 }
 
 // q · k for one key row (D % 8 == 0)
@@ -154,6 +159,41 @@ QK_AVX2_F16C static inline float dot_1key(const float* q, const E* k, int64_t D)
   __m256 s = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), s);
   return hsum8(s);
+}
+
+// The scaled scores of one block's keys for all G query heads (scores[g * kKeys + t]). HG = 2 or 4 heads share each
+// key row's loads (and widening): 8 / HG keys x HG heads make the eight accumulators of one reduction; HG = 1 takes
+// eight keys per head (`dot_8keys`). Each score's sum runs in the same order whatever HG.
+template <int HG, typename E>
+QK_AVX2_F16C static inline void key_scores(const float* q, int64_t G, int64_t D, const E* const* k, int64_t nk,
+                                           float scale, float* scores) {
+  constexpr int NK = 8 / HG;
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int64_t g0 = 0; g0 < G; g0 += HG) {
+    int64_t t = 0;
+    for (; t + NK <= nk; t += NK) {
+      if (HG == 1) {
+        _mm256_storeu_ps(scores + g0 * kKeys + t, _mm256_mul_ps(dot_8keys(q + g0 * D, k + t, D), sc));
+        continue;
+      }
+      __m256 s[8];
+      for (int i = 0; i < 8; ++i) s[i] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        __m256 kv[NK];
+        for (int j = 0; j < NK; ++j) kv[j] = load8(k[t + j] + d);
+        for (int h = 0; h < HG; ++h) {
+          const __m256 qv = _mm256_loadu_ps(q + (g0 + h) * D + d);
+          for (int j = 0; j < NK; ++j) s[h * NK + j] = _mm256_fmadd_ps(qv, kv[j], s[h * NK + j]);
+        }
+      }
+      alignas(32) float out[8];
+      _mm256_store_ps(out, _mm256_mul_ps(reduce8(s), sc));
+      for (int h = 0; h < HG; ++h)
+        for (int j = 0; j < NK; ++j) scores[(g0 + h) * kKeys + t + j] = out[h * NK + j];
+    }
+    for (; t < nk; ++t)
+      for (int h = 0; h < HG; ++h) scores[(g0 + h) * kKeys + t] = dot_1key(q + (g0 + h) * D, k[t], D) * scale;
+  }
 }
 
 // For HG query heads h (their rows of acc D apart, their scores p kKeys apart):
@@ -196,9 +236,9 @@ QK_AVX2_F16C static inline void weighted_heads(float* acc, int64_t G, int64_t D,
   }
 }
 
-// The same for D % 8 == 0, everything inlined: per block, the scores of the G heads eight keys at a time (the key rows
-// come from memory for the first head, from L1 for the others), then per head the softmax update, then the running
-// outputs rescaled and the block's value rows added, several heads per pass over the rows (`weighted_heads`).
+// The same for D % 8 == 0, everything inlined: per block, the scores of the G heads, several heads per pass over the
+// key rows (`key_scores`), then per head the softmax update, then the running outputs rescaled and the block's value
+// rows added, several heads per pass over the rows (`weighted_heads`).
 template <typename E>
 QK_AVX2_F16C void attend_avx2(const AttnArgs<E>& a, int64_t b, int64_t j, float* scores, float* acc) {
   const int64_t G = a.H / a.HKV, D = a.D, n = a.lens[b];
@@ -208,7 +248,6 @@ QK_AVX2_F16C void attend_avx2(const AttnArgs<E>& a, int64_t b, int64_t j, float*
   std::fill(acc, acc + G * D, 0.f);
   const E* krow[kKeys];
   const E* vrow[kKeys];
-  const __m256 scale = _mm256_set1_ps(a.scale);
   for (int64_t l0 = 0; l0 < n; l0 += kKeys) {
     const int64_t nk = std::min(kKeys, n - l0);
     for (int64_t t = 0; t < nk; ++t) {
@@ -216,12 +255,12 @@ QK_AVX2_F16C void attend_avx2(const AttnArgs<E>& a, int64_t b, int64_t j, float*
       krow[t] = a.k + r * D;
       vrow[t] = a.v + r * D;
     }
-    for (int64_t g = 0; g < G; ++g) {
-      float* s = scores + g * kKeys;
-      int64_t t = 0;
-      for (; t + 8 <= nk; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(dot_8keys(q + g * D, krow + t, D), scale));
-      for (; t < nk; ++t) s[t] = dot_1key(q + g * D, krow[t], D) * a.scale;
-    }
+    if (G % 4 == 0)
+      key_scores<4, E>(q, G, D, krow, nk, a.scale, scores);
+    else if (G % 2 == 0)
+      key_scores<2, E>(q, G, D, krow, nk, a.scale, scores);
+    else
+      key_scores<1, E>(q, G, D, krow, nk, a.scale, scores);
     for (int64_t g = 0; g < G; ++g) {
       float* s = scores + g * kKeys;
       const float new_max = std::max(m[g], *std::max_element(s, s + nk));
