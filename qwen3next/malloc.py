@@ -62,6 +62,10 @@ def relaunch_with_allocator(command: str | None) -> None:
     env = relaunch_env(os.environ)
     if env is None:
         return
+    if getattr(sys.modules.get("__main__"), "__spec__", None) is None:
+        # Run as the installed script, which does not import from the current directory: neither does `python -m`
+        # here (Python 3.11+; a directory with another `qwen3next` in it would otherwise be run instead).
+        env.setdefault("PYTHONSAFEPATH", "1")
     try:
         sys.stdout.flush()
         sys.stderr.flush()

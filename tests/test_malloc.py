@@ -71,3 +71,26 @@ def test_chat_process_runs_on_the_installed_allocator(tmp_path):
         finally:
             p.communicate(b"/exit\n", timeout=120)
         assert p.returncode == 0
+
+
+@linux
+@pytest.mark.skipif(find_allocator() is None or sys.version_info < (3, 11),
+                    reason="needs an allocator to relaunch with, and PYTHONSAFEPATH (Python 3.11+)")
+def test_relaunched_script_does_not_import_from_the_current_directory(tmp_path):
+    """The `qwen3next` script imports the installed package; its relaunch (`python -m qwen3next.cli`) must too, even
+    when the current directory holds another `qwen3next` (here one that would print and exit)."""
+    fake = tmp_path / "qwen3next"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "cli.py").write_text("print('the wrong qwen3next')\n")
+    script = "import sys\nfrom qwen3next.cli import main\nsys.argv = ['qwen3next', 'generate', '--help']\nmain()\n"
+    env = {**os.environ, ENV: "auto"}
+    env.pop("LD_PRELOAD", None)
+    env.pop("PYTHONSAFEPATH", None)
+    launcher = tmp_path / "bin"
+    launcher.mkdir()
+    (launcher / "qwen3next").write_text(script)  # what pip's console-script wrapper does, run from another directory
+    r = subprocess.run([sys.executable, str(launcher / "qwen3next")], cwd=tmp_path, capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert "the wrong qwen3next" not in r.stdout
+    assert "--max-tokens" in r.stdout, r.stderr  # generate's help, from the installed package
