@@ -172,7 +172,7 @@ QK_AVX2_F16C static inline void key_scores(const float* q, int64_t G, int64_t D,
   for (int64_t g0 = 0; g0 < G; g0 += HG) {
     int64_t t = 0;
     for (; t + NK <= nk; t += NK) {
-      if (HG == 1) {
+      if constexpr (HG == 1) {
         _mm256_storeu_ps(scores + g0 * kKeys + t, _mm256_mul_ps(dot_8keys(q + g0 * D, k + t, D), sc));
         continue;
       }
@@ -221,9 +221,7 @@ QK_AVX2_F16C static inline void weighted_rows(float* acc, int64_t D, const float
 }
 
 // One block's weighted value rows for all G heads, HG heads per pass over the rows and 8 / HG registers of columns
-// per head (eight accumulators per pass; a tail of 8 columns one register wide). Measured, 1 thread, one sequence of
-// 4,096 keys in an fp16 cache, one pass per head -> HG heads per pass: the 80B's shape (16 query / 2 K/V heads of
-// 256) 1.53-1.62 -> 1.33-1.46 ms, `small`'s (8 / 2 of 64) 217-229 -> 197-199 us, the demo's (4 / 2 of 64) the same.
+// per head (eight accumulators per pass; a tail of 8 columns one register wide).
 template <int HG, typename E>
 QK_AVX2_F16C static inline void weighted_heads(float* acc, int64_t G, int64_t D, const float* fix, const float* scores,
                                                const E* const* v, int64_t nk) {
@@ -236,10 +234,16 @@ QK_AVX2_F16C static inline void weighted_heads(float* acc, int64_t G, int64_t D,
   }
 }
 
-// The same for D % 8 == 0, everything inlined: per block, the scores of the G heads, several heads per pass over the
-// key rows (`key_scores`), then per head the softmax update, then the running outputs rescaled and the block's value
-// rows added, several heads per pass over the rows (`weighted_heads`).
-template <typename E>
+// Query heads per pass over a K/V head's rows: 4 when they divide its G heads, else 2 when they do, else 1.
+static inline int heads_per_pass(int64_t G) { return G % 4 == 0 ? 4 : G % 2 == 0 ? 2 : 1; }
+
+// The same for D % 8 == 0, everything inlined: per block, the scores of the G heads, HG heads per pass over the key
+// rows (`key_scores`), then per head the softmax update, then the running outputs rescaled and the block's value rows
+// added, HG heads per pass over the rows (`weighted_heads`); HG = `heads_per_pass(G)`. Measured, 1 thread, one
+// sequence of 4,096 keys in an fp16 cache, one head per pass -> HG heads per pass (value side, then key side too):
+// the 80B's shape (16 query / 2 K/V heads of 256) 1.53-1.62 -> 1.33-1.46 -> 1.13-1.15 ms, `small`'s (8 / 2 of 64)
+// 217-229 -> 197-199 -> 175-178 us, the demo's (4 / 2 of 64) 119-123 -> 112-114 us (key side only).
+template <int HG, typename E>
 QK_AVX2_F16C void attend_avx2(const AttnArgs<E>& a, int64_t b, int64_t j, float* scores, float* acc) {
   const int64_t G = a.H / a.HKV, D = a.D, n = a.lens[b];
   const float* q = a.q + (b * a.H + j * G) * D;
@@ -255,12 +259,7 @@ QK_AVX2_F16C void attend_avx2(const AttnArgs<E>& a, int64_t b, int64_t j, float*
       krow[t] = a.k + r * D;
       vrow[t] = a.v + r * D;
     }
-    if (G % 4 == 0)
-      key_scores<4, E>(q, G, D, krow, nk, a.scale, scores);
-    else if (G % 2 == 0)
-      key_scores<2, E>(q, G, D, krow, nk, a.scale, scores);
-    else
-      key_scores<1, E>(q, G, D, krow, nk, a.scale, scores);
+    key_scores<HG, E>(q, G, D, krow, nk, a.scale, scores);
     for (int64_t g = 0; g < G; ++g) {
       float* s = scores + g * kKeys;
       const float new_max = std::max(m[g], *std::max_element(s, s + nk));
@@ -281,12 +280,7 @@ QK_AVX2_F16C void attend_avx2(const AttnArgs<E>& a, int64_t b, int64_t j, float*
         sum[g] += s[t];
       }
     }
-    if (G % 4 == 0)
-      weighted_heads<4, E>(acc, G, D, fix.data(), scores, vrow, nk);
-    else if (G % 2 == 0)
-      weighted_heads<2, E>(acc, G, D, fix.data(), scores, vrow, nk);
-    else
-      weighted_heads<1, E>(acc, G, D, fix.data(), scores, vrow, nk);
+    weighted_heads<HG, E>(acc, G, D, fix.data(), scores, vrow, nk);
   }
   float* o = a.o + (b * a.H + j * G) * D;
   for (int64_t g = 0; g < G; ++g) {
@@ -313,7 +307,12 @@ void run_attention(const AttnArgs<E>& a, bool avx) {
     for (int64_t i = i0; i < i1; ++i) {
 #if QK_X86
       if (avx) {
-        attend_avx2<E>(a, i / a.HKV, i % a.HKV, scores.data(), acc.data());
+        const int64_t b = i / a.HKV, j = i % a.HKV;
+        switch (heads_per_pass(G)) {
+          case 4: attend_avx2<4, E>(a, b, j, scores.data(), acc.data()); break;
+          case 2: attend_avx2<2, E>(a, b, j, scores.data(), acc.data()); break;
+          default: attend_avx2<1, E>(a, b, j, scores.data(), acc.data());
+        }
         continue;
       }
 #endif
