@@ -12,7 +12,7 @@ from test_compiled_decode import needs_compiler
 from qwen3next.engine.llm import Engine
 from qwen3next.engine.runner import cache_geometry
 from qwen3next.engine.sampling import SamplingParams
-from qwen3next.model.cache import resolve_kv_cache_dtype
+from qwen3next.model.cache import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from qwen3next.tokenizer import Tokenizer
 from tiny_models import make_model, write_byte_tokenizer
 
@@ -45,6 +45,9 @@ def greedy_loop(model, prompt: list[int], n: int, kv_cache_dtype) -> list[int]:
 
 
 def test_resolve_kv_cache_dtype_and_bad_values():
+    from qwen3next.argtypes import KV_CACHE_DTYPE_CHOICES
+
+    assert KV_CACHE_DTYPE_CHOICES == ("auto", *KV_CACHE_DTYPES)  # the CLI's choices (argtypes stays torch-free)
     assert resolve_kv_cache_dtype("auto", torch.float32) is torch.float32
     assert resolve_kv_cache_dtype(None, torch.bfloat16) is torch.bfloat16
     assert resolve_kv_cache_dtype("float16", torch.float32) is torch.float16

@@ -23,7 +23,7 @@ import torch
 from .. import DEFAULT_MODEL, kernels
 from ..checkpoint import load_model, parse_dtype, quantize_bits, stored_matrix_dtypes
 from ..config import Qwen3NextConfig
-from ..model.cache import KV_CACHE_DTYPES, resolve_kv_cache_dtype
+from ..model.cache import resolve_kv_cache_dtype
 from ..model.qwen3_next import Qwen3NextForCausalLM
 from ..tokenizer import Tokenizer, generation_eos_ids
 from .block_manager import BlockManager
@@ -153,9 +153,7 @@ def _tensor_parallel_spec(model, size, dtype, device, quantize, hf_overrides, co
         log.info("tensor_parallel_size %d: %d torch threads per rank (was %d: the cores are shared among the ranks)",
                  size, threads, torch.get_num_threads())
         torch.set_num_threads(threads)
-    kv = kv_cache_dtype if kv_cache_dtype is None or isinstance(kv_cache_dtype, str) else \
-        next(k for k, v in KV_CACHE_DTYPES.items() if v == kv_cache_dtype)  # checked: a name travels to the workers
-    return ShardSpec(str(model), dtype, quantize, hf_overrides, size, threads, kv)
+    return ShardSpec(str(model), dtype, quantize, hf_overrides, size, threads, kv_cache_dtype)
 
 
 def _context_error(config: Qwen3NextConfig, max_model_len: int) -> str:

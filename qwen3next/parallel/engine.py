@@ -92,7 +92,7 @@ class ShardSpec:
     hf_overrides: dict | None
     world: int
     threads: int
-    kv_cache_dtype: str | None = None  # the engine's `kv_cache_dtype` (None / "auto": the activation dtype)
+    kv_cache_dtype: str | torch.dtype | None = None  # the engine's `kv_cache_dtype` (None / "auto": activations')
 
 
 def load_shard(spec: ShardSpec, comm: TPComm) -> Qwen3NextForCausalLM:
