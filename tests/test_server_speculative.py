@@ -230,9 +230,9 @@ def test_seeded_sampling_matches_plain_serving(servers):
 
 
 def with_oracle_drafts(monkeypatch, llm: LLM, oracle: dict[tuple, list[int]], corrupt: float = 0.15) -> None:
-    """Replace the MTP head's drafts by the plain continuation ((prompt ids, sample index) -> output ids), a fraction
-    `corrupt` of them changed: a random model's MTP head is never right, and the server's handling of several tokens
-    per step (stream deltas, logprobs, stops inside an accepted run) needs drafts that mostly are."""
+    """Replace the MTP head's drafts by the plain continuation ((prompt ids, sample index, greedy) -> output ids), a
+    fraction `corrupt` of them changed: a random model's MTP head is never right, and the server's handling of several
+    tokens per step (stream deltas, logprobs, stops inside an accepted run) needs drafts that mostly are."""
     runner, rng = llm.engine.runner, random.Random(0)
     execute = runner.execute
 
@@ -240,7 +240,7 @@ def with_oracle_drafts(monkeypatch, llm: LLM, oracle: dict[tuple, list[int]], co
         out = execute(batch)
         if out is not None and out.drafts:
             for j, seq in enumerate(batch.sampled_seqs):
-                want = oracle.get((tuple(seq.prompt_token_ids), seq.sample_index), [])
+                want = oracle.get((tuple(seq.prompt_token_ids), seq.sample_index, seq.params.temperature == 0), [])
                 done = seq.num_output_tokens + len(out.tokens[j])
                 drafts = want[done:done + len(out.drafts[j])]
                 out.drafts[j] = [t if rng.random() >= corrupt else (t + 1) % 256 for t in drafts]
@@ -260,11 +260,11 @@ def test_accepted_runs_match_plain_serving(servers, monkeypatch):
     oracle = {}
     for p, o in zip(greedy_prompts, plain_llm.generate(greedy_prompts, SamplingParams(
             temperature=0, max_tokens=2 * MAX_TOKENS, ignore_eos=True))):
-        oracle[tuple(p), 0] = o.token_ids
+        oracle[tuple(p), 0, True] = o.token_ids
     seeded = SamplingParams(temperature=0.9, seed=5, n=2, max_tokens=MAX_TOKENS, ignore_eos=True)
     seeded_ids = tok.encode(texts[0])
     for i, o in enumerate(plain_llm.generate([seeded_ids], seeded)[0].outputs):
-        oracle[tuple(seeded_ids), i] = o.token_ids
+        oracle[tuple(seeded_ids), i, False] = o.token_ids  # the same prompt as a greedy case: keyed apart
     # stop strings from the middle of the plain outputs (mostly matched inside an accepted run)
     stop_chat = plain.chat.completions.create(messages=chats[0], **greedy(
         extra_body={"ignore_eos": True})).choices[0].message.content[9:11]
