@@ -481,8 +481,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Spinning OpenMP workers starve each other when anything else runs on a small machine; must precede torch.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's wait policy is left to the user (no OMP_WAIT_POLICY=PASSIVE): on a VM, an OpenMP worker that sleeps
+    # after every parallel region waits for its halted vCPU to be woken at the next one, ~10x slower decoding at 2
+    # threads (measured, demo model); a subprocess such as the bench's llama-bench inherits the same environment.
     relaunch = argv is None  # run as the `qwen3next` script (not called with arguments from Python)
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
