@@ -11,7 +11,6 @@ prints tokens/s and TTFT (median / max) per concurrency level. A measurement, no
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 import statistics
@@ -75,12 +74,11 @@ def main() -> int:
     if not args.model:
         make_random_model(args.preset, Path(args.tokenizer), model_dir)
     port = free_port()
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     server = subprocess.Popen([sys.executable, "-m", "qwen3next.cli", "serve", "--model", str(model_dir), "--port",
                                str(port), "--threads", str(args.threads), "--max-num-seqs", str(max(args.clients)),
                                "--served-model-name", "m", "--log-level", "warning",
                                *(["--compile"] if args.compile else []),
-                               *(["--quantize", args.quantize] if args.quantize else [])], env=env)
+                               *(["--quantize", args.quantize] if args.quantize else [])])
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
         for _ in range(600):
