@@ -259,6 +259,25 @@ def test_bad_requests_are_rejected_clearly(model, tokenizer):
         Engine(model, tokenizer=tokenizer, max_memory=1000, max_model_len=64)
 
 
+def test_llm_builds_its_engine_on_the_thread_that_steps_it(model_dir, model, monkeypatch):
+    """LLM's engine (the model load, quantization, compilation) is built on the engine thread, whose OpenMP team then
+    stays the process's only one; a constructor error still reaches the caller."""
+    built_on = []
+    init = Engine.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built_on.append(threading.current_thread().name)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "__init__", recording_init)
+    with LLM(model_dir, max_memory="64MiB", max_model_len=256) as llm:
+        assert built_on == [llm._thread.name] == ["qwen3next-engine"]
+        prompt = prompts_of([9], seed=3)[0]
+        assert llm.generate([prompt], GREEDY)[0].token_ids == reference(model, prompt, 12)
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        LLM(model_dir, max_memory="64MiB", num_scheduler_steps=0)
+
+
 def test_threaded_llm_generate_stream_abort(model_dir, model):
     with LLM(model_dir, max_memory="64MiB", max_model_len=512, max_num_seqs=8) as llm:
         prompts = prompts_of([5, 80, 17, 40, 2, 60], seed=8)
