@@ -547,7 +547,8 @@ class LLM:
         # own team of workers, and once the process has more OpenMP threads than cores, libgomp lets a waiting worker
         # spin only ~100 times before it sleeps, so every parallel region waits for a sleeping worker to be woken
         # (on a VM, for its halted vCPU). Measured, `small` preset, 2 threads on 2 cores: built on the caller's
-        # thread and stepped here 15-16 ms per token, built here 7.0-7.2 (the same as in one thread: 7.5).
+        # thread and stepped here 15-16 ms per token, built here 7.0-7.2 (an Engine built and stepped on the main
+        # thread alone: 7.5).
         built: Future = Future()
         self._thread = threading.Thread(target=self._build_and_loop, args=(model, engine_options, built),
                                         name="qwen3next-engine", daemon=True)
