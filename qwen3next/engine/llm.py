@@ -553,7 +553,7 @@ class LLM:
         self._thread = threading.Thread(target=self._build_and_loop, args=(model, engine_options, built),
                                         name="qwen3next-engine", daemon=True)
         self._thread.start()
-        self.engine: Engine = built.result()  # the constructor's error, if it failed
+        built.result()  # the constructor's error, if it failed; else self.engine is set
         self.tokenizer = self.engine.tokenizer
 
     @property
@@ -571,11 +571,11 @@ class LLM:
     # ---- background loop ----------------------------------------------------------------------------------------
     def _build_and_loop(self, model, engine_options: dict, built: Future) -> None:
         try:
-            self.engine = Engine(model, **engine_options)
-        except BaseException as e:  # raised by the constructor, on the caller's thread
+            self.engine: Engine = Engine(model, **engine_options)  # set here: the loop below reads it at once
+        except BaseException as e:  # re-raised by the constructor, on the caller's thread
             built.set_exception(e)
             return
-        built.set_result(self.engine)
+        built.set_result(None)
         self._loop()
 
     def _loop(self) -> None:
